@@ -1,0 +1,154 @@
+"""The stateless functions a client runs: ``train`` and ``evaluate``, with the signature of a FaaS handler.
+
+``event`` says what to do (server, credentials, round, data); ``context`` is what a warm instance may keep
+between invocations (the model last downloaded, the data partition), never anything another client sent.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydantic import BaseModel
+from torch import nn
+
+from fedge.codec import Tensors, decode, encode
+from fedge.edge_functions import partition, tasks
+from fedge.security.pki import Credentials
+from fedge.transport import FedgeClient
+from fedge.wire import NUM_EXAMPLES, TRAIN_LOSS, TrainConfig
+
+
+class CredentialPaths(BaseModel):
+    ca: Path
+    cert: Path
+    key: Path
+
+    def get(self) -> Credentials:
+        return Credentials(self.ca, self.cert, self.key)
+
+
+class DataSpec(BaseModel):
+    """Which share of a task's data this client holds (simulation); an agent points at its own files."""
+
+    num_clients: int
+    index: int
+    partition: str = "iid"
+    seed: int = 0
+
+
+class TrainEvent(BaseModel):
+    server: str
+    credentials: CredentialPaths
+    task: str
+    round: int
+    config: TrainConfig
+    data: DataSpec
+
+
+class EvaluateEvent(BaseModel):
+    server: str
+    credentials: CredentialPaths
+    task: str
+
+
+@dataclass
+class Context:
+    """Warm state of one function instance."""
+
+    model_sha256: str | None = None
+    model: Tensors = field(default_factory=dict)
+    partitions: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+
+    def fetch_model(self, api: FedgeClient) -> int:
+        """Bring the cached global model up to date; returns the bytes downloaded (0 on an ETag hit)."""
+        download = api.model(cached_sha256=self.model_sha256)
+        if download is None:
+            return 0
+        self.model, _ = decode(download.body)
+        self.model_sha256 = download.sha256
+        return len(download.body)
+
+    def partition(self, task: tasks.Task, spec: DataSpec) -> tuple[np.ndarray, np.ndarray]:
+        key = f"{task.name}:{spec.model_dump_json()}"
+        if key not in self.partitions:
+            data = task.load_data()
+            parts = partition.split(data.y_train, spec.num_clients, spec.partition, spec.seed)
+            mine = parts[spec.index]
+            self.partitions[key] = (data.x_train[mine], data.y_train[mine])
+        return self.partitions[key]
+
+
+def train(event: dict, context: Context) -> dict:
+    """Train the current global model on this client's data and send the update; returns what happened."""
+    ev = TrainEvent.model_validate(event)
+    started = time.perf_counter()
+    task = tasks.get(ev.task)
+    x, y = context.partition(task, ev.data)
+    with FedgeClient(ev.server, ev.credentials.get()) as api:
+        bytes_down = context.fetch_model(api)
+        model = task.build_model()
+        tasks.load_tensors(model, context.model)
+        torch.manual_seed(ev.data.seed * 1_000_003 + ev.round * 1009 + ev.data.index)
+        loss = fit(model, x, y, ev.config)
+        body = encode(tasks.tensors_of(model), {NUM_EXAMPLES: str(len(y)), TRAIN_LOSS: f"{loss:.6f}"})
+        receipt = api.post_update(ev.round, body)
+    return {
+        "round": ev.round,
+        "num_examples": receipt.num_examples,
+        "loss": loss,
+        "bytes_up": len(body),
+        "bytes_down": bytes_down,
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def evaluate(event: dict, context: Context) -> dict:
+    """Accuracy and loss of the current global model on the task's held-out test set."""
+    ev = EvaluateEvent.model_validate(event)
+    task = tasks.get(ev.task)
+    data = task.load_data()
+    with FedgeClient(ev.server, ev.credentials.get()) as api:
+        context.fetch_model(api)
+    model = task.build_model()
+    tasks.load_tensors(model, context.model)
+    loss, accuracy = score(model, data.x_test, data.y_test)
+    return {"model_sha256": context.model_sha256, "loss": loss, "accuracy": accuracy}
+
+
+def initial_model(event: dict, _: Context) -> bytes:
+    """A freshly initialized global model for ``event["task"]``, seeded, as a safetensors body."""
+    task = tasks.get(event["task"])
+    return encode(task.initial_tensors(int(event.get("seed", 0))), {"round": "0", "task": task.name})
+
+
+def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, config: TrainConfig) -> float:
+    """Plain minibatch SGD with momentum; returns the mean training loss of the last epoch."""
+    inputs, targets = torch.from_numpy(x), torch.from_numpy(y)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.learning_rate, momentum=0.9)
+    model.train()
+    total = 0.0
+    for _ in range(config.local_epochs):
+        total = 0.0
+        for batch in torch.randperm(len(targets)).split(config.batch_size):
+            optimizer.zero_grad()
+            loss = nn.functional.cross_entropy(model(inputs[batch]), targets[batch])
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(batch)
+    return total / len(targets)
+
+
+@torch.no_grad()
+def score(model: nn.Module, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    model.eval()
+    logits = model(torch.from_numpy(x))
+    targets = torch.from_numpy(y)
+    loss = nn.functional.cross_entropy(logits, targets).item()
+    return loss, (logits.argmax(dim=1) == targets).float().mean().item()
+
+
+FUNCTIONS = {"train": train, "evaluate": evaluate, "initial_model": initial_model}

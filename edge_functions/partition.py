@@ -1,0 +1,53 @@
+"""How a data set is split across simulated clients: pure functions of the labels and a seed."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+
+class PartitionError(ValueError):
+    """The partition spec is not one we know."""
+
+
+def parse(spec: str) -> tuple[str, float | None]:
+    """``iid`` or ``dirichlet:ALPHA`` (ALPHA > 0; smaller is more skewed)."""
+    if spec == "iid":
+        return "iid", None
+    match = re.fullmatch(r"dirichlet:([0-9]*\.?[0-9]+)", spec)
+    if match and float(match.group(1)) > 0:
+        return "dirichlet", float(match.group(1))
+    raise PartitionError(f"unknown partition {spec!r}: use 'iid' or 'dirichlet:ALPHA' with ALPHA > 0")
+
+
+def split(labels: np.ndarray, num_clients: int, spec: str, seed: int) -> list[np.ndarray]:
+    """Indices of each client's examples; every client gets at least one example."""
+    kind, alpha = parse(spec)
+    if num_clients > len(labels):
+        raise PartitionError(f"{num_clients} clients but only {len(labels)} examples")
+    rng = np.random.default_rng(seed)
+    if kind == "iid":
+        return [np.sort(part) for part in np.array_split(rng.permutation(len(labels)), num_clients)]
+    assert alpha is not None
+    return dirichlet(labels, num_clients, alpha, rng)
+
+
+def dirichlet(
+    labels: np.ndarray, num_clients: int, alpha: float, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """Label skew as in Hsu et al. 2019 (and Flower Datasets' DirichletPartitioner): for each class, its
+    examples are shared among clients in proportions drawn from Dir(alpha). Empty clients are refilled from
+    the largest ones so that nobody trains on nothing."""
+    parts: list[list[int]] = [[] for _ in range(num_clients)]
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        shares = rng.dirichlet(np.full(num_clients, alpha))
+        cuts = (np.cumsum(shares)[:-1] * len(members)).astype(int)
+        for client, chunk in enumerate(np.split(members, cuts)):
+            parts[client].extend(chunk.tolist())
+    for client in range(num_clients):
+        while not parts[client]:
+            donor = max(range(num_clients), key=lambda c: len(parts[c]))
+            parts[client].append(parts[donor].pop())
+    return [np.sort(np.array(p, dtype=np.int64)) for p in parts]

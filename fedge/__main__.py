@@ -1,0 +1,3 @@
+from fedge.cli import app
+
+app(prog_name="fedge")

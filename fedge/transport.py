@@ -1,0 +1,92 @@
+"""A client for the v1 wire contract over mutual TLS, shared by edge functions, agents and simulations."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import TracebackType
+
+import httpx
+
+from fedge.security.pki import Credentials
+from fedge.security.tls import client_context
+from fedge.wire import ErrorBody, ModelMeta, RoundInfo, UpdateReceipt
+
+
+class ServerError(Exception):
+    """The server refused a request; ``code`` is the stable error code of the wire contract."""
+
+    def __init__(self, status: int, code: str, detail: str) -> None:
+        super().__init__(f"{status} {code}: {detail}")
+        self.status = status
+        self.code = code
+        self.detail = detail
+
+    def __reduce__(self) -> tuple[type[ServerError], tuple[int, str, str]]:
+        return ServerError, (self.status, self.code, self.detail)
+
+
+@dataclass(frozen=True)
+class ModelDownload:
+    body: bytes
+    sha256: str
+    round: int
+
+
+class FedgeClient:
+    def __init__(self, url: str, creds: Credentials, timeout: float = 60.0) -> None:
+        self._http = httpx.Client(base_url=url, verify=client_context(creds), timeout=timeout)
+
+    def __enter__(self) -> FedgeClient:
+        return self
+
+    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def model(self, cached_sha256: str | None = None) -> ModelDownload | None:
+        """The current global model, or None when ``cached_sha256`` is still current (HTTP 304)."""
+        headers = {"If-None-Match": f'"{cached_sha256}"'} if cached_sha256 else {}
+        response = self._http.get("/v1/model", headers=headers)
+        if response.status_code == 304:
+            return None
+        _raise_for_error(response)
+        return ModelDownload(
+            body=response.content,
+            sha256=response.headers["ETag"].strip('"'),
+            round=int(response.headers["X-Fedge-Round"]),
+        )
+
+    def model_meta(self) -> ModelMeta:
+        response = self._http.get("/v1/model/meta")
+        _raise_for_error(response)
+        return ModelMeta.model_validate_json(response.content)
+
+    def current_round(self, wait: float | None = None, etag: str | None = None) -> RoundInfo:
+        """The current round; with ``wait`` and the ``etag`` last seen, block until it changes (long poll)."""
+        params = {"wait": wait} if wait else {}
+        headers = {"If-None-Match": etag} if etag else {}
+        timeout = httpx.Timeout(self._http.timeout.read + (wait or 0))
+        response = self._http.get("/v1/rounds/current", params=params, headers=headers, timeout=timeout)
+        _raise_for_error(response)
+        return RoundInfo.model_validate_json(response.content)
+
+    def post_update(self, round_: int, body: bytes) -> UpdateReceipt:
+        response = self._http.post(
+            f"/v1/rounds/{round_}/updates",
+            content=body,
+            headers={"Content-Type": "application/octet-stream"},
+        )
+        _raise_for_error(response)
+        return UpdateReceipt.model_validate_json(response.content)
+
+
+def _raise_for_error(response: httpx.Response) -> None:
+    if response.is_success:
+        return
+    try:
+        error = ErrorBody.model_validate_json(response.content)
+    except ValueError:
+        error = ErrorBody(error="http_error", detail=response.text[:200])
+    raise ServerError(response.status_code, error.error, error.detail)

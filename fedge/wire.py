@@ -1,0 +1,59 @@
+"""The JSON side of the v1 wire contract (design.md); tensors travel as safetensors (codec.py)."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from pydantic import BaseModel, Field
+
+
+class RoundState(StrEnum):
+    WAITING = "waiting"  # no round yet: too few clients registered
+    OPEN = "open"  # accepting updates from the selected clients
+    FINISHED = "finished"  # the federation ran all its rounds
+
+
+class TrainConfig(BaseModel):
+    """Hyper-parameters the server hands each client for a round, as Flower's ``on_fit_config`` does."""
+
+    local_epochs: int = Field(1, ge=1)
+    batch_size: int = Field(32, ge=1)
+    learning_rate: float = Field(0.05, gt=0)
+
+
+class RoundInfo(BaseModel):
+    round: int
+    state: RoundState
+    deadline: float | None = Field(None, description="Unix time after which updates are refused")
+    model_sha256: str
+    task: str
+    selected: list[str] = []
+    config: TrainConfig = TrainConfig()
+
+    @property
+    def etag(self) -> str:
+        return f'"{self.round}-{self.state}"'
+
+
+class ModelMeta(BaseModel):
+    round: int
+    sha256: str
+    task: str
+    tensors: dict[str, tuple[str, list[int]]]
+
+
+class UpdateReceipt(BaseModel):
+    round: int
+    client: str
+    sha256: str
+    num_examples: int
+
+
+class ErrorBody(BaseModel):
+    error: str = Field(description="stable machine-readable code")
+    detail: str
+
+
+# Metadata keys inside an update's safetensors body.
+NUM_EXAMPLES = "num_examples"
+TRAIN_LOSS = "train_loss"

@@ -1,0 +1,1 @@
+"""Identity and trust for fedge: the federation CA, certificates, and TLS contexts."""

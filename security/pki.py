@@ -1,0 +1,217 @@
+"""The federation's certificate authority.
+
+Every party proves who it is with an X.509 certificate signed by the federation CA. Its identity and role
+live in one SAN URI, ``spiffe://<federation>/<role>/<id>``, so the server authorizes from the verified
+certificate alone and never from anything a client says about itself.
+
+Layout of a PKI directory::
+
+    pki.json                 {"federation": NAME}
+    ca.pem, ca.key           the CA (key readable by its owner only)
+    <role>/<id>.pem, .key    issued certificates, role in {server, client, admin, executor}
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import json
+import os
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+CA_LIFETIME = dt.timedelta(days=3650)
+LEAF_LIFETIME = dt.timedelta(days=90)
+_ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
+_FEDERATION_PATTERN = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+
+
+class PKIError(Exception):
+    """A PKI operation a user asked for cannot be done (missing CA, bad name, ...)."""
+
+
+class Role(StrEnum):
+    SERVER = "server"
+    CLIENT = "client"
+    ADMIN = "admin"
+    EXECUTOR = "executor"
+
+
+@dataclass(frozen=True)
+class Identity:
+    federation: str
+    role: Role
+    id: str
+
+    @property
+    def uri(self) -> str:
+        return f"spiffe://{self.federation}/{self.role}/{self.id}"
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """Where one party's certificate, key and trusted CA are on disk."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+
+def check_id(value: str, what: str = "id") -> str:
+    """Ids become file names and URI path segments, so only a safe alphabet is accepted."""
+    if not _ID_PATTERN.fullmatch(value):
+        raise PKIError(f"invalid {what} {value!r}: use 1-63 of a-z 0-9 . _ - starting with a letter or digit")
+    return value
+
+
+def federation_of(pki_dir: Path) -> str:
+    try:
+        return json.loads((pki_dir / "pki.json").read_text())["federation"]
+    except FileNotFoundError:
+        raise PKIError(f"{pki_dir} is not a fedge PKI (no pki.json): run `fedge pki init` first") from None
+
+
+def credentials(pki_dir: Path, role: Role, id_: str) -> Credentials:
+    creds = Credentials(
+        ca=pki_dir / "ca.pem", cert=pki_dir / role / f"{id_}.pem", key=pki_dir / role / f"{id_}.key"
+    )
+    if not creds.cert.exists():
+        raise PKIError(f"no {role} certificate {id_!r} in {pki_dir}")
+    return creds
+
+
+def issued(pki_dir: Path, role: Role) -> list[str]:
+    """Ids that hold a certificate of ``role``, sorted."""
+    return sorted(p.stem for p in (pki_dir / role).glob("*.pem"))
+
+
+def init_ca(pki_dir: Path, federation: str) -> Path:
+    if not _FEDERATION_PATTERN.fullmatch(federation):
+        raise PKIError(f"invalid federation name {federation!r}: use a-z 0-9 - (at most 63)")
+    if (pki_dir / "ca.key").exists():
+        raise PKIError(f"{pki_dir} already holds a CA; refusing to overwrite it")
+    pki_dir.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedge"),
+            x509.NameAttribute(NameOID.COMMON_NAME, f"fedge {federation} CA"),
+        ]
+    )
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + CA_LIFETIME)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    _write(pki_dir / "ca.key", _key_pem(key), private=True)
+    _write(pki_dir / "ca.pem", cert.public_bytes(serialization.Encoding.PEM))
+    _write(pki_dir / "pki.json", json.dumps({"federation": federation}).encode())
+    return pki_dir / "ca.pem"
+
+
+def issue(
+    pki_dir: Path,
+    role: Role,
+    id_: str,
+    hosts: tuple[str, ...] = (),
+    lifetime: dt.timedelta = LEAF_LIFETIME,
+) -> Credentials:
+    """Issue a certificate for ``role``/``id_``; ``hosts`` (DNS names or IPs) go in the SAN for servers."""
+    check_id(id_, f"{role} id")
+    federation = federation_of(pki_dir)
+    ca_key = serialization.load_pem_private_key((pki_dir / "ca.key").read_bytes(), password=None)
+    ca_cert = x509.load_pem_x509_certificate((pki_dir / "ca.pem").read_bytes())
+    key = ec.generate_private_key(ec.SECP256R1())
+    identity = Identity(federation, role, id_)
+    names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(identity.uri)]
+    for host in hosts:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            names.append(x509.DNSName(host))
+    usage = ExtendedKeyUsageOID.SERVER_AUTH if role is Role.SERVER else ExtendedKeyUsageOID.CLIENT_AUTH
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{role}:{id_}")]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + lifetime)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()),  # type: ignore[arg-type]
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
+    )
+    creds = Credentials(
+        ca=pki_dir / "ca.pem", cert=pki_dir / role / f"{id_}.pem", key=pki_dir / role / f"{id_}.key"
+    )
+    creds.cert.parent.mkdir(exist_ok=True)
+    _write(creds.key, _key_pem(key), private=True)
+    _write(creds.cert, cert.public_bytes(serialization.Encoding.PEM))
+    return creds
+
+
+def identity_of(cert_der: bytes) -> Identity:
+    """Read the fedge identity from a certificate the TLS layer has already verified."""
+    cert = x509.load_der_x509_certificate(cert_der)
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        raise PKIError("certificate has no subjectAltName") from None
+    for uri in san.get_values_for_type(x509.UniformResourceIdentifier):
+        match = re.fullmatch(r"spiffe://([a-z0-9-]+)/([a-z]+)/([a-z0-9._-]+)", uri)
+        if match and match.group(2) in Role.__members__.values():
+            return Identity(match.group(1), Role(match.group(2)), check_id(match.group(3)))
+    raise PKIError("certificate carries no fedge identity (spiffe://<federation>/<role>/<id>)")
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def _write(path: Path, data: bytes, private: bool = False) -> None:
+    """Write through a temporary file so a crash never leaves half a key or certificate."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

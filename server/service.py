@@ -1,0 +1,60 @@
+"""Runs the aggregation function under uvicorn with mutual TLS on a socket we bind ourselves.
+
+Binding first turns a busy port into a clear error and lets ``--port 0`` pick a free one; the chosen
+address is written to ``<data>/endpoint.json`` once the service accepts connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import os
+import socket
+from pathlib import Path
+
+import uvicorn
+from fastapi import FastAPI
+
+from fedge.console import UserError
+from fedge.security.pki import Credentials
+from fedge.security.tls import server_context
+from fedge.server.identity import MutualTLSProtocol
+
+
+def bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family, reuse_port=False)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise UserError(f"port {port} on {host} is already in use") from None
+        raise UserError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+
+
+def serve(app: FastAPI, creds: Credentials, sock: socket.socket, endpoint_file: Path) -> None:
+    config = uvicorn.Config(
+        app,
+        http=MutualTLSProtocol,
+        ssl_context_factory=lambda _config, _default: server_context(creds),
+        log_level=os.environ.get("FEDGE_LOG_LEVEL", "warning"),
+        timeout_graceful_shutdown=5,
+    )
+    server = uvicorn.Server(config)
+    host, port = sock.getsockname()[:2]
+    url = f"https://{f'[{host}]' if ':' in host else host}:{port}"
+
+    async def run() -> None:
+        task = asyncio.create_task(server.serve(sockets=[sock]))
+        while not server.started and not task.done():
+            await asyncio.sleep(0.02)
+        if server.started:
+            tmp = endpoint_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"url": url, "pid": os.getpid()}))
+            tmp.replace(endpoint_file)
+        await task
+
+    try:
+        asyncio.run(run())
+    finally:
+        endpoint_file.unlink(missing_ok=True)

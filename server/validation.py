@@ -1,0 +1,40 @@
+"""Checks an update must pass before it is stored: nothing malformed or mismatched reaches the aggregate."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fedge.codec import CodecError, Tensors, decode, signature_of
+from fedge.server.errors import Rejected
+from fedge.wire import NUM_EXAMPLES
+
+
+def validate_update(body: bytes, expected: dict[str, tuple[str, list[int]]]) -> tuple[Tensors, int]:
+    """Return the update's tensors and example count, or raise ``Rejected`` with the reason."""
+    try:
+        tensors, metadata = decode(body)
+    except CodecError as exc:
+        raise Rejected(400, "malformed_update", str(exc)) from None
+    try:
+        num_examples = int(metadata[NUM_EXAMPLES])
+    except (KeyError, ValueError):
+        raise Rejected(400, "bad_metadata", f"metadata needs an integer {NUM_EXAMPLES!r}") from None
+    if not 0 < num_examples < 2**31:
+        raise Rejected(400, "bad_metadata", f"{NUM_EXAMPLES} must be positive, got {num_examples}")
+    got = signature_of(tensors)
+    if got != expected:
+        raise Rejected(422, "tensor_mismatch", _mismatch(got, expected))
+    for name, t in tensors.items():
+        if not np.isfinite(t).all():
+            raise Rejected(422, "non_finite", f"tensor {name!r} holds NaN or Inf")
+    return tensors, num_examples
+
+
+def _mismatch(got: dict[str, tuple[str, list[int]]], expected: dict[str, tuple[str, list[int]]]) -> str:
+    missing = sorted(expected.keys() - got.keys())
+    extra = sorted(got.keys() - expected.keys())
+    if missing or extra:
+        return f"tensor names differ from the global model: missing {missing[:5]}, unexpected {extra[:5]}"
+    name = next(n for n in expected if got[n] != expected[n])
+    (dtype, shape), (want_dtype, want_shape) = got[name], expected[name]
+    return f"tensor {name!r} is {dtype}{shape}, the global model has {want_dtype}{want_shape}"
