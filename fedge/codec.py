@@ -3,6 +3,11 @@
 A body is a safetensors file; its ``__metadata__`` (string to string) carries what the receiver must know
 about the tensors, such as the number of examples an update was trained on. Because that metadata is inside
 the body, whatever hashes or signs the body covers it too.
+
+Global models are named by the sha256 of their body, so the same tensors must always give the same bytes.
+The safetensors library writes metadata in hash-map order, which changes from call to call; ``encode``
+therefore writes the (simple, documented) format itself, canonically, and ``decode`` reads it with the
+library.
 """
 
 from __future__ import annotations
@@ -12,11 +17,15 @@ import json
 
 import numpy as np
 from safetensors import SafetensorError
-from safetensors.numpy import load, save
+from safetensors.numpy import load
 
 Tensors = dict[str, np.ndarray]
 
 _MAX_HEADER = 16 * 1024 * 1024
+_DTYPES = {
+    "float64": "F64", "float32": "F32", "float16": "F16", "int64": "I64", "int32": "I32", "int16": "I16",
+    "int8": "I8", "uint64": "U64", "uint32": "U32", "uint16": "U16", "uint8": "U8", "bool": "BOOL",
+}  # fmt: skip
 
 
 class CodecError(ValueError):
@@ -24,7 +33,27 @@ class CodecError(ValueError):
 
 
 def encode(tensors: Tensors, metadata: dict[str, str] | None = None) -> bytes:
-    return save({name: np.ascontiguousarray(t) for name, t in tensors.items()}, metadata=metadata)
+    """Canonical safetensors: sorted metadata, tensors by descending item size then name (so every tensor
+    stays aligned, as the library does), little-endian data, header padded with spaces to 8 bytes."""
+    header: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
+    order = sorted(tensors, key=lambda name: (-tensors[name].dtype.itemsize, name))
+    chunks: list[bytes] = []
+    offset = 0
+    for name in order:
+        t = tensors[name]
+        if t.dtype.name not in _DTYPES:
+            raise CodecError(f"tensor {name!r} has unsupported dtype {t.dtype}")
+        data = np.ascontiguousarray(t, dtype=t.dtype.newbyteorder("<")).tobytes()
+        header[name] = {
+            "dtype": _DTYPES[t.dtype.name],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + len(data)],
+        }
+        chunks.append(data)
+        offset += len(data)
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return b"".join([len(raw).to_bytes(8, "little"), raw, *chunks])
 
 
 def decode(body: bytes) -> tuple[Tensors, dict[str, str]]:

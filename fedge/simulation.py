@@ -8,10 +8,6 @@ share of real data. This process only orchestrates: it imports neither torch nor
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -23,11 +19,10 @@ from fedge.console import UserError
 from fedge.edge_functions import datasets, partition
 from fedge.edge_functions.runtime import WarmPool
 from fedge.security import pki
+from fedge.server.launcher import ServerProcess, launch
 from fedge.settings import SimulationSettings
 from fedge.transport import FedgeClient
 from fedge.wire import RoundInfo, RoundState
-
-SERVER_START_TIMEOUT = 60.0
 
 
 @dataclass
@@ -101,45 +96,16 @@ def client_id(index: int) -> str:
     return f"client-{index:04d}"
 
 
-@dataclass
-class _Server:
-    process: subprocess.Popen
-    url: str
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-
-def _start_server(work: Path, settings: SimulationSettings) -> _Server:
-    data = work / "server"
-    data.mkdir()
-    command = [
-        sys.executable, "-m", "fedge", "server",
-        "--pki", str(work / "pki"), "--data", str(data), "--host", "127.0.0.1", "--port", "0",
+def _start_server(work: Path, settings: SimulationSettings) -> ServerProcess:
+    args = [
+        "--pki", str(work / "pki"), "--host", "127.0.0.1", "--port", "0",
         "--task", settings.dataset, "--init-model", str(work / "initial.safetensors"),
         "--rounds", str(settings.rounds), "--min-clients", str(settings.clients),
         "--min-updates", str(settings.clients), "--round-timeout", str(settings.round_timeout),
         "--local-epochs", str(settings.local_epochs), "--batch-size", str(settings.batch_size),
         "--lr", str(settings.lr),
     ]  # fmt: skip
-    log = (work / "server.log").open("wb")
-    env = {**os.environ, "FEDGE_CONFIG": os.devnull}
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-    endpoint = data / "endpoint.json"
-    give_up = time.monotonic() + SERVER_START_TIMEOUT
-    while not endpoint.exists():
-        if process.poll() is not None or time.monotonic() > give_up:
-            process.kill()
-            tail = (work / "server.log").read_text(errors="replace").strip().splitlines()[-5:]
-            raise UserError("the aggregation service did not start: " + " | ".join(tail))
-        time.sleep(0.05)
-    return _Server(process, json.loads(endpoint.read_text())["url"])
+    return launch(args, work / "server", work / "server.log")
 
 
 def _run_rounds(

@@ -79,11 +79,12 @@ def federation_of(pki_dir: Path) -> str:
 
 
 def credentials(pki_dir: Path, role: Role, id_: str) -> Credentials:
+    federation_of(pki_dir)
     creds = Credentials(
         ca=pki_dir / "ca.pem", cert=pki_dir / role / f"{id_}.pem", key=pki_dir / role / f"{id_}.key"
     )
     if not creds.cert.exists():
-        raise PKIError(f"no {role} certificate {id_!r} in {pki_dir}")
+        raise PKIError(f"no {role} certificate {id_!r} in {pki_dir}: issue one with `fedge pki {role}-cert`")
     return creds
 
 

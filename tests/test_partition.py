@@ -1,0 +1,42 @@
+"""Partitions give every example to exactly one client and every client at least one example."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedge.edge_functions.partition import PartitionError, parse, split
+
+LABELS = np.repeat(np.arange(10), 100)
+
+
+@pytest.mark.parametrize("spec", ["iid", "dirichlet:0.5", "dirichlet:0.05", "dirichlet:100"])
+def test_every_example_goes_to_exactly_one_client(spec: str) -> None:
+    parts = split(LABELS, 10, spec, seed=1)
+    assert len(parts) == 10
+    assert all(len(p) > 0 for p in parts)
+    np.testing.assert_array_equal(np.sort(np.concatenate(parts)), np.arange(len(LABELS)))
+
+
+def test_same_seed_same_partition_other_seed_other_partition() -> None:
+    first, again, other = (split(LABELS, 5, "dirichlet:0.5", seed=s) for s in (3, 3, 4))
+    assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
+    assert not all(np.array_equal(a, b) for a, b in zip(first, other, strict=True))
+
+
+def test_small_alpha_skews_labels_more_than_iid() -> None:
+    def mean_classes(spec: str) -> float:
+        return float(np.mean([len(np.unique(LABELS[p])) for p in split(LABELS, 10, spec, seed=0)]))
+
+    assert mean_classes("dirichlet:0.1") < 5 < mean_classes("iid") == 10
+
+
+@pytest.mark.parametrize("spec", ["dirichlet", "dirichlet:0", "dirichlet:-1", "shards", "iid:2"])
+def test_unknown_specs_are_refused(spec: str) -> None:
+    with pytest.raises(PartitionError):
+        parse(spec)
+
+
+def test_more_clients_than_examples_is_refused() -> None:
+    with pytest.raises(PartitionError, match="examples"):
+        split(np.arange(3), 4, "iid", seed=0)
