@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from torch import nn
 
 from fedge.codec import Tensors, decode, encode
-from fedge.edge_functions import partition, tasks
+from fedge.edge_functions import attacks, partition, tasks
 from fedge.security.pki import Credentials
 from fedge.transport import FedgeClient
 from fedge.wire import NUM_EXAMPLES, TRAIN_LOSS, TrainConfig
@@ -40,6 +40,13 @@ class DataSpec(BaseModel):
     seed: int = 0
 
 
+class AttackSpec(BaseModel):
+    """Simulation only: this client is malicious and poisons its update (``attacks.poison``)."""
+
+    kind: str
+    scale: float = 4.0
+
+
 class TrainEvent(BaseModel):
     server: str
     credentials: CredentialPaths
@@ -47,6 +54,7 @@ class TrainEvent(BaseModel):
     round: int
     config: TrainConfig
     data: DataSpec
+    attack: AttackSpec | None = None
 
 
 class EvaluateEvent(BaseModel):
@@ -94,7 +102,11 @@ def train(event: dict, context: Context) -> dict:
         tasks.load_tensors(model, context.model)
         torch.manual_seed(ev.data.seed * 1_000_003 + ev.round * 1009 + ev.data.index)
         loss = fit(model, x, y, ev.config)
-        body = encode(tasks.tensors_of(model), {NUM_EXAMPLES: str(len(y)), TRAIN_LOSS: f"{loss:.6f}"})
+        tensors = tasks.tensors_of(model)
+        if ev.attack is not None:
+            rng = np.random.default_rng([ev.data.seed, ev.round, ev.data.index])
+            tensors = attacks.poison(ev.attack.kind, tensors, context.model, ev.attack.scale, rng)
+        body = encode(tensors, {NUM_EXAMPLES: str(len(y)), TRAIN_LOSS: f"{loss:.6f}"})
         receipt = api.post_update(ev.round, body)
     return {
         "round": ev.round,
@@ -126,9 +138,11 @@ def initial_model(event: dict, _: Context) -> bytes:
 
 
 def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, config: TrainConfig) -> float:
-    """Plain minibatch SGD with momentum; returns the mean training loss of the last epoch."""
+    """Minibatch SGD with momentum, plus FedProx's proximal term when ``proximal_mu`` > 0 (it keeps the
+    local model near the global one on skewed data); returns the mean training loss of the last epoch."""
     inputs, targets = torch.from_numpy(x), torch.from_numpy(y)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.learning_rate, momentum=0.9)
+    anchor = [p.detach().clone() for p in model.parameters()]
     model.train()
     total = 0.0
     for _ in range(config.local_epochs):
@@ -136,6 +150,9 @@ def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, config: TrainConfig) -> 
         for batch in torch.randperm(len(targets)).split(config.batch_size):
             optimizer.zero_grad()
             loss = nn.functional.cross_entropy(model(inputs[batch]), targets[batch])
+            if config.proximal_mu > 0:
+                drift = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor, strict=True))
+                loss = loss + config.proximal_mu / 2 * drift
             loss.backward()
             optimizer.step()
             total += loss.item() * len(batch)

@@ -11,7 +11,22 @@ from rich.table import Table
 
 from fedge.console import console, user_errors
 from fedge.security.cli import app as pki_app
-from fedge.server.cli import server
+from fedge.server.cli import (
+    Beta1,
+    Beta2,
+    ClipNorm,
+    DpDelta,
+    Fraction,
+    Keep,
+    Malicious,
+    NoiseMultiplier,
+    ProximalMu,
+    ServerLr,
+    StrategyName,
+    Tau,
+    TrimFraction,
+    server,
+)
 from fedge.settings import SimulationSettings
 
 app = typer.Typer(
@@ -36,16 +51,40 @@ def simulate(
     batch_size: Annotated[int | None, typer.Option(help="client batch size [32]")] = None,
     lr: Annotated[float | None, typer.Option(help="client learning rate [0.05]")] = None,
     round_timeout: Annotated[float | None, typer.Option(help="seconds a round stays open [600]")] = None,
+    attack: Annotated[
+        str | None, typer.Option(help="malicious clients' attack: sign-flip, scale, noise")
+    ] = None,
+    attackers: Annotated[float | None, typer.Option(help="share of clients that attack [0]")] = None,
+    attack_scale: Annotated[float | None, typer.Option(help="how far attackers push [4.0]")] = None,
+    fraction: Fraction = None,
+    strategy: StrategyName = None,
+    proximal_mu: ProximalMu = None,
+    server_lr: ServerLr = None,
+    beta1: Beta1 = None,
+    beta2: Beta2 = None,
+    tau: Tau = None,
+    trim_fraction: TrimFraction = None,
+    malicious: Malicious = None,
+    keep: Keep = None,
+    clip_norm: ClipNorm = None,
+    noise_multiplier: NoiseMultiplier = None,
+    dp_delta: DpDelta = None,
 ) -> None:
     """Run a federation on this machine: real mTLS, a real server process, warm client functions."""
     from fedge.plots import accuracy_plot
+    from fedge.server.cli import strategy_of
     from fedge.simulation import simulate as run
 
     with user_errors():
         settings = SimulationSettings.from_flags(
             clients=clients, rounds=rounds, local_epochs=local_epochs, dataset=dataset, partition=partition,
             seed=seed, out=out, workers=workers, batch_size=batch_size, lr=lr, round_timeout=round_timeout,
+            attack=attack, attackers=attackers, attack_scale=attack_scale, fraction=fraction,
+            strategy=strategy, proximal_mu=proximal_mu, server_lr=server_lr, beta1=beta1, beta2=beta2,
+            tau=tau, trim_fraction=trim_fraction, malicious=malicious, keep=keep, clip_norm=clip_norm,
+            noise_multiplier=noise_multiplier, dp_delta=dp_delta,
         )  # fmt: skip
+        strategy_of(settings)  # a bad strategy is refused here, not by the server it would start
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns, console=console, transient=True) as progress:
             bar = progress.add_task("round 1", total=settings.rounds)
@@ -58,8 +97,10 @@ def simulate(
                 )
 
             report = run(settings, on_round=advance)
+    attacked = f", {len(report.attackers)} attacking ({settings.attack})" if report.attackers else ""
     table = Table(
-        title=f"fedge simulate: {settings.clients} clients, {settings.dataset}, {settings.partition}"
+        title=f"fedge simulate: {settings.clients} clients{attacked}, {settings.dataset}, "
+        f"{settings.partition}, {settings.strategy}"
     )
     for column in ("round", "accuracy", "loss", "updates", "seconds", "MB up", "MB down"):
         table.add_column(column, justify="right")
@@ -75,6 +116,9 @@ def simulate(
         [r.loss for r in report.rounds],
         settings.out / "accuracy.png",
     )
+    if "dp_epsilon" in report.model_metadata:
+        meta = report.model_metadata
+        console.print(f"privacy spent: epsilon {meta['dp_epsilon']} at delta {meta['dp_delta']}")
     console.print(
         f"{report.seconds:.1f} s in all; metrics.json, model.safetensors, accuracy.png in {settings.out}/"
     )

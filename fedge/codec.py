@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 from safetensors import SafetensorError
@@ -77,6 +78,24 @@ def decode(body: bytes) -> tuple[Tensors, dict[str, str]]:
     except (SafetensorError, ValueError, TypeError) as exc:
         raise CodecError(f"malformed safetensors body: {exc}") from None
     return tensors, metadata
+
+
+def mapped(path: Path) -> Tensors:
+    """The tensors of a safetensors file as read-only views of a memory map: nothing is read until used.
+
+    For files this process wrote after ``decode`` accepted them (stored updates), so the header is trusted.
+    """
+    raw = np.memmap(path, dtype=np.uint8, mode="r")
+    size = int.from_bytes(raw[:8].tobytes(), "little")
+    header = json.loads(raw[8 : 8 + size].tobytes())
+    dtypes = {code: np.dtype(name).newbyteorder("<") for name, code in _DTYPES.items()}
+    tensors: Tensors = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        start, stop = (8 + size + offset for offset in entry["data_offsets"])
+        tensors[name] = raw[start:stop].view(dtypes[entry["dtype"]]).reshape(entry["shape"])
+    return tensors
 
 
 def sha256(body: bytes) -> str:

@@ -8,6 +8,7 @@ share of real data. This process only orchestrates: it imports neither torch nor
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 import time
 from collections.abc import Callable
@@ -15,8 +16,11 @@ from concurrent.futures import as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+
+from fedge.codec import decode
 from fedge.console import UserError
-from fedge.edge_functions import datasets, partition
+from fedge.edge_functions import attacks, datasets, partition
 from fedge.edge_functions.runtime import WarmPool
 from fedge.security import pki
 from fedge.server.launcher import ServerProcess, launch
@@ -43,6 +47,8 @@ class Report:
     seconds: float = 0.0
     cold_invocations: int = 0
     warm_invocations: int = 0
+    attackers: list[str] = field(default_factory=list)
+    model_metadata: dict[str, str] = field(default_factory=dict)  # e.g. the privacy spent (dp-fedavg)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, default=str)
@@ -57,8 +63,13 @@ def simulate(
         partition.parse(settings.partition)
     except partition.PartitionError as exc:
         raise UserError(str(exc)) from None
+    if settings.attack is not None and settings.attack not in attacks.KINDS:
+        raise UserError(f"unknown attack {settings.attack!r}: choose from {', '.join(attacks.KINDS)}")
+    if settings.attackers > 0 and settings.attack is None:
+        raise UserError("--attackers needs --attack sign-flip|scale|noise")
     started = time.perf_counter()
     report = Report(settings=settings.model_dump(mode="json"))
+    report.attackers = malicious_clients(settings.clients, settings.attackers, settings.seed)
     with tempfile.TemporaryDirectory(prefix="fedge-sim-") as tmp:
         work = Path(tmp)
         observer = _make_pki(work / "pki", settings.clients)
@@ -73,6 +84,7 @@ def simulate(
                     _run_rounds(api, server.url, pool, work / "pki", observer, settings, report, on_round)
                     final = api.model()
                 assert final is not None
+                report.model_metadata = decode(final.body)[1]
                 settings.out.mkdir(parents=True, exist_ok=True)
                 _write_atomically(settings.out / "model.safetensors", final.body)
             finally:
@@ -96,14 +108,21 @@ def client_id(index: int) -> str:
     return f"client-{index:04d}"
 
 
+def malicious_clients(clients: int, fraction: float, seed: int) -> list[str]:
+    """Which clients attack: ``round(fraction * clients)`` of them, drawn by the seed."""
+    chosen = np.random.default_rng(seed).permutation(clients)[: round(fraction * clients)]
+    return [client_id(int(i)) for i in sorted(chosen)]
+
+
 def _start_server(work: Path, settings: SimulationSettings) -> ServerProcess:
     args = [
         "--pki", str(work / "pki"), "--host", "127.0.0.1", "--port", "0",
         "--task", settings.dataset, "--init-model", str(work / "initial.safetensors"),
         "--rounds", str(settings.rounds), "--min-clients", str(settings.clients),
-        "--min-updates", str(settings.clients), "--round-timeout", str(settings.round_timeout),
-        "--local-epochs", str(settings.local_epochs), "--batch-size", str(settings.batch_size),
-        "--lr", str(settings.lr),
+        "--min-updates", str(math.ceil(settings.fraction * settings.clients)),
+        "--round-timeout", str(settings.round_timeout), "--local-epochs", str(settings.local_epochs),
+        "--batch-size", str(settings.batch_size), "--lr", str(settings.lr), "--seed", str(settings.seed),
+        *settings.strategy_flags(),
     ]  # fmt: skip
     return launch(args, work / "server", work / "server.log")
 
@@ -125,7 +144,8 @@ def _run_rounds(
             continue
         opened = time.perf_counter()
         invocations = [
-            pool.invoke("train", _train_event(url, pki_dir, settings, info, c)) for c in info.selected
+            pool.invoke("train", _train_event(url, pki_dir, settings, info, c, c in report.attackers))
+            for c in info.selected
         ]
         results = [future.result() for future in as_completed(invocations)]
         next_info = api.current_round()
@@ -154,7 +174,9 @@ def _credentials_event(creds: pki.Credentials) -> dict:
     return {"ca": str(creds.ca), "cert": str(creds.cert), "key": str(creds.key)}
 
 
-def _train_event(url: str, pki_dir: Path, settings: SimulationSettings, info: RoundInfo, client: str) -> dict:
+def _train_event(
+    url: str, pki_dir: Path, settings: SimulationSettings, info: RoundInfo, client: str, malicious: bool
+) -> dict:
     return {
         "server": url,
         "credentials": _credentials_event(pki.credentials(pki_dir, pki.Role.CLIENT, client)),
@@ -167,6 +189,7 @@ def _train_event(url: str, pki_dir: Path, settings: SimulationSettings, info: Ro
             "partition": settings.partition,
             "seed": settings.seed,
         },
+        "attack": {"kind": settings.attack, "scale": settings.attack_scale} if malicious else None,
     }
 
 

@@ -19,6 +19,7 @@ class TrainConfig(BaseModel):
     local_epochs: int = Field(1, ge=1)
     batch_size: int = Field(32, ge=1)
     learning_rate: float = Field(0.05, gt=0)
+    proximal_mu: float = Field(0.0, ge=0, description="FedProx: weight of mu/2 * ||w - w_global||^2")
 
 
 class RoundInfo(BaseModel):

@@ -6,16 +6,20 @@ and the running aggregate under one lock, and tells listeners (long polls, annou
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
+import numpy as np
+
 from fedge.codec import Tensors, decode, encode, signature_of
 from fedge.server import aggregation
 from fedge.server.errors import Rejected
 from fedge.server.store import DuplicateUpdate, RoundRecord, Store
+from fedge.server.strategies import FedAvg, Strategy, StrategyError
 from fedge.server.validation import validate_update
 from fedge.wire import RoundInfo, RoundState, TrainConfig, UpdateReceipt
 
@@ -28,6 +32,8 @@ class FederationSettings:
     min_clients: int = 1
     min_updates: int = 1
     round_timeout: float = 600.0
+    fraction: float = 1.0  # share of registered clients selected each round (at least the quorum)
+    seed: int = 0
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
@@ -54,6 +60,14 @@ def decide(updates: int, selected: int, min_updates: int, now: float, deadline: 
     return Action.AGGREGATE if updates >= max(min_updates, 1) else Action.FAIL
 
 
+def select(clients: list[str], round_: int, fraction: float, minimum: int, seed: int) -> list[str]:
+    """Flower's sample size, ``max(ceil(fraction * n), minimum)``, drawn at random but reproducibly per round
+    (a restarted server selects the same clients)."""
+    size = min(len(clients), max(math.ceil(fraction * len(clients)), minimum))
+    rng = np.random.default_rng([seed, round_])
+    return sorted(rng.choice(sorted(clients), size=size, replace=False).tolist())
+
+
 class Federation:
     def __init__(
         self,
@@ -61,14 +75,17 @@ class Federation:
         settings: FederationSettings,
         registered_clients: Callable[[], list[str]],
         initial_model: bytes | None = None,
+        strategy: Strategy | None = None,
     ) -> None:
         self.settings = settings
+        self.strategy = strategy or FedAvg()
         self._store = store
         self._registered = registered_clients
         self._lock = threading.RLock()
         self._listeners: list[Callable[[], None]] = []
         self._open: RoundRecord | None = None
         self._sum: aggregation.RunningSum | None = None
+        self._received = 0
         self._finished = False
         self._load(initial_model)
 
@@ -110,10 +127,9 @@ class Federation:
         """Authorize, validate, store durably, then fold; any refusal leaves store and aggregate untouched."""
         with self._lock:
             current = self._open
+            self._refuse_late(round_, current)
             if current is None or current.round != round_:
                 raise Rejected(409, "round_not_open", f"round {round_} is not open for updates")
-            if time.time() >= current.deadline:
-                raise Rejected(409, "round_not_open", f"round {round_} passed its deadline")
             if client not in current.selected:
                 raise Rejected(403, "not_selected", f"client {client!r} was not selected for round {round_}")
             tensors, num_examples = validate_update(body, signature_of(self._model.tensors))
@@ -121,8 +137,7 @@ class Federation:
                 record = self._store.add_update(round_, client, body, num_examples)
             except DuplicateUpdate:
                 raise Rejected(409, "duplicate_update", f"{client!r} already sent its update") from None
-            assert self._sum is not None
-            aggregation.fold(self._sum, tensors, float(num_examples))
+            self._fold(tensors, num_examples)
             changed = self._advance(time.time())
         if changed:
             self._notify()
@@ -131,9 +146,8 @@ class Federation:
     def _advance(self, now: float) -> bool:
         changed = False
         if self._open is not None:
-            assert self._sum is not None
             action = decide(
-                self._sum.count, len(self._open.selected), self.settings.min_updates, now, self._open.deadline
+                self._received, len(self._open.selected), self._quorum(), now, self._open.deadline
             )
             if action is Action.WAIT:
                 return False
@@ -143,34 +157,75 @@ class Federation:
             changed |= self._open_next(now)
         return changed
 
-    def _close(self, record: RoundRecord, aggregated: bool) -> None:
-        result = None
-        if aggregated:
+    def _refuse_late(self, round_: int, current: RoundRecord | None) -> None:
+        """An update for a round that has already closed (or passed its deadline) is late: say so."""
+        last = self._store.last_round()
+        if current is None:
+            if last is not None and round_ <= last.round:
+                raise Rejected(409, "round_closed", f"round {round_} is closed; no round is open now")
+            return
+        if round_ < current.round:
+            raise Rejected(409, "round_closed", f"round {round_} is closed; round {current.round} is open")
+        if round_ == current.round and time.time() >= current.deadline:
+            raise Rejected(409, "round_closed", f"round {round_} passed its deadline")
+
+    def _quorum(self) -> int:
+        return max(self.settings.min_updates, self.strategy.min_updates())
+
+    def _fold(self, tensors: Tensors, num_examples: int) -> None:
+        if self.strategy.streaming:
             assert self._sum is not None
-            tensors = aggregation.average(self._sum, self._model.tensors)
-            body = encode(tensors, {"round": str(record.round), "task": self.settings.task})
+            aggregation.fold(
+                self._sum, self.strategy.prepare(tensors, self._model.tensors), float(num_examples)
+            )
+        self._received += 1
+
+    def _close(self, record: RoundRecord, aggregated: bool) -> None:
+        result = state_sha = None
+        if aggregated:
+            try:
+                tensors = self._aggregate(record.round)
+            except StrategyError:
+                aggregated = False
+        if aggregated:
+            metadata = {"round": str(record.round), "task": self.settings.task}
+            body = encode(tensors, {**self.strategy.metadata(record.round), **metadata})
             result = self._store.put_model(body)
-        self._store.close_round(record.round, result)
+            if state := self.strategy.state():
+                state_sha = self._store.put_strategy_state(encode(state))
+        self._store.close_round(record.round, result, state_sha)
         if result is not None:
             self._model = GlobalModel(body, result, record.round, tensors)
         self._open = None
         self._sum = None
         self._finished = record.round >= self.settings.rounds
 
+    def _aggregate(self, round_: int) -> Tensors:
+        mean = None
+        if self.strategy.streaming:
+            assert self._sum is not None
+            mean = aggregation.average(self._sum, self._model.tensors)
+        return self.strategy.aggregate(round_, self._model.tensors, mean, self._store.updates(round_))
+
     def _open_next(self, now: float) -> bool:
         clients = self._registered()
-        if len(clients) < self.settings.min_clients:
+        if len(clients) < max(self.settings.min_clients, self.strategy.min_updates()):
             return False
         last = self._store.last_round()
+        round_ = (last.round if last else 0) + 1
         self._open = self._store.open_round(
-            (last.round if last else 0) + 1,
+            round_,
             self._model.sha256,
-            clients,
-            self.settings.train,
+            select(clients, round_, self.settings.fraction, self._quorum(), self.settings.seed),
+            self.strategy.configure(self.settings.train),
             now + self.settings.round_timeout,
         )
-        self._sum = aggregation.start(self._model.tensors)
+        self._begin()
         return True
+
+    def _begin(self) -> None:
+        self._sum = aggregation.start(self._model.tensors) if self.strategy.streaming else None
+        self._received = 0
 
     def _load(self, initial_model: bytes | None) -> None:
         """Start from the stored global model, resuming an open round with every update already accepted."""
@@ -188,12 +243,14 @@ class Federation:
             )
         body = self._store.model_path(sha).read_bytes()
         self._model = GlobalModel(body, sha, int(self._store.get_meta("global_round") or 0), decode(body)[0])
+        if state_sha := self._store.get_meta("strategy_state"):
+            self.strategy.load_state(decode(self._store.strategy_state_path(state_sha).read_bytes())[0])
         last = self._store.last_round()
         if last is not None and last.state == "open":
             self._open = last
-            self._sum = aggregation.start(self._model.tensors)
+            self._begin()
             for update in self._store.updates(last.round):
-                aggregation.fold(self._sum, decode(update.path.read_bytes())[0], float(update.num_examples))
+                self._fold(decode(update.path.read_bytes())[0], update.num_examples)
         self._finished = self._open is None and last is not None and last.round >= self.settings.rounds
 
     def _notify(self) -> None:

@@ -75,6 +75,7 @@ class Store:
         self.dir = data_dir
         (data_dir / "models").mkdir(parents=True, exist_ok=True)
         (data_dir / "updates").mkdir(exist_ok=True)
+        (data_dir / "strategy").mkdir(exist_ok=True)
         self._db = sqlite3.connect(data_dir / "state.db", check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
@@ -100,6 +101,17 @@ class Store:
     def model_path(self, digest: str) -> Path:
         return self.dir / "models" / f"{digest}.safetensors"
 
+    def put_strategy_state(self, body: bytes) -> str:
+        """What a strategy carries between rounds (a server optimizer's moments), content-addressed."""
+        digest = sha256(body)
+        path = self.strategy_state_path(digest)
+        if not path.exists():
+            _write_durably(path, body)
+        return digest
+
+    def strategy_state_path(self, digest: str) -> Path:
+        return self.dir / "strategy" / f"{digest}.safetensors"
+
     def open_round(
         self, round_: int, base_sha256: str, selected: list[str], config: TrainConfig, deadline: float
     ) -> RoundRecord:
@@ -112,8 +124,9 @@ class Store:
         assert record is not None
         return record
 
-    def close_round(self, round_: int, result_sha256: str | None) -> None:
-        """Record the round's outcome and, in the same transaction, make its result the global model."""
+    def close_round(self, round_: int, result_sha256: str | None, strategy_state: str | None = None) -> None:
+        """Record the round's outcome and, in the same transaction, make its result the global model and
+        its strategy state current: a crash leaves either the old round open or the new model in force."""
         with self._transaction():
             self._db.execute(
                 "UPDATE rounds SET state = ?, result_sha256 = ?, closed_at = ? WHERE round = ?",
@@ -122,6 +135,8 @@ class Store:
             if result_sha256:
                 self.set_meta("global_sha256", result_sha256)
                 self.set_meta("global_round", str(round_))
+            if strategy_state:
+                self.set_meta("strategy_state", strategy_state)
 
     def round(self, round_: int) -> RoundRecord | None:
         row = self._db.execute(

@@ -55,7 +55,7 @@ def test_a_round_averages_the_updates_weighted_by_examples(tmp_path: Path) -> No
     ("round_", "client", "body", "status", "code"),
     [
         (2, "alice", update_body(1.0), 409, "round_not_open"),
-        (0, "alice", update_body(1.0), 409, "round_not_open"),
+        (0, "alice", update_body(1.0), 409, "round_closed"),
         (1, "mallory", update_body(1.0), 403, "not_selected"),
         (1, "alice", b"\x00" * 64, 400, "malformed_update"),
         (1, "alice", encode(toy_model(1.0)), 400, "bad_metadata"),
