@@ -59,6 +59,16 @@ def encode(tensors: Tensors, metadata: dict[str, str] | None = None) -> bytes:
 
 def decode(body: bytes) -> tuple[Tensors, dict[str, str]]:
     """Parse a body, checking the header ourselves so that garbage gives a clear error, not a crash."""
+    metadata = metadata_of(body)
+    try:
+        tensors = load(body)
+    except (SafetensorError, ValueError, TypeError) as exc:
+        raise CodecError(f"malformed safetensors body: {exc}") from None
+    return tensors, metadata
+
+
+def metadata_of(body: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a body, reading only its header."""
     if len(body) < 8:
         raise CodecError("body is too short to be safetensors")
     size = int.from_bytes(body[:8], "little")
@@ -73,11 +83,7 @@ def decode(body: bytes) -> tuple[Tensors, dict[str, str]]:
     metadata = header.get("__metadata__") or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise CodecError("safetensors metadata must map strings to strings")
-    try:
-        tensors = load(body)
-    except (SafetensorError, ValueError, TypeError) as exc:
-        raise CodecError(f"malformed safetensors body: {exc}") from None
-    return tensors, metadata
+    return metadata
 
 
 def mapped(path: Path) -> Tensors:

@@ -48,6 +48,7 @@ class UpdateReceipt(BaseModel):
     client: str
     sha256: str
     num_examples: int
+    staleness: int = Field(0, description="asynchronous mode: versions the update's base is behind")
 
 
 class ErrorBody(BaseModel):
@@ -58,3 +59,4 @@ class ErrorBody(BaseModel):
 # Metadata keys inside an update's safetensors body.
 NUM_EXAMPLES = "num_examples"
 TRAIN_LOSS = "train_loss"
+BASE_SHA256 = "base_sha256"  # the global model the update was trained from (asynchronous mode)

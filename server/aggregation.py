@@ -41,3 +41,17 @@ def average(acc: RunningSum, template: Tensors) -> Tensors:
     if acc.weight <= 0:
         raise ValueError("cannot average an empty sum")
     return {name: (total / acc.weight).astype(template[name].dtype) for name, total in acc.sums.items()}
+
+
+def staleness_weight(staleness: int, exponent: float) -> float:
+    """FedBuff's polynomial discount, ``(1 + staleness) ** -exponent``: fresh updates count fully."""
+    return float((1 + staleness) ** -exponent)
+
+
+def rebase(update: Tensors, base: Tensors, current: Tensors, discount: float) -> Tensors:
+    """An update trained from an older ``base``, as if trained from ``current``: its change, discounted,
+    applied to the current model. Folding these keeps FedAvg's running sum: fresh updates come out as
+    themselves, and the mean is ``current + sum(n * discount * change) / sum(n)``."""
+    return {
+        name: current[name] + discount * (update[name].astype(np.float64) - base[name]) for name in current
+    }

@@ -15,13 +15,13 @@ from enum import Enum
 
 import numpy as np
 
-from fedge.codec import Tensors, decode, encode, signature_of
+from fedge.codec import Tensors, decode, encode, mapped, metadata_of, signature_of
 from fedge.server import aggregation
 from fedge.server.errors import Rejected
 from fedge.server.store import DuplicateUpdate, RoundRecord, Store
 from fedge.server.strategies import FedAvg, Strategy, StrategyError
 from fedge.server.validation import validate_update
-from fedge.wire import RoundInfo, RoundState, TrainConfig, UpdateReceipt
+from fedge.wire import BASE_SHA256, RoundInfo, RoundState, TrainConfig, UpdateReceipt
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,10 @@ class FederationSettings:
     round_timeout: float = 600.0
     fraction: float = 1.0  # share of registered clients selected each round (at least the quorum)
     seed: int = 0
+    # Asynchronous mode (FedBuff) when > 0: a new version every ``buffer`` updates, late updates welcome.
+    buffer: int = 0
+    max_staleness: int = 5
+    staleness_exponent: float = 0.5
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
@@ -79,6 +83,8 @@ class Federation:
     ) -> None:
         self.settings = settings
         self.strategy = strategy or FedAvg()
+        if settings.buffer and not self.strategy.streaming:
+            raise ValueError(f"asynchronous mode needs a streaming strategy; {self.strategy.name} is not one")
         self._store = store
         self._registered = registered_clients
         self._lock = threading.RLock()
@@ -127,28 +133,55 @@ class Federation:
         """Authorize, validate, store durably, then fold; any refusal leaves store and aggregate untouched."""
         with self._lock:
             current = self._open
-            self._refuse_late(round_, current)
-            if current is None or current.round != round_:
+            late = current is not None and round_ < current.round
+            if not (late and self.settings.buffer):
+                self._refuse_late(round_, current)
+            if current is None or round_ > current.round:
                 raise Rejected(409, "round_not_open", f"round {round_} is not open for updates")
             if client not in current.selected:
                 raise Rejected(403, "not_selected", f"client {client!r} was not selected for round {round_}")
             tensors, num_examples = validate_update(body, signature_of(self._model.tensors))
+            staleness = self._staleness(round_, current, body) if self.settings.buffer else 0
             try:
-                record = self._store.add_update(round_, client, body, num_examples)
+                record = self._store.add_update(current.round, client, body, num_examples, staleness)
             except DuplicateUpdate:
                 raise Rejected(409, "duplicate_update", f"{client!r} already sent its update") from None
-            self._fold(tensors, num_examples)
+            self._fold(tensors, num_examples, staleness)
             changed = self._advance(time.time())
         if changed:
             self._notify()
-        return UpdateReceipt(round=round_, client=client, sha256=record.sha256, num_examples=num_examples)
+        return UpdateReceipt(
+            round=current.round,
+            client=client,
+            sha256=record.sha256,
+            num_examples=num_examples,
+            staleness=staleness,
+        )
+
+    def _staleness(self, round_: int, current: RoundRecord, body: bytes) -> int:
+        """How many versions behind the open round the update's base is: the round whose base model it
+        names in its metadata (it may have fetched a newer model than the round it was asked to train
+        for), else the round it was sent to. Too stale, or trained from no recent model: refused."""
+        limit = self.settings.max_staleness
+        oldest = current.round - limit
+        if round_ < oldest:
+            raise Rejected(409, "too_stale", f"round {round_} is more than {limit} versions behind")
+        base_sha = metadata_of(body).get(BASE_SHA256)
+        if base_sha is None:
+            return current.round - round_
+        for candidate in range(current.round, max(oldest, 1) - 1, -1):
+            record = self._store.round(candidate)
+            if record is not None and record.base_sha256 == base_sha:
+                return current.round - candidate
+        raise Rejected(409, "too_stale", f"model {base_sha[:12]} is not among the last {limit} versions")
 
     def _advance(self, now: float) -> bool:
         changed = False
         if self._open is not None:
-            action = decide(
-                self._received, len(self._open.selected), self._quorum(), now, self._open.deadline
-            )
+            wanted = len(self._open.selected)
+            if self.settings.buffer:
+                wanted = min(self.settings.buffer, wanted)
+            action = decide(self._received, wanted, self._quorum(), now, self._open.deadline)
             if action is Action.WAIT:
                 return False
             self._close(self._open, aggregated=action is Action.AGGREGATE)
@@ -172,12 +205,18 @@ class Federation:
     def _quorum(self) -> int:
         return max(self.settings.min_updates, self.strategy.min_updates())
 
-    def _fold(self, tensors: Tensors, num_examples: int) -> None:
+    def _fold(self, tensors: Tensors, num_examples: int, staleness: int = 0) -> None:
         if self.strategy.streaming:
             assert self._sum is not None
-            aggregation.fold(
-                self._sum, self.strategy.prepare(tensors, self._model.tensors), float(num_examples)
-            )
+            assert self._open is not None
+            if staleness:
+                record = self._store.round(self._open.round - staleness)
+                assert record is not None
+                discount = aggregation.staleness_weight(staleness, self.settings.staleness_exponent)
+                base = mapped(self._store.model_path(record.base_sha256))
+                tensors = aggregation.rebase(tensors, base, self._model.tensors, discount)
+            prepared = self.strategy.prepare(tensors, self._model.tensors)
+            aggregation.fold(self._sum, prepared, float(num_examples))
         self._received += 1
 
     def _close(self, record: RoundRecord, aggregated: bool) -> None:
@@ -250,7 +289,7 @@ class Federation:
             self._open = last
             self._begin()
             for update in self._store.updates(last.round):
-                self._fold(decode(update.path.read_bytes())[0], update.num_examples)
+                self._fold(decode(update.path.read_bytes())[0], update.num_examples, update.staleness)
         self._finished = self._open is None and last is not None and last.round >= self.settings.rounds
 
     def _notify(self) -> None:

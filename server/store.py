@@ -39,6 +39,7 @@ CREATE TABLE IF NOT EXISTS updates (
     num_examples INTEGER NOT NULL,
     bytes INTEGER NOT NULL,
     received_at REAL NOT NULL,
+    staleness INTEGER NOT NULL DEFAULT 0,  -- asynchronous mode: versions behind the round it joins
     PRIMARY KEY (round, client)
 );
 """
@@ -66,6 +67,7 @@ class UpdateRecord:
     sha256: str
     num_examples: int
     path: Path
+    staleness: int = 0
 
 
 class Store:
@@ -161,7 +163,9 @@ class Store:
         row = self._db.execute("SELECT MAX(round) FROM rounds").fetchone()
         return self.round(row[0]) if row[0] is not None else None
 
-    def add_update(self, round_: int, client: str, body: bytes, num_examples: int) -> UpdateRecord:
+    def add_update(
+        self, round_: int, client: str, body: bytes, num_examples: int, staleness: int = 0
+    ) -> UpdateRecord:
         if self._db.execute(
             "SELECT 1 FROM updates WHERE round = ? AND client = ?", (round_, client)
         ).fetchone():
@@ -171,19 +175,21 @@ class Store:
         _write_durably(path, body)
         digest = sha256(body)
         self._db.execute(
-            "INSERT INTO updates (round, client, sha256, num_examples, bytes, received_at)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            (round_, client, digest, num_examples, len(body), time.time()),
+            "INSERT INTO updates (round, client, sha256, num_examples, bytes, received_at, staleness)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (round_, client, digest, num_examples, len(body), time.time(), staleness),
         )
-        return UpdateRecord(client, digest, num_examples, path)
+        return UpdateRecord(client, digest, num_examples, path, staleness)
 
     def updates(self, round_: int) -> list[UpdateRecord]:
         rows = self._db.execute(
-            "SELECT client, sha256, num_examples FROM updates WHERE round = ? ORDER BY received_at, client",
+            "SELECT client, sha256, num_examples, staleness FROM updates WHERE round = ?"
+            " ORDER BY received_at, client",
             (round_,),
         ).fetchall()
         return [
-            UpdateRecord(c, s, n, self.dir / "updates" / str(round_) / f"{c}.safetensors") for c, s, n in rows
+            UpdateRecord(c, s, n, self.dir / "updates" / str(round_) / f"{c}.safetensors", t)
+            for c, s, n, t in rows
         ]
 
     @contextmanager

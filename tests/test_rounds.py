@@ -239,3 +239,85 @@ def test_an_update_after_the_deadline_of_the_open_round_is_refused(tmp_path: Pat
         fed.submit(1, "alice", update_body(1.0))
     assert (refused.value.code, refused.value.detail) == ("round_closed", "round 1 passed its deadline")
     assert Store(tmp_path).updates(1) == []
+
+
+def async_federation(data: Path, clients: list[str], **settings: object) -> Federation:
+    return Federation(
+        Store(data),
+        FederationSettings(federation="test", task="toy", rounds=5, buffer=2, **settings),  # type: ignore[arg-type]
+        registered_clients=lambda: clients,
+        initial_model=encode(toy_model()),
+    )
+
+
+def test_async_mode_makes_a_version_every_k_updates_and_folds_stragglers_discounted(tmp_path: Path) -> None:
+    clients = ["alice", "bob", "carol"]
+    fed = async_federation(tmp_path, clients)
+    fed.tick()
+    fed.submit(1, "alice", update_body(1.0, 10))
+    assert fed.model.round == 0
+    fed.submit(1, "bob", update_body(3.0, 30))
+    assert fed.model.round == 1  # two updates made version 1, without waiting for carol
+    version1 = fed.model.tensors["layer.weight"].copy()
+    np.testing.assert_allclose(version1, 2.5)
+
+    straggler = fed.submit(1, "carol", update_body(9.0, 20))  # trained from version 0
+    assert (straggler.round, straggler.staleness) == (2, 1)
+    fresh = fed.submit(2, "alice", update_body(4.0, 20))
+    assert fresh.staleness == 0
+    # FedBuff: carol's change from her base (9 - 0), discounted by (1 + 1) ** -0.5, applied to version 1.
+    carol = 2.5 + 2**-0.5 * (9.0 - 0.0)
+    np.testing.assert_allclose(fed.model.tensors["layer.weight"], (20 * carol + 20 * 4.0) / 40, rtol=1e-6)
+    assert [(u.client, u.staleness) for u in Store(tmp_path).updates(2)] == [("carol", 1), ("alice", 0)]
+
+
+def test_async_mode_uses_the_base_model_an_update_names(tmp_path: Path) -> None:
+    fed = async_federation(tmp_path, ["alice", "bob", "carol"])
+    fed.tick()
+    fed.submit(1, "alice", update_body(1.0))
+    fed.submit(1, "bob", update_body(1.0))
+    base = fed.model.sha256  # version 1, the base of round 2
+    body = encode(toy_model(5.0), {"num_examples": "10", "base_sha256": base})
+    assert fed.submit(1, "carol", body).staleness == 0  # asked for round 1, but trained from version 1
+    unknown = encode(toy_model(5.0), {"num_examples": "10", "base_sha256": "0" * 64})
+    with pytest.raises(Rejected) as refused:
+        fed.submit(2, "alice", unknown)
+    assert refused.value.code == "too_stale"
+
+
+def test_async_mode_refuses_updates_staler_than_the_limit(tmp_path: Path) -> None:
+    fed = async_federation(tmp_path, ["alice", "bob", "carol"], max_staleness=1)
+    fed.tick()
+    for round_ in (1, 2):
+        fed.submit(round_, "alice", update_body(1.0))
+        fed.submit(round_, "bob", update_body(1.0))
+    with pytest.raises(Rejected) as refused:
+        fed.submit(1, "carol", update_body(1.0))
+    assert (refused.value.status, refused.value.code) == (409, "too_stale")
+    assert Store(tmp_path).updates(3) == []
+
+
+def test_a_restarted_async_federation_refolds_stale_updates_identically(tmp_path: Path) -> None:
+    clients = ["alice", "bob", "carol"]
+    feds = [async_federation(tmp_path / name, clients) for name in ("a", "b")]
+    for fed in feds:
+        fed.tick()
+        fed.submit(1, "alice", update_body(1.0))
+        fed.submit(1, "bob", update_body(2.0))
+        fed.submit(1, "carol", update_body(7.0, 30))  # stale, into round 2
+    feds[1] = async_federation(tmp_path / "b", clients)  # crash and restart
+    for fed in feds:
+        fed.submit(2, "bob", update_body(3.0))
+    assert feds[0].model.round == feds[1].model.round == 2
+    assert feds[1].model.sha256 == feds[0].model.sha256
+
+
+def test_async_mode_refuses_a_strategy_that_needs_every_update(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="streaming"):
+        Federation(
+            Store(tmp_path),
+            FederationSettings(federation="test", task="toy", buffer=2),
+            registered_clients=lambda: SELECTED,
+            initial_model=encode(toy_model()),
+            strategy=create("fedmedian", StrategyParams()),
+        )
