@@ -19,7 +19,7 @@ from fedge.codec import Tensors, decode, encode
 from fedge.edge_functions import attacks, partition, tasks
 from fedge.security.pki import Credentials
 from fedge.transport import FedgeClient
-from fedge.wire import NUM_EXAMPLES, TRAIN_LOSS, TrainConfig
+from fedge.wire import BASE_SHA256, NUM_EXAMPLES, TRAIN_LOSS, TrainConfig
 
 
 class CredentialPaths(BaseModel):
@@ -55,6 +55,7 @@ class TrainEvent(BaseModel):
     config: TrainConfig
     data: DataSpec
     attack: AttackSpec | None = None
+    delay: float = 0.0  # simulation only: a straggler's extra seconds before it sends its update
 
 
 class EvaluateEvent(BaseModel):
@@ -68,6 +69,7 @@ class Context:
     """Warm state of one function instance."""
 
     model_sha256: str | None = None
+    model_round: int = 0
     model: Tensors = field(default_factory=dict)
     partitions: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
@@ -78,6 +80,7 @@ class Context:
             return 0
         self.model, _ = decode(download.body)
         self.model_sha256 = download.sha256
+        self.model_round = download.round
         return len(download.body)
 
     def partition(self, task: tasks.Task, spec: DataSpec) -> tuple[np.ndarray, np.ndarray]:
@@ -106,11 +109,14 @@ def train(event: dict, context: Context) -> dict:
         if ev.attack is not None:
             rng = np.random.default_rng([ev.data.seed, ev.round, ev.data.index])
             tensors = attacks.poison(ev.attack.kind, tensors, context.model, ev.attack.scale, rng)
-        body = encode(tensors, {NUM_EXAMPLES: str(len(y)), TRAIN_LOSS: f"{loss:.6f}"})
+        base = context.model_sha256 or ""
+        body = encode(tensors, {NUM_EXAMPLES: str(len(y)), TRAIN_LOSS: f"{loss:.6f}", BASE_SHA256: base})
+        time.sleep(ev.delay)
         receipt = api.post_update(ev.round, body)
     return {
         "round": ev.round,
         "num_examples": receipt.num_examples,
+        "staleness": receipt.staleness,
         "loss": loss,
         "bytes_up": len(body),
         "bytes_down": bytes_down,
@@ -128,7 +134,12 @@ def evaluate(event: dict, context: Context) -> dict:
     model = task.build_model()
     tasks.load_tensors(model, context.model)
     loss, accuracy = score(model, data.x_test, data.y_test)
-    return {"model_sha256": context.model_sha256, "loss": loss, "accuracy": accuracy}
+    return {
+        "model_sha256": context.model_sha256,
+        "round": context.model_round,
+        "loss": loss,
+        "accuracy": accuracy,
+    }
 
 
 def initial_model(event: dict, _: Context) -> bytes:

@@ -14,14 +14,17 @@ from fedge.security.cli import app as pki_app
 from fedge.server.cli import (
     Beta1,
     Beta2,
+    Buffer,
     ClipNorm,
     DpDelta,
     Fraction,
     Keep,
     Malicious,
+    MaxStaleness,
     NoiseMultiplier,
     ProximalMu,
     ServerLr,
+    StalenessExponent,
     StrategyName,
     Tau,
     TrimFraction,
@@ -69,6 +72,11 @@ def simulate(
     clip_norm: ClipNorm = None,
     noise_multiplier: NoiseMultiplier = None,
     dp_delta: DpDelta = None,
+    buffer: Buffer = None,
+    max_staleness: MaxStaleness = None,
+    staleness_exponent: StalenessExponent = None,
+    stragglers: Annotated[float | None, typer.Option(help="share of clients that are slow [0]")] = None,
+    straggler_delay: Annotated[float | None, typer.Option(help="seconds a straggler lags [5]")] = None,
 ) -> None:
     """Run a federation on this machine: real mTLS, a real server process, warm client functions."""
     from fedge.plots import accuracy_plot
@@ -82,7 +90,8 @@ def simulate(
             attack=attack, attackers=attackers, attack_scale=attack_scale, fraction=fraction,
             strategy=strategy, proximal_mu=proximal_mu, server_lr=server_lr, beta1=beta1, beta2=beta2,
             tau=tau, trim_fraction=trim_fraction, malicious=malicious, keep=keep, clip_norm=clip_norm,
-            noise_multiplier=noise_multiplier, dp_delta=dp_delta,
+            noise_multiplier=noise_multiplier, dp_delta=dp_delta, buffer=buffer, max_staleness=max_staleness,
+            staleness_exponent=staleness_exponent, stragglers=stragglers, straggler_delay=straggler_delay,
         )  # fmt: skip
         strategy_of(settings)  # a bad strategy is refused here, not by the server it would start
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())

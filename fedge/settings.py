@@ -44,6 +44,8 @@ def _toml_table(section: str) -> dict[str, Any]:
         return tomllib.load(f).get(section, {})
 
 
+# Who is selected and when a version is made (``fedge.server.rounds.FederationSettings``).
+ROUND_CONTROL = ("fraction", "buffer", "max_staleness", "staleness_exponent")
 # The aggregation strategy's settings, named as ``fedge.server.strategies.StrategyParams`` names them.
 STRATEGY_PARAMS = (
     "proximal_mu", "server_lr", "beta1", "beta2", "tau", "trim_fraction", "malicious", "keep", "clip_norm",
@@ -74,11 +76,14 @@ class TrainingSettings(_CommandSettings):
     clip_norm: float = Field(1.0, gt=0)
     noise_multiplier: float = Field(1.0, ge=0)
     dp_delta: float = Field(1e-5, gt=0, lt=1)
+    buffer: int = Field(0, ge=0)
+    max_staleness: int = Field(5, ge=0)
+    staleness_exponent: float = Field(0.5, ge=0)
 
-    def strategy_flags(self) -> list[str]:
-        """The strategy as ``fedge server`` flags, for a server this command starts itself."""
-        flags = ["--strategy", self.strategy, "--fraction", str(self.fraction)]
-        for name in STRATEGY_PARAMS:
+    def aggregation_flags(self) -> list[str]:
+        """Selection, mode and strategy as ``fedge server`` flags, for a server this command starts."""
+        flags = ["--strategy", self.strategy]
+        for name in (*ROUND_CONTROL, *STRATEGY_PARAMS):
             if (value := getattr(self, name)) is not None:
                 flags += [f"--{name.replace('_', '-')}", str(value)]
         return flags
@@ -102,6 +107,8 @@ class SimulationSettings(TrainingSettings):
     attack: str | None = None
     attackers: float = Field(0.0, ge=0, le=1)
     attack_scale: float = Field(4.0, gt=0)
+    stragglers: float = Field(0.0, ge=0, le=1)
+    straggler_delay: float = Field(5.0, ge=0)
     dataset: str = "mnist"
     partition: str = "dirichlet:0.5"
     workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)

@@ -12,7 +12,7 @@ import math
 import tempfile
 import time
 from collections.abc import Callable
-from concurrent.futures import as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, as_completed, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,11 +21,11 @@ import numpy as np
 from fedge.codec import decode
 from fedge.console import UserError
 from fedge.edge_functions import attacks, datasets, partition
-from fedge.edge_functions.runtime import WarmPool
+from fedge.edge_functions.runtime import Invocation, WarmPool
 from fedge.security import pki
 from fedge.server.launcher import ServerProcess, launch
 from fedge.settings import SimulationSettings
-from fedge.transport import FedgeClient
+from fedge.transport import FedgeClient, ServerError
 from fedge.wire import RoundInfo, RoundState
 
 
@@ -38,6 +38,7 @@ class RoundMetrics:
     seconds: float
     bytes_up: int
     bytes_down: int
+    stale_updates: int = 0  # asynchronous mode: updates folded from an older version
 
 
 @dataclass
@@ -48,6 +49,8 @@ class Report:
     cold_invocations: int = 0
     warm_invocations: int = 0
     attackers: list[str] = field(default_factory=list)
+    stragglers: list[str] = field(default_factory=list)
+    refused: dict[str, int] = field(default_factory=dict)  # updates the server refused, by error code
     model_metadata: dict[str, str] = field(default_factory=dict)  # e.g. the privacy spent (dp-fedavg)
 
     def to_json(self) -> str:
@@ -69,7 +72,8 @@ def simulate(
         raise UserError("--attackers needs --attack sign-flip|scale|noise")
     started = time.perf_counter()
     report = Report(settings=settings.model_dump(mode="json"))
-    report.attackers = malicious_clients(settings.clients, settings.attackers, settings.seed)
+    report.attackers = pick_clients(settings.clients, settings.attackers, settings.seed)
+    report.stragglers = pick_clients(settings.clients, settings.stragglers, settings.seed + 1)
     with tempfile.TemporaryDirectory(prefix="fedge-sim-") as tmp:
         work = Path(tmp)
         observer = _make_pki(work / "pki", settings.clients)
@@ -81,7 +85,8 @@ def simulate(
             server = _start_server(work, settings)
             try:
                 with FedgeClient(server.url, observer) as api:
-                    _run_rounds(api, server.url, pool, work / "pki", observer, settings, report, on_round)
+                    run = _run_async if settings.buffer else _run_rounds
+                    run(api, server.url, pool, work / "pki", observer, settings, report, on_round)
                     final = api.model()
                 assert final is not None
                 report.model_metadata = decode(final.body)[1]
@@ -108,8 +113,8 @@ def client_id(index: int) -> str:
     return f"client-{index:04d}"
 
 
-def malicious_clients(clients: int, fraction: float, seed: int) -> list[str]:
-    """Which clients attack: ``round(fraction * clients)`` of them, drawn by the seed."""
+def pick_clients(clients: int, fraction: float, seed: int) -> list[str]:
+    """Which clients attack, or lag: ``round(fraction * clients)`` of them, drawn by the seed."""
     chosen = np.random.default_rng(seed).permutation(clients)[: round(fraction * clients)]
     return [client_id(int(i)) for i in sorted(chosen)]
 
@@ -122,7 +127,7 @@ def _start_server(work: Path, settings: SimulationSettings) -> ServerProcess:
         "--min-updates", str(math.ceil(settings.fraction * settings.clients)),
         "--round-timeout", str(settings.round_timeout), "--local-epochs", str(settings.local_epochs),
         "--batch-size", str(settings.batch_size), "--lr", str(settings.lr), "--seed", str(settings.seed),
-        *settings.strategy_flags(),
+        *settings.aggregation_flags(),
     ]  # fmt: skip
     return launch(args, work / "server", work / "server.log")
 
@@ -137,37 +142,102 @@ def _run_rounds(
     report: Report,
     on_round: Callable[[RoundMetrics], None],
 ) -> None:
-    info = api.current_round()
+    """Synchronous rounds: invoke every selected client, then wait for the server to close the round."""
+    info = _wait_until_open(api)
     while info.state is not RoundState.FINISHED:
-        if info.state is RoundState.WAITING:
-            info = api.current_round(wait=5, etag=info.etag)
-            continue
         opened = time.perf_counter()
         invocations = [
-            pool.invoke("train", _train_event(url, pki_dir, settings, info, c, c in report.attackers))
-            for c in info.selected
+            pool.invoke("train", _train_event(url, pki_dir, settings, report, info, c)) for c in info.selected
         ]
-        results = [future.result() for future in as_completed(invocations)]
+        results = [r for r in (_outcome(f, report) for f in as_completed(invocations)) if r is not None]
         next_info = api.current_round()
         while next_info.etag == info.etag:
             next_info = api.current_round(wait=30, etag=info.etag)
-        seconds = time.perf_counter() - opened
-        evaluation = pool.invoke("evaluate", _evaluate_event(url, observer, settings)).result()
-        for invocation in [*results, evaluation]:
-            report.cold_invocations += invocation.cold
-            report.warm_invocations += not invocation.cold
-        metrics = RoundMetrics(
-            round=info.round,
-            accuracy=evaluation.result["accuracy"],
-            loss=evaluation.result["loss"],
-            updates=len(results),
-            seconds=seconds,
-            bytes_up=sum(r.result["bytes_up"] for r in results),
-            bytes_down=sum(r.result["bytes_down"] for r in results),
-        )
-        report.rounds.append(metrics)
-        on_round(metrics)
-        info = next_info
+        _record(pool, observer, url, settings, report, on_round, info.round, results, opened)
+        info = _wait_until_open(api, next_info)
+
+
+def _run_async(
+    api: FedgeClient,
+    url: str,
+    pool: WarmPool,
+    pki_dir: Path,
+    observer: pki.Credentials,
+    settings: SimulationSettings,
+    report: Report,
+    on_round: Callable[[RoundMetrics], None],
+) -> None:
+    """Asynchronous (FedBuff): each client trains again as soon as it is done, from whatever version is
+    current; the server makes a version every ``--buffer`` updates, and stragglers' updates arrive stale."""
+    info = _wait_until_open(api)
+    running: dict[Future, str] = {}
+    idle = list(info.selected)
+    results: list[Invocation] = []
+    since = time.perf_counter()
+    recorded = 0
+    while info.state is not RoundState.FINISHED:
+        for client in idle:
+            running[pool.invoke("train", _train_event(url, pki_dir, settings, report, info, client))] = client
+        done, _ = wait(running, timeout=1.0, return_when=FIRST_COMPLETED)
+        idle = [running.pop(future) for future in done]
+        results += [r for r in (_outcome(f, report) for f in done) if r is not None]
+        info = api.current_round()
+        if api.model_meta().round > recorded:
+            recorded = _record(pool, observer, url, settings, report, on_round, None, results, since)
+            results, since = [], time.perf_counter()
+    for future in running:  # stragglers still training when the federation finished: refused, counted
+        _outcome(future, report)
+
+
+def _wait_until_open(api: FedgeClient, info: RoundInfo | None = None) -> RoundInfo:
+    info = info or api.current_round()
+    while info.state is RoundState.WAITING:
+        info = api.current_round(wait=5, etag=info.etag)
+    return info
+
+
+def _outcome(future: Future[Invocation], report: Report) -> Invocation | None:
+    """A finished training invocation, or None when the server refused its update (a late straggler, a
+    client that already sent one to this version): the refusal is counted, the simulation goes on."""
+    try:
+        return future.result()
+    except ServerError as exc:
+        report.refused[exc.code] = report.refused.get(exc.code, 0) + 1
+        return None
+
+
+def _record(
+    pool: WarmPool,
+    observer: pki.Credentials,
+    url: str,
+    settings: SimulationSettings,
+    report: Report,
+    on_round: Callable[[RoundMetrics], None],
+    round_: int | None,
+    results: list[Invocation],
+    since: float,
+) -> int:
+    """Evaluate the current model and add a row for it (labelled ``round_``, else the version evaluated,
+    which in asynchronous mode may be newer than the one that prompted it); returns that label."""
+    seconds = time.perf_counter() - since
+    evaluation = pool.invoke("evaluate", _evaluate_event(url, observer, settings)).result()
+    round_ = evaluation.result["round"] if round_ is None else round_
+    for invocation in [*results, evaluation]:
+        report.cold_invocations += invocation.cold
+        report.warm_invocations += not invocation.cold
+    metrics = RoundMetrics(
+        round=round_,
+        accuracy=evaluation.result["accuracy"],
+        loss=evaluation.result["loss"],
+        updates=len(results),
+        seconds=seconds,
+        bytes_up=sum(r.result["bytes_up"] for r in results),
+        bytes_down=sum(r.result["bytes_down"] for r in results),
+        stale_updates=sum(r.result["staleness"] > 0 for r in results),
+    )
+    report.rounds.append(metrics)
+    on_round(metrics)
+    return round_
 
 
 def _credentials_event(creds: pki.Credentials) -> dict:
@@ -175,8 +245,9 @@ def _credentials_event(creds: pki.Credentials) -> dict:
 
 
 def _train_event(
-    url: str, pki_dir: Path, settings: SimulationSettings, info: RoundInfo, client: str, malicious: bool
+    url: str, pki_dir: Path, settings: SimulationSettings, report: Report, info: RoundInfo, client: str
 ) -> dict:
+    malicious = client in report.attackers
     return {
         "server": url,
         "credentials": _credentials_event(pki.credentials(pki_dir, pki.Role.CLIENT, client)),
@@ -190,6 +261,7 @@ def _train_event(
             "seed": settings.seed,
         },
         "attack": {"kind": settings.attack, "scale": settings.attack_scale} if malicious else None,
+        "delay": settings.straggler_delay if client in report.stragglers else 0.0,
     }
 
 

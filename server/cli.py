@@ -34,6 +34,13 @@ Keep = Annotated[int | None, typer.Option(help="krum: average the KEEP best (Mul
 ClipNorm = Annotated[float | None, typer.Option(help="dp-fedavg: L2 bound of each update's change [1.0]")]
 NoiseMultiplier = Annotated[float | None, typer.Option(help="dp-fedavg: noise std / clip norm [1.0]")]
 DpDelta = Annotated[float | None, typer.Option(help="dp-fedavg: delta of the privacy spent [1e-5]")]
+Buffer = Annotated[
+    int | None, typer.Option(help="asynchronous (FedBuff): a version every K updates; 0 = rounds [0]")
+]
+MaxStaleness = Annotated[int | None, typer.Option(help="asynchronous: versions an update may lag [5]")]
+StalenessExponent = Annotated[
+    float | None, typer.Option(help="asynchronous: weight (1 + staleness) ** -exponent [0.5]")
+]
 
 
 def strategy_of(settings: TrainingSettings) -> Strategy:
@@ -77,6 +84,9 @@ def server(
     clip_norm: ClipNorm = None,
     noise_multiplier: NoiseMultiplier = None,
     dp_delta: DpDelta = None,
+    buffer: Buffer = None,
+    max_staleness: MaxStaleness = None,
+    staleness_exponent: StalenessExponent = None,
 ) -> None:
     """Serve the global model read-only and aggregate each selected client's update, round after round."""
     with user_errors(pki.PKIError, ValueError, OSError):
@@ -86,7 +96,8 @@ def server(
             local_epochs=local_epochs, batch_size=batch_size, lr=lr, seed=seed, fraction=fraction,
             strategy=strategy, proximal_mu=proximal_mu, server_lr=server_lr, beta1=beta1, beta2=beta2,
             tau=tau, trim_fraction=trim_fraction, malicious=malicious, keep=keep, clip_norm=clip_norm,
-            noise_multiplier=noise_multiplier, dp_delta=dp_delta,
+            noise_multiplier=noise_multiplier, dp_delta=dp_delta, buffer=buffer, max_staleness=max_staleness,
+            staleness_exponent=staleness_exponent,
         )  # fmt: skip
         chosen = strategy_of(settings)
         from fedge.server import service
@@ -105,6 +116,9 @@ def server(
             round_timeout=settings.round_timeout,
             fraction=settings.fraction,
             seed=settings.seed,
+            buffer=settings.buffer,
+            max_staleness=settings.max_staleness,
+            staleness_exponent=settings.staleness_exponent,
             train=TrainConfig(
                 local_epochs=settings.local_epochs, batch_size=settings.batch_size, learning_rate=settings.lr
             ),
