@@ -99,6 +99,7 @@ class ServerSettings(TrainingSettings):
     min_clients: int = Field(1, ge=1)
     min_updates: int = Field(1, ge=1)
     init_model: Path | None = None
+    store: str | None = None  # postgresql://... for round state in PostgreSQL; none: SQLite under data
 
 
 class SimulationSettings(TrainingSettings):

@@ -57,6 +57,9 @@ def strategy_of(settings: TrainingSettings) -> Strategy:
 def server(
     pki_dir: Annotated[Path | None, typer.Option("--pki", help="PKI directory (fedge pki init)")] = None,
     data: Annotated[Path | None, typer.Option(help="where models, updates and round state are kept")] = None,
+    store: Annotated[
+        str | None, typer.Option(help="round state in PostgreSQL (postgresql://...) [SQLite in --data]")
+    ] = None,
     host: Annotated[str | None, typer.Option(help="address to listen on [127.0.0.1]")] = None,
     port: Annotated[int | None, typer.Option(help="port; 0 picks a free one [8443]")] = None,
     task: Annotated[str | None, typer.Option(help="task the federation trains [mnist]")] = None,
@@ -89,10 +92,12 @@ def server(
     staleness_exponent: StalenessExponent = None,
 ) -> None:
     """Serve the global model read-only and aggregate each selected client's update, round after round."""
-    with user_errors(pki.PKIError, ValueError, OSError):
+    from fedge.server.store import Store, StoreError
+
+    with user_errors(pki.PKIError, ValueError, OSError, StoreError):
         settings = ServerSettings.from_flags(
-            pki=pki_dir, data=data, host=host, port=port, task=task, init_model=init_model, rounds=rounds,
-            min_clients=min_clients, min_updates=min_updates, round_timeout=round_timeout,
+            pki=pki_dir, data=data, store=store, host=host, port=port, task=task, init_model=init_model,
+            rounds=rounds, min_clients=min_clients, min_updates=min_updates, round_timeout=round_timeout,
             local_epochs=local_epochs, batch_size=batch_size, lr=lr, seed=seed, fraction=fraction,
             strategy=strategy, proximal_mu=proximal_mu, server_lr=server_lr, beta1=beta1, beta2=beta2,
             tau=tau, trim_fraction=trim_fraction, malicious=malicious, keep=keep, clip_norm=clip_norm,
@@ -103,7 +108,6 @@ def server(
         from fedge.server import service
         from fedge.server.app import create_app
         from fedge.server.rounds import Federation, FederationSettings
-        from fedge.server.store import Store
         from fedge.wire import TrainConfig
 
         creds = pki.credentials(settings.pki, pki.Role.SERVER, "server")
@@ -125,7 +129,7 @@ def server(
         )
         sock = service.bind(settings.host, settings.port)
         settings.data.mkdir(parents=True, exist_ok=True)
-        store = Store(settings.data)
+        store = Store(settings.data, settings.store)
         federation = Federation(
             store,
             fed_settings,

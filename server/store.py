@@ -1,8 +1,12 @@
-"""Durable state of the aggregation function: round records in SQLite (WAL), tensors as files.
+"""Durable state of the aggregation function: round records in SQLite (WAL) or PostgreSQL, tensors as files.
 
 Global models are immutable files named by their sha256. An update is written and fsynced, then recorded in
 the same transaction that makes it count, before the server answers 202: a crash after the answer loses
 nothing, and a crash before it leaves no half-accepted update.
+
+SQLite (``<data>/state.db``) suits one server; PostgreSQL (``--store postgresql://...``) is for deployments.
+Both take the same SQL: ``?`` placeholders are rewritten for psycopg, and the schema uses only types and
+statements (``ON CONFLICT``, ``DOUBLE PRECISION``) that both understand.
 """
 
 from __future__ import annotations
@@ -11,10 +15,11 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fedge.codec import sha256
 from fedge.wire import TrainConfig
@@ -28,9 +33,9 @@ CREATE TABLE IF NOT EXISTS rounds (
     result_sha256 TEXT,             -- the global model it produced
     selected TEXT NOT NULL,         -- JSON list of client ids
     config TEXT NOT NULL,           -- JSON TrainConfig
-    opened_at REAL NOT NULL,
-    deadline REAL NOT NULL,
-    closed_at REAL
+    opened_at DOUBLE PRECISION NOT NULL,
+    deadline DOUBLE PRECISION NOT NULL,
+    closed_at DOUBLE PRECISION
 );
 CREATE TABLE IF NOT EXISTS updates (
     round INTEGER NOT NULL REFERENCES rounds(round),
@@ -38,11 +43,15 @@ CREATE TABLE IF NOT EXISTS updates (
     sha256 TEXT NOT NULL,
     num_examples INTEGER NOT NULL,
     bytes INTEGER NOT NULL,
-    received_at REAL NOT NULL,
+    received_at DOUBLE PRECISION NOT NULL,
     staleness INTEGER NOT NULL DEFAULT 0,  -- asynchronous mode: versions behind the round it joins
     PRIMARY KEY (round, client)
 );
 """
+
+
+class StoreError(Exception):
+    """The store cannot be opened (bad URL, unreachable database)."""
 
 
 class DuplicateUpdate(Exception):
@@ -73,25 +82,33 @@ class UpdateRecord:
 class Store:
     """Not thread-safe by itself: the round state machine serializes every call."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, url: str | None = None) -> None:
         self.dir = data_dir
         (data_dir / "models").mkdir(parents=True, exist_ok=True)
         (data_dir / "updates").mkdir(exist_ok=True)
         (data_dir / "strategy").mkdir(exist_ok=True)
-        self._db = sqlite3.connect(data_dir / "state.db", check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
+        self._postgres = url is not None
+        self._db: Any = _postgres(url) if url is not None else _sqlite(data_dir / "state.db")
+        with self._transaction():
+            for statement in filter(str.strip, _SCHEMA.split(";")):
+                self._execute(statement)
 
     def close(self) -> None:
         self._db.close()
 
+    def _execute(self, sql: str, args: Sequence[object] = ()) -> Any:
+        return self._db.execute(sql.replace("?", "%s") if self._postgres else sql, args)
+
     def get_meta(self, key: str) -> str | None:
-        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        row = self._execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return row[0] if row else None
 
     def set_meta(self, key: str, value: str) -> None:
-        self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+        self._execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?)"
+            " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )
 
     def put_model(self, body: bytes) -> str:
         digest = sha256(body)
@@ -117,7 +134,7 @@ class Store:
     def open_round(
         self, round_: int, base_sha256: str, selected: list[str], config: TrainConfig, deadline: float
     ) -> RoundRecord:
-        self._db.execute(
+        self._execute(
             "INSERT INTO rounds (round, state, base_sha256, selected, config, opened_at, deadline)"
             " VALUES (?, 'open', ?, ?, ?, ?, ?)",
             (round_, base_sha256, json.dumps(selected), config.model_dump_json(), time.time(), deadline),
@@ -130,7 +147,7 @@ class Store:
         """Record the round's outcome and, in the same transaction, make its result the global model and
         its strategy state current: a crash leaves either the old round open or the new model in force."""
         with self._transaction():
-            self._db.execute(
+            self._execute(
                 "UPDATE rounds SET state = ?, result_sha256 = ?, closed_at = ? WHERE round = ?",
                 ("done" if result_sha256 else "failed", result_sha256, time.time(), round_),
             )
@@ -141,7 +158,7 @@ class Store:
                 self.set_meta("strategy_state", strategy_state)
 
     def round(self, round_: int) -> RoundRecord | None:
-        row = self._db.execute(
+        row = self._execute(
             "SELECT round, state, base_sha256, result_sha256, selected, config, opened_at, deadline"
             " FROM rounds WHERE round = ?",
             (round_,),
@@ -160,21 +177,19 @@ class Store:
         )
 
     def last_round(self) -> RoundRecord | None:
-        row = self._db.execute("SELECT MAX(round) FROM rounds").fetchone()
+        row = self._execute("SELECT MAX(round) FROM rounds").fetchone()
         return self.round(row[0]) if row[0] is not None else None
 
     def add_update(
         self, round_: int, client: str, body: bytes, num_examples: int, staleness: int = 0
     ) -> UpdateRecord:
-        if self._db.execute(
-            "SELECT 1 FROM updates WHERE round = ? AND client = ?", (round_, client)
-        ).fetchone():
+        if self._execute("SELECT 1 FROM updates WHERE round = ? AND client = ?", (round_, client)).fetchone():
             raise DuplicateUpdate(client)
         path = self.dir / "updates" / str(round_) / f"{client}.safetensors"
         path.parent.mkdir(exist_ok=True)
         _write_durably(path, body)
         digest = sha256(body)
-        self._db.execute(
+        self._execute(
             "INSERT INTO updates (round, client, sha256, num_examples, bytes, received_at, staleness)"
             " VALUES (?, ?, ?, ?, ?, ?, ?)",
             (round_, client, digest, num_examples, len(body), time.time(), staleness),
@@ -182,7 +197,7 @@ class Store:
         return UpdateRecord(client, digest, num_examples, path, staleness)
 
     def updates(self, round_: int) -> list[UpdateRecord]:
-        rows = self._db.execute(
+        rows = self._execute(
             "SELECT client, sha256, num_examples, staleness FROM updates WHERE round = ?"
             " ORDER BY received_at, client",
             (round_,),
@@ -194,13 +209,39 @@ class Store:
 
     @contextmanager
     def _transaction(self) -> Iterator[None]:
-        self._db.execute("BEGIN IMMEDIATE")
+        if self._postgres:
+            with self._db.transaction():
+                yield
+            return
+        self._execute("BEGIN IMMEDIATE")
         try:
             yield
         except BaseException:
-            self._db.execute("ROLLBACK")
+            self._execute("ROLLBACK")
             raise
-        self._db.execute("COMMIT")
+        self._execute("COMMIT")
+
+
+def _sqlite(path: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    return db
+
+
+def _postgres(url: str) -> Any:
+    """Autocommit, so every statement outside a transaction is durable when it returns (PostgreSQL's
+    ``synchronous_commit`` is on by default); psycopg is imported only for deployments that use it."""
+    if not url.startswith(("postgresql://", "postgres://")):
+        raise StoreError(f"unsupported store {url!r}: give a postgresql:// URL, or none for SQLite")
+    try:
+        import psycopg
+    except ImportError:
+        raise StoreError("a PostgreSQL store needs psycopg: pip install 'fedge[server]'") from None
+    try:
+        return psycopg.connect(url, autocommit=True)
+    except psycopg.Error as exc:
+        raise StoreError(f"cannot open the PostgreSQL store: {str(exc).strip().splitlines()[0]}") from None
 
 
 def _write_durably(path: Path, body: bytes) -> None:

@@ -104,3 +104,15 @@ def test_server_with_an_unknown_strategy_says_which_exist(tmp_path: Path, pki_di
     done = run_cli("server", "--pki", str(pki_dir), "--data", str(tmp_path), "--strategy", "fedsgd")
     assert_one_line_error(done, "unknown strategy 'fedsgd'", "trimmed-mean", "bulyan")
     assert not (tmp_path / "state.db").exists()
+
+
+@pytest.mark.parametrize(
+    ("url", "fragment"),
+    [
+        ("mysql://db/fedge", "unsupported store 'mysql://db/fedge'"),
+        ("postgresql://fedge@/fedge?host=/nonexistent&port=1", "cannot open the PostgreSQL store"),
+    ],
+)
+def test_server_with_a_bad_store_says_so(tmp_path: Path, pki_dir: Path, url: str, fragment: str) -> None:
+    done = run_cli("server", "--pki", str(pki_dir), "--data", str(tmp_path), "--store", url)
+    assert_one_line_error(done, fragment)
