@@ -38,20 +38,20 @@ def encode(tensors: Tensors, metadata: dict[str, str] | None = None) -> bytes:
     stays aligned, as the library does), little-endian data, header padded with spaces to 8 bytes."""
     header: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
     order = sorted(tensors, key=lambda name: (-tensors[name].dtype.itemsize, name))
-    chunks: list[bytes] = []
+    chunks: list[memoryview] = []
     offset = 0
     for name in order:
         t = tensors[name]
         if t.dtype.name not in _DTYPES:
             raise CodecError(f"tensor {name!r} has unsupported dtype {t.dtype}")
-        data = np.ascontiguousarray(t, dtype=t.dtype.newbyteorder("<")).tobytes()
+        data = np.ascontiguousarray(t, dtype=t.dtype.newbyteorder("<"))
         header[name] = {
             "dtype": _DTYPES[t.dtype.name],
             "shape": list(t.shape),
-            "data_offsets": [offset, offset + len(data)],
+            "data_offsets": [offset, offset + data.nbytes],
         }
-        chunks.append(data)
-        offset += len(data)
+        chunks.append(memoryview(data.reshape(-1)).cast("B"))  # joined below without an extra copy
+        offset += data.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     return b"".join([len(raw).to_bytes(8, "little"), raw, *chunks])
