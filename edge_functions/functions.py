@@ -15,6 +15,7 @@ import torch
 from pydantic import BaseModel
 from torch import nn
 
+from fedge import compression
 from fedge.codec import Tensors, decode, encode
 from fedge.edge_functions import attacks, partition, tasks
 from fedge.security.pki import Credentials
@@ -56,6 +57,7 @@ class TrainEvent(BaseModel):
     data: DataSpec
     attack: AttackSpec | None = None
     delay: float = 0.0  # simulation only: a straggler's extra seconds before it sends its update
+    compression: str = "none"  # fedge.compression: none, float16 or int8
 
 
 class EvaluateEvent(BaseModel):
@@ -109,8 +111,10 @@ def train(event: dict, context: Context) -> dict:
         if ev.attack is not None:
             rng = np.random.default_rng([ev.data.seed, ev.round, ev.data.index])
             tensors = attacks.poison(ev.attack.kind, tensors, context.model, ev.attack.scale, rng)
+        tensors, how = compression.compress(tensors, context.model, ev.compression)
         base = context.model_sha256 or ""
-        body = encode(tensors, {NUM_EXAMPLES: str(len(y)), TRAIN_LOSS: f"{loss:.6f}", BASE_SHA256: base})
+        metadata = {NUM_EXAMPLES: str(len(y)), TRAIN_LOSS: f"{loss:.6f}", BASE_SHA256: base, **how}
+        body = encode(tensors, metadata)
         time.sleep(ev.delay)
         receipt = api.post_update(ev.round, body)
     return {

@@ -75,6 +75,9 @@ def simulate(
     buffer: Buffer = None,
     max_staleness: MaxStaleness = None,
     staleness_exponent: StalenessExponent = None,
+    compression: Annotated[
+        str | None, typer.Option(help="clients' updates: none, float16, int8 [none]")
+    ] = None,
     stragglers: Annotated[float | None, typer.Option(help="share of clients that are slow [0]")] = None,
     straggler_delay: Annotated[float | None, typer.Option(help="seconds a straggler lags [5]")] = None,
 ) -> None:
@@ -92,6 +95,7 @@ def simulate(
             tau=tau, trim_fraction=trim_fraction, malicious=malicious, keep=keep, clip_norm=clip_norm,
             noise_multiplier=noise_multiplier, dp_delta=dp_delta, buffer=buffer, max_staleness=max_staleness,
             staleness_exponent=staleness_exponent, stragglers=stragglers, straggler_delay=straggler_delay,
+            compression=compression,
         )  # fmt: skip
         strategy_of(settings)  # a bad strategy is refused here, not by the server it would start
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -128,6 +132,8 @@ def simulate(
     if "dp_epsilon" in report.model_metadata:
         meta = report.model_metadata
         console.print(f"privacy spent: epsilon {meta['dp_epsilon']} at delta {meta['dp_delta']}")
+    sent = sum(r.bytes_up for r in report.rounds)
+    console.print(f"updates sent: {sent / 1e6:.2f} MB ({settings.compression} compression)")
     console.print(
         f"{report.seconds:.1f} s in all; metrics.json, model.safetensors, accuracy.png in {settings.out}/"
     )

@@ -108,6 +108,7 @@ class SimulationSettings(TrainingSettings):
     attack: str | None = None
     attackers: float = Field(0.0, ge=0, le=1)
     attack_scale: float = Field(4.0, gt=0)
+    compression: str = "none"
     stragglers: float = Field(0.0, ge=0, le=1)
     straggler_delay: float = Field(5.0, ge=0)
     dataset: str = "mnist"

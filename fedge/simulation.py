@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedge import compression
 from fedge.codec import decode
 from fedge.console import UserError
 from fedge.edge_functions import attacks, datasets, partition
@@ -68,6 +69,10 @@ def simulate(
         raise UserError(str(exc)) from None
     if settings.attack is not None and settings.attack not in attacks.KINDS:
         raise UserError(f"unknown attack {settings.attack!r}: choose from {', '.join(attacks.KINDS)}")
+    if settings.compression not in compression.KINDS:
+        raise UserError(
+            f"unknown compression {settings.compression!r}: choose from {', '.join(compression.KINDS)}"
+        )
     if settings.attackers > 0 and settings.attack is None:
         raise UserError("--attackers needs --attack sign-flip|scale|noise")
     started = time.perf_counter()
@@ -262,6 +267,7 @@ def _train_event(
         },
         "attack": {"kind": settings.attack, "scale": settings.attack_scale} if malicious else None,
         "delay": settings.straggler_delay if client in report.stragglers else 0.0,
+        "compression": settings.compression,
     }
 
 

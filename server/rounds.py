@@ -15,7 +15,8 @@ from enum import Enum
 
 import numpy as np
 
-from fedge.codec import Tensors, decode, encode, mapped, metadata_of, signature_of
+from fedge.codec import CodecError, Tensors, decode, encode, mapped, metadata_of, signature_of
+from fedge.compression import COMPRESSION, INT8_SCALES, CompressionError, decompress
 from fedge.server import aggregation
 from fedge.server.errors import Rejected
 from fedge.server.store import DuplicateUpdate, RoundRecord, Store
@@ -140,8 +141,9 @@ class Federation:
                 raise Rejected(409, "round_not_open", f"round {round_} is not open for updates")
             if client not in current.selected:
                 raise Rejected(403, "not_selected", f"client {client!r} was not selected for round {round_}")
-            tensors, num_examples = validate_update(body, signature_of(self._model.tensors))
             staleness = self._staleness(round_, current, body) if self.settings.buffer else 0
+            body = self._decompressed(body, staleness)
+            tensors, num_examples = validate_update(body, signature_of(self._model.tensors))
             try:
                 record = self._store.add_update(current.round, client, body, num_examples, staleness)
             except DuplicateUpdate:
@@ -166,7 +168,10 @@ class Federation:
         oldest = current.round - limit
         if round_ < oldest:
             raise Rejected(409, "too_stale", f"round {round_} is more than {limit} versions behind")
-        base_sha = metadata_of(body).get(BASE_SHA256)
+        try:
+            base_sha = metadata_of(body).get(BASE_SHA256)
+        except CodecError:
+            base_sha = None  # validation refuses the body with the reason
         if base_sha is None:
             return current.round - round_
         for candidate in range(current.round, max(oldest, 1) - 1, -1):
@@ -202,6 +207,30 @@ class Federation:
         if round_ == current.round and time.time() >= current.deadline:
             raise Rejected(409, "round_closed", f"round {round_} passed its deadline")
 
+    def _base(self, staleness: int) -> Tensors:
+        """The model an update ``staleness`` versions behind the open round was trained from."""
+        assert self._open is not None
+        if staleness == 0:
+            return self._model.tensors
+        record = self._store.round(self._open.round - staleness)
+        assert record is not None
+        return mapped(self._store.model_path(record.base_sha256))
+
+    def _decompressed(self, body: bytes, staleness: int) -> bytes:
+        """A compressed update (fedge.compression) as the full-precision body it stands for, so that
+        validation, the store and every strategy see only full updates."""
+        try:
+            if metadata_of(body).get(COMPRESSION, "none") == "none":
+                return body
+            tensors, metadata = decode(body)
+        except CodecError:
+            return body  # validation refuses it with the reason
+        try:
+            restored = decompress(tensors, metadata, self._base(staleness))
+        except CompressionError as exc:
+            raise Rejected(400, "bad_compression", str(exc)) from None
+        return encode(restored, {k: v for k, v in metadata.items() if k not in (COMPRESSION, INT8_SCALES)})
+
     def _quorum(self) -> int:
         return max(self.settings.min_updates, self.strategy.min_updates())
 
@@ -210,11 +239,8 @@ class Federation:
             assert self._sum is not None
             assert self._open is not None
             if staleness:
-                record = self._store.round(self._open.round - staleness)
-                assert record is not None
                 discount = aggregation.staleness_weight(staleness, self.settings.staleness_exponent)
-                base = mapped(self._store.model_path(record.base_sha256))
-                tensors = aggregation.rebase(tensors, base, self._model.tensors, discount)
+                tensors = aggregation.rebase(tensors, self._base(staleness), self._model.tensors, discount)
             prepared = self.strategy.prepare(tensors, self._model.tensors)
             aggregation.fold(self._sum, prepared, float(num_examples))
         self._received += 1
