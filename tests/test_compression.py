@@ -59,9 +59,8 @@ def test_the_server_restores_compressed_updates_before_validating_storing_and_fo
     )
     fed.tick()
     base = fed.model.tensors
-    broken = encode(
-        *compress(toy_model(2.0), base, "int8")[:1], {"num_examples": "10", "compression": "int8"}
-    )
+    quantized, _ = compress(toy_model(2.0), base, "int8")
+    broken = encode(quantized, {"num_examples": "10", "compression": "int8"})  # without its scales
     with pytest.raises(Rejected) as refused:
         fed.submit(1, "alice", broken)
     assert refused.value.code == "bad_compression"
