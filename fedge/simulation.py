@@ -90,8 +90,8 @@ def simulate(
             server = _start_server(work, settings)
             try:
                 with FedgeClient(server.url, observer) as api:
-                    run = _run_async if settings.buffer else _run_rounds
-                    run(api, server.url, pool, work / "pki", observer, settings, report, on_round)
+                    driver = _run_async if settings.buffer else _run_rounds
+                    driver(_Run(api, server.url, pool, work / "pki", observer, settings, report, on_round))
                     final = api.model()
                 assert final is not None
                 report.model_metadata = decode(final.body)[1]
@@ -137,125 +137,108 @@ def _start_server(work: Path, settings: SimulationSettings) -> ServerProcess:
     return launch(args, work / "server", work / "server.log")
 
 
-def _run_rounds(
-    api: FedgeClient,
-    url: str,
-    pool: WarmPool,
-    pki_dir: Path,
-    observer: pki.Credentials,
-    settings: SimulationSettings,
-    report: Report,
-    on_round: Callable[[RoundMetrics], None],
-) -> None:
+@dataclass
+class _Run:
+    """What a driver needs: the server's API and URL, the pool that runs client functions, who is who."""
+
+    api: FedgeClient
+    url: str
+    pool: WarmPool
+    pki_dir: Path
+    observer: pki.Credentials
+    settings: SimulationSettings
+    report: Report
+    on_round: Callable[[RoundMetrics], None]
+
+    def train(self, info: RoundInfo, client: str) -> Future[Invocation]:
+        return self.pool.invoke("train", _train_event(self, info, client))
+
+    def outcome(self, future: Future[Invocation]) -> Invocation | None:
+        """A finished training invocation, or None when the server refused its update (a late straggler,
+        a client that already sent one to this version): the refusal is counted, the simulation goes on."""
+        try:
+            return future.result()
+        except ServerError as exc:
+            self.report.refused[exc.code] = self.report.refused.get(exc.code, 0) + 1
+            return None
+
+    def wait_until_open(self, info: RoundInfo | None = None) -> RoundInfo:
+        info = info or self.api.current_round()
+        while info.state is RoundState.WAITING:
+            info = self.api.current_round(wait=5, etag=info.etag)
+        return info
+
+    def record(self, round_: int | None, results: list[Invocation], since: float) -> int:
+        """Evaluate the current model and add a row for it (labelled ``round_``, else the version
+        evaluated, which in asynchronous mode may be newer than the one that prompted it)."""
+        seconds = time.perf_counter() - since
+        evaluation = self.pool.invoke("evaluate", _evaluate_event(self.url, self.observer, self.settings))
+        evaluated = evaluation.result()
+        round_ = evaluated.result["round"] if round_ is None else round_
+        for invocation in [*results, evaluated]:
+            self.report.cold_invocations += invocation.cold
+            self.report.warm_invocations += not invocation.cold
+        metrics = RoundMetrics(
+            round=round_,
+            accuracy=evaluated.result["accuracy"],
+            loss=evaluated.result["loss"],
+            updates=len(results),
+            seconds=seconds,
+            bytes_up=sum(r.result["bytes_up"] for r in results),
+            bytes_down=sum(r.result["bytes_down"] for r in results),
+            stale_updates=sum(r.result["staleness"] > 0 for r in results),
+        )
+        self.report.rounds.append(metrics)
+        self.on_round(metrics)
+        return round_
+
+
+def _run_rounds(run: _Run) -> None:
     """Synchronous rounds: invoke every selected client, then wait for the server to close the round."""
-    info = _wait_until_open(api)
+    info = run.wait_until_open()
     while info.state is not RoundState.FINISHED:
         opened = time.perf_counter()
-        invocations = [
-            pool.invoke("train", _train_event(url, pki_dir, settings, report, info, c)) for c in info.selected
-        ]
-        results = [r for r in (_outcome(f, report) for f in as_completed(invocations)) if r is not None]
-        next_info = api.current_round()
+        invocations = [run.train(info, client) for client in info.selected]
+        results = [r for r in map(run.outcome, as_completed(invocations)) if r is not None]
+        next_info = run.api.current_round()
         while next_info.etag == info.etag:
-            next_info = api.current_round(wait=30, etag=info.etag)
-        _record(pool, observer, url, settings, report, on_round, info.round, results, opened)
-        info = _wait_until_open(api, next_info)
+            next_info = run.api.current_round(wait=30, etag=info.etag)
+        run.record(info.round, results, opened)
+        info = run.wait_until_open(next_info)
 
 
-def _run_async(
-    api: FedgeClient,
-    url: str,
-    pool: WarmPool,
-    pki_dir: Path,
-    observer: pki.Credentials,
-    settings: SimulationSettings,
-    report: Report,
-    on_round: Callable[[RoundMetrics], None],
-) -> None:
+def _run_async(run: _Run) -> None:
     """Asynchronous (FedBuff): each client trains again as soon as it is done, from whatever version is
     current; the server makes a version every ``--buffer`` updates, and stragglers' updates arrive stale."""
-    info = _wait_until_open(api)
-    running: dict[Future, str] = {}
+    info = run.wait_until_open()
+    running: dict[Future[Invocation], str] = {}
     idle = list(info.selected)
     results: list[Invocation] = []
     since = time.perf_counter()
     recorded = 0
     while info.state is not RoundState.FINISHED:
         for client in idle:
-            running[pool.invoke("train", _train_event(url, pki_dir, settings, report, info, client))] = client
+            running[run.train(info, client)] = client
         done, _ = wait(running, timeout=1.0, return_when=FIRST_COMPLETED)
         idle = [running.pop(future) for future in done]
-        results += [r for r in (_outcome(f, report) for f in done) if r is not None]
-        info = api.current_round()
-        if api.model_meta().round > recorded:
-            recorded = _record(pool, observer, url, settings, report, on_round, None, results, since)
+        results += [r for r in map(run.outcome, done) if r is not None]
+        info = run.api.current_round()
+        if run.api.model_meta().round > recorded:
+            recorded = run.record(None, results, since)
             results, since = [], time.perf_counter()
     for future in running:  # stragglers still training when the federation finished: refused, counted
-        _outcome(future, report)
-
-
-def _wait_until_open(api: FedgeClient, info: RoundInfo | None = None) -> RoundInfo:
-    info = info or api.current_round()
-    while info.state is RoundState.WAITING:
-        info = api.current_round(wait=5, etag=info.etag)
-    return info
-
-
-def _outcome(future: Future[Invocation], report: Report) -> Invocation | None:
-    """A finished training invocation, or None when the server refused its update (a late straggler, a
-    client that already sent one to this version): the refusal is counted, the simulation goes on."""
-    try:
-        return future.result()
-    except ServerError as exc:
-        report.refused[exc.code] = report.refused.get(exc.code, 0) + 1
-        return None
-
-
-def _record(
-    pool: WarmPool,
-    observer: pki.Credentials,
-    url: str,
-    settings: SimulationSettings,
-    report: Report,
-    on_round: Callable[[RoundMetrics], None],
-    round_: int | None,
-    results: list[Invocation],
-    since: float,
-) -> int:
-    """Evaluate the current model and add a row for it (labelled ``round_``, else the version evaluated,
-    which in asynchronous mode may be newer than the one that prompted it); returns that label."""
-    seconds = time.perf_counter() - since
-    evaluation = pool.invoke("evaluate", _evaluate_event(url, observer, settings)).result()
-    round_ = evaluation.result["round"] if round_ is None else round_
-    for invocation in [*results, evaluation]:
-        report.cold_invocations += invocation.cold
-        report.warm_invocations += not invocation.cold
-    metrics = RoundMetrics(
-        round=round_,
-        accuracy=evaluation.result["accuracy"],
-        loss=evaluation.result["loss"],
-        updates=len(results),
-        seconds=seconds,
-        bytes_up=sum(r.result["bytes_up"] for r in results),
-        bytes_down=sum(r.result["bytes_down"] for r in results),
-        stale_updates=sum(r.result["staleness"] > 0 for r in results),
-    )
-    report.rounds.append(metrics)
-    on_round(metrics)
-    return round_
+        run.outcome(future)
 
 
 def _credentials_event(creds: pki.Credentials) -> dict:
     return {"ca": str(creds.ca), "cert": str(creds.cert), "key": str(creds.key)}
 
 
-def _train_event(
-    url: str, pki_dir: Path, settings: SimulationSettings, report: Report, info: RoundInfo, client: str
-) -> dict:
-    malicious = client in report.attackers
+def _train_event(run: _Run, info: RoundInfo, client: str) -> dict:
+    settings, report = run.settings, run.report
     return {
-        "server": url,
-        "credentials": _credentials_event(pki.credentials(pki_dir, pki.Role.CLIENT, client)),
+        "server": run.url,
+        "credentials": _credentials_event(pki.credentials(run.pki_dir, pki.Role.CLIENT, client)),
         "task": info.task,
         "round": info.round,
         "config": info.config.model_dump(),
@@ -265,7 +248,9 @@ def _train_event(
             "partition": settings.partition,
             "seed": settings.seed,
         },
-        "attack": {"kind": settings.attack, "scale": settings.attack_scale} if malicious else None,
+        "attack": {"kind": settings.attack, "scale": settings.attack_scale}
+        if client in report.attackers
+        else None,
         "delay": settings.straggler_delay if client in report.stragglers else 0.0,
         "compression": settings.compression,
     }

@@ -15,7 +15,7 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,25 +111,25 @@ class Store:
         )
 
     def put_model(self, body: bytes) -> str:
-        digest = sha256(body)
-        path = self.model_path(digest)
-        if not path.exists():
-            _write_durably(path, body)
-        return digest
+        return self._put_blob(body, self.model_path)
 
     def model_path(self, digest: str) -> Path:
         return self.dir / "models" / f"{digest}.safetensors"
 
     def put_strategy_state(self, body: bytes) -> str:
         """What a strategy carries between rounds (a server optimizer's moments), content-addressed."""
-        digest = sha256(body)
-        path = self.strategy_state_path(digest)
-        if not path.exists():
-            _write_durably(path, body)
-        return digest
+        return self._put_blob(body, self.strategy_state_path)
 
     def strategy_state_path(self, digest: str) -> Path:
         return self.dir / "strategy" / f"{digest}.safetensors"
+
+    def _put_blob(self, body: bytes, path_of: Callable[[str], Path]) -> str:
+        """Immutable and named by its sha256: written once, durably, and never again."""
+        digest = sha256(body)
+        path = path_of(digest)
+        if not path.exists():
+            _write_durably(path, body)
+        return digest
 
     def open_round(
         self, round_: int, base_sha256: str, selected: list[str], config: TrainConfig, deadline: float
