@@ -5,15 +5,18 @@ from __future__ import annotations
 import time
 from typing import Annotated
 
+from cryptography import x509
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from fedge.codec import signature_of
+from fedge.codec import sha256, signature_of
+from fedge.security import signing
 from fedge.server import metrics
 from fedge.server.errors import Rejected
-from fedge.server.identity import Caller, Client
+from fedge.server.identity import Caller, Client, peer_certificate
 from fedge.server.rounds import Federation
+from fedge.server.trust import Trust
 from fedge.wire import ErrorBody, ModelMeta, RoundInfo, UpdateReceipt
 
 router = APIRouter()
@@ -23,6 +26,10 @@ _MAX_WAIT = 60.0
 
 def _federation(request: Request) -> Federation:
     return request.app.state.federation
+
+
+def _trust(request: Request) -> Trust:
+    return request.app.state.trust
 
 
 @router.get("/healthz")
@@ -41,10 +48,19 @@ def prometheus(_: Caller) -> Response:
     responses={200: {"content": {"application/octet-stream": {}}}, 304: {}, **_ERRORS},
 )
 def get_model(request: Request, _: Caller, if_none_match: Annotated[str | None, Header()] = None) -> Response:
-    """The current global model (safetensors). ``If-None-Match`` with its ETag answers 304, no body."""
+    """The current global model (safetensors). ``If-None-Match`` with its ETag answers 304, no body.
+
+    ``X-Fedge-Signature`` is the server's signature over (federation, round, sha256 of the body) and
+    ``X-Fedge-Signer`` the server's certificate, so a client checks the model against its pinned CA."""
     model = _federation(request).model
+    trust = _trust(request)
     etag = f'"{model.sha256}"'
-    headers = {"ETag": etag, "X-Fedge-Round": str(model.round)}
+    headers = {
+        "ETag": etag,
+        "X-Fedge-Round": str(model.round),
+        signing.SIGNATURE_HEADER: trust.model_signature(model.round, model.sha256),
+        signing.SIGNER_HEADER: trust.signer,
+    }
     if if_none_match == etag:
         metrics.model_downloads.labels(cached="yes").inc()
         return Response(status_code=304, headers=headers)
@@ -84,19 +100,52 @@ async def get_current_round(
 
 
 @router.post("/v1/rounds/{round_}/updates", status_code=202, responses=_ERRORS)
-async def post_update(round_: int, request: Request, identity: Client) -> UpdateReceipt:
-    """Store this client's update for ``round_`` (a safetensors body with ``num_examples`` metadata)."""
+async def post_update(
+    round_: int,
+    request: Request,
+    identity: Client,
+    x_fedge_signature: Annotated[str | None, Header(description="client's signature, base64")] = None,
+    x_fedge_nonce: Annotated[str | None, Header(description="32-64 hex digits, fresh per update")] = None,
+) -> UpdateReceipt:
+    """Store this client's update for ``round_`` (a safetensors body with ``num_examples`` metadata).
+
+    The update must be signed by the certificate's key over (federation, round, client id, sha256 of the
+    body, nonce); the signature and nonce are stored with it."""
     federation = _federation(request)
     started = time.perf_counter()
     try:
+        if not x_fedge_signature or not x_fedge_nonce:
+            raise Rejected(400, "missing_signature", "an update needs X-Fedge-Signature and X-Fedge-Nonce")
         body = await _read_capped(request, len(federation.model.body) + 64 * 1024)
-        receipt = await run_in_threadpool(federation.submit, round_, identity.id, body)
+        claim = signing.UpdateClaim(
+            _trust(request).federation,
+            round_,
+            identity.id,
+            await run_in_threadpool(sha256, body),
+            x_fedge_nonce,
+        )
+        _check_update_signature(peer_certificate(request.scope), claim, x_fedge_signature)  # type: ignore[arg-type]
+        receipt = await run_in_threadpool(
+            federation.submit, round_, identity.id, body, x_fedge_signature, x_fedge_nonce
+        )
     except Rejected as exc:
         metrics.updates_rejected.labels(code=exc.code).inc()
         raise
     metrics.updates_accepted.inc()
     metrics.update_seconds.observe(time.perf_counter() - started)
     return receipt
+
+
+def _check_update_signature(peer_der: bytes, claim: signing.UpdateClaim, signature: str) -> None:
+    """The key that signed must be the one behind this connection's certificate: the client's own."""
+    try:
+        signing.check_nonce(claim.nonce)
+    except signing.SignatureError as exc:
+        raise Rejected(400, "bad_nonce", str(exc)) from None
+    try:
+        signing.verify(x509.load_der_x509_certificate(peer_der).public_key(), claim.message(), signature)
+    except signing.SignatureError as exc:
+        raise Rejected(403, "bad_signature", f"update signature: {exc}") from None
 
 
 async def _read_capped(request: Request, limit: int) -> bytes:

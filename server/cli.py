@@ -39,9 +39,11 @@ def server(
         from fedge.server.app import create_app
         from fedge.server.rounds import Federation, FederationSettings
         from fedge.server.store import Store
+        from fedge.server.trust import Trust
         from fedge.wire import TrainConfig
 
         creds = pki.credentials(settings.pki, pki.Role.SERVER, "server")
+        trust = Trust.load(settings.pki)
         fed_settings = FederationSettings(
             federation=pki.federation_of(settings.pki),
             task=settings.task,
@@ -59,11 +61,11 @@ def server(
         federation = Federation(
             store,
             fed_settings,
-            registered_clients=lambda: pki.issued(settings.pki, pki.Role.CLIENT),
+            registered_clients=lambda: pki.active(settings.pki, pki.Role.CLIENT),
             initial_model=_initial_model(settings) if store.get_meta("global_sha256") is None else None,
         )
         console.print(f"fedge aggregation service on https://{settings.host}:{sock.getsockname()[1]}")
-    service.serve(create_app(federation), creds, sock, settings.data / "endpoint.json")
+    service.serve(create_app(federation, trust), creds, sock, settings.data / "endpoint.json")
 
 
 def _initial_model(settings: ServerSettings) -> bytes:

@@ -39,6 +39,8 @@ CREATE TABLE IF NOT EXISTS updates (
     num_examples INTEGER NOT NULL,
     bytes INTEGER NOT NULL,
     received_at REAL NOT NULL,
+    signature TEXT NOT NULL DEFAULT '',  -- the client's, over (federation, round, client, sha256, nonce)
+    nonce TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (round, client)
 );
 """
@@ -146,7 +148,9 @@ class Store:
         row = self._db.execute("SELECT MAX(round) FROM rounds").fetchone()
         return self.round(row[0]) if row[0] is not None else None
 
-    def add_update(self, round_: int, client: str, body: bytes, num_examples: int) -> UpdateRecord:
+    def add_update(
+        self, round_: int, client: str, body: bytes, num_examples: int, signature: str = "", nonce: str = ""
+    ) -> UpdateRecord:
         if self._db.execute(
             "SELECT 1 FROM updates WHERE round = ? AND client = ?", (round_, client)
         ).fetchone():
@@ -156,9 +160,9 @@ class Store:
         _write_durably(path, body)
         digest = sha256(body)
         self._db.execute(
-            "INSERT INTO updates (round, client, sha256, num_examples, bytes, received_at)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            (round_, client, digest, num_examples, len(body), time.time()),
+            "INSERT INTO updates (round, client, sha256, num_examples, bytes, received_at, signature, nonce)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (round_, client, digest, num_examples, len(body), time.time(), signature, nonce),
         )
         return UpdateRecord(client, digest, num_examples, path)
 
