@@ -67,7 +67,7 @@ def enroll(
     key = ec.generate_private_key(ec.SECP256R1())
     pki.write_file(creds.key, pki.key_pem(key), private=True)
     with httpx.Client(base_url=server, verify=pinned_context(ca_pem), timeout=timeout) as http:
-        response = _call(http, "/v1/enroll", {"token": token, "csr": _csr(key)})
+        response = _call(http, "/v1/enroll", {"token": token, "csr": make_csr(key)})
     return _save(state_dir, server, ca_pem, key, response)
 
 
@@ -78,7 +78,7 @@ def renew(state_dir: Path, timeout: float = 30.0) -> AgentState:
     with httpx.Client(
         base_url=state.server, verify=client_context(state.credentials), timeout=timeout
     ) as http:
-        response = _call(http, "/v1/enroll/renew", {"csr": _csr(key)})
+        response = _call(http, "/v1/enroll/renew", {"csr": make_csr(key)})
     pki.write_file(state.credentials.key.with_suffix(".key.new"), pki.key_pem(key), private=True)
     renewed = _save(state_dir, state.server, state.credentials.ca.read_bytes(), key, response)
     state.credentials.key.with_suffix(".key.new").replace(state.credentials.key)
@@ -154,7 +154,7 @@ def _credentials(state_dir: Path) -> pki.Credentials:
     )
 
 
-def _csr(key: ec.EllipticCurvePrivateKey) -> str:
+def make_csr(key: ec.EllipticCurvePrivateKey) -> str:
     """The server decides the id from the token, so the subject carries nothing it would trust."""
     csr = (
         x509.CertificateSigningRequestBuilder()

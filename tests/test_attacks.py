@@ -1,0 +1,381 @@
+"""The security suite: attacks on a real ``fedge server`` process over real TLS.
+
+Each attack asserts the exact refusal (status and stable code) and that nothing it could have touched
+changed: the stored updates (rows and files), the rounds, and the global model.
+"""
+
+from __future__ import annotations
+
+import pickle
+import sqlite3
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from conftest import toy_model, update_body
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from test_service import open_round
+
+from fedge.client.enrollment import make_csr
+from fedge.codec import encode, sha256
+from fedge.security import pki, tokens
+from fedge.security.tls import client_context
+from fedge.server.launcher import ServerProcess, launch
+from fedge.transport import FedgeClient, ServerError
+
+
+def state_of(server: ServerProcess) -> tuple:
+    """Everything a refused request must leave as it was."""
+    with sqlite3.connect(server.data / "state.db") as db:
+        updates = db.execute(
+            "SELECT round, client, sha256, signature, nonce FROM updates ORDER BY 1, 2"
+        ).fetchall()
+        rounds = db.execute("SELECT round, state, result_sha256 FROM rounds ORDER BY round").fetchall()
+        model = db.execute("SELECT value FROM meta WHERE key IN ('global_sha256', 'global_round')").fetchall()
+    files = sorted(
+        str(p.relative_to(server.data)) for p in (server.data / "updates").rglob("*") if p.is_file()
+    )
+    models = sorted(p.name for p in (server.data / "models").iterdir())
+    return updates, rounds, model, files, models
+
+
+def raw_client(
+    server: ServerProcess, pki_root: Path, id_: str, role: pki.Role = pki.Role.CLIENT
+) -> httpx.Client:
+    creds = pki.credentials(pki_root, role, id_)
+    return httpx.Client(base_url=server.url, verify=client_context(creds), timeout=15)
+
+
+def refusal(response: httpx.Response) -> tuple[int, str]:
+    return response.status_code, response.json()["error"]
+
+
+def refused_soon(call: Callable[[], object], within: float = 30.0) -> ServerError:
+    """Poll ``call`` until the server refuses it; fail if it still answers after ``within`` seconds."""
+    give_up = time.monotonic() + within
+    while time.monotonic() < give_up:
+        try:
+            call()
+        except ServerError as exc:
+            return exc
+        time.sleep(0.2)
+    raise AssertionError(f"still accepted after {within} s")
+
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory: pytest.TempPathFactory, pki_dir: Path) -> Iterator[ServerProcess]:
+    """One server for the attacks that must all be refused: none of them may change its state."""
+    work = tmp_path_factory.mktemp("target")
+    (work / "initial.safetensors").write_bytes(encode(toy_model()))
+    args = [
+        "--pki",
+        str(pki_dir),
+        "--port",
+        "0",
+        "--task",
+        "toy",
+        "--init-model",
+        str(work / "initial.safetensors"),
+    ]
+    server = launch(args, work / "server", work / "server.log")
+    yield server
+    server.stop()
+
+
+def _signed(api: FedgeClient, round_: int, body: bytes) -> dict[str, str]:
+    return api.sign_update(round_, body)
+
+
+def _attacks() -> dict[
+    str, tuple[Callable[[FedgeClient, FedgeClient, int], tuple[str, bytes, dict]], int, str]
+]:
+    """name -> (build (path, body, headers) from alice's and bob's clients and the round, status, code)."""
+    good = update_body(1.0)
+    nan = toy_model(1.0)
+    nan["layer.bias"][1] = np.nan
+    inf = toy_model(1.0)
+    inf["layer.weight"][0, 0] = np.inf
+    wide = {**toy_model(1.0), "layer.weight": np.ones((4, 4), dtype=np.float32)}
+    doubles = {name: t.astype(np.float64) for name, t in toy_model(1.0).items()}
+    extra = {**toy_model(1.0), "backdoor": np.ones(2, dtype=np.float32)}
+    pickled = pickle.dumps({"layer.weight": np.ones((4, 3)), "num_examples": 10})
+
+    def body_attack(body: bytes) -> Callable[[FedgeClient, FedgeClient, int], tuple[str, bytes, dict]]:
+        return lambda alice, _bob, r: (f"/v1/rounds/{r}/updates", body, _signed(alice, r, body))
+
+    return {
+        "no signature": (lambda _a, _b, r: (f"/v1/rounds/{r}/updates", good, {}), 400, "missing_signature"),
+        "malformed nonce": (
+            lambda a, _b, r: (
+                f"/v1/rounds/{r}/updates",
+                good,
+                {**_signed(a, r, good), "X-Fedge-Nonce": "zz"},
+            ),
+            400,
+            "bad_nonce",
+        ),
+        "body changed after signing": (
+            lambda a, _b, r: (f"/v1/rounds/{r}/updates", update_body(9.0), _signed(a, r, good)),
+            403,
+            "bad_signature",
+        ),
+        "signature made for another round": (
+            lambda a, _b, r: (f"/v1/rounds/{r}/updates", good, _signed(a, r + 1, good)),
+            403,
+            "bad_signature",
+        ),
+        "another client's signature": (
+            lambda _a, b, r: (f"/v1/rounds/{r}/updates", good, _signed(b, r, good)),
+            403,
+            "bad_signature",
+        ),
+        "signature that is not base64": (
+            lambda a, _b, r: (
+                f"/v1/rounds/{r}/updates",
+                good,
+                {**_signed(a, r, good), "X-Fedge-Signature": "!!"},
+            ),
+            403,
+            "bad_signature",
+        ),
+        "malformed body": (body_attack(b"\x08\0\0\0\0\0\0\0not json" + bytes(100)), 400, "malformed_update"),
+        "pickled body": (body_attack(pickled), 400, "malformed_update"),
+        "NaN values": (body_attack(encode(nan, {"num_examples": "10"})), 422, "non_finite"),
+        "Inf values": (body_attack(encode(inf, {"num_examples": "10"})), 422, "non_finite"),
+        "wrong shape": (body_attack(encode(wide, {"num_examples": "10"})), 422, "tensor_mismatch"),
+        "wrong dtype": (body_attack(encode(doubles, {"num_examples": "10"})), 422, "tensor_mismatch"),
+        "an extra tensor": (body_attack(encode(extra, {"num_examples": "10"})), 422, "tensor_mismatch"),
+        "no example count": (body_attack(encode(toy_model(1.0))), 400, "bad_metadata"),
+        "negative example count": (body_attack(update_body(1.0, num_examples=-5)), 400, "bad_metadata"),
+        "oversized body": (body_attack(b"\0" * 3_000_000), 413, "update_too_large"),
+        "a round that is not open": (
+            lambda a, _b, r: (f"/v1/rounds/{r + 5}/updates", good, _signed(a, r + 5, good)),
+            409,
+            "round_not_open",
+        ),
+        "path tricks in the round": (
+            lambda a, _b, r: ("/v1/rounds/%2E%2E/updates", good, _signed(a, r, good)),
+            422,
+            "invalid_request",
+        ),
+    }
+
+
+ATTACKS = _attacks()
+
+
+@pytest.mark.parametrize("name", list(ATTACKS))
+def test_a_refused_update_changes_nothing(target: ServerProcess, pki_dir: Path, name: str) -> None:
+    build, status, code = ATTACKS[name]
+    with (
+        FedgeClient(target.url, pki.credentials(pki_dir, pki.Role.CLIENT, "alice"), timeout=15) as alice,
+        FedgeClient(target.url, pki.credentials(pki_dir, pki.Role.CLIENT, "bob"), timeout=15) as bob,
+        raw_client(target, pki_dir, "alice") as http,
+    ):
+        info = open_round(alice)
+        before, model = state_of(target), alice.model()
+        path, body, headers = build(alice, bob, info.round)
+        response = http.post(
+            path, content=body, headers={"Content-Type": "application/octet-stream", **headers}
+        )
+        assert refusal(response) == (status, code), response.text
+        assert state_of(target) == before
+        after = alice.model()
+        assert model is not None
+        assert after is not None
+        assert after.body == model.body
+
+
+def test_no_route_returns_or_lists_an_update(target: ServerProcess, pki_dir: Path) -> None:
+    with raw_client(target, pki_dir, "alice") as http:
+        paths = http.get("/openapi.json").json()["paths"]
+    readable = [path for path, methods in paths.items() if "get" in methods]
+    assert readable
+    assert not [path for path in readable if "update" in path]
+    assert set(paths["/v1/model"]) == {"get"}
+
+
+def test_admin_routes_refuse_clients_and_executors(target: ServerProcess, pki_dir: Path) -> None:
+    before = state_of(target)
+    with raw_client(target, pki_dir, "alice") as http:
+        assert refusal(http.get("/v1/admin/status")) == (403, "wrong_role")
+        assert refusal(http.post("/v1/admin/clients/bob/revoke")) == (403, "wrong_role")
+        assert refusal(http.post("/v1/admin/tokens", json={"client": "eve"})) == (403, "wrong_role")
+    assert pki.revoked(pki_dir) == {}
+    assert not (pki_dir / "tokens.json").exists()
+    assert state_of(target) == before
+
+
+def test_path_tricks_in_an_admin_route_revoke_nothing(target: ServerProcess, pki_dir: Path) -> None:
+    with raw_client(target, pki_dir, "ops", pki.Role.ADMIN) as http:
+        assert refusal(http.post("/v1/admin/clients/..%2F..%2Fserver%2Fserver/revoke"))[0] == 404
+        assert refusal(http.post("/v1/admin/clients/..%2Fserver/revoke"))[0] == 404
+        assert refusal(http.post("/v1/admin/clients/Alice/revoke")) == (400, "invalid_id")
+        assert refusal(http.post("/v1/admin/clients/mallory/revoke")) == (404, "unknown_client")
+        assert http.get("/v1/admin/status").status_code == 200
+    assert pki.revoked(pki_dir) == {}
+
+
+def test_a_certificate_from_another_ca_cannot_even_connect(
+    target: ServerProcess, pki_dir: Path, other_pki: Path
+):
+    foreign = pki.credentials(other_pki, pki.Role.CLIENT, "alice")
+    context = client_context(pki.Credentials(ca=pki_dir / "ca.pem", cert=foreign.cert, key=foreign.key))
+    with httpx.Client(verify=context) as http, pytest.raises(httpx.TransportError):
+        http.get(f"{target.url}/healthz")
+
+
+def test_an_expired_certificate_cannot_connect(start_server, fresh_pki: Path) -> None:
+    pki.issue(fresh_pki, pki.Role.CLIENT, "late", lifetime=-timedelta(minutes=1))
+    server = start_server(pki_root=fresh_pki)
+    with raw_client(server, fresh_pki, "late") as http, pytest.raises(httpx.TransportError):
+        http.get("/healthz")
+    assert "late" not in pki.active(fresh_pki, pki.Role.CLIENT)
+
+
+def test_an_executor_may_not_submit_without_a_grant(start_server, connect, fresh_pki: Path) -> None:
+    pki.issue(fresh_pki, pki.Role.EXECUTOR, "gpu-1")
+    server = start_server(pki_root=fresh_pki)
+    executor = connect(server, "gpu-1", pki.Role.EXECUTOR, pki_root=fresh_pki)
+    info = open_round(executor)
+    before = state_of(server)
+    with pytest.raises(ServerError) as refused:
+        executor.post_update(info.round, update_body(1.0))
+    assert (refused.value.status, refused.value.code) == (403, "wrong_role")
+    assert state_of(server) == before
+
+
+def test_a_client_not_selected_for_the_round_is_refused(start_server, connect, fresh_pki: Path) -> None:
+    server = start_server(pki_root=fresh_pki)
+    alice = connect(server, "alice", pki_root=fresh_pki)
+    info = open_round(alice)
+    assert info.selected == ["alice", "bob"]
+    pki.issue(fresh_pki, pki.Role.CLIENT, "dave")
+    dave = connect(server, "dave", pki_root=fresh_pki)
+    before = state_of(server)
+    with pytest.raises(ServerError) as refused:
+        dave.post_update(info.round, update_body(1.0))
+    assert (refused.value.status, refused.value.code) == (403, "not_selected")
+    assert state_of(server) == before
+
+
+def test_a_second_update_and_replays_are_refused_and_the_signature_is_kept(
+    start_server, connect, pki_dir: Path
+) -> None:
+    server = start_server()
+    apis = {name: connect(server, name) for name in ("alice", "bob", "carol")}
+    info = open_round(apis["alice"])
+    body = update_body(2.0)
+    headers = {"Content-Type": "application/octet-stream", **apis["alice"].sign_update(info.round, body)}
+    with raw_client(server, pki_dir, "alice") as http:
+        assert http.post(f"/v1/rounds/{info.round}/updates", content=body, headers=headers).status_code == 202
+        stored = state_of(server)
+        assert stored[0] == [
+            (
+                info.round,
+                "alice",
+                sha256(body),
+                headers["X-Fedge-Signature"],
+                headers["X-Fedge-Nonce"],
+            )
+        ]
+        replay = http.post(f"/v1/rounds/{info.round}/updates", content=body, headers=headers)
+        assert refusal(replay) == (409, "duplicate_update")
+        with pytest.raises(ServerError) as second:
+            apis["alice"].post_update(info.round, update_body(3.0))
+        assert (second.value.status, second.value.code) == (409, "duplicate_update")
+        assert state_of(server) == stored
+
+        apis["bob"].post_update(info.round, update_body(4.0))
+        apis["carol"].post_update(info.round, update_body(6.0))
+        assert open_round(apis["alice"]).round == info.round + 1
+        closed = state_of(server)
+        late = http.post(f"/v1/rounds/{info.round}/updates", content=body, headers=headers)
+        assert refusal(late) == (409, "round_not_open")
+        moved = http.post(f"/v1/rounds/{info.round + 1}/updates", content=body, headers=headers)
+        assert refusal(moved) == (403, "bad_signature")
+        assert state_of(server) == closed
+
+
+def test_a_revoked_client_is_refused_by_a_running_server_within_seconds(
+    start_server, connect, fresh_pki: Path
+) -> None:
+    server = start_server(pki_root=fresh_pki)
+    alice, bob = connect(server, "alice", pki_root=fresh_pki), connect(server, "bob", pki_root=fresh_pki)
+    info = open_round(alice)
+    before = state_of(server)
+
+    done = subprocess.run(
+        [sys.executable, "-m", "fedge", "pki", "revoke", "--dir", str(fresh_pki), "--client", "alice"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    refused = refused_soon(alice.current_round)
+    assert (refused.status, refused.code) == (401, "certificate_revoked")
+    with pytest.raises(ServerError, match="certificate_revoked"):
+        alice.post_update(info.round, update_body(1.0))
+    assert state_of(server) == before
+    assert bob.current_round().round == info.round
+    assert pki.active(fresh_pki, pki.Role.CLIENT) == ["bob"]
+
+    crl = x509.load_pem_x509_crl((fresh_pki / "crl.pem").read_bytes())
+    serial = x509.load_pem_x509_certificate((fresh_pki / "client" / "alice.pem").read_bytes()).serial_number
+    assert crl.get_revoked_certificate_by_serial_number(serial) is not None
+    listed = subprocess.run(
+        [sys.executable, "-m", "fedge", "pki", "list", "--dir", str(fresh_pki)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert listed.returncode == 0
+    rows = {line.split("│")[2].strip(): line for line in listed.stdout.splitlines() if line.count("│") >= 5}
+    assert "revoked" in rows["alice"]
+    assert "valid" in rows["bob"]
+
+
+def test_an_admin_revokes_a_client_over_the_api(start_server, connect, fresh_pki: Path) -> None:
+    server = start_server(pki_root=fresh_pki)
+    bob = connect(server, "bob", pki_root=fresh_pki)
+    open_round(bob)
+    with raw_client(server, fresh_pki, "ops", pki.Role.ADMIN) as http:
+        revoked = http.post("/v1/admin/clients/bob/revoke")
+        assert revoked.status_code == 200
+        assert revoked.json()["status"] == "revoked"
+        assert refusal(http.post("/v1/admin/clients/bob/revoke")) == (409, "already_revoked")
+        status = http.get("/v1/admin/status").json()
+    assert {c["id"]: c["status"] for c in status["clients"]} == {"alice": "valid", "bob": "revoked"}
+    assert refused_soon(bob.model_meta).code == "certificate_revoked"
+
+
+@pytest.mark.parametrize(
+    ("prepare", "code"),
+    [
+        (lambda d: tokens.mint(d, "dave", now=time.time() - 2 * 24 * 3600), "token_expired"),
+        (lambda d: "not-a-token-anyone-minted", "invalid_token"),
+    ],
+)
+def test_enrollment_with_an_expired_or_unknown_token_is_refused(
+    start_server, fresh_pki: Path, prepare, code: str
+) -> None:
+    server = start_server(pki_root=fresh_pki)
+    token = prepare(fresh_pki)
+    key = ec.generate_private_key(ec.SECP256R1())
+    before = state_of(server)
+    pinned = ssl.create_default_context(cafile=fresh_pki / "ca.pem")
+    with httpx.Client(base_url=server.url, verify=pinned) as http:
+        response = http.post("/v1/enroll", json={"token": token, "csr": make_csr(key)})
+    assert refusal(response) == (401, code)
+    assert not (fresh_pki / "client" / "dave.pem").exists()
+    assert state_of(server) == before
