@@ -99,7 +99,15 @@ async def get_current_round(
     return info
 
 
-@router.post("/v1/rounds/{round_}/updates", status_code=202, responses=_ERRORS)
+_UPDATE_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+    }
+}
+
+
+@router.post("/v1/rounds/{round_}/updates", status_code=202, responses=_ERRORS, openapi_extra=_UPDATE_BODY)
 async def post_update(
     round_: int,
     request: Request,
