@@ -68,9 +68,10 @@ def run(quick: bool) -> dict:
         pki.issue(root, pki.Role.SERVER, "server", hosts=("127.0.0.1",))
         clients = [pki.issue(root, pki.Role.CLIENT, f"c{i:03d}") for i in range(uploads + 1)]
         model = _model(parameters)
-        (work / "initial.safetensors").write_bytes(encode(model))
+        initial = work / "initial.safetensors"
+        initial.write_bytes(encode(model))
         server = launch(
-            ["--pki", str(root), "--port", "0", "--task", "bench", "--init-model", str(work / "initial.safetensors"),
+            ["--pki", str(root), "--port", "0", "--task", "bench", "--init-model", str(initial),
              "--min-clients", str(uploads + 1), "--round-timeout", "3600"],
             work / "server",
             work / "server.log",
