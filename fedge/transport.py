@@ -7,6 +7,7 @@ not verify against the CA it pins (``creds.ca``), so no caller can forget either
 from __future__ import annotations
 
 import functools
+import time
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -95,22 +96,31 @@ class FedgeClient:
         raise_for_error(response)
         return RoundInfo.model_validate_json(response.content)
 
-    def post_update(self, round_: int, body: bytes) -> UpdateReceipt:
-        """Send this client's update for ``round_``, signed over (federation, round, id, sha256, nonce)."""
-        response = self._http.post(
-            f"/v1/rounds/{round_}/updates",
-            content=body,
-            headers={"Content-Type": "application/octet-stream", **self.sign_update(round_, body)},
-        )
+    def post_update(self, round_: int, body: bytes, grant: str | None = None) -> UpdateReceipt:
+        """Send an update for ``round_``, signed over (federation, round, client id, sha256, nonce).
+
+        An executor passes a client's ``grant`` (``FedgeClient.grant``) and submits in that client's slot."""
+        owner = self.identity.id if grant is None else signing.grant_client(grant)
+        headers = {"Content-Type": "application/octet-stream", **self.sign_update(round_, body, owner)}
+        if grant is not None:
+            headers[signing.GRANT_HEADER] = grant
+        response = self._http.post(f"/v1/rounds/{round_}/updates", content=body, headers=headers)
         raise_for_error(response)
         return UpdateReceipt.model_validate_json(response.content)
 
-    def sign_update(self, round_: int, body: bytes) -> dict[str, str]:
-        """The signature headers of an update (exposed so tests can replay or tamper with them)."""
+    def sign_update(self, round_: int, body: bytes, client: str | None = None) -> dict[str, str]:
+        """The signature headers of an update in ``client``'s slot (default: our own)."""
         nonce = signing.new_nonce()
-        claim = signing.UpdateClaim(self.identity.federation, round_, self.identity.id, sha256(body), nonce)
+        owner = client or self.identity.id
+        claim = signing.UpdateClaim(self.identity.federation, round_, owner, sha256(body), nonce)
         key = signing.load_private_key(self._creds.key.read_bytes())
         return {signing.SIGNATURE_HEADER: signing.sign(key, claim.message()), signing.NONCE_HEADER: nonce}
+
+    def grant(self, round_: int, executor: str, ttl: float = 3600.0) -> str:
+        """Let ``executor`` submit this client's update for ``round_`` during the next ``ttl`` seconds."""
+        grant = signing.Grant(self.identity.federation, round_, self.identity.id, executor, time.time() + ttl)
+        key = signing.load_private_key(self._creds.key.read_bytes())
+        return signing.make_grant(key, self._creds.cert.read_bytes(), grant)
 
 
 def raise_for_error(response: httpx.Response) -> None:

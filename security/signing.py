@@ -1,4 +1,4 @@
-"""Signatures on updates and on global models.
+"""Signatures on updates, on global models, and on the grants that let an executor submit for a client.
 
 TLS proves who is on the other end of a connection, but not what a stored body is or which round it was
 meant for. So each update is signed by its client over (federation, round, client id, sha256 of the body,
@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime as dt
+import json
 import re
 import secrets
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from fedge.security.pki import Identity, PKIError, Role, identity_of
 SIGNATURE_HEADER = "X-Fedge-Signature"
 NONCE_HEADER = "X-Fedge-Nonce"
 SIGNER_HEADER = "X-Fedge-Signer"
+GRANT_HEADER = "X-Fedge-Grant"
 _NONCE = re.compile(r"[0-9a-f]{32,64}")
 
 
@@ -113,9 +115,9 @@ def encode_certificate(cert_pem: bytes) -> str:
 
 def signer_identity(
     ca_pem: bytes, signer: str, role: Role, now: dt.datetime | None = None
-) -> tuple[Identity, ec.EllipticCurvePublicKey]:
+) -> tuple[Identity, x509.Certificate]:
     """Check that ``signer`` (a header-encoded certificate) was issued by the pinned CA, is within its
-    validity period and holds ``role``; return its identity and public key."""
+    validity period and holds ``role``; return its identity and the certificate."""
     try:
         der = base64.urlsafe_b64decode(signer.encode("ascii"))
         cert = x509.load_der_x509_certificate(der)
@@ -135,15 +137,72 @@ def signer_identity(
         raise SignatureError(str(exc)) from None
     if identity.role is not role:
         raise SignatureError(f"the signer is a {identity.role}, not a {role}")
-    key = cert.public_key()
-    if not isinstance(key, ec.EllipticCurvePublicKey):
-        raise SignatureError("the signer's key is not an EC key")
-    return identity, key
+    return identity, cert
 
 
 def verify_model(ca_pem: bytes, federation: str, claim: ModelClaim, signature: str, signer: str) -> None:
     """Refuse a global model unless the federation's server signed exactly this body for this round."""
-    identity, key = signer_identity(ca_pem, signer, Role.SERVER)
+    identity, cert = signer_identity(ca_pem, signer, Role.SERVER)
     if identity.federation != federation or claim.federation != federation:
         raise SignatureError(f"the model was signed for federation {identity.federation!r}")
-    verify(key, claim.message(), signature)
+    verify(cert.public_key(), claim.message(), signature)
+
+
+@dataclass(frozen=True)
+class Grant:
+    """A client's permission for one executor to submit its update for one round, until ``expires_at``.
+
+    Sent by the executor as ``X-Fedge-Grant``: the fields, the client's signature over them and the
+    client's certificate, so the server checks it against the CA and the revocation list like any caller.
+    """
+
+    federation: str
+    round: int
+    client: str
+    executor: str
+    expires_at: float
+
+    def message(self) -> bytes:
+        fields = ("fedge-grant-v1", self.federation, str(self.round), self.client, self.executor)
+        return "\n".join((*fields, repr(float(self.expires_at)))).encode()
+
+
+def make_grant(key: ec.EllipticCurvePrivateKey, cert_pem: bytes, grant: Grant) -> str:
+    payload = {
+        **vars(grant),
+        "signature": sign(key, grant.message()),
+        "certificate": encode_certificate(cert_pem),
+    }
+    return base64.urlsafe_b64encode(json.dumps(payload).encode()).decode()
+
+
+def grant_client(header: str) -> str:
+    """The client a grant is for, unverified: the executor needs it to sign; the server checks it all."""
+    return _decode_grant(header)[0].client
+
+
+def read_grant(ca_pem: bytes, header: str, now: float) -> tuple[Grant, int]:
+    """Check a grant's signature, signer and expiry; return it with its signer's certificate serial."""
+    grant, signature, certificate = _decode_grant(header)
+    identity, cert = signer_identity(ca_pem, certificate, Role.CLIENT)
+    if (identity.federation, identity.id) != (grant.federation, grant.client):
+        raise SignatureError(f"the grant for {grant.client!r} is signed by {identity.id!r}")
+    verify(cert.public_key(), grant.message(), signature)
+    if now >= grant.expires_at:
+        raise SignatureError("the grant has expired")
+    return grant, cert.serial_number
+
+
+def _decode_grant(header: str) -> tuple[Grant, str, str]:
+    try:
+        payload = json.loads(base64.urlsafe_b64decode(header.encode("ascii")))
+        grant = Grant(
+            federation=str(payload["federation"]),
+            round=int(payload["round"]),
+            client=str(payload["client"]),
+            executor=str(payload["executor"]),
+            expires_at=float(payload["expires_at"]),
+        )
+        return grant, str(payload["signature"]), str(payload["certificate"])
+    except (binascii.Error, ValueError, UnicodeEncodeError, KeyError, TypeError):
+        raise SignatureError("the grant cannot be read") from None

@@ -12,9 +12,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from fedge.codec import sha256, signature_of
 from fedge.security import signing
+from fedge.security.pki import Identity, Role
 from fedge.server import metrics
 from fedge.server.errors import Rejected
-from fedge.server.identity import Caller, Client, peer_certificate
+from fedge.server.identity import Caller, Submitter, peer_certificate
 from fedge.server.rounds import Federation
 from fedge.server.trust import Trust
 from fedge.wire import ErrorBody, ModelMeta, RoundInfo, UpdateReceipt
@@ -111,30 +112,31 @@ _UPDATE_BODY = {
 async def post_update(
     round_: int,
     request: Request,
-    identity: Client,
-    x_fedge_signature: Annotated[str | None, Header(description="client's signature, base64")] = None,
+    identity: Submitter,
+    x_fedge_signature: Annotated[str | None, Header(description="submitter's signature, base64")] = None,
     x_fedge_nonce: Annotated[str | None, Header(description="32-64 hex digits, fresh per update")] = None,
+    x_fedge_grant: Annotated[str | None, Header(description="executors only: the client's grant")] = None,
 ) -> UpdateReceipt:
-    """Store this client's update for ``round_`` (a safetensors body with ``num_examples`` metadata).
+    """Store a client's update for ``round_`` (a safetensors body with ``num_examples`` metadata).
 
     The update must be signed by the certificate's key over (federation, round, client id, sha256 of the
-    body, nonce); the signature and nonce are stored with it."""
+    body, nonce); the signature and nonce are stored with it. An executor submits in a client's slot only
+    with that client's grant for this round and this executor; the update records where it was computed."""
     federation = _federation(request)
+    trust = _trust(request)
     started = time.perf_counter()
     try:
         if not x_fedge_signature or not x_fedge_nonce:
             raise Rejected(400, "missing_signature", "an update needs X-Fedge-Signature and X-Fedge-Nonce")
+        owner = _slot_owner(identity, x_fedge_grant, round_, trust)
         body = await _read_capped(request, len(federation.model.body) + 64 * 1024)
         claim = signing.UpdateClaim(
-            _trust(request).federation,
-            round_,
-            identity.id,
-            await run_in_threadpool(sha256, body),
-            x_fedge_nonce,
+            trust.federation, round_, owner, await run_in_threadpool(sha256, body), x_fedge_nonce
         )
         _check_update_signature(peer_certificate(request.scope), claim, x_fedge_signature)  # type: ignore[arg-type]
+        computed_by = identity.id if identity.role is Role.EXECUTOR else ""
         receipt = await run_in_threadpool(
-            federation.submit, round_, identity.id, body, x_fedge_signature, x_fedge_nonce
+            federation.submit, round_, owner, body, x_fedge_signature, x_fedge_nonce, computed_by
         )
     except Rejected as exc:
         metrics.updates_rejected.labels(code=exc.code).inc()
@@ -142,6 +144,25 @@ async def post_update(
     metrics.updates_accepted.inc()
     metrics.update_seconds.observe(time.perf_counter() - started)
     return receipt
+
+
+def _slot_owner(identity: Identity, grant_header: str | None, round_: int, trust: Trust) -> str:
+    """Whose update this is: the caller's own, or for an executor the client whose grant it shows."""
+    if identity.role is Role.CLIENT:
+        return identity.id
+    if not grant_header:
+        raise Rejected(403, "missing_grant", "an executor submits only with a client's grant (X-Fedge-Grant)")
+    try:
+        grant, serial = signing.read_grant(trust.ca_pem, grant_header, time.time())
+    except signing.SignatureError as exc:
+        raise Rejected(403, "bad_grant", str(exc)) from None
+    if trust.revocations.is_revoked(serial):
+        raise Rejected(403, "bad_grant", "the certificate that signed the grant is revoked")
+    if (grant.federation, grant.executor, grant.round) != (trust.federation, identity.id, round_):
+        raise Rejected(
+            403, "bad_grant", f"the grant is for executor {grant.executor!r} in round {grant.round}, not this"
+        )
+    return grant.client
 
 
 def _check_update_signature(peer_der: bytes, claim: signing.UpdateClaim, signature: str) -> None:

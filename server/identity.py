@@ -107,6 +107,13 @@ def client(identity: Annotated[Identity, Depends(caller)]) -> Identity:
     return identity
 
 
+def submitter(identity: Annotated[Identity, Depends(caller)]) -> Identity:
+    """A client, or an executor (which must then show a client's grant: checked by the route)."""
+    if identity.role not in (Role.CLIENT, Role.EXECUTOR):
+        raise Rejected(403, "wrong_role", f"this route is for clients and executors, not {identity.role}")
+    return identity
+
+
 def admin(identity: Annotated[Identity, Depends(caller)]) -> Identity:
     if identity.role is not Role.ADMIN:
         raise Rejected(403, "wrong_role", f"this route is for admins, not {identity.role}")
@@ -115,4 +122,5 @@ def admin(identity: Annotated[Identity, Depends(caller)]) -> Identity:
 
 Caller = Annotated[Identity, Depends(caller)]
 Client = Annotated[Identity, Depends(client)]
+Submitter = Annotated[Identity, Depends(submitter)]
 Admin = Annotated[Identity, Depends(admin)]

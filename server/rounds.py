@@ -107,11 +107,18 @@ class Federation:
             self._notify()
 
     def submit(
-        self, round_: int, client: str, body: bytes, signature: str = "", nonce: str = ""
+        self,
+        round_: int,
+        client: str,
+        body: bytes,
+        signature: str = "",
+        nonce: str = "",
+        computed_by: str = "",
     ) -> UpdateReceipt:
         """Authorize, validate, store durably, then fold; any refusal leaves store and aggregate untouched.
 
-        ``signature`` and ``nonce`` (checked by the API before this call) are stored with the update."""
+        ``signature`` and ``nonce`` (checked by the API before this call) are stored with the update, and
+        ``computed_by``: the executor that trained it on the client's behalf, or empty for the client."""
         with self._lock:
             current = self._open
             if current is None or current.round != round_:
@@ -122,7 +129,9 @@ class Federation:
                 raise Rejected(403, "not_selected", f"client {client!r} was not selected for round {round_}")
             tensors, num_examples = validate_update(body, signature_of(self._model.tensors))
             try:
-                record = self._store.add_update(round_, client, body, num_examples, signature, nonce)
+                record = self._store.add_update(
+                    round_, client, body, num_examples, signature, nonce, computed_by
+                )
             except DuplicateUpdate:
                 raise Rejected(409, "duplicate_update", f"{client!r} already sent its update") from None
             assert self._sum is not None

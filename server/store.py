@@ -41,6 +41,7 @@ CREATE TABLE IF NOT EXISTS updates (
     received_at REAL NOT NULL,
     signature TEXT NOT NULL DEFAULT '',  -- the client's, over (federation, round, client, sha256, nonce)
     nonce TEXT NOT NULL DEFAULT '',
+    computed_by TEXT NOT NULL DEFAULT '',  -- the executor that trained it for the client, or ''
     PRIMARY KEY (round, client)
 );
 """
@@ -149,7 +150,14 @@ class Store:
         return self.round(row[0]) if row[0] is not None else None
 
     def add_update(
-        self, round_: int, client: str, body: bytes, num_examples: int, signature: str = "", nonce: str = ""
+        self,
+        round_: int,
+        client: str,
+        body: bytes,
+        num_examples: int,
+        signature: str = "",
+        nonce: str = "",
+        computed_by: str = "",
     ) -> UpdateRecord:
         if self._db.execute(
             "SELECT 1 FROM updates WHERE round = ? AND client = ?", (round_, client)
@@ -160,9 +168,10 @@ class Store:
         _write_durably(path, body)
         digest = sha256(body)
         self._db.execute(
-            "INSERT INTO updates (round, client, sha256, num_examples, bytes, received_at, signature, nonce)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (round_, client, digest, num_examples, len(body), time.time(), signature, nonce),
+            "INSERT INTO updates"
+            " (round, client, sha256, num_examples, bytes, received_at, signature, nonce, computed_by)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (round_, client, digest, num_examples, len(body), time.time(), signature, nonce, computed_by),
         )
         return UpdateRecord(client, digest, num_examples, path)
 

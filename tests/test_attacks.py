@@ -6,6 +6,8 @@ changed: the stored updates (rows and files), the rounds, and the global model.
 
 from __future__ import annotations
 
+import base64
+import json
 import pickle
 import sqlite3
 import ssl
@@ -26,7 +28,7 @@ from test_service import open_round
 
 from fedge.client.enrollment import make_csr
 from fedge.codec import encode, sha256
-from fedge.security import pki, tokens
+from fedge.security import pki, signing, tokens
 from fedge.security.tls import client_context
 from fedge.server.launcher import ServerProcess, launch
 from fedge.transport import FedgeClient, ServerError
@@ -241,16 +243,59 @@ def test_an_expired_certificate_cannot_connect(start_server, fresh_pki: Path) ->
     assert "late" not in pki.active(fresh_pki, pki.Role.CLIENT)
 
 
-def test_an_executor_may_not_submit_without_a_grant(start_server, connect, fresh_pki: Path) -> None:
-    pki.issue(fresh_pki, pki.Role.EXECUTOR, "gpu-1")
+def altered(grant: str, **changes: object) -> str:
+    payload = json.loads(base64.urlsafe_b64decode(grant))
+    return base64.urlsafe_b64encode(json.dumps({**payload, **changes}).encode()).decode()
+
+
+def test_an_executor_submits_once_in_a_client_slot_with_its_grant_and_nothing_else(
+    start_server, connect, fresh_pki: Path
+) -> None:
+    for executor in ("gpu-1", "gpu-2"):
+        pki.issue(fresh_pki, pki.Role.EXECUTOR, executor)
     server = start_server(pki_root=fresh_pki)
-    executor = connect(server, "gpu-1", pki.Role.EXECUTOR, pki_root=fresh_pki)
-    info = open_round(executor)
+    alice, bob = connect(server, "alice", pki_root=fresh_pki), connect(server, "bob", pki_root=fresh_pki)
+    gpu = connect(server, "gpu-1", pki.Role.EXECUTOR, pki_root=fresh_pki)
+    info = open_round(alice)
+    r = info.round
     before = state_of(server)
-    with pytest.raises(ServerError) as refused:
-        executor.post_update(info.round, update_body(1.0))
-    assert (refused.value.status, refused.value.code) == (403, "wrong_role")
-    assert state_of(server) == before
+    forged_by_bob = signing.make_grant(
+        signing.load_private_key(pki.credentials(fresh_pki, pki.Role.CLIENT, "bob").key.read_bytes()),
+        pki.credentials(fresh_pki, pki.Role.CLIENT, "bob").cert.read_bytes(),
+        signing.Grant("test", r, "alice", "gpu-1", time.time() + 600),
+    )
+    refused = {
+        "no grant": (None, "missing_grant"),
+        "a grant for another executor": (alice.grant(r, "gpu-2"), "bad_grant"),
+        "a grant for another round": (alice.grant(r + 1, "gpu-1"), "bad_grant"),
+        "an expired grant": (alice.grant(r, "gpu-1", ttl=-1), "bad_grant"),
+        "a grant for alice signed by bob": (forged_by_bob, "bad_grant"),
+        "a grant altered after signing": (altered(alice.grant(r, "gpu-2"), executor="gpu-1"), "bad_grant"),
+    }
+    for name, (grant, code) in refused.items():
+        with pytest.raises(ServerError) as attempt:
+            gpu.post_update(r, update_body(1.0), grant=grant)
+        assert (attempt.value.status, attempt.value.code) == (403, code), name
+        assert state_of(server) == before, name
+
+    grant = alice.grant(r, "gpu-1")
+    assert gpu.post_update(r, update_body(5.0), grant=grant).client == "alice"
+    with sqlite3.connect(server.data / "state.db") as db:
+        assert db.execute("SELECT client, computed_by FROM updates").fetchall() == [("alice", "gpu-1")]
+    stored = state_of(server)
+    with pytest.raises(ServerError, match="duplicate_update"):
+        gpu.post_update(r, update_body(5.0), grant=grant)
+    with pytest.raises(ServerError, match="duplicate_update"):
+        alice.post_update(r, update_body(5.0))
+    assert state_of(server) == stored
+
+    bob_grant = bob.grant(r, "gpu-1")
+    pki.revoke(fresh_pki, pki.Role.CLIENT, "bob")
+    assert refused_soon(bob.current_round).code == "certificate_revoked"
+    with pytest.raises(ServerError, match="revoked") as revoked:
+        gpu.post_update(r, update_body(1.0), grant=bob_grant)
+    assert (revoked.value.status, revoked.value.code) == (403, "bad_grant")
+    assert state_of(server) == stored
 
 
 def test_a_client_not_selected_for_the_round_is_refused(start_server, connect, fresh_pki: Path) -> None:
