@@ -25,32 +25,29 @@ from fedge.edge_functions import partition, tasks
 from fedge.edge_functions.functions import fit, score
 from fedge.wire import TrainConfig
 
-TASK = "mnist"
-PARTITION = "dirichlet:0.5"
-
 
 @functools.cache
-def client_data(index: int, clients: int, seed: int) -> tuple:
-    data = tasks.get(TASK).load_data()
-    mine = partition.split(data.y_train, clients, PARTITION, seed)[index]
+def client_data(task: str, spec: str, index: int, clients: int, seed: int) -> tuple:
+    data = tasks.get(task).load_data()
+    mine = partition.split(data.y_train, clients, spec, seed, data.groups_train)[index]
     return data.x_train[mine], data.y_train[mine]
 
 
-def make_apps(
-    clients: int, rounds: int, epochs: int, seed: int, events: list[dict]
-) -> tuple[ServerApp, ClientApp]:
+def make_apps(args: argparse.Namespace, events: list[dict]) -> tuple[ServerApp, ClientApp]:
+    clients, seed = args.clients, args.seed
+    config = TrainConfig(local_epochs=args.epochs, learning_rate=args.lr)
     client_app = ClientApp()
 
     @client_app.train()
     def train(msg: Message, context: Context) -> Message:
         torch.set_num_threads(1)
         index = int(context.node_config["partition-id"])
-        x, y = client_data(index, clients, seed)
-        model = tasks.get(TASK).build_model()
+        x, y = client_data(args.task, args.partition, index, clients, seed)
+        model = tasks.get(args.task).build_model()
         model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
         server_round = int(msg.content["config"]["server-round"])
         torch.manual_seed(seed * 1_000_003 + server_round * 1009 + index)
-        loss = fit(model, x, y, TrainConfig(local_epochs=epochs)) if epochs else 0.0
+        loss = fit(model, x, y, config)
         metrics = MetricRecord({"train_loss": loss, "num-examples": len(y)})
         return Message(
             RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics}), reply_to=msg
@@ -60,7 +57,7 @@ def make_apps(
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        task = tasks.get(TASK)
+        task = tasks.get(args.task)
         test = task.load_data()
 
         def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
@@ -77,7 +74,7 @@ def make_apps(
             min_available_nodes=clients,
         )
         initial = ArrayRecord(_initial_state(task, seed))
-        strategy.start(grid=grid, initial_arrays=initial, num_rounds=rounds, evaluate_fn=evaluate)
+        strategy.start(grid=grid, initial_arrays=initial, num_rounds=args.rounds, evaluate_fn=evaluate)
 
     return server_app, client_app
 
@@ -93,11 +90,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, required=True)
     parser.add_argument("--epochs", type=int, required=True)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--task", default="mnist")
+    parser.add_argument("--partition", default="dirichlet:0.5")
+    parser.add_argument("--lr", type=float, default=TrainConfig().learning_rate)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     started = time.time()
     events: list[dict] = []
-    server_app, client_app = make_apps(args.clients, args.rounds, args.epochs, args.seed, events)
+    server_app, client_app = make_apps(args, events)
     run_simulation(
         server_app=server_app,
         client_app=client_app,

@@ -57,18 +57,28 @@ def run(quick: bool) -> dict:
     return result
 
 
-def measure(framework: str, clients: int, rounds: int, epochs: int) -> dict:
+def measure(
+    framework: str,
+    clients: int,
+    rounds: int,
+    epochs: int,
+    task: str = "mnist",
+    partition: str = "dirichlet:0.5",
+    lr: float = 0.05,
+) -> dict:
+    """Run one federation with ``framework`` ("fedge" or "flower") in a child process and measure it."""
+    common = ["--clients", str(clients), "--rounds", str(rounds), "--partition", partition, "--lr", str(lr)]
     with tempfile.TemporaryDirectory(prefix=f"bench-{framework}-") as tmp:
         out = Path(tmp)
         if framework == "fedge":
             command = [
-                sys.executable, "-m", "fedge", "simulate", "--clients", str(clients), "--rounds", str(rounds),
+                sys.executable, "-m", "fedge", "simulate", *common, "--dataset", task,
                 "--local-epochs", str(epochs), "--out", str(out),
             ]  # fmt: skip
         else:
             command = [
-                sys.executable, "-c", "from bench.flower_app import main; main()", "--clients", str(clients),
-                "--rounds", str(rounds), "--epochs", str(epochs), "--out", str(out / "flower.json"),
+                sys.executable, "-c", "from bench.flower_app import main; main()", *common, "--task", task,
+                "--epochs", str(epochs), "--out", str(out / "flower.json"),
             ]  # fmt: skip
         env = {**os.environ, "PYTHONPATH": str(ROOT), "FEDGE_CONFIG": os.devnull}
         started = time.time()
@@ -85,6 +95,10 @@ def measure(framework: str, clients: int, rounds: int, epochs: int) -> dict:
     ends = [started] + [r["ended"] for r in rounds_done]
     durations = [b - a for a, b in itertools.pairwise(ends)]
     return {
+        # Flower's simulation passes arrays in memory: only fedge's bytes cross a (loopback) network.
+        "bytes_per_round": [r["bytes_up"] + r["bytes_down"] for r in rounds_done]
+        if framework == "fedge"
+        else None,
         "seconds_per_round": statistics.median(durations[1:]) if len(durations) > 1 else durations[0],
         "first_round_seconds": durations[0],
         "total_seconds": ends[-1] - started,
