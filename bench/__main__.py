@@ -82,6 +82,8 @@ def run_one(name: str, quick: bool) -> None:
     if not quick:
         RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+        if hasattr(module, "plot"):
+            module.plot(result, RESULTS / f"{name}.png")
         regenerate_docs()
 
 

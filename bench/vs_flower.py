@@ -152,6 +152,31 @@ class _MemorySampler(threading.Thread):
         self.join()
 
 
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6), dpi=110)
+    for framework, style in (("fedge", "o-"), ("flower", "s--")):
+        accuracy = result[framework]["accuracy_per_round"]
+        left.plot(range(1, len(accuracy) + 1), accuracy, style, label=framework)
+        noop = result[framework]["noop_seconds_per_round"]
+        right.plot([int(n) for n in noop], list(noop.values()), style, label=framework)
+    left.set(xlabel="round", ylabel="test accuracy", title="MNIST, Dirichlet(0.5), 10 clients")
+    right.set(
+        xlabel="clients per round", ylabel="seconds per round", title="framework overhead (no-op training)"
+    )
+    right.set_xscale("log")
+    for axis in (left, right):
+        axis.grid(alpha=0.3)
+        axis.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def render(result: dict) -> str:
     fedge, flower, ratios = result["fedge"], result["flower"], result["ratios"]
     w = result["workload"]
@@ -185,7 +210,8 @@ def render(result: dict) -> str:
             f"| {n} | {fedge['noop_seconds_per_round'][n]:.3f} | {flower['noop_seconds_per_round'][n]:.3f} "
             f"| {ratio:.2f}x |"
         )
-    lines += ["", "Accuracy per round:", "", "| round | fedge | Flower |", "|---:|---:|---:|"]
+    lines += ["", "![accuracy per round and overhead per round](../bench/results/vs-flower.png)", ""]
+    lines += ["Accuracy per round:", "", "| round | fedge | Flower |", "|---:|---:|---:|"]
     for i, (a, b) in enumerate(
         zip(fedge["accuracy_per_round"], flower["accuracy_per_round"], strict=False), 1
     ):
