@@ -48,7 +48,7 @@ class TrainingSettings(_CommandSettings):
     """What the server hands clients each round, shared by ``server`` and ``simulate``."""
 
     rounds: int = Field(10, ge=1)
-    local_epochs: int = Field(1, ge=1)
+    local_epochs: int = Field(1, ge=0)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(0.05, gt=0)
     round_timeout: float = Field(600.0, gt=0)
