@@ -1,4 +1,4 @@
-"""The revocation list as a running service sees it: re-read whenever ``crl.pem`` changes on disk.
+"""Which certificates a running service still accepts: re-read whenever the PKI directory changes.
 
 ``fedge pki revoke`` rewrites the CRL; a server on the same PKI directory notices within
 ``RECHECK_SECONDS`` and refuses the revoked certificate from its next request on, without a restart.
@@ -49,3 +49,28 @@ class RevocationList:
             log.error("keeping the previous revocation list: %s", exc)
             return
         self._seen = seen
+
+
+class CurrentCertificates:
+    """The serial of the certificate each id holds now (``<role>/<id>.pem``), re-read when the file changes.
+
+    Issuing, enrolling or renewing an id replaces that file, so the certificate it held before is
+    superseded at once: revoking an id by name then covers every key it ever had, not only the last.
+    """
+
+    def __init__(self, pki_dir: Path) -> None:
+        self._dir = pki_dir
+        self._cache: dict[Path, tuple[tuple[int, int], int]] = {}
+
+    def serial_of(self, role: str, id_: str) -> int | None:
+        path = self._dir / role / f"{id_}.pem"
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            return None
+        seen = (stat.st_mtime_ns, stat.st_size)
+        cached = self._cache.get(path)
+        if cached is None or cached[0] != seen:
+            cached = (seen, x509.load_pem_x509_certificate(path.read_bytes()).serial_number)
+            self._cache[path] = cached
+        return cached[1]

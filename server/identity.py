@@ -7,7 +7,8 @@ identity comes from the verified handshake and never from a header a client coul
 TLS asks for a client certificate but lets a connection without one through (``CERT_OPTIONAL``), because a
 device that is enrolling has none yet; a certificate that is presented must still verify against the CA.
 ``CertificateGate`` then refuses, on every request, a connection without a certificate on any route but
-``PUBLIC_PATHS``, and a certificate that is revoked or expired on any route at all.
+``PUBLIC_PATHS``, and on any route at all a certificate that is revoked, expired, or superseded by a newer
+one issued for the same id.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from uvicorn._types import ASGI3Application, ASGIReceiveCallable, ASGISendCallab
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from fedge.security.pki import Identity, PKIError, Role, identity_of
-from fedge.security.revocation import RevocationList
+from fedge.security.revocation import CurrentCertificates, RevocationList
 from fedge.server.errors import Rejected
 
 PUBLIC_PATHS = frozenset({"/healthz", "/v1/ca", "/v1/enroll"})
@@ -53,7 +54,11 @@ def peer_certificate(scope: Scope) -> bytes | None:
 
 
 def gate(
-    peer_der: bytes | None, path: str, is_revoked: Callable[[int], bool], now: dt.datetime
+    peer_der: bytes | None,
+    path: str,
+    is_revoked: Callable[[int], bool],
+    current_serial: Callable[[str, str], int | None],
+    now: dt.datetime,
 ) -> Rejected | None:
     """Why a request may not reach any route, or None when it may."""
     if peer_der is None:
@@ -65,20 +70,37 @@ def gate(
         return Rejected(401, "certificate_revoked", "this certificate has been revoked")
     if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
         return Rejected(401, "certificate_expired", "this certificate is not valid now")
+    try:
+        identity = identity_of(peer_der)
+    except PKIError as exc:
+        return Rejected(401, "bad_client_certificate", str(exc))
+    if current_serial(identity.role, identity.id) != cert.serial_number:
+        return Rejected(
+            401,
+            "certificate_superseded",
+            f"{identity.role} {identity.id!r} holds a newer certificate than this",
+        )
     return None
 
 
 class CertificateGate:
     """ASGI middleware: applies ``gate`` to every HTTP request before routing."""
 
-    def __init__(self, app: ASGI3Application, revocations: RevocationList) -> None:
+    def __init__(
+        self, app: ASGI3Application, revocations: RevocationList, current: CurrentCertificates
+    ) -> None:
         self.app = app
         self.revocations = revocations
+        self.current = current
 
     async def __call__(self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
         if scope["type"] == "http":
             refusal = gate(
-                peer_certificate(scope), scope["path"], self.revocations.is_revoked, dt.datetime.now(dt.UTC)
+                peer_certificate(scope),
+                scope["path"],
+                self.revocations.is_revoked,
+                self.current.serial_of,
+                dt.datetime.now(dt.UTC),
             )
             if refusal is not None:
                 body = {"error": refusal.code, "detail": refusal.detail}

@@ -12,7 +12,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedge.security import pki, signing
-from fedge.security.revocation import RevocationList
+from fedge.security.revocation import CurrentCertificates, RevocationList
 
 
 @dataclass
@@ -21,6 +21,7 @@ class Trust:
     federation: str
     ca_pem: bytes
     revocations: RevocationList
+    current: CurrentCertificates
     signing_key: ec.EllipticCurvePrivateKey
     signer: str
     _model_signatures: dict[tuple[int, str], str] = field(default_factory=dict)
@@ -34,6 +35,7 @@ class Trust:
             federation=pki.federation_of(pki_dir),
             ca_pem=ca_pem,
             revocations=RevocationList(pki_dir / "crl.pem", x509.load_pem_x509_certificate(ca_pem)),
+            current=CurrentCertificates(pki_dir),
             signing_key=signing.load_private_key(creds.key.read_bytes()),
             signer=signing.encode_certificate(creds.cert.read_bytes()),
         )

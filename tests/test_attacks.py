@@ -390,6 +390,30 @@ def test_a_revoked_client_is_refused_by_a_running_server_within_seconds(
     assert "valid" in rows["bob"]
 
 
+def test_a_certificate_replaced_by_a_newer_one_for_its_id_is_refused(
+    start_server, connect, fresh_pki: Path, tmp_path: Path
+) -> None:
+    server = start_server(pki_root=fresh_pki)
+    (tmp_path / "old").mkdir()
+    for name in ("alice.pem", "alice.key"):
+        (tmp_path / "old" / name).write_bytes((fresh_pki / "client" / name).read_bytes())
+    old_creds = pki.Credentials(
+        fresh_pki / "ca.pem", tmp_path / "old" / "alice.pem", tmp_path / "old" / "alice.key"
+    )
+    with FedgeClient(server.url, old_creds) as old:
+        info = open_round(old)
+        pki.issue(fresh_pki, pki.Role.CLIENT, "alice")
+        before = state_of(server)
+        with pytest.raises(ServerError) as refused:
+            old.post_update(info.round, update_body(1.0))
+    assert (refused.value.status, refused.value.code) == (401, "certificate_superseded")
+    assert state_of(server) == before
+    assert (
+        connect(server, "alice", pki_root=fresh_pki).post_update(info.round, update_body(1.0)).client
+        == "alice"
+    )
+
+
 def test_an_admin_revokes_a_client_over_the_api(start_server, connect, fresh_pki: Path) -> None:
     server = start_server(pki_root=fresh_pki)
     bob = connect(server, "bob", pki_root=fresh_pki)

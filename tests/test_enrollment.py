@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 import ssl
 from datetime import timedelta
 from pathlib import Path
 
 import httpx
+import pytest
 from conftest import update_body
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -18,7 +20,7 @@ from test_simulate import run_cli
 
 from fedge.client.enrollment import make_csr
 from fedge.security import pki, tokens
-from fedge.transport import FedgeClient
+from fedge.transport import FedgeClient, ServerError
 
 
 def mint(pki_dir: Path, client: str) -> str:
@@ -80,6 +82,7 @@ def test_a_device_enrolls_with_a_one_time_token_and_joins_the_next_round(
         assert second.selected == ["alice", "bob", "dev-1"]
         assert device.post_update(second.round, update_body(3.0)).client == "dev-1"
 
+    shutil.copytree(state, tmp_path / "before-renewal")
     renewed = run_cli("agent", "renew", "--dir", str(state))
     assert renewed.returncode == 0, renewed.stderr
     fresh = certificate(state / "client.pem")
@@ -89,6 +92,15 @@ def test_a_device_enrolls_with_a_one_time_token_and_joins_the_next_round(
         server.url, pki.Credentials(state / "ca.pem", state / "client.pem", state / "client.key")
     ) as api:
         assert api.current_round().round == second.round
+    old = tmp_path / "before-renewal"
+    with (
+        FedgeClient(
+            server.url, pki.Credentials(old / "ca.pem", old / "client.pem", old / "client.key")
+        ) as api,
+        pytest.raises(ServerError) as superseded,
+    ):
+        api.current_round()
+    assert (superseded.value.status, superseded.value.code) == (401, "certificate_superseded")
 
 
 def test_enroll_refuses_a_server_whose_ca_is_not_the_pinned_one(
