@@ -163,20 +163,7 @@ def init_ca(pki_dir: Path, federation: str) -> Path:
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(now + CA_LIFETIME)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                key_cert_sign=True,
-                crl_sign=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        .add_extension(_key_usage(issues_certificates=True), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
@@ -242,20 +229,7 @@ def sign_certificate(
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(now + lifetime)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                key_cert_sign=False,
-                crl_sign=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        .add_extension(_key_usage(issues_certificates=False), critical=True)
         .add_extension(x509.SubjectAlternativeName(names), critical=False)
         .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
         .add_extension(
@@ -346,6 +320,21 @@ def identity_of(cert_der: bytes) -> Identity:
         if match and match.group(2) in Role.__members__.values():
             return Identity(match.group(1), Role(match.group(2)), check_id(match.group(3)))
     raise PKIError("certificate carries no fedge identity (spiffe://<federation>/<role>/<id>)")
+
+
+def _key_usage(issues_certificates: bool) -> x509.KeyUsage:
+    """Every key signs; only the CA's also signs certificates and CRLs."""
+    return x509.KeyUsage(
+        digital_signature=True,
+        key_cert_sign=issues_certificates,
+        crl_sign=issues_certificates,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        encipher_only=False,
+        decipher_only=False,
+    )
 
 
 def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:

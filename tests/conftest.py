@@ -24,6 +24,12 @@ def toy_model(value: float = 0.0) -> Tensors:
     }
 
 
+def toy_server_args(pki_root: Path, initial: Path) -> list[str]:
+    """``fedge server`` flags for the toy task on a free port; the toy model is written to ``initial``."""
+    initial.write_bytes(encode(toy_model()))
+    return ["--pki", str(pki_root), "--port", "0", "--task", "toy", "--init-model", str(initial)]
+
+
 @pytest.fixture(scope="session")
 def pki_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Federation ``test``: the server, three clients and an admin."""
@@ -62,12 +68,10 @@ def start_server(tmp_path: Path, pki_dir: Path) -> Iterator[Callable[..., Server
     """Start ``fedge server`` on the test PKI with a toy model; extra CLI flags pass through."""
     started: list[ServerProcess] = []
     initial = tmp_path / "initial.safetensors"
-    initial.write_bytes(encode(toy_model()))
 
     def start(*flags: str, data: Path | None = None, pki_root: Path | None = None) -> ServerProcess:
         """``pki_root`` runs the server on another PKI than the session's (one a test may revoke in)."""
-        root = pki_root or pki_dir
-        args = ["--pki", str(root), "--port", "0", "--task", "toy", "--init-model", str(initial), *flags]
+        args = [*toy_server_args(pki_root or pki_dir, initial), *flags]
         server = launch(args, data or tmp_path / "server", tmp_path / "server.log")
         started.append(server)
         return server

@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import toy_model, update_body
+from conftest import toy_model, toy_server_args, update_body
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from test_service import open_round
@@ -76,17 +76,7 @@ def refused_soon(call: Callable[[], object], within: float = 30.0) -> ServerErro
 def target(tmp_path_factory: pytest.TempPathFactory, pki_dir: Path) -> Iterator[ServerProcess]:
     """One server for the attacks that must all be refused: none of them may change its state."""
     work = tmp_path_factory.mktemp("target")
-    (work / "initial.safetensors").write_bytes(encode(toy_model()))
-    args = [
-        "--pki",
-        str(pki_dir),
-        "--port",
-        "0",
-        "--task",
-        "toy",
-        "--init-model",
-        str(work / "initial.safetensors"),
-    ]
+    args = toy_server_args(pki_dir, work / "initial.safetensors")
     server = launch(args, work / "server", work / "server.log")
     yield server
     server.stop()

@@ -9,10 +9,9 @@ from pathlib import Path
 import httpx
 import pytest
 import schemathesis
-from conftest import toy_model
+from conftest import toy_server_args
 from hypothesis import HealthCheck, given, settings
 
-from fedge.codec import encode
 from fedge.security import pki
 from fedge.security.tls import client_context
 from fedge.server.launcher import ServerProcess, launch
@@ -25,20 +24,8 @@ def fuzz_target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Serv
     pki.init_ca(work / "pki", "fuzz")
     pki.issue(work / "pki", pki.Role.SERVER, "server", hosts=("127.0.0.1",))
     creds = pki.issue(work / "pki", pki.Role.CLIENT, "alice")
-    (work / "initial.safetensors").write_bytes(encode(toy_model()))
     server = launch(
-        [
-            "--pki",
-            str(work / "pki"),
-            "--port",
-            "0",
-            "--task",
-            "toy",
-            "--init-model",
-            str(work / "initial.safetensors"),
-        ],
-        work / "server",
-        work / "server.log",
+        toy_server_args(work / "pki", work / "initial.safetensors"), work / "server", work / "server.log"
     )
     yield server, creds
     server.stop()
