@@ -93,3 +93,17 @@ def test_settings_come_from_flags_then_environment_then_fedge_toml(tmp_path: Pat
     monkeypatch.setenv("FEDGE_ROUNDS", "5")
     settings = SimulationSettings.from_flags(lr=0.3, clients=None)
     assert (settings.clients, settings.rounds, settings.lr) == (7, 5, 0.3)
+
+
+def test_pki_revoke_says_what_is_wrong_in_one_line(tmp_path: Path) -> None:
+    run_cli("pki", "init", "--dir", str(tmp_path), "--federation", "acme")
+    run_cli("pki", "client-cert", "--dir", str(tmp_path), "--client", "dev-1")
+    assert run_cli("pki", "revoke", "--dir", str(tmp_path), "--client", "dev-1").returncode == 0
+    assert_one_line_error(
+        run_cli("pki", "revoke", "--dir", str(tmp_path), "--client", "dev-1"), "already revoked"
+    )
+    assert_one_line_error(run_cli("pki", "revoke", "--dir", str(tmp_path), "--client", "ghost"), "no client")
+    assert_one_line_error(run_cli("pki", "revoke", "--dir", str(tmp_path)), "exactly one of")
+    assert list(pki.revoked(tmp_path)) == [
+        x509.load_pem_x509_certificate((tmp_path / "client" / "dev-1.pem").read_bytes()).serial_number
+    ]
