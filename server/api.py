@@ -17,6 +17,7 @@ from fedge.server import metrics
 from fedge.server.errors import Rejected
 from fedge.server.identity import Caller, Submitter, peer_certificate
 from fedge.server.rounds import Federation
+from fedge.server.store import Provenance
 from fedge.server.trust import Trust
 from fedge.wire import ErrorBody, ModelMeta, RoundInfo, UpdateReceipt
 
@@ -130,14 +131,16 @@ async def post_update(
             raise Rejected(400, "missing_signature", "an update needs X-Fedge-Signature and X-Fedge-Nonce")
         owner = _slot_owner(identity, x_fedge_grant, round_, trust)
         body = await _read_capped(request, len(federation.model.body) + 64 * 1024)
-        claim = signing.UpdateClaim(
-            trust.federation, round_, owner, await run_in_threadpool(sha256, body), x_fedge_nonce
-        )
+        digest = await run_in_threadpool(sha256, body)
+        claim = signing.UpdateClaim(trust.federation, round_, owner, digest, x_fedge_nonce)
         _check_update_signature(peer_certificate(request.scope), claim, x_fedge_signature)  # type: ignore[arg-type]
-        computed_by = identity.id if identity.role is Role.EXECUTOR else ""
-        receipt = await run_in_threadpool(
-            federation.submit, round_, owner, body, x_fedge_signature, x_fedge_nonce, computed_by
+        provenance = Provenance(
+            signature=x_fedge_signature,
+            nonce=x_fedge_nonce,
+            body_sha256=digest,
+            computed_by=identity.id if identity.role is Role.EXECUTOR else "",
         )
+        receipt = await run_in_threadpool(federation.submit, round_, owner, body, provenance)
     except Rejected as exc:
         metrics.updates_rejected.labels(code=exc.code).inc()
         raise

@@ -15,7 +15,7 @@ from enum import Enum
 from fedge.codec import Tensors, decode, encode, signature_of
 from fedge.server import aggregation
 from fedge.server.errors import Rejected
-from fedge.server.store import DuplicateUpdate, RoundRecord, Store
+from fedge.server.store import DuplicateUpdate, Provenance, RoundRecord, Store
 from fedge.server.validation import validate_update
 from fedge.wire import RoundInfo, RoundState, TrainConfig, UpdateReceipt
 
@@ -107,18 +107,11 @@ class Federation:
             self._notify()
 
     def submit(
-        self,
-        round_: int,
-        client: str,
-        body: bytes,
-        signature: str = "",
-        nonce: str = "",
-        computed_by: str = "",
+        self, round_: int, client: str, body: bytes, provenance: Provenance | None = None
     ) -> UpdateReceipt:
         """Authorize, validate, store durably, then fold; any refusal leaves store and aggregate untouched.
 
-        ``signature`` and ``nonce`` (checked by the API before this call) are stored with the update, and
-        ``computed_by``: the executor that trained it on the client's behalf, or empty for the client."""
+        ``provenance`` (signature, nonce: checked by the API before this call) is stored with the update."""
         with self._lock:
             current = self._open
             if current is None or current.round != round_:
@@ -129,9 +122,7 @@ class Federation:
                 raise Rejected(403, "not_selected", f"client {client!r} was not selected for round {round_}")
             tensors, num_examples = validate_update(body, signature_of(self._model.tensors))
             try:
-                record = self._store.add_update(
-                    round_, client, body, num_examples, signature, nonce, computed_by
-                )
+                record = self._store.add_update(round_, client, body, num_examples, provenance)
             except DuplicateUpdate:
                 raise Rejected(409, "duplicate_update", f"{client!r} already sent its update") from None
             assert self._sum is not None

@@ -64,6 +64,17 @@ class RoundRecord:
 
 
 @dataclass(frozen=True)
+class Provenance:
+    """Who vouches for an update: the signature and nonce the API verified, the body's sha256 it computed
+    for that (so it is not hashed twice), and the executor that trained it for the client, if any."""
+
+    signature: str = ""
+    nonce: str = ""
+    body_sha256: str = ""
+    computed_by: str = ""
+
+
+@dataclass(frozen=True)
 class UpdateRecord:
     client: str
     sha256: str
@@ -150,14 +161,7 @@ class Store:
         return self.round(row[0]) if row[0] is not None else None
 
     def add_update(
-        self,
-        round_: int,
-        client: str,
-        body: bytes,
-        num_examples: int,
-        signature: str = "",
-        nonce: str = "",
-        computed_by: str = "",
+        self, round_: int, client: str, body: bytes, num_examples: int, provenance: Provenance | None = None
     ) -> UpdateRecord:
         if self._db.execute(
             "SELECT 1 FROM updates WHERE round = ? AND client = ?", (round_, client)
@@ -166,13 +170,15 @@ class Store:
         path = self.dir / "updates" / str(round_) / f"{client}.safetensors"
         path.parent.mkdir(exist_ok=True)
         _write_durably(path, body)
-        digest = sha256(body)
+        proof = provenance or Provenance()
+        digest = proof.body_sha256 or sha256(body)
         self._db.execute(
             "INSERT INTO updates"
             " (round, client, sha256, num_examples, bytes, received_at, signature, nonce, computed_by)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (round_, client, digest, num_examples, len(body), time.time(), signature, nonce, computed_by),
-        )
+            (round_, client, digest, num_examples, len(body), time.time(), proof.signature, proof.nonce,
+             proof.computed_by),
+        )  # fmt: skip
         return UpdateRecord(client, digest, num_examples, path)
 
     def updates(self, round_: int) -> list[UpdateRecord]:
