@@ -1,4 +1,4 @@
-"""Admin routes (``/v1/admin/``): see the federation, revoke a client, mint an enrollment token.
+"""Admin routes (``/v1/admin/``): see the federation and its rounds, revoke a client, mint a token.
 
 Only an admin certificate reaches them; nothing here reads or writes the global model or any update.
 """
@@ -33,6 +33,16 @@ class FederationStatus(BaseModel):
     clients: list[ClientStatus]
 
 
+class RoundStatus(BaseModel):
+    round: int
+    state: str = Field(description="open, done or failed")
+    selected: list[str]
+    reported: list[str] = Field(description="clients whose update was stored")
+    base_sha256: str
+    result_sha256: str | None
+    deadline: float
+
+
 class TokenRequest(BaseModel):
     client: str
     ttl_seconds: float = Field(24 * 3600, gt=0, le=30 * 24 * 3600)
@@ -58,6 +68,23 @@ def status(request: Request, _: Admin) -> FederationStatus:
         round=request.app.state.federation.round_info(),
         clients=[_client_status(c, revoked, now) for c in pki.certificates(trust.pki_dir, pki.Role.CLIENT)],
     )
+
+
+@router.get("/rounds", responses=_ERRORS)
+def rounds(request: Request, _: Admin) -> list[RoundStatus]:
+    """Every round so far: who was selected, who reported, which model it started from and produced."""
+    return [
+        RoundStatus(
+            round=record.round,
+            state=record.state,
+            selected=record.selected,
+            reported=reported,
+            base_sha256=record.base_sha256,
+            result_sha256=record.result_sha256,
+            deadline=record.deadline,
+        )
+        for record, reported in request.app.state.federation.history()
+    ]
 
 
 @router.post("/clients/{client}/revoke", responses=_ERRORS)

@@ -99,6 +99,11 @@ class Federation:
                 task=self.settings.task,
             )
 
+    def history(self) -> list[tuple[RoundRecord, list[str]]]:
+        """Every round with the clients that sent an update in it (never the updates themselves)."""
+        with self._lock:
+            return self._store.history()
+
     def tick(self, now: float | None = None) -> None:
         """Close an overdue round and open the next one when enough clients are registered."""
         with self._lock:

@@ -181,6 +181,11 @@ class Store:
         )  # fmt: skip
         return UpdateRecord(client, digest, num_examples, path)
 
+    def history(self) -> list[tuple[RoundRecord, list[str]]]:
+        """Every round, oldest first, with the clients whose updates it stored (for operators)."""
+        rounds = self._db.execute("SELECT round FROM rounds ORDER BY round").fetchall()
+        return [(record, [u.client for u in self.updates(r)]) for (r,) in rounds if (record := self.round(r))]
+
     def updates(self, round_: int) -> list[UpdateRecord]:
         rows = self._db.execute(
             "SELECT client, sha256, num_examples FROM updates WHERE round = ? ORDER BY received_at, client",

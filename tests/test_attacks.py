@@ -199,6 +199,7 @@ def test_admin_routes_refuse_clients_and_executors(target: ServerProcess, pki_di
     before = state_of(target)
     with raw_client(target, pki_dir, "alice") as http:
         assert refusal(http.get("/v1/admin/status")) == (403, "wrong_role")
+        assert refusal(http.get("/v1/admin/rounds")) == (403, "wrong_role")
         assert refusal(http.post("/v1/admin/clients/bob/revoke")) == (403, "wrong_role")
         assert refusal(http.post("/v1/admin/tokens", json={"client": "eve"})) == (403, "wrong_role")
     assert pki.revoked(pki_dir) == {}
@@ -406,9 +407,13 @@ def test_a_certificate_replaced_by_a_newer_one_for_its_id_is_refused(
 
 def test_an_admin_revokes_a_client_over_the_api(start_server, connect, fresh_pki: Path) -> None:
     server = start_server(pki_root=fresh_pki)
-    bob = connect(server, "bob", pki_root=fresh_pki)
-    open_round(bob)
+    bob, alice = connect(server, "bob", pki_root=fresh_pki), connect(server, "alice", pki_root=fresh_pki)
+    info = open_round(bob)
+    alice.post_update(info.round, update_body(1.0))
     with raw_client(server, fresh_pki, "ops", pki.Role.ADMIN) as http:
+        [current] = http.get("/v1/admin/rounds").json()
+        assert (current["round"], current["state"]) == (info.round, "open")
+        assert (current["selected"], current["reported"]) == (["alice", "bob"], ["alice"])
         revoked = http.post("/v1/admin/clients/bob/revoke")
         assert revoked.status_code == 200
         assert revoked.json()["status"] == "revoked"
