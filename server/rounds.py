@@ -16,7 +16,7 @@ from fedge.codec import Tensors, decode, encode, signature_of
 from fedge.server import aggregation
 from fedge.server.errors import Rejected
 from fedge.server.store import DuplicateUpdate, Provenance, RoundRecord, Store
-from fedge.server.validation import validate_update
+from fedge.server.validation import check_norm, validate_update
 from fedge.wire import RoundInfo, RoundState, TrainConfig, UpdateReceipt
 
 
@@ -28,6 +28,7 @@ class FederationSettings:
     min_clients: int = 1
     min_updates: int = 1
     round_timeout: float = 600.0
+    max_update_norm: float | None = None
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
@@ -126,6 +127,8 @@ class Federation:
             if client not in current.selected:
                 raise Rejected(403, "not_selected", f"client {client!r} was not selected for round {round_}")
             tensors, num_examples = validate_update(body, signature_of(self._model.tensors))
+            if self.settings.max_update_norm is not None:
+                check_norm(tensors, self._model.tensors, self.settings.max_update_norm)
             try:
                 record = self._store.add_update(round_, client, body, num_examples, provenance)
             except DuplicateUpdate:

@@ -289,6 +289,18 @@ def test_an_executor_submits_once_in_a_client_slot_with_its_grant_and_nothing_el
     assert state_of(server) == stored
 
 
+def test_with_a_norm_bound_an_update_that_moves_the_model_too_far_is_refused(start_server, connect) -> None:
+    server = start_server("--max-update-norm", "5")
+    alice, bob = connect(server, "alice"), connect(server, "bob")
+    info = open_round(alice)
+    before = state_of(server)
+    with pytest.raises(ServerError) as refused:
+        alice.post_update(info.round, update_body(2.0))  # 15 parameters moved by 2: distance 7.7
+    assert (refused.value.status, refused.value.code) == (422, "norm_too_large")
+    assert state_of(server) == before
+    assert bob.post_update(info.round, update_body(1.0)).client == "bob"  # distance 3.9
+
+
 def test_a_client_not_selected_for_the_round_is_refused(start_server, connect, fresh_pki: Path) -> None:
     server = start_server(pki_root=fresh_pki)
     alice = connect(server, "alice", pki_root=fresh_pki)
