@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import socket
 import sqlite3
 import ssl
 import threading
@@ -187,3 +188,10 @@ def test_metrics_count_accepted_and_refused_updates(start_server, connect, pki_d
         text = http.get("/metrics").text
     assert "fedge_updates_accepted_total 1.0" in text
     assert 'fedge_updates_rejected_total{code="duplicate_update"} 1.0' in text
+
+
+def test_the_listening_socket_disables_nagle_so_small_responses_are_not_held_back() -> None:
+    from fedge.server.service import bind
+
+    with bind("127.0.0.1", 0) as sock:
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
