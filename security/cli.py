@@ -60,9 +60,19 @@ def client_cert(
 @app.command("admin-cert")
 def admin_cert(directory: PkiDir, admin: Annotated[str, typer.Option(help="admin id")]) -> None:
     """Issue an operator's certificate for the /v1/admin/ routes."""
+    _issue(directory, pki.Role.ADMIN, admin)
+
+
+@app.command("executor-cert")
+def executor_cert(directory: PkiDir, executor: Annotated[str, typer.Option(help="executor id")]) -> None:
+    """Issue a cloud executor's certificate: it submits only in the slot a client's grant gives it."""
+    _issue(directory, pki.Role.EXECUTOR, executor)
+
+
+def _issue(directory: Path, role: pki.Role, id_: str) -> None:
     with user_errors(pki.PKIError):
-        creds = pki.issue(directory, pki.Role.ADMIN, admin)
-    console.print(f"admin certificate written to {creds.cert} (key {creds.key})")
+        creds = pki.issue(directory, role, id_)
+    console.print(f"{role} certificate written to {creds.cert} (key {creds.key})")
 
 
 @app.command()

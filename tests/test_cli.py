@@ -36,6 +36,13 @@ def test_pki_commands_make_a_ca_and_issue_certificates(tmp_path: Path) -> None:
     assert pki.identity_of(der) == pki.Identity("acme", pki.Role.CLIENT, "dev-1")
     assert oct((directory / "client" / "dev-1.key").stat().st_mode & 0o777) == "0o600"
     assert pki.issued(directory, pki.Role.CLIENT) == ["dev-1"]
+    assert run_cli("pki", "admin-cert", "--dir", str(directory), "--admin", "ops").returncode == 0
+    assert run_cli("pki", "executor-cert", "--dir", str(directory), "--executor", "gpu-1").returncode == 0
+    for role, id_ in ((pki.Role.ADMIN, "ops"), (pki.Role.EXECUTOR, "gpu-1")):
+        cert = x509.load_pem_x509_certificate(pki.credentials(directory, role, id_).cert.read_bytes())
+        assert pki.identity_of(cert.public_bytes(serialization.Encoding.DER)) == pki.Identity(
+            "acme", role, id_
+        )
 
 
 def test_pki_init_refuses_to_overwrite_a_ca(tmp_path: Path) -> None:
