@@ -124,6 +124,11 @@ def _attacks() -> dict[
             403,
             "bad_signature",
         ),
+        "claiming another client's slot": (
+            lambda a, _b, r: (f"/v1/rounds/{r}/updates", good, a.sign_update(r, good, client="bob")),
+            403,
+            "bad_signature",
+        ),
         "another client's signature": (
             lambda _a, b, r: (f"/v1/rounds/{r}/updates", good, _signed(b, r, good)),
             403,
