@@ -109,7 +109,9 @@ def run(quick: bool) -> dict:
 
             def server_checks() -> None:
                 now = dt.datetime.now(dt.UTC)
-                refusal = gate(peer, "/v1/rounds/1/updates", revocations.is_revoked, current.serial_of, now)
+                refusal = gate(
+                    peer, "/v1/rounds/1/updates", "bench", revocations.is_revoked, current.serial_of, now
+                )
                 assert refusal is None
                 key = x509.load_der_x509_certificate(peer).public_key()
                 signing.verify(key, claim.message(), headers["X-Fedge-Signature"])

@@ -35,7 +35,7 @@ def create_app(federation: Federation, trust: Trust) -> FastAPI:
     app = FastAPI(title="fedge aggregation service", version=__version__, lifespan=lifespan)
     app.state.federation = federation
     app.state.trust = trust
-    app.add_middleware(CertificateGate, revocations=trust.revocations, current=trust.current)  # type: ignore[arg-type]
+    app.add_middleware(CertificateGate, trust=trust)  # type: ignore[arg-type]
     for part in (api, enrollment, admin):
         app.include_router(part.router)
     app.add_exception_handler(Rejected, _rejected)  # type: ignore[arg-type]

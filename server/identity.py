@@ -26,8 +26,8 @@ from uvicorn._types import ASGI3Application, ASGIReceiveCallable, ASGISendCallab
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from fedge.security.pki import Identity, PKIError, Role, identity_of
-from fedge.security.revocation import CurrentCertificates, RevocationList
 from fedge.server.errors import Rejected
+from fedge.server.trust import Trust
 
 PUBLIC_PATHS = frozenset({"/healthz", "/v1/ca", "/v1/enroll"})
 
@@ -56,6 +56,7 @@ def peer_certificate(scope: Scope) -> bytes | None:
 def gate(
     peer_der: bytes | None,
     path: str,
+    federation: str,
     is_revoked: Callable[[int], bool],
     current_serial: Callable[[str, str], int | None],
     now: dt.datetime,
@@ -74,32 +75,31 @@ def gate(
         identity = identity_of(peer_der)
     except PKIError as exc:
         return Rejected(401, "bad_client_certificate", str(exc))
-    if current_serial(identity.role, identity.id) != cert.serial_number:
-        return Rejected(
-            401,
-            "certificate_superseded",
-            f"{identity.role} {identity.id!r} holds a newer certificate than this",
-        )
+    if identity.federation != federation:
+        return Rejected(403, "wrong_federation", f"certificate is for federation {identity.federation!r}")
+    current = current_serial(identity.role, identity.id)
+    if current is None:
+        return Rejected(401, "unknown_certificate", f"no certificate is on record for {identity.uri}")
+    if current != cert.serial_number:
+        return Rejected(401, "certificate_superseded", f"{identity.uri} holds a newer certificate than this")
     return None
 
 
 class CertificateGate:
     """ASGI middleware: applies ``gate`` to every HTTP request before routing."""
 
-    def __init__(
-        self, app: ASGI3Application, revocations: RevocationList, current: CurrentCertificates
-    ) -> None:
+    def __init__(self, app: ASGI3Application, trust: Trust) -> None:
         self.app = app
-        self.revocations = revocations
-        self.current = current
+        self.trust = trust
 
     async def __call__(self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
         if scope["type"] == "http":
             refusal = gate(
                 peer_certificate(scope),
                 scope["path"],
-                self.revocations.is_revoked,
-                self.current.serial_of,
+                self.trust.federation,
+                self.trust.revocations.is_revoked,
+                self.trust.current.serial_of,
                 dt.datetime.now(dt.UTC),
             )
             if refusal is not None:
@@ -110,17 +110,15 @@ class CertificateGate:
 
 
 def caller(request: Request) -> Identity:
-    """The verified caller, or 401 when the connection carries no usable fedge certificate."""
+    """The verified caller (``CertificateGate`` has already refused anyone without a standing certificate
+    of this federation, so only a route that needs no certificate can get here without one)."""
     peer = peer_certificate(request.scope)  # type: ignore[arg-type]
     if peer is None:
         raise Rejected(401, "no_client_certificate", "a client certificate is required")
     try:
-        identity = identity_of(peer)
+        return identity_of(peer)
     except PKIError as exc:
         raise Rejected(401, "bad_client_certificate", str(exc)) from None
-    if identity.federation != request.app.state.federation.settings.federation:
-        raise Rejected(403, "wrong_federation", f"certificate is for federation {identity.federation!r}")
-    return identity
 
 
 def client(identity: Annotated[Identity, Depends(caller)]) -> Identity:

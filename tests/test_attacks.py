@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import pickle
+import shutil
 import sqlite3
 import ssl
 import subprocess
@@ -229,6 +230,26 @@ def test_a_certificate_from_another_ca_cannot_even_connect(
     context = client_context(pki.Credentials(ca=pki_dir / "ca.pem", cert=foreign.cert, key=foreign.key))
     with httpx.Client(verify=context) as http, pytest.raises(httpx.TransportError):
         http.get(f"{target.url}/healthz")
+
+
+def test_a_certificate_of_another_federation_under_the_same_ca_is_refused(
+    start_server, fresh_pki: Path, tmp_path: Path
+) -> None:
+    server = start_server(pki_root=fresh_pki)
+    elsewhere = tmp_path / "same-ca-other-federation"
+    shutil.copytree(fresh_pki, elsewhere)
+    (elsewhere / "pki.json").write_text(json.dumps({"federation": "other"}))
+    pki.issue(elsewhere, pki.Role.CLIENT, "alice")
+    before = state_of(server)
+    with raw_client(server, elsewhere, "alice") as http:
+        assert refusal(http.get("/v1/model")) == (403, "wrong_federation")
+        body = update_body(1.0)
+        headers = {"X-Fedge-Nonce": "0" * 32, "X-Fedge-Signature": "AA=="}
+        assert refusal(http.post("/v1/rounds/1/updates", content=body, headers=headers)) == (
+            403,
+            "wrong_federation",
+        )
+    assert state_of(server) == before
 
 
 def test_an_expired_certificate_cannot_connect(start_server, fresh_pki: Path) -> None:
