@@ -9,6 +9,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from fedge.client.cli import app as agent_app
 from fedge.console import console, user_errors
 from fedge.security.cli import app as pki_app
 from fedge.server.cli import server
@@ -20,6 +21,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(pki_app, name="pki")
+app.add_typer(agent_app, name="agent")
 app.command()(server)
 
 

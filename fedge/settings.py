@@ -64,6 +64,7 @@ class ServerSettings(TrainingSettings):
     task: str = "mnist"
     min_clients: int = Field(1, ge=1)
     min_updates: int = Field(1, ge=1)
+    max_update_norm: float | None = Field(None, gt=0)
     init_model: Path | None = None
 
 
