@@ -9,6 +9,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from fedge.client.cli import app as agent_app
 from fedge.console import console, user_errors
 from fedge.security.cli import app as pki_app
 from fedge.server.cli import (
@@ -38,6 +39,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(pki_app, name="pki")
+app.add_typer(agent_app, name="agent")
 app.command()(server)
 
 
@@ -46,8 +48,10 @@ def simulate(
     clients: Annotated[int | None, typer.Option(help="simulated clients [10]")] = None,
     rounds: Annotated[int | None, typer.Option(help="rounds of FedAvg [10]")] = None,
     local_epochs: Annotated[int | None, typer.Option(help="local epochs per round [1]")] = None,
-    dataset: Annotated[str | None, typer.Option(help="mnist or digits [mnist]")] = None,
-    partition: Annotated[str | None, typer.Option(help="iid or dirichlet:ALPHA [dirichlet:0.5]")] = None,
+    dataset: Annotated[str | None, typer.Option(help="mnist, digits or shakespeare [mnist]")] = None,
+    partition: Annotated[
+        str | None, typer.Option(help="iid, natural or dirichlet:ALPHA [dirichlet:0.5]")
+    ] = None,
     seed: Annotated[int | None, typer.Option(help="seed of model and partition [0]")] = None,
     out: Annotated[Path | None, typer.Option(help="where results go [fedge-run]")] = None,
     workers: Annotated[int | None, typer.Option(help="warm worker processes [one per core]")] = None,

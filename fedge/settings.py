@@ -58,7 +58,7 @@ class TrainingSettings(_CommandSettings):
     round, who is selected, and how their updates are aggregated."""
 
     rounds: int = Field(10, ge=1)
-    local_epochs: int = Field(1, ge=1)
+    local_epochs: int = Field(1, ge=0)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(0.05, gt=0)
     round_timeout: float = Field(600.0, gt=0)
@@ -98,6 +98,7 @@ class ServerSettings(TrainingSettings):
     task: str = "mnist"
     min_clients: int = Field(1, ge=1)
     min_updates: int = Field(1, ge=1)
+    max_update_norm: float | None = Field(None, gt=0)
     init_model: Path | None = None
     store: str | None = None  # postgresql://... for round state in PostgreSQL; none: SQLite under data
 

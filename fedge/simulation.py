@@ -39,6 +39,7 @@ class RoundMetrics:
     seconds: float
     bytes_up: int
     bytes_down: int
+    ended: float  # Unix time when the round's evaluation finished
     stale_updates: int = 0  # asynchronous mode: updates folded from an older version
 
 
@@ -187,6 +188,7 @@ class _Run:
             bytes_up=sum(r.result["bytes_up"] for r in results),
             bytes_down=sum(r.result["bytes_down"] for r in results),
             stale_updates=sum(r.result["staleness"] > 0 for r in results),
+            ended=time.time(),
         )
         self.report.rounds.append(metrics)
         self.on_round(metrics)

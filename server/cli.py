@@ -68,6 +68,9 @@ def server(
     min_clients: Annotated[int | None, typer.Option(help="registered clients before round 1 [1]")] = None,
     min_updates: Annotated[int | None, typer.Option(help="updates a round needs at its deadline [1]")] = None,
     round_timeout: Annotated[float | None, typer.Option(help="seconds a round stays open [600]")] = None,
+    max_update_norm: Annotated[
+        float | None, typer.Option(help="refuse updates farther than this L2 distance from the model [off]")
+    ] = None,
     local_epochs: Annotated[int | None, typer.Option(help="local epochs per round [1]")] = None,
     batch_size: Annotated[int | None, typer.Option(help="client batch size [32]")] = None,
     lr: Annotated[float | None, typer.Option(help="client learning rate [0.05]")] = None,
@@ -98,6 +101,7 @@ def server(
         settings = ServerSettings.from_flags(
             pki=pki_dir, data=data, store=store, host=host, port=port, task=task, init_model=init_model,
             rounds=rounds, min_clients=min_clients, min_updates=min_updates, round_timeout=round_timeout,
+            max_update_norm=max_update_norm,
             local_epochs=local_epochs, batch_size=batch_size, lr=lr, seed=seed, fraction=fraction,
             strategy=strategy, proximal_mu=proximal_mu, server_lr=server_lr, beta1=beta1, beta2=beta2,
             tau=tau, trim_fraction=trim_fraction, malicious=malicious, keep=keep, clip_norm=clip_norm,
@@ -108,9 +112,11 @@ def server(
         from fedge.server import service
         from fedge.server.app import create_app
         from fedge.server.rounds import Federation, FederationSettings
+        from fedge.server.trust import Trust
         from fedge.wire import TrainConfig
 
         creds = pki.credentials(settings.pki, pki.Role.SERVER, "server")
+        trust = Trust.load(settings.pki)
         fed_settings = FederationSettings(
             federation=pki.federation_of(settings.pki),
             task=settings.task,
@@ -118,6 +124,7 @@ def server(
             min_clients=settings.min_clients,
             min_updates=settings.min_updates,
             round_timeout=settings.round_timeout,
+            max_update_norm=settings.max_update_norm,
             fraction=settings.fraction,
             seed=settings.seed,
             buffer=settings.buffer,
@@ -133,12 +140,12 @@ def server(
         federation = Federation(
             store,
             fed_settings,
-            registered_clients=lambda: pki.issued(settings.pki, pki.Role.CLIENT),
+            registered_clients=lambda: pki.active(settings.pki, pki.Role.CLIENT),
             initial_model=_initial_model(settings) if store.get_meta("global_sha256") is None else None,
             strategy=chosen,
         )
         console.print(f"fedge aggregation service on https://{settings.host}:{sock.getsockname()[1]}")
-    service.serve(create_app(federation), creds, sock, settings.data / "endpoint.json")
+    service.serve(create_app(federation, trust), creds, sock, settings.data / "endpoint.json")
 
 
 def _initial_model(settings: ServerSettings) -> bytes:

@@ -19,9 +19,9 @@ from fedge.codec import CodecError, Tensors, decode, encode, mapped, metadata_of
 from fedge.compression import COMPRESSION, INT8_SCALES, CompressionError, decompress
 from fedge.server import aggregation
 from fedge.server.errors import Rejected
-from fedge.server.store import DuplicateUpdate, RoundRecord, Store
+from fedge.server.store import DuplicateUpdate, Provenance, RoundRecord, Store
 from fedge.server.strategies import FedAvg, Strategy, StrategyError
-from fedge.server.validation import validate_update
+from fedge.server.validation import check_norm, validate_update
 from fedge.wire import BASE_SHA256, RoundInfo, RoundState, TrainConfig, UpdateReceipt
 
 
@@ -33,6 +33,7 @@ class FederationSettings:
     min_clients: int = 1
     min_updates: int = 1
     round_timeout: float = 600.0
+    max_update_norm: float | None = None
     fraction: float = 1.0  # share of registered clients selected each round (at least the quorum)
     seed: int = 0
     # Asynchronous mode (FedBuff) when > 0: a new version every ``buffer`` updates, late updates welcome.
@@ -123,6 +124,11 @@ class Federation:
                 task=self.settings.task,
             )
 
+    def history(self) -> list[tuple[RoundRecord, list[str]]]:
+        """Every round with the clients that sent an update in it (never the updates themselves)."""
+        with self._lock:
+            return self._store.history()
+
     def tick(self, now: float | None = None) -> None:
         """Close an overdue round and open the next one when enough clients are registered."""
         with self._lock:
@@ -130,8 +136,12 @@ class Federation:
         if changed:
             self._notify()
 
-    def submit(self, round_: int, client: str, body: bytes) -> UpdateReceipt:
-        """Authorize, validate, store durably, then fold; any refusal leaves store and aggregate untouched."""
+    def submit(
+        self, round_: int, client: str, body: bytes, provenance: Provenance | None = None
+    ) -> UpdateReceipt:
+        """Authorize, validate, store durably, then fold; any refusal leaves store and aggregate untouched.
+
+        ``provenance`` (signature, nonce: checked by the API before this call) is stored with the update."""
         with self._lock:
             current = self._open
             late = current is not None and round_ < current.round
@@ -142,10 +152,14 @@ class Federation:
             if client not in current.selected:
                 raise Rejected(403, "not_selected", f"client {client!r} was not selected for round {round_}")
             staleness = self._staleness(round_, current, body) if self.settings.buffer else 0
-            body = self._decompressed(body, staleness)
-            tensors, num_examples = validate_update(body, signature_of(self._model.tensors))
+            restored = self._decompressed(body, staleness)
+            tensors, num_examples = validate_update(restored or body, signature_of(self._model.tensors))
+            if self.settings.max_update_norm is not None:
+                check_norm(tensors, self._base(staleness), self.settings.max_update_norm)
             try:
-                record = self._store.add_update(current.round, client, body, num_examples, staleness)
+                record = self._store.add_update(
+                    current.round, client, body, num_examples, provenance, staleness, restored
+                )
             except DuplicateUpdate:
                 raise Rejected(409, "duplicate_update", f"{client!r} already sent its update") from None
             self._fold(tensors, num_examples, staleness)
@@ -216,15 +230,15 @@ class Federation:
         assert record is not None
         return mapped(self._store.model_path(record.base_sha256))
 
-    def _decompressed(self, body: bytes, staleness: int) -> bytes:
-        """A compressed update (fedge.compression) as the full-precision body it stands for, so that
-        validation, the store and every strategy see only full updates."""
+    def _decompressed(self, body: bytes, staleness: int) -> bytes | None:
+        """For a compressed update (fedge.compression), the full-precision body it stands for, so that
+        validation and every strategy see only full updates; None for an uncompressed one."""
         try:
             if metadata_of(body).get(COMPRESSION, "none") == "none":
-                return body
+                return None
             tensors, metadata = decode(body)
         except CodecError:
-            return body  # validation refuses it with the reason
+            return None  # validation refuses it with the reason
         try:
             restored = decompress(tensors, metadata, self._base(staleness))
         except CompressionError as exc:

@@ -44,7 +44,11 @@ CREATE TABLE IF NOT EXISTS updates (
     num_examples INTEGER NOT NULL,
     bytes INTEGER NOT NULL,
     received_at DOUBLE PRECISION NOT NULL,
+    signature TEXT NOT NULL DEFAULT '',  -- the client's, over (federation, round, client, sha256, nonce)
+    nonce TEXT NOT NULL DEFAULT '',
+    computed_by TEXT NOT NULL DEFAULT '',  -- the executor that trained it for the client, or ''
     staleness INTEGER NOT NULL DEFAULT 0,  -- asynchronous mode: versions behind the round it joins
+    restored INTEGER NOT NULL DEFAULT 0,   -- 1: a compressed body, restored beside it for aggregation
     PRIMARY KEY (round, client)
 );
 """
@@ -71,11 +75,22 @@ class RoundRecord:
 
 
 @dataclass(frozen=True)
+class Provenance:
+    """Who vouches for an update: the signature and nonce the API verified, the body's sha256 it computed
+    for that (so it is not hashed twice), and the executor that trained it for the client, if any."""
+
+    signature: str = ""
+    nonce: str = ""
+    body_sha256: str = ""
+    computed_by: str = ""
+
+
+@dataclass(frozen=True)
 class UpdateRecord:
     client: str
     sha256: str
     num_examples: int
-    path: Path
+    path: Path  # the full update that aggregation reads (restored, when the client sent it compressed)
     staleness: int = 0
 
 
@@ -181,31 +196,56 @@ class Store:
         return self.round(row[0]) if row[0] is not None else None
 
     def add_update(
-        self, round_: int, client: str, body: bytes, num_examples: int, staleness: int = 0
+        self,
+        round_: int,
+        client: str,
+        body: bytes,
+        num_examples: int,
+        provenance: Provenance | None = None,
+        staleness: int = 0,
+        restored: bytes | None = None,
     ) -> UpdateRecord:
+        """Store the body as sent (what its signature covers) and, for a compressed one, the full update it
+        stands for (``restored``), which is what aggregation reads."""
         if self._execute("SELECT 1 FROM updates WHERE round = ? AND client = ?", (round_, client)).fetchone():
             raise DuplicateUpdate(client)
         path = self.dir / "updates" / str(round_) / f"{client}.safetensors"
         path.parent.mkdir(exist_ok=True)
         _write_durably(path, body)
-        digest = sha256(body)
+        if restored is not None:
+            _write_durably(_restored_path(path), restored)
+        proof = provenance or Provenance()
+        digest = proof.body_sha256 or sha256(body)
         self._execute(
-            "INSERT INTO updates (round, client, sha256, num_examples, bytes, received_at, staleness)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (round_, client, digest, num_examples, len(body), time.time(), staleness),
+            "INSERT INTO updates (round, client, sha256, num_examples, bytes, received_at, signature, nonce,"
+            " computed_by, staleness, restored) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (round_, client, digest, num_examples, len(body), time.time(), proof.signature, proof.nonce,
+             proof.computed_by, staleness, int(restored is not None)),
+        )  # fmt: skip
+        return UpdateRecord(
+            client, digest, num_examples, _restored_path(path) if restored else path, staleness
         )
-        return UpdateRecord(client, digest, num_examples, path, staleness)
+
+    def history(self) -> list[tuple[RoundRecord, list[str]]]:
+        """Every round, oldest first, with the clients whose updates it stored (for operators)."""
+        rounds = self._execute("SELECT round FROM rounds ORDER BY round").fetchall()
+        return [(record, [u.client for u in self.updates(r)]) for (r,) in rounds if (record := self.round(r))]
 
     def updates(self, round_: int) -> list[UpdateRecord]:
         rows = self._execute(
-            "SELECT client, sha256, num_examples, staleness FROM updates WHERE round = ?"
+            "SELECT client, sha256, num_examples, staleness, restored FROM updates WHERE round = ?"
             " ORDER BY received_at, client",
             (round_,),
         ).fetchall()
-        return [
-            UpdateRecord(c, s, n, self.dir / "updates" / str(round_) / f"{c}.safetensors", t)
-            for c, s, n, t in rows
-        ]
+        updates = []
+        for client, digest, num_examples, staleness, restored in rows:
+            path = self.dir / "updates" / str(round_) / f"{client}.safetensors"
+            updates.append(
+                UpdateRecord(
+                    client, digest, num_examples, _restored_path(path) if restored else path, staleness
+                )
+            )
+        return updates
 
     @contextmanager
     def _transaction(self) -> Iterator[None]:
@@ -242,6 +282,10 @@ def _postgres(url: str) -> Any:
         return psycopg.connect(url, autocommit=True)
     except psycopg.Error as exc:
         raise StoreError(f"cannot open the PostgreSQL store: {str(exc).strip().splitlines()[0]}") from None
+
+
+def _restored_path(path: Path) -> Path:
+    return path.with_name(path.name.replace(".safetensors", ".restored.safetensors"))
 
 
 def _write_durably(path: Path, body: bytes) -> None:
