@@ -260,13 +260,9 @@ class Federation:
         self._received += 1
 
     def _close(self, record: RoundRecord, aggregated: bool) -> None:
+        tensors = self._aggregate(record.round) if aggregated else None
         result = state_sha = None
-        if aggregated:
-            try:
-                tensors = self._aggregate(record.round)
-            except StrategyError:
-                aggregated = False
-        if aggregated:
+        if tensors is not None:
             metadata = {"round": str(record.round), "task": self.settings.task}
             body = encode(tensors, {**self.strategy.metadata(record.round), **metadata})
             result = self._store.put_model(body)
@@ -274,17 +270,22 @@ class Federation:
                 state_sha = self._store.put_strategy_state(encode(state))
         self._store.close_round(record.round, result, state_sha)
         if result is not None:
+            assert tensors is not None
             self._model = GlobalModel(body, result, record.round, tensors)
         self._open = None
         self._sum = None
         self._finished = record.round >= self.settings.rounds
 
-    def _aggregate(self, round_: int) -> Tensors:
+    def _aggregate(self, round_: int) -> Tensors | None:
+        """The round's new model, or None when the strategy cannot aggregate its updates (it fails)."""
         mean = None
         if self.strategy.streaming:
             assert self._sum is not None
             mean = aggregation.average(self._sum, self._model.tensors)
-        return self.strategy.aggregate(round_, self._model.tensors, mean, self._store.updates(round_))
+        try:
+            return self.strategy.aggregate(round_, self._model.tensors, mean, self._store.updates(round_))
+        except StrategyError:
+            return None
 
     def _open_next(self, now: float) -> bool:
         clients = self._registered()
