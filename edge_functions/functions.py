@@ -15,11 +15,12 @@ import torch
 from pydantic import BaseModel
 from torch import nn
 
+from fedge import compression
 from fedge.codec import Tensors, decode, encode
-from fedge.edge_functions import partition, tasks
+from fedge.edge_functions import attacks, partition, tasks
 from fedge.security.pki import Credentials
 from fedge.transport import FedgeClient
-from fedge.wire import NUM_EXAMPLES, TRAIN_LOSS, TrainConfig
+from fedge.wire import BASE_SHA256, NUM_EXAMPLES, TRAIN_LOSS, TrainConfig
 
 
 class CredentialPaths(BaseModel):
@@ -40,6 +41,13 @@ class DataSpec(BaseModel):
     seed: int = 0
 
 
+class AttackSpec(BaseModel):
+    """Simulation only: this client is malicious and poisons its update (``attacks.poison``)."""
+
+    kind: str
+    scale: float = 4.0
+
+
 class TrainEvent(BaseModel):
     server: str
     credentials: CredentialPaths
@@ -47,6 +55,9 @@ class TrainEvent(BaseModel):
     round: int
     config: TrainConfig
     data: DataSpec
+    attack: AttackSpec | None = None
+    delay: float = 0.0  # simulation only: a straggler's extra seconds before it sends its update
+    compression: str = "none"  # fedge.compression: none, float16 or int8
 
 
 class EvaluateEvent(BaseModel):
@@ -60,6 +71,7 @@ class Context:
     """Warm state of one function instance."""
 
     model_sha256: str | None = None
+    model_round: int = 0
     model: Tensors = field(default_factory=dict)
     partitions: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
@@ -70,6 +82,7 @@ class Context:
             return 0
         self.model, _ = decode(download.body)
         self.model_sha256 = download.sha256
+        self.model_round = download.round
         return len(download.body)
 
     def partition(self, task: tasks.Task, spec: DataSpec) -> tuple[np.ndarray, np.ndarray]:
@@ -96,11 +109,20 @@ def train(event: dict, context: Context) -> dict:
         tasks.load_tensors(model, context.model)
         torch.manual_seed(ev.data.seed * 1_000_003 + ev.round * 1009 + ev.data.index)
         loss = fit(model, x, y, ev.config)
-        body = encode(tasks.tensors_of(model), {NUM_EXAMPLES: str(len(y)), TRAIN_LOSS: f"{loss:.6f}"})
+        tensors = tasks.tensors_of(model)
+        if ev.attack is not None:
+            rng = np.random.default_rng([ev.data.seed, ev.round, ev.data.index])
+            tensors = attacks.poison(ev.attack.kind, tensors, context.model, ev.attack.scale, rng)
+        tensors, how = compression.compress(tensors, context.model, ev.compression)
+        base = context.model_sha256 or ""
+        metadata = {NUM_EXAMPLES: str(len(y)), TRAIN_LOSS: f"{loss:.6f}", BASE_SHA256: base, **how}
+        body = encode(tensors, metadata)
+        time.sleep(ev.delay)
         receipt = api.post_update(ev.round, body)
     return {
         "round": ev.round,
         "num_examples": receipt.num_examples,
+        "staleness": receipt.staleness,
         "loss": loss,
         "bytes_up": len(body),
         "bytes_down": bytes_down,
@@ -118,7 +140,12 @@ def evaluate(event: dict, context: Context) -> dict:
     model = task.build_model()
     tasks.load_tensors(model, context.model)
     loss, accuracy = score(model, data.x_test, data.y_test)
-    return {"model_sha256": context.model_sha256, "loss": loss, "accuracy": accuracy}
+    return {
+        "model_sha256": context.model_sha256,
+        "round": context.model_round,
+        "loss": loss,
+        "accuracy": accuracy,
+    }
 
 
 def initial_model(event: dict, _: Context) -> bytes:
@@ -128,9 +155,11 @@ def initial_model(event: dict, _: Context) -> bytes:
 
 
 def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, config: TrainConfig) -> float:
-    """Plain minibatch SGD with momentum; returns the mean training loss of the last epoch."""
+    """Minibatch SGD with momentum, plus FedProx's proximal term when ``proximal_mu`` > 0 (it keeps the
+    local model near the global one on skewed data); returns the mean training loss of the last epoch."""
     inputs, targets = torch.from_numpy(x), torch.from_numpy(y)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.learning_rate, momentum=0.9)
+    anchor = [p.detach().clone() for p in model.parameters()]
     model.train()
     total = 0.0
     for _ in range(config.local_epochs):
@@ -138,6 +167,9 @@ def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, config: TrainConfig) -> 
         for batch in torch.randperm(len(targets)).split(config.batch_size):
             optimizer.zero_grad()
             loss = nn.functional.cross_entropy(model(inputs[batch]), targets[batch])
+            if config.proximal_mu > 0:
+                drift = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor, strict=True))
+                loss = loss + config.proximal_mu / 2 * drift
             loss.backward()
             optimizer.step()
             total += loss.item() * len(batch)

@@ -12,7 +12,25 @@ from rich.table import Table
 from fedge.client.cli import app as agent_app
 from fedge.console import console, user_errors
 from fedge.security.cli import app as pki_app
-from fedge.server.cli import server
+from fedge.server.cli import (
+    Beta1,
+    Beta2,
+    Buffer,
+    ClipNorm,
+    DpDelta,
+    Fraction,
+    Keep,
+    Malicious,
+    MaxStaleness,
+    NoiseMultiplier,
+    ProximalMu,
+    ServerLr,
+    StalenessExponent,
+    StrategyName,
+    Tau,
+    TrimFraction,
+    server,
+)
 from fedge.settings import SimulationSettings
 
 app = typer.Typer(
@@ -40,16 +58,50 @@ def simulate(
     batch_size: Annotated[int | None, typer.Option(help="client batch size [32]")] = None,
     lr: Annotated[float | None, typer.Option(help="client learning rate [0.05]")] = None,
     round_timeout: Annotated[float | None, typer.Option(help="seconds a round stays open [600]")] = None,
+    attack: Annotated[
+        str | None, typer.Option(help="malicious clients' attack: sign-flip, scale, noise")
+    ] = None,
+    attackers: Annotated[float | None, typer.Option(help="share of clients that attack [0]")] = None,
+    attack_scale: Annotated[float | None, typer.Option(help="how far attackers push [4.0]")] = None,
+    fraction: Fraction = None,
+    strategy: StrategyName = None,
+    proximal_mu: ProximalMu = None,
+    server_lr: ServerLr = None,
+    beta1: Beta1 = None,
+    beta2: Beta2 = None,
+    tau: Tau = None,
+    trim_fraction: TrimFraction = None,
+    malicious: Malicious = None,
+    keep: Keep = None,
+    clip_norm: ClipNorm = None,
+    noise_multiplier: NoiseMultiplier = None,
+    dp_delta: DpDelta = None,
+    buffer: Buffer = None,
+    max_staleness: MaxStaleness = None,
+    staleness_exponent: StalenessExponent = None,
+    compression: Annotated[
+        str | None, typer.Option(help="clients' updates: none, float16, int8 [none]")
+    ] = None,
+    stragglers: Annotated[float | None, typer.Option(help="share of clients that are slow [0]")] = None,
+    straggler_delay: Annotated[float | None, typer.Option(help="seconds a straggler lags [5]")] = None,
 ) -> None:
     """Run a federation on this machine: real mTLS, a real server process, warm client functions."""
     from fedge.plots import accuracy_plot
+    from fedge.server.cli import strategy_of
     from fedge.simulation import simulate as run
 
     with user_errors():
         settings = SimulationSettings.from_flags(
             clients=clients, rounds=rounds, local_epochs=local_epochs, dataset=dataset, partition=partition,
             seed=seed, out=out, workers=workers, batch_size=batch_size, lr=lr, round_timeout=round_timeout,
+            attack=attack, attackers=attackers, attack_scale=attack_scale, fraction=fraction,
+            strategy=strategy, proximal_mu=proximal_mu, server_lr=server_lr, beta1=beta1, beta2=beta2,
+            tau=tau, trim_fraction=trim_fraction, malicious=malicious, keep=keep, clip_norm=clip_norm,
+            noise_multiplier=noise_multiplier, dp_delta=dp_delta, buffer=buffer, max_staleness=max_staleness,
+            staleness_exponent=staleness_exponent, stragglers=stragglers, straggler_delay=straggler_delay,
+            compression=compression,
         )  # fmt: skip
+        strategy_of(settings)  # a bad strategy is refused here, not by the server it would start
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns, console=console, transient=True) as progress:
             bar = progress.add_task("round 1", total=settings.rounds)
@@ -62,8 +114,10 @@ def simulate(
                 )
 
             report = run(settings, on_round=advance)
+    attacked = f", {len(report.attackers)} attacking ({settings.attack})" if report.attackers else ""
     table = Table(
-        title=f"fedge simulate: {settings.clients} clients, {settings.dataset}, {settings.partition}"
+        title=f"fedge simulate: {settings.clients} clients{attacked}, {settings.dataset}, "
+        f"{settings.partition}, {settings.strategy}"
     )
     for column in ("round", "accuracy", "loss", "updates", "seconds", "MB up", "MB down"):
         table.add_column(column, justify="right")
@@ -79,6 +133,11 @@ def simulate(
         [r.loss for r in report.rounds],
         settings.out / "accuracy.png",
     )
+    if "dp_epsilon" in report.model_metadata:
+        meta = report.model_metadata
+        console.print(f"privacy spent: epsilon {meta['dp_epsilon']} at delta {meta['dp_delta']}")
+    sent = sum(r.bytes_up for r in report.rounds)
+    console.print(f"updates sent: {sent / 1e6:.2f} MB ({settings.compression} compression)")
     console.print(
         f"{report.seconds:.1f} s in all; metrics.json, model.safetensors, accuracy.png in {settings.out}/"
     )

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 from safetensors import SafetensorError
@@ -37,20 +38,20 @@ def encode(tensors: Tensors, metadata: dict[str, str] | None = None) -> bytes:
     stays aligned, as the library does), little-endian data, header padded with spaces to 8 bytes."""
     header: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
     order = sorted(tensors, key=lambda name: (-tensors[name].dtype.itemsize, name))
-    chunks: list[bytes] = []
+    chunks: list[memoryview] = []
     offset = 0
     for name in order:
         t = tensors[name]
         if t.dtype.name not in _DTYPES:
             raise CodecError(f"tensor {name!r} has unsupported dtype {t.dtype}")
-        data = np.ascontiguousarray(t, dtype=t.dtype.newbyteorder("<")).tobytes()
+        data = np.ascontiguousarray(t, dtype=t.dtype.newbyteorder("<"))
         header[name] = {
             "dtype": _DTYPES[t.dtype.name],
             "shape": list(t.shape),
-            "data_offsets": [offset, offset + len(data)],
+            "data_offsets": [offset, offset + data.nbytes],
         }
-        chunks.append(data)
-        offset += len(data)
+        chunks.append(memoryview(data.reshape(-1)).cast("B"))  # joined below without an extra copy
+        offset += data.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     return b"".join([len(raw).to_bytes(8, "little"), raw, *chunks])
@@ -58,6 +59,16 @@ def encode(tensors: Tensors, metadata: dict[str, str] | None = None) -> bytes:
 
 def decode(body: bytes) -> tuple[Tensors, dict[str, str]]:
     """Parse a body, checking the header ourselves so that garbage gives a clear error, not a crash."""
+    metadata = metadata_of(body)
+    try:
+        tensors = load(body)
+    except (SafetensorError, ValueError, TypeError) as exc:
+        raise CodecError(f"malformed safetensors body: {exc}") from None
+    return tensors, metadata
+
+
+def metadata_of(body: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a body, reading only its header."""
     if len(body) < 8:
         raise CodecError("body is too short to be safetensors")
     size = int.from_bytes(body[:8], "little")
@@ -72,11 +83,25 @@ def decode(body: bytes) -> tuple[Tensors, dict[str, str]]:
     metadata = header.get("__metadata__") or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise CodecError("safetensors metadata must map strings to strings")
-    try:
-        tensors = load(body)
-    except (SafetensorError, ValueError, TypeError) as exc:
-        raise CodecError(f"malformed safetensors body: {exc}") from None
-    return tensors, metadata
+    return metadata
+
+
+def mapped(path: Path) -> Tensors:
+    """The tensors of a safetensors file as read-only views of a memory map: nothing is read until used.
+
+    For files this process wrote after ``decode`` accepted them (stored updates), so the header is trusted.
+    """
+    raw = np.memmap(path, dtype=np.uint8, mode="r")
+    size = int.from_bytes(raw[:8].tobytes(), "little")
+    header = json.loads(raw[8 : 8 + size].tobytes())
+    dtypes = {code: np.dtype(name).newbyteorder("<") for name, code in _DTYPES.items()}
+    tensors: Tensors = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        start, stop = (8 + size + offset for offset in entry["data_offsets"])
+        tensors[name] = raw[start:stop].view(dtypes[entry["dtype"]]).reshape(entry["shape"])
+    return tensors
 
 
 def sha256(body: bytes) -> str:

@@ -44,8 +44,18 @@ def _toml_table(section: str) -> dict[str, Any]:
         return tomllib.load(f).get(section, {})
 
 
+# Who is selected and when a version is made (``fedge.server.rounds.FederationSettings``).
+ROUND_CONTROL = ("fraction", "buffer", "max_staleness", "staleness_exponent")
+# The aggregation strategy's settings, named as ``fedge.server.strategies.StrategyParams`` names them.
+STRATEGY_PARAMS = (
+    "proximal_mu", "server_lr", "beta1", "beta2", "tau", "trim_fraction", "malicious", "keep", "clip_norm",
+    "noise_multiplier", "dp_delta",
+)  # fmt: skip
+
+
 class TrainingSettings(_CommandSettings):
-    """What the server hands clients each round, shared by ``server`` and ``simulate``."""
+    """How the federation trains, shared by ``server`` and ``simulate``: what clients are handed each
+    round, who is selected, and how their updates are aggregated."""
 
     rounds: int = Field(10, ge=1)
     local_epochs: int = Field(1, ge=0)
@@ -53,6 +63,30 @@ class TrainingSettings(_CommandSettings):
     lr: float = Field(0.05, gt=0)
     round_timeout: float = Field(600.0, gt=0)
     seed: int = 0
+    fraction: float = Field(1.0, gt=0, le=1)
+    strategy: str = "fedavg"
+    proximal_mu: float = Field(0.0, ge=0)
+    server_lr: float | None = Field(None, gt=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.99, ge=0, lt=1)
+    tau: float | None = Field(None, gt=0)
+    trim_fraction: float = Field(0.2, ge=0, lt=0.5)
+    malicious: int = Field(0, ge=0)
+    keep: int = Field(0, ge=0)
+    clip_norm: float = Field(1.0, gt=0)
+    noise_multiplier: float = Field(1.0, ge=0)
+    dp_delta: float = Field(1e-5, gt=0, lt=1)
+    buffer: int = Field(0, ge=0)
+    max_staleness: int = Field(5, ge=0)
+    staleness_exponent: float = Field(0.5, ge=0)
+
+    def aggregation_flags(self) -> list[str]:
+        """Selection, mode and strategy as ``fedge server`` flags, for a server this command starts."""
+        flags = ["--strategy", self.strategy]
+        for name in (*ROUND_CONTROL, *STRATEGY_PARAMS):
+            if (value := getattr(self, name)) is not None:
+                flags += [f"--{name.replace('_', '-')}", str(value)]
+        return flags
 
 
 class ServerSettings(TrainingSettings):
@@ -66,11 +100,18 @@ class ServerSettings(TrainingSettings):
     min_updates: int = Field(1, ge=1)
     max_update_norm: float | None = Field(None, gt=0)
     init_model: Path | None = None
+    store: str | None = None  # postgresql://... for round state in PostgreSQL; none: SQLite under data
 
 
 class SimulationSettings(TrainingSettings):
     section = "simulate"
     clients: int = Field(10, ge=1, le=10_000)
+    attack: str | None = None
+    attackers: float = Field(0.0, ge=0, le=1)
+    attack_scale: float = Field(4.0, gt=0)
+    compression: str = "none"
+    stragglers: float = Field(0.0, ge=0, le=1)
+    straggler_delay: float = Field(5.0, ge=0)
     dataset: str = "mnist"
     partition: str = "dirichlet:0.5"
     workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)

@@ -8,20 +8,25 @@ share of real data. This process only orchestrates: it imports neither torch nor
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 import time
 from collections.abc import Callable
-from concurrent.futures import as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, as_completed, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+
+from fedge import compression
+from fedge.codec import decode
 from fedge.console import UserError
-from fedge.edge_functions import datasets, partition
-from fedge.edge_functions.runtime import WarmPool
+from fedge.edge_functions import attacks, datasets, partition
+from fedge.edge_functions.runtime import Invocation, WarmPool
 from fedge.security import pki
 from fedge.server.launcher import ServerProcess, launch
 from fedge.settings import SimulationSettings
-from fedge.transport import FedgeClient
+from fedge.transport import FedgeClient, ServerError
 from fedge.wire import RoundInfo, RoundState
 
 
@@ -35,6 +40,7 @@ class RoundMetrics:
     bytes_up: int
     bytes_down: int
     ended: float  # Unix time when the round's evaluation finished
+    stale_updates: int = 0  # asynchronous mode: updates folded from an older version
 
 
 @dataclass
@@ -44,6 +50,10 @@ class Report:
     seconds: float = 0.0
     cold_invocations: int = 0
     warm_invocations: int = 0
+    attackers: list[str] = field(default_factory=list)
+    stragglers: list[str] = field(default_factory=list)
+    refused: dict[str, int] = field(default_factory=dict)  # updates the server refused, by error code
+    model_metadata: dict[str, str] = field(default_factory=dict)  # e.g. the privacy spent (dp-fedavg)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, default=str)
@@ -58,8 +68,18 @@ def simulate(
         partition.parse(settings.partition)
     except partition.PartitionError as exc:
         raise UserError(str(exc)) from None
+    if settings.attack is not None and settings.attack not in attacks.KINDS:
+        raise UserError(f"unknown attack {settings.attack!r}: choose from {', '.join(attacks.KINDS)}")
+    if settings.compression not in compression.KINDS:
+        raise UserError(
+            f"unknown compression {settings.compression!r}: choose from {', '.join(compression.KINDS)}"
+        )
+    if settings.attackers > 0 and settings.attack is None:
+        raise UserError("--attackers needs --attack sign-flip|scale|noise")
     started = time.perf_counter()
     report = Report(settings=settings.model_dump(mode="json"))
+    report.attackers = pick_clients(settings.clients, settings.attackers, settings.seed)
+    report.stragglers = pick_clients(settings.clients, settings.stragglers, settings.seed + 1)
     with tempfile.TemporaryDirectory(prefix="fedge-sim-") as tmp:
         work = Path(tmp)
         observer = _make_pki(work / "pki", settings.clients)
@@ -71,9 +91,11 @@ def simulate(
             server = _start_server(work, settings)
             try:
                 with FedgeClient(server.url, observer) as api:
-                    _run_rounds(api, server.url, pool, work / "pki", observer, settings, report, on_round)
+                    driver = _run_async if settings.buffer else _run_rounds
+                    driver(_Run(api, server.url, pool, work / "pki", observer, settings, report, on_round))
                     final = api.model()
                 assert final is not None
+                report.model_metadata = decode(final.body)[1]
                 settings.out.mkdir(parents=True, exist_ok=True)
                 _write_atomically(settings.out / "model.safetensors", final.body)
             finally:
@@ -97,69 +119,128 @@ def client_id(index: int) -> str:
     return f"client-{index:04d}"
 
 
+def pick_clients(clients: int, fraction: float, seed: int) -> list[str]:
+    """Which clients attack, or lag: ``round(fraction * clients)`` of them, drawn by the seed."""
+    chosen = np.random.default_rng(seed).permutation(clients)[: round(fraction * clients)]
+    return [client_id(int(i)) for i in sorted(chosen)]
+
+
 def _start_server(work: Path, settings: SimulationSettings) -> ServerProcess:
     args = [
         "--pki", str(work / "pki"), "--host", "127.0.0.1", "--port", "0",
         "--task", settings.dataset, "--init-model", str(work / "initial.safetensors"),
         "--rounds", str(settings.rounds), "--min-clients", str(settings.clients),
-        "--min-updates", str(settings.clients), "--round-timeout", str(settings.round_timeout),
-        "--local-epochs", str(settings.local_epochs), "--batch-size", str(settings.batch_size),
-        "--lr", str(settings.lr),
+        "--min-updates", str(math.ceil(settings.fraction * settings.clients)),
+        "--round-timeout", str(settings.round_timeout), "--local-epochs", str(settings.local_epochs),
+        "--batch-size", str(settings.batch_size), "--lr", str(settings.lr), "--seed", str(settings.seed),
+        *settings.aggregation_flags(),
     ]  # fmt: skip
     return launch(args, work / "server", work / "server.log")
 
 
-def _run_rounds(
-    api: FedgeClient,
-    url: str,
-    pool: WarmPool,
-    pki_dir: Path,
-    observer: pki.Credentials,
-    settings: SimulationSettings,
-    report: Report,
-    on_round: Callable[[RoundMetrics], None],
-) -> None:
-    info = api.current_round()
-    while info.state is not RoundState.FINISHED:
-        if info.state is RoundState.WAITING:
-            info = api.current_round(wait=5, etag=info.etag)
-            continue
-        opened = time.perf_counter()
-        invocations = [
-            pool.invoke("train", _train_event(url, pki_dir, settings, info, c)) for c in info.selected
-        ]
-        results = [future.result() for future in as_completed(invocations)]
-        next_info = api.current_round()
-        while next_info.etag == info.etag:
-            next_info = api.current_round(wait=30, etag=info.etag)
-        seconds = time.perf_counter() - opened
-        evaluation = pool.invoke("evaluate", _evaluate_event(url, observer, settings)).result()
-        for invocation in [*results, evaluation]:
-            report.cold_invocations += invocation.cold
-            report.warm_invocations += not invocation.cold
+@dataclass
+class _Run:
+    """What a driver needs: the server's API and URL, the pool that runs client functions, who is who."""
+
+    api: FedgeClient
+    url: str
+    pool: WarmPool
+    pki_dir: Path
+    observer: pki.Credentials
+    settings: SimulationSettings
+    report: Report
+    on_round: Callable[[RoundMetrics], None]
+
+    def train(self, info: RoundInfo, client: str) -> Future[Invocation]:
+        return self.pool.invoke("train", _train_event(self, info, client))
+
+    def outcome(self, future: Future[Invocation]) -> Invocation | None:
+        """A finished training invocation, or None when the server refused its update (a late straggler,
+        a client that already sent one to this version): the refusal is counted, the simulation goes on."""
+        try:
+            return future.result()
+        except ServerError as exc:
+            self.report.refused[exc.code] = self.report.refused.get(exc.code, 0) + 1
+            return None
+
+    def wait_until_open(self, info: RoundInfo | None = None) -> RoundInfo:
+        info = info or self.api.current_round()
+        while info.state is RoundState.WAITING:
+            info = self.api.current_round(wait=5, etag=info.etag)
+        return info
+
+    def record(self, round_: int | None, results: list[Invocation], since: float) -> int:
+        """Evaluate the current model and add a row for it (labelled ``round_``, else the version
+        evaluated, which in asynchronous mode may be newer than the one that prompted it)."""
+        seconds = time.perf_counter() - since
+        evaluation = self.pool.invoke("evaluate", _evaluate_event(self.url, self.observer, self.settings))
+        evaluated = evaluation.result()
+        round_ = evaluated.result["round"] if round_ is None else round_
+        for invocation in [*results, evaluated]:
+            self.report.cold_invocations += invocation.cold
+            self.report.warm_invocations += not invocation.cold
         metrics = RoundMetrics(
-            round=info.round,
-            accuracy=evaluation.result["accuracy"],
-            loss=evaluation.result["loss"],
+            round=round_,
+            accuracy=evaluated.result["accuracy"],
+            loss=evaluated.result["loss"],
             updates=len(results),
             seconds=seconds,
             bytes_up=sum(r.result["bytes_up"] for r in results),
             bytes_down=sum(r.result["bytes_down"] for r in results),
+            stale_updates=sum(r.result["staleness"] > 0 for r in results),
             ended=time.time(),
         )
-        report.rounds.append(metrics)
-        on_round(metrics)
-        info = next_info
+        self.report.rounds.append(metrics)
+        self.on_round(metrics)
+        return round_
+
+
+def _run_rounds(run: _Run) -> None:
+    """Synchronous rounds: invoke every selected client, then wait for the server to close the round."""
+    info = run.wait_until_open()
+    while info.state is not RoundState.FINISHED:
+        opened = time.perf_counter()
+        invocations = [run.train(info, client) for client in info.selected]
+        results = [r for r in map(run.outcome, as_completed(invocations)) if r is not None]
+        next_info = run.api.current_round()
+        while next_info.etag == info.etag:
+            next_info = run.api.current_round(wait=30, etag=info.etag)
+        run.record(info.round, results, opened)
+        info = run.wait_until_open(next_info)
+
+
+def _run_async(run: _Run) -> None:
+    """Asynchronous (FedBuff): each client trains again as soon as it is done, from whatever version is
+    current; the server makes a version every ``--buffer`` updates, and stragglers' updates arrive stale."""
+    info = run.wait_until_open()
+    running: dict[Future[Invocation], str] = {}
+    idle = list(info.selected)
+    results: list[Invocation] = []
+    since = time.perf_counter()
+    recorded = 0
+    while info.state is not RoundState.FINISHED:
+        for client in idle:
+            running[run.train(info, client)] = client
+        done, _ = wait(running, timeout=1.0, return_when=FIRST_COMPLETED)
+        idle = [running.pop(future) for future in done]
+        results += [r for r in map(run.outcome, done) if r is not None]
+        info = run.api.current_round()
+        if run.api.model_meta().round > recorded:
+            recorded = run.record(None, results, since)
+            results, since = [], time.perf_counter()
+    for future in running:  # stragglers still training when the federation finished: refused, counted
+        run.outcome(future)
 
 
 def _credentials_event(creds: pki.Credentials) -> dict:
     return {"ca": str(creds.ca), "cert": str(creds.cert), "key": str(creds.key)}
 
 
-def _train_event(url: str, pki_dir: Path, settings: SimulationSettings, info: RoundInfo, client: str) -> dict:
+def _train_event(run: _Run, info: RoundInfo, client: str) -> dict:
+    settings, report = run.settings, run.report
     return {
-        "server": url,
-        "credentials": _credentials_event(pki.credentials(pki_dir, pki.Role.CLIENT, client)),
+        "server": run.url,
+        "credentials": _credentials_event(pki.credentials(run.pki_dir, pki.Role.CLIENT, client)),
         "task": info.task,
         "round": info.round,
         "config": info.config.model_dump(),
@@ -169,6 +250,11 @@ def _train_event(url: str, pki_dir: Path, settings: SimulationSettings, info: Ro
             "partition": settings.partition,
             "seed": settings.seed,
         },
+        "attack": {"kind": settings.attack, "scale": settings.attack_scale}
+        if client in report.attackers
+        else None,
+        "delay": settings.straggler_delay if client in report.stragglers else 0.0,
+        "compression": settings.compression,
     }
 
 

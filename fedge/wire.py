@@ -19,6 +19,7 @@ class TrainConfig(BaseModel):
     local_epochs: int = Field(1, ge=0)  # 0: send the model back untrained (measures framework overhead)
     batch_size: int = Field(32, ge=1)
     learning_rate: float = Field(0.05, gt=0)
+    proximal_mu: float = Field(0.0, ge=0, description="FedProx: weight of mu/2 * ||w - w_global||^2")
 
 
 class RoundInfo(BaseModel):
@@ -47,6 +48,7 @@ class UpdateReceipt(BaseModel):
     client: str
     sha256: str
     num_examples: int
+    staleness: int = Field(0, description="asynchronous mode: versions the update's base is behind")
 
 
 class ErrorBody(BaseModel):
@@ -57,3 +59,4 @@ class ErrorBody(BaseModel):
 # Metadata keys inside an update's safetensors body.
 NUM_EXAMPLES = "num_examples"
 TRAIN_LOSS = "train_loss"
+BASE_SHA256 = "base_sha256"  # the global model the update was trained from (asynchronous mode)

@@ -27,10 +27,15 @@ def start(template: Tensors) -> RunningSum:
 
 
 def fold(acc: RunningSum, tensors: Tensors, weight: float) -> None:
-    """Add ``weight * tensors`` to the sum in place (no per-update allocation)."""
+    """Add ``weight * tensors`` to the sum in place (no per-update allocation). The product is taken in the
+    update's own precision (at least float32) and only the sum in float64: a quarter less memory traffic
+    than a float64 product, and the rounding that matters, over hundreds of additions, stays float64."""
     for name, total in acc.sums.items():
-        scratch = acc._scratch.setdefault(name, np.empty_like(total))
-        np.multiply(tensors[name], weight, out=scratch, casting="unsafe")
+        x = tensors[name]
+        scratch = acc._scratch.get(name)
+        if scratch is None:
+            scratch = acc._scratch[name] = np.empty(total.shape, np.promote_types(x.dtype, np.float32))
+        np.multiply(x, weight, out=scratch, casting="unsafe")
         total += scratch
     acc.weight += weight
     acc.count += 1
@@ -40,4 +45,23 @@ def average(acc: RunningSum, template: Tensors) -> Tensors:
     """The weighted mean, in the dtypes of ``template`` (the global model)."""
     if acc.weight <= 0:
         raise ValueError("cannot average an empty sum")
-    return {name: (total / acc.weight).astype(template[name].dtype) for name, total in acc.sums.items()}
+    scale = 1.0 / acc.weight
+    mean: Tensors = {}
+    for name, total in acc.sums.items():  # one pass each, straight into the model's dtype
+        mean[name] = np.empty(total.shape, template[name].dtype)
+        np.multiply(total, scale, out=mean[name], casting="unsafe")
+    return mean
+
+
+def staleness_weight(staleness: int, exponent: float) -> float:
+    """FedBuff's polynomial discount, ``(1 + staleness) ** -exponent``: fresh updates count fully."""
+    return float((1 + staleness) ** -exponent)
+
+
+def rebase(update: Tensors, base: Tensors, current: Tensors, discount: float) -> Tensors:
+    """An update trained from an older ``base``, as if trained from ``current``: its change, discounted,
+    applied to the current model. Folding these keeps FedAvg's running sum: fresh updates come out as
+    themselves, and the mean is ``current + sum(n * discount * change) / sum(n)``."""
+    return {
+        name: current[name] + discount * (update[name].astype(np.float64) - base[name]) for name in current
+    }

@@ -6,18 +6,23 @@ and the running aggregate under one lock, and tells listeners (long polls, annou
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
-from fedge.codec import Tensors, decode, encode, signature_of
+import numpy as np
+
+from fedge.codec import CodecError, Tensors, decode, encode, mapped, metadata_of, signature_of
+from fedge.compression import COMPRESSION, INT8_SCALES, CompressionError, decompress
 from fedge.server import aggregation
 from fedge.server.errors import Rejected
 from fedge.server.store import DuplicateUpdate, Provenance, RoundRecord, Store
+from fedge.server.strategies import FedAvg, Strategy, StrategyError
 from fedge.server.validation import check_norm, validate_update
-from fedge.wire import RoundInfo, RoundState, TrainConfig, UpdateReceipt
+from fedge.wire import BASE_SHA256, RoundInfo, RoundState, TrainConfig, UpdateReceipt
 
 
 @dataclass(frozen=True)
@@ -29,6 +34,12 @@ class FederationSettings:
     min_updates: int = 1
     round_timeout: float = 600.0
     max_update_norm: float | None = None
+    fraction: float = 1.0  # share of registered clients selected each round (at least the quorum)
+    seed: int = 0
+    # Asynchronous mode (FedBuff) when > 0: a new version every ``buffer`` updates, late updates welcome.
+    buffer: int = 0
+    max_staleness: int = 5
+    staleness_exponent: float = 0.5
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
@@ -55,6 +66,14 @@ def decide(updates: int, selected: int, min_updates: int, now: float, deadline: 
     return Action.AGGREGATE if updates >= max(min_updates, 1) else Action.FAIL
 
 
+def select(clients: list[str], round_: int, fraction: float, minimum: int, seed: int) -> list[str]:
+    """Flower's sample size, ``max(ceil(fraction * n), minimum)``, drawn at random but reproducibly per round
+    (a restarted server selects the same clients)."""
+    size = min(len(clients), max(math.ceil(fraction * len(clients)), minimum))
+    rng = np.random.default_rng([seed, round_])
+    return sorted(rng.choice(sorted(clients), size=size, replace=False).tolist())
+
+
 class Federation:
     def __init__(
         self,
@@ -62,14 +81,19 @@ class Federation:
         settings: FederationSettings,
         registered_clients: Callable[[], list[str]],
         initial_model: bytes | None = None,
+        strategy: Strategy | None = None,
     ) -> None:
         self.settings = settings
+        self.strategy = strategy or FedAvg()
+        if settings.buffer and not self.strategy.streaming:
+            raise ValueError(f"asynchronous mode needs a streaming strategy; {self.strategy.name} is not one")
         self._store = store
         self._registered = registered_clients
         self._lock = threading.RLock()
         self._listeners: list[Callable[[], None]] = []
         self._open: RoundRecord | None = None
         self._sum: aggregation.RunningSum | None = None
+        self._received = 0
         self._finished = False
         self._load(initial_model)
 
@@ -120,33 +144,63 @@ class Federation:
         ``provenance`` (signature, nonce: checked by the API before this call) is stored with the update."""
         with self._lock:
             current = self._open
-            if current is None or current.round != round_:
+            late = current is not None and round_ < current.round
+            if not (late and self.settings.buffer):
+                self._refuse_late(round_, current)
+            if current is None or round_ > current.round:
                 raise Rejected(409, "round_not_open", f"round {round_} is not open for updates")
-            if time.time() >= current.deadline:
-                raise Rejected(409, "round_not_open", f"round {round_} passed its deadline")
             if client not in current.selected:
                 raise Rejected(403, "not_selected", f"client {client!r} was not selected for round {round_}")
-            tensors, num_examples = validate_update(body, signature_of(self._model.tensors))
+            staleness = self._staleness(round_, current, body) if self.settings.buffer else 0
+            restored = self._decompressed(body, staleness)
+            tensors, num_examples = validate_update(restored or body, signature_of(self._model.tensors))
             if self.settings.max_update_norm is not None:
-                check_norm(tensors, self._model.tensors, self.settings.max_update_norm)
+                check_norm(tensors, self._base(staleness), self.settings.max_update_norm)
             try:
-                record = self._store.add_update(round_, client, body, num_examples, provenance)
+                record = self._store.add_update(
+                    current.round, client, body, num_examples, provenance, staleness, restored
+                )
             except DuplicateUpdate:
                 raise Rejected(409, "duplicate_update", f"{client!r} already sent its update") from None
-            assert self._sum is not None
-            aggregation.fold(self._sum, tensors, float(num_examples))
+            self._fold(tensors, num_examples, staleness)
             changed = self._advance(time.time())
         if changed:
             self._notify()
-        return UpdateReceipt(round=round_, client=client, sha256=record.sha256, num_examples=num_examples)
+        return UpdateReceipt(
+            round=current.round,
+            client=client,
+            sha256=record.sha256,
+            num_examples=num_examples,
+            staleness=staleness,
+        )
+
+    def _staleness(self, round_: int, current: RoundRecord, body: bytes) -> int:
+        """How many versions behind the open round the update's base is: the round whose base model it
+        names in its metadata (it may have fetched a newer model than the round it was asked to train
+        for), else the round it was sent to. Too stale, or trained from no recent model: refused."""
+        limit = self.settings.max_staleness
+        oldest = current.round - limit
+        if round_ < oldest:
+            raise Rejected(409, "too_stale", f"round {round_} is more than {limit} versions behind")
+        try:
+            base_sha = metadata_of(body).get(BASE_SHA256)
+        except CodecError:
+            base_sha = None  # validation refuses the body with the reason
+        if base_sha is None:
+            return current.round - round_
+        for candidate in range(current.round, max(oldest, 1) - 1, -1):
+            record = self._store.round(candidate)
+            if record is not None and record.base_sha256 == base_sha:
+                return current.round - candidate
+        raise Rejected(409, "too_stale", f"model {base_sha[:12]} is not among the last {limit} versions")
 
     def _advance(self, now: float) -> bool:
         changed = False
         if self._open is not None:
-            assert self._sum is not None
-            action = decide(
-                self._sum.count, len(self._open.selected), self.settings.min_updates, now, self._open.deadline
-            )
+            wanted = len(self._open.selected)
+            if self.settings.buffer:
+                wanted = min(self.settings.buffer, wanted)
+            action = decide(self._received, wanted, self._quorum(), now, self._open.deadline)
             if action is Action.WAIT:
                 return False
             self._close(self._open, aggregated=action is Action.AGGREGATE)
@@ -155,34 +209,103 @@ class Federation:
             changed |= self._open_next(now)
         return changed
 
-    def _close(self, record: RoundRecord, aggregated: bool) -> None:
-        result = None
-        if aggregated:
+    def _refuse_late(self, round_: int, current: RoundRecord | None) -> None:
+        """An update for a round that has already closed (or passed its deadline) is late: say so."""
+        last = self._store.last_round()
+        if current is None:
+            if last is not None and round_ <= last.round:
+                raise Rejected(409, "round_closed", f"round {round_} is closed; no round is open now")
+            return
+        if round_ < current.round:
+            raise Rejected(409, "round_closed", f"round {round_} is closed; round {current.round} is open")
+        if round_ == current.round and time.time() >= current.deadline:
+            raise Rejected(409, "round_closed", f"round {round_} passed its deadline")
+
+    def _base(self, staleness: int) -> Tensors:
+        """The model an update ``staleness`` versions behind the open round was trained from."""
+        assert self._open is not None
+        if staleness == 0:
+            return self._model.tensors
+        record = self._store.round(self._open.round - staleness)
+        assert record is not None
+        return mapped(self._store.model_path(record.base_sha256))
+
+    def _decompressed(self, body: bytes, staleness: int) -> bytes | None:
+        """For a compressed update (fedge.compression), the full-precision body it stands for, so that
+        validation and every strategy see only full updates; None for an uncompressed one."""
+        try:
+            if metadata_of(body).get(COMPRESSION, "none") == "none":
+                return None
+            tensors, metadata = decode(body)
+        except CodecError:
+            return None  # validation refuses it with the reason
+        try:
+            restored = decompress(tensors, metadata, self._base(staleness))
+        except CompressionError as exc:
+            raise Rejected(400, "bad_compression", str(exc)) from None
+        return encode(restored, {k: v for k, v in metadata.items() if k not in (COMPRESSION, INT8_SCALES)})
+
+    def _quorum(self) -> int:
+        return max(self.settings.min_updates, self.strategy.min_updates())
+
+    def _fold(self, tensors: Tensors, num_examples: int, staleness: int = 0) -> None:
+        if self.strategy.streaming:
             assert self._sum is not None
-            tensors = aggregation.average(self._sum, self._model.tensors)
-            body = encode(tensors, {"round": str(record.round), "task": self.settings.task})
+            assert self._open is not None
+            if staleness:
+                discount = aggregation.staleness_weight(staleness, self.settings.staleness_exponent)
+                tensors = aggregation.rebase(tensors, self._base(staleness), self._model.tensors, discount)
+            prepared = self.strategy.prepare(tensors, self._model.tensors)
+            aggregation.fold(self._sum, prepared, float(num_examples))
+        self._received += 1
+
+    def _close(self, record: RoundRecord, aggregated: bool) -> None:
+        tensors = self._aggregate(record.round) if aggregated else None
+        result = state_sha = None
+        if tensors is not None:
+            metadata = {"round": str(record.round), "task": self.settings.task}
+            body = encode(tensors, {**self.strategy.metadata(record.round), **metadata})
             result = self._store.put_model(body)
-        self._store.close_round(record.round, result)
+            if state := self.strategy.state():
+                state_sha = self._store.put_strategy_state(encode(state))
+        self._store.close_round(record.round, result, state_sha)
         if result is not None:
+            assert tensors is not None
             self._model = GlobalModel(body, result, record.round, tensors)
         self._open = None
         self._sum = None
         self._finished = record.round >= self.settings.rounds
 
+    def _aggregate(self, round_: int) -> Tensors | None:
+        """The round's new model, or None when the strategy cannot aggregate its updates (it fails)."""
+        mean = None
+        if self.strategy.streaming:
+            assert self._sum is not None
+            mean = aggregation.average(self._sum, self._model.tensors)
+        try:
+            return self.strategy.aggregate(round_, self._model.tensors, mean, self._store.updates(round_))
+        except StrategyError:
+            return None
+
     def _open_next(self, now: float) -> bool:
         clients = self._registered()
-        if len(clients) < self.settings.min_clients:
+        if len(clients) < max(self.settings.min_clients, self.strategy.min_updates()):
             return False
         last = self._store.last_round()
+        round_ = (last.round if last else 0) + 1
         self._open = self._store.open_round(
-            (last.round if last else 0) + 1,
+            round_,
             self._model.sha256,
-            clients,
-            self.settings.train,
+            select(clients, round_, self.settings.fraction, self._quorum(), self.settings.seed),
+            self.strategy.configure(self.settings.train),
             now + self.settings.round_timeout,
         )
-        self._sum = aggregation.start(self._model.tensors)
+        self._begin()
         return True
+
+    def _begin(self) -> None:
+        self._sum = aggregation.start(self._model.tensors) if self.strategy.streaming else None
+        self._received = 0
 
     def _load(self, initial_model: bytes | None) -> None:
         """Start from the stored global model, resuming an open round with every update already accepted."""
@@ -200,12 +323,14 @@ class Federation:
             )
         body = self._store.model_path(sha).read_bytes()
         self._model = GlobalModel(body, sha, int(self._store.get_meta("global_round") or 0), decode(body)[0])
+        if state_sha := self._store.get_meta("strategy_state"):
+            self.strategy.load_state(decode(self._store.strategy_state_path(state_sha).read_bytes())[0])
         last = self._store.last_round()
         if last is not None and last.state == "open":
             self._open = last
-            self._sum = aggregation.start(self._model.tensors)
+            self._begin()
             for update in self._store.updates(last.round):
-                aggregation.fold(self._sum, decode(update.path.read_bytes())[0], float(update.num_examples))
+                self._fold(decode(update.path.read_bytes())[0], update.num_examples, update.staleness)
         self._finished = self._open is None and last is not None and last.round >= self.settings.rounds
 
     def _notify(self) -> None:

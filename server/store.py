@@ -1,8 +1,12 @@
-"""Durable state of the aggregation function: round records in SQLite (WAL), tensors as files.
+"""Durable state of the aggregation function: round records in SQLite (WAL) or PostgreSQL, tensors as files.
 
 Global models are immutable files named by their sha256. An update is written and fsynced, then recorded in
 the same transaction that makes it count, before the server answers 202: a crash after the answer loses
 nothing, and a crash before it leaves no half-accepted update.
+
+SQLite (``<data>/state.db``) suits one server; PostgreSQL (``--store postgresql://...``) is for deployments.
+Both take the same SQL: ``?`` placeholders are rewritten for psycopg, and the schema uses only types and
+statements (``ON CONFLICT``, ``DOUBLE PRECISION``) that both understand.
 """
 
 from __future__ import annotations
@@ -11,10 +15,11 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fedge.codec import sha256
 from fedge.wire import TrainConfig
@@ -28,9 +33,9 @@ CREATE TABLE IF NOT EXISTS rounds (
     result_sha256 TEXT,             -- the global model it produced
     selected TEXT NOT NULL,         -- JSON list of client ids
     config TEXT NOT NULL,           -- JSON TrainConfig
-    opened_at REAL NOT NULL,
-    deadline REAL NOT NULL,
-    closed_at REAL
+    opened_at DOUBLE PRECISION NOT NULL,
+    deadline DOUBLE PRECISION NOT NULL,
+    closed_at DOUBLE PRECISION
 );
 CREATE TABLE IF NOT EXISTS updates (
     round INTEGER NOT NULL REFERENCES rounds(round),
@@ -38,13 +43,19 @@ CREATE TABLE IF NOT EXISTS updates (
     sha256 TEXT NOT NULL,
     num_examples INTEGER NOT NULL,
     bytes INTEGER NOT NULL,
-    received_at REAL NOT NULL,
+    received_at DOUBLE PRECISION NOT NULL,
     signature TEXT NOT NULL DEFAULT '',  -- the client's, over (federation, round, client, sha256, nonce)
     nonce TEXT NOT NULL DEFAULT '',
     computed_by TEXT NOT NULL DEFAULT '',  -- the executor that trained it for the client, or ''
+    staleness INTEGER NOT NULL DEFAULT 0,  -- asynchronous mode: versions behind the round it joins
+    restored INTEGER NOT NULL DEFAULT 0,   -- 1: a compressed body, restored beside it for aggregation
     PRIMARY KEY (round, client)
 );
 """
+
+
+class StoreError(Exception):
+    """The store cannot be opened (bad URL, unreachable database)."""
 
 
 class DuplicateUpdate(Exception):
@@ -79,45 +90,66 @@ class UpdateRecord:
     client: str
     sha256: str
     num_examples: int
-    path: Path
+    path: Path  # the full update that aggregation reads (restored, when the client sent it compressed)
+    staleness: int = 0
 
 
 class Store:
     """Not thread-safe by itself: the round state machine serializes every call."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, url: str | None = None) -> None:
         self.dir = data_dir
         (data_dir / "models").mkdir(parents=True, exist_ok=True)
         (data_dir / "updates").mkdir(exist_ok=True)
-        self._db = sqlite3.connect(data_dir / "state.db", check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
+        (data_dir / "strategy").mkdir(exist_ok=True)
+        self._postgres = url is not None
+        self._db: Any = _postgres(url) if url is not None else _sqlite(data_dir / "state.db")
+        with self._transaction():
+            for statement in filter(str.strip, _SCHEMA.split(";")):
+                self._execute(statement)
 
     def close(self) -> None:
         self._db.close()
 
+    def _execute(self, sql: str, args: Sequence[object] = ()) -> Any:
+        return self._db.execute(sql.replace("?", "%s") if self._postgres else sql, args)
+
     def get_meta(self, key: str) -> str | None:
-        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        row = self._execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return row[0] if row else None
 
     def set_meta(self, key: str, value: str) -> None:
-        self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+        self._execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?)"
+            " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )
 
     def put_model(self, body: bytes) -> str:
-        digest = sha256(body)
-        path = self.model_path(digest)
-        if not path.exists():
-            _write_durably(path, body)
-        return digest
+        return self._put_blob(body, self.model_path)
 
     def model_path(self, digest: str) -> Path:
         return self.dir / "models" / f"{digest}.safetensors"
 
+    def put_strategy_state(self, body: bytes) -> str:
+        """What a strategy carries between rounds (a server optimizer's moments), content-addressed."""
+        return self._put_blob(body, self.strategy_state_path)
+
+    def strategy_state_path(self, digest: str) -> Path:
+        return self.dir / "strategy" / f"{digest}.safetensors"
+
+    def _put_blob(self, body: bytes, path_of: Callable[[str], Path]) -> str:
+        """Immutable and named by its sha256: written once, durably, and never again."""
+        digest = sha256(body)
+        path = path_of(digest)
+        if not path.exists():
+            _write_durably(path, body)
+        return digest
+
     def open_round(
         self, round_: int, base_sha256: str, selected: list[str], config: TrainConfig, deadline: float
     ) -> RoundRecord:
-        self._db.execute(
+        self._execute(
             "INSERT INTO rounds (round, state, base_sha256, selected, config, opened_at, deadline)"
             " VALUES (?, 'open', ?, ?, ?, ?, ?)",
             (round_, base_sha256, json.dumps(selected), config.model_dump_json(), time.time(), deadline),
@@ -126,19 +158,22 @@ class Store:
         assert record is not None
         return record
 
-    def close_round(self, round_: int, result_sha256: str | None) -> None:
-        """Record the round's outcome and, in the same transaction, make its result the global model."""
+    def close_round(self, round_: int, result_sha256: str | None, strategy_state: str | None = None) -> None:
+        """Record the round's outcome and, in the same transaction, make its result the global model and
+        its strategy state current: a crash leaves either the old round open or the new model in force."""
         with self._transaction():
-            self._db.execute(
+            self._execute(
                 "UPDATE rounds SET state = ?, result_sha256 = ?, closed_at = ? WHERE round = ?",
                 ("done" if result_sha256 else "failed", result_sha256, time.time(), round_),
             )
             if result_sha256:
                 self.set_meta("global_sha256", result_sha256)
                 self.set_meta("global_round", str(round_))
+            if strategy_state:
+                self.set_meta("strategy_state", strategy_state)
 
     def round(self, round_: int) -> RoundRecord | None:
-        row = self._db.execute(
+        row = self._execute(
             "SELECT round, state, base_sha256, result_sha256, selected, config, opened_at, deadline"
             " FROM rounds WHERE round = ?",
             (round_,),
@@ -157,53 +192,100 @@ class Store:
         )
 
     def last_round(self) -> RoundRecord | None:
-        row = self._db.execute("SELECT MAX(round) FROM rounds").fetchone()
+        row = self._execute("SELECT MAX(round) FROM rounds").fetchone()
         return self.round(row[0]) if row[0] is not None else None
 
     def add_update(
-        self, round_: int, client: str, body: bytes, num_examples: int, provenance: Provenance | None = None
+        self,
+        round_: int,
+        client: str,
+        body: bytes,
+        num_examples: int,
+        provenance: Provenance | None = None,
+        staleness: int = 0,
+        restored: bytes | None = None,
     ) -> UpdateRecord:
-        if self._db.execute(
-            "SELECT 1 FROM updates WHERE round = ? AND client = ?", (round_, client)
-        ).fetchone():
+        """Store the body as sent (what its signature covers) and, for a compressed one, the full update it
+        stands for (``restored``), which is what aggregation reads."""
+        if self._execute("SELECT 1 FROM updates WHERE round = ? AND client = ?", (round_, client)).fetchone():
             raise DuplicateUpdate(client)
         path = self.dir / "updates" / str(round_) / f"{client}.safetensors"
         path.parent.mkdir(exist_ok=True)
         _write_durably(path, body)
+        if restored is not None:
+            _write_durably(_restored_path(path), restored)
         proof = provenance or Provenance()
         digest = proof.body_sha256 or sha256(body)
-        self._db.execute(
-            "INSERT INTO updates"
-            " (round, client, sha256, num_examples, bytes, received_at, signature, nonce, computed_by)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        self._execute(
+            "INSERT INTO updates (round, client, sha256, num_examples, bytes, received_at, signature, nonce,"
+            " computed_by, staleness, restored) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (round_, client, digest, num_examples, len(body), time.time(), proof.signature, proof.nonce,
-             proof.computed_by),
+             proof.computed_by, staleness, int(restored is not None)),
         )  # fmt: skip
-        return UpdateRecord(client, digest, num_examples, path)
+        return UpdateRecord(
+            client, digest, num_examples, _restored_path(path) if restored else path, staleness
+        )
 
     def history(self) -> list[tuple[RoundRecord, list[str]]]:
         """Every round, oldest first, with the clients whose updates it stored (for operators)."""
-        rounds = self._db.execute("SELECT round FROM rounds ORDER BY round").fetchall()
+        rounds = self._execute("SELECT round FROM rounds ORDER BY round").fetchall()
         return [(record, [u.client for u in self.updates(r)]) for (r,) in rounds if (record := self.round(r))]
 
     def updates(self, round_: int) -> list[UpdateRecord]:
-        rows = self._db.execute(
-            "SELECT client, sha256, num_examples FROM updates WHERE round = ? ORDER BY received_at, client",
+        rows = self._execute(
+            "SELECT client, sha256, num_examples, staleness, restored FROM updates WHERE round = ?"
+            " ORDER BY received_at, client",
             (round_,),
         ).fetchall()
-        return [
-            UpdateRecord(c, s, n, self.dir / "updates" / str(round_) / f"{c}.safetensors") for c, s, n in rows
-        ]
+        updates = []
+        for client, digest, num_examples, staleness, restored in rows:
+            path = self.dir / "updates" / str(round_) / f"{client}.safetensors"
+            updates.append(
+                UpdateRecord(
+                    client, digest, num_examples, _restored_path(path) if restored else path, staleness
+                )
+            )
+        return updates
 
     @contextmanager
     def _transaction(self) -> Iterator[None]:
-        self._db.execute("BEGIN IMMEDIATE")
+        if self._postgres:
+            with self._db.transaction():
+                yield
+            return
+        self._execute("BEGIN IMMEDIATE")
         try:
             yield
         except BaseException:
-            self._db.execute("ROLLBACK")
+            self._execute("ROLLBACK")
             raise
-        self._db.execute("COMMIT")
+        self._execute("COMMIT")
+
+
+def _sqlite(path: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    return db
+
+
+def _postgres(url: str) -> Any:
+    """Autocommit, so every statement outside a transaction is durable when it returns (PostgreSQL's
+    ``synchronous_commit`` is on by default); psycopg is imported only for deployments that use it."""
+    if not url.startswith(("postgresql://", "postgres://")):
+        raise StoreError(f"unsupported store {url!r}: give a postgresql:// URL, or none for SQLite")
+    try:
+        import psycopg
+    except ImportError:
+        raise StoreError("a PostgreSQL store needs psycopg: pip install 'fedge[server]'") from None
+    try:
+        return psycopg.connect(url, autocommit=True)
+    except psycopg.Error as exc:
+        raise StoreError(f"cannot open the PostgreSQL store: {str(exc).strip().splitlines()[0]}") from None
+
+
+def _restored_path(path: Path) -> Path:
+    return path.with_name(path.name.replace(".safetensors", ".restored.safetensors"))
 
 
 def _write_durably(path: Path, body: bytes) -> None:

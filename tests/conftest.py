@@ -1,7 +1,15 @@
-"""Shared fixtures: a real PKI, and the real aggregation service in its own process over mutual TLS."""
+"""Shared fixtures: a real PKI, the real aggregation service in its own process over mutual TLS, and a real
+PostgreSQL cluster."""
 
 from __future__ import annotations
 
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -101,3 +109,48 @@ def connect(pki_dir: Path) -> Iterator[Callable[..., FedgeClient]]:
 def update_body(value: float, num_examples: int = 10, model: Tensors | None = None) -> bytes:
     tensors = model if model is not None else toy_model(value)
     return encode(tensors, {"num_examples": str(num_examples)})
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[str]:
+    """A PostgreSQL cluster of its own in a temporary directory, reached over its Unix socket there; yields
+    the URL of its ``postgres`` database. PostgreSQL refuses to run as root, so as root (CI) it runs as
+    ``nobody``."""
+    pg_ctl = shutil.which("pg_ctl") or "/usr/local/bin/pg_ctl"
+    initdb = str(Path(pg_ctl).with_name("initdb"))
+    directory = Path(tempfile.mkdtemp(prefix="fedge-pg-"))
+    as_user: list[str] = []
+    if os.geteuid() == 0:
+        nobody = pwd.getpwnam("nobody")
+        os.chown(directory, nobody.pw_uid, nobody.pw_gid)
+        as_user = ["runuser", "-u", "nobody", "--"]
+    data = directory / "data"
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        port = probe.getsockname()[1]
+    subprocess.run(
+        [*as_user, initdb, "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"],
+        check=True,
+        capture_output=True,
+    )
+    options = f"-k {directory} -p {port} -c listen_addresses= -c fsync=on"
+    subprocess.run(
+        [*as_user, pg_ctl, "-D", str(data), "-l", str(directory / "log"), "-o", options, "-w", "start"],
+        check=True,
+        capture_output=True,
+    )
+    try:
+        yield f"postgresql://postgres@/postgres?host={directory}&port={port}"
+    finally:
+        subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_url(postgres: str) -> str:
+    """A fresh, empty database in the session's cluster."""
+    import psycopg
+
+    name = f"test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(postgres, autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {name}")
+    return postgres.replace("/postgres?", f"/{name}?")

@@ -70,6 +70,11 @@ def test_client_ids_with_path_tricks_are_refused(tmp_path: Path, client: str) ->
         (["--dataset", "cifar"], ["unknown data set 'cifar'"]),
         (["--partition", "dirichlet:-1"], ["unknown partition"]),
         (["--rounds", "many"], ["many"]),
+        (["--strategy", "fedsgd"], ["unknown strategy 'fedsgd'", "fedavg"]),
+        (["--strategy", "fedprox"], ["fedprox needs --proximal-mu > 0"]),
+        (["--trim-fraction", "0.7"], ["trim_fraction"]),
+        (["--attack", "bribe", "--attackers", "0.2"], ["unknown attack 'bribe'", "sign-flip"]),
+        (["--attackers", "0.2"], ["--attackers needs --attack"]),
     ],
 )
 def test_simulate_rejects_bad_flags_in_one_line(
@@ -100,6 +105,24 @@ def test_settings_come_from_flags_then_environment_then_fedge_toml(tmp_path: Pat
     monkeypatch.setenv("FEDGE_ROUNDS", "5")
     settings = SimulationSettings.from_flags(lr=0.3, clients=None)
     assert (settings.clients, settings.rounds, settings.lr) == (7, 5, 0.3)
+
+
+def test_server_with_an_unknown_strategy_says_which_exist(tmp_path: Path, pki_dir: Path) -> None:
+    done = run_cli("server", "--pki", str(pki_dir), "--data", str(tmp_path), "--strategy", "fedsgd")
+    assert_one_line_error(done, "unknown strategy 'fedsgd'", "trimmed-mean", "bulyan")
+    assert not (tmp_path / "state.db").exists()
+
+
+@pytest.mark.parametrize(
+    ("url", "fragment"),
+    [
+        ("mysql://db/fedge", "unsupported store 'mysql://db/fedge'"),
+        ("postgresql://fedge@/fedge?host=/nonexistent&port=1", "cannot open the PostgreSQL store"),
+    ],
+)
+def test_server_with_a_bad_store_says_so(tmp_path: Path, pki_dir: Path, url: str, fragment: str) -> None:
+    done = run_cli("server", "--pki", str(pki_dir), "--data", str(tmp_path), "--store", url)
+    assert_one_line_error(done, fragment)
 
 
 def test_pki_revoke_says_what_is_wrong_in_one_line(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +11,9 @@ from conftest import toy_model, update_body
 
 from fedge.codec import decode, encode
 from fedge.server.errors import Rejected
-from fedge.server.rounds import Action, Federation, FederationSettings, decide
+from fedge.server.rounds import Action, Federation, FederationSettings, decide, select
 from fedge.server.store import Store
+from fedge.server.strategies import StrategyParams, create, gaussian_epsilon
 from fedge.wire import RoundState
 
 SELECTED = ["alice", "bob", "carol"]
@@ -55,7 +57,7 @@ def test_a_round_averages_the_updates_weighted_by_examples(tmp_path: Path) -> No
     ("round_", "client", "body", "status", "code"),
     [
         (2, "alice", update_body(1.0), 409, "round_not_open"),
-        (0, "alice", update_body(1.0), 409, "round_not_open"),
+        (0, "alice", update_body(1.0), 409, "round_closed"),
         (1, "mallory", update_body(1.0), 403, "not_selected"),
         (1, "alice", b"\x00" * 64, 400, "malformed_update"),
         (1, "alice", encode(toy_model(1.0)), 400, "bad_metadata"),
@@ -136,3 +138,186 @@ def test_the_federation_finishes_after_its_rounds(tmp_path: Path) -> None:
     assert decode(fed.model.body)[1]["round"] == "2"
     with pytest.raises(Rejected, match="round_not_open"):
         fed.submit(3, "alice", update_body(1.0))
+
+
+def strategy_federation(data: Path, name: str, clients: list[str], **params: object) -> Federation:
+    return Federation(
+        Store(data),
+        FederationSettings(federation="test", task="toy", rounds=3),
+        registered_clients=lambda: clients,
+        initial_model=encode(toy_model()),
+        strategy=create(name, StrategyParams(**params)),  # type: ignore[arg-type]
+    )
+
+
+def test_a_server_optimizer_keeps_its_moments_across_a_restart(tmp_path: Path) -> None:
+    uninterrupted = strategy_federation(tmp_path / "a", "fedadam", SELECTED)
+    restarted = strategy_federation(tmp_path / "b", "fedadam", SELECTED)
+    for round_ in (1, 2):
+        if round_ == 2:
+            restarted = strategy_federation(tmp_path / "b", "fedadam", SELECTED)
+        for fed in (uninterrupted, restarted):
+            fed.tick()
+            for value, client in enumerate(SELECTED):
+                fed.submit(round_, client, update_body(value + round_, 10 * (value + 1)))
+    assert restarted.model.round == 2
+    assert restarted.model.sha256 == uninterrupted.model.sha256
+
+
+def test_trimmed_mean_reads_the_stored_updates_and_ignores_an_outlier(tmp_path: Path) -> None:
+    clients = ["alice", "bob", "carol", "dave", "erin"]
+    fed = strategy_federation(tmp_path, "trimmed-mean", clients, trim_fraction=0.2)
+    fed.tick()
+    for client, value in zip(clients, [1.0, 2.0, 3.0, 4.0, 1000.0], strict=True):
+        fed.submit(1, client, update_body(value))
+    np.testing.assert_allclose(fed.model.tensors["layer.weight"], 3.0)  # mean of 2, 3, 4
+    assert fed.model.round == 1
+
+
+def test_a_round_waits_for_as_many_clients_as_bulyan_needs(tmp_path: Path) -> None:
+    clients = ["alice", "bob", "carol"]
+    fed = strategy_federation(tmp_path, "bulyan", clients, malicious=1)
+    fed.tick()
+    assert fed.round_info().state is RoundState.WAITING
+    clients += ["dave", "erin", "frank", "grace"]
+    fed.tick()
+    assert fed.round_info().state is RoundState.OPEN
+    assert len(fed.round_info().selected) == 7
+
+
+def test_dp_fedavg_writes_the_privacy_spent_into_the_model(tmp_path: Path) -> None:
+    fed = strategy_federation(tmp_path, "dp-fedavg", SELECTED, clip_norm=1.0, noise_multiplier=2.0)
+    fed.tick()
+    for client in SELECTED:
+        fed.submit(1, client, update_body(100.0))
+    metadata = decode(fed.model.body)[1]
+    assert float(metadata["dp_epsilon"]) == pytest.approx(gaussian_epsilon(2.0, 1, 1e-5), rel=1e-5)
+    # Every change was clipped to norm 1 before the mean: the model moved about 1 plus noise, not 100.
+    assert np.abs(fed.model.tensors["layer.weight"]).max() < 10
+
+
+def test_a_fraction_of_clients_is_selected_reproducibly_and_only_they_may_send(tmp_path: Path) -> None:
+    clients = [f"c{i}" for i in range(10)]
+    picks = []
+    for run in ("a", "b"):
+        fed = Federation(
+            Store(tmp_path / run),
+            FederationSettings(federation="test", task="toy", fraction=0.3, min_updates=2, seed=5),
+            registered_clients=lambda: clients,
+            initial_model=encode(toy_model()),
+        )
+        fed.tick()
+        picks.append(fed.round_info().selected)
+    assert picks[0] == picks[1]
+    assert len(picks[0]) == 3
+    outsider = next(c for c in clients if c not in picks[0])
+    with pytest.raises(Rejected) as refused:
+        fed.submit(1, outsider, update_body(1.0))
+    assert refused.value.code == "not_selected"
+    assert len(select(clients, 1, 0.1, minimum=4, seed=0)) == 4
+    assert len({tuple(select(clients, r, 0.3, 1, 0)) for r in range(1, 8)}) > 1  # rounds differ
+
+
+def test_a_late_update_is_refused_as_round_closed(tmp_path: Path) -> None:
+    fed = federation(tmp_path, round_timeout=5.0)
+    fed.tick(now=time.time())
+    for client in SELECTED:
+        fed.submit(1, client, update_body(1.0))
+    with pytest.raises(Rejected) as refused:
+        fed.submit(1, "alice", update_body(1.0))
+    assert (refused.value.status, refused.value.code) == (409, "round_closed")
+    fed.tick(now=time.time() + 3600)  # round 2 passes its deadline without a quorum; round 3 opens
+    with pytest.raises(Rejected) as refused:
+        fed.submit(2, "bob", update_body(1.0))
+    assert refused.value.code == "round_closed"
+
+
+def test_an_update_after_the_deadline_of_the_open_round_is_refused(tmp_path: Path) -> None:
+    fed = federation(tmp_path, round_timeout=5.0)
+    fed.tick(now=time.time() - 60)  # the round opened a minute ago; its deadline has passed
+    with pytest.raises(Rejected) as refused:
+        fed.submit(1, "alice", update_body(1.0))
+    assert (refused.value.code, refused.value.detail) == ("round_closed", "round 1 passed its deadline")
+    assert Store(tmp_path).updates(1) == []
+
+
+def async_federation(data: Path, clients: list[str], **settings: object) -> Federation:
+    return Federation(
+        Store(data),
+        FederationSettings(federation="test", task="toy", rounds=5, buffer=2, **settings),  # type: ignore[arg-type]
+        registered_clients=lambda: clients,
+        initial_model=encode(toy_model()),
+    )
+
+
+def test_async_mode_makes_a_version_every_k_updates_and_folds_stragglers_discounted(tmp_path: Path) -> None:
+    clients = ["alice", "bob", "carol"]
+    fed = async_federation(tmp_path, clients)
+    fed.tick()
+    fed.submit(1, "alice", update_body(1.0, 10))
+    assert fed.model.round == 0
+    fed.submit(1, "bob", update_body(3.0, 30))
+    assert fed.model.round == 1  # two updates made version 1, without waiting for carol
+    version1 = fed.model.tensors["layer.weight"].copy()
+    np.testing.assert_allclose(version1, 2.5)
+
+    straggler = fed.submit(1, "carol", update_body(9.0, 20))  # trained from version 0
+    assert (straggler.round, straggler.staleness) == (2, 1)
+    fresh = fed.submit(2, "alice", update_body(4.0, 20))
+    assert fresh.staleness == 0
+    # FedBuff: carol's change from her base (9 - 0), discounted by (1 + 1) ** -0.5, applied to version 1.
+    carol = 2.5 + 2**-0.5 * (9.0 - 0.0)
+    np.testing.assert_allclose(fed.model.tensors["layer.weight"], (20 * carol + 20 * 4.0) / 40, rtol=1e-6)
+    assert [(u.client, u.staleness) for u in Store(tmp_path).updates(2)] == [("carol", 1), ("alice", 0)]
+
+
+def test_async_mode_uses_the_base_model_an_update_names(tmp_path: Path) -> None:
+    fed = async_federation(tmp_path, ["alice", "bob", "carol"])
+    fed.tick()
+    fed.submit(1, "alice", update_body(1.0))
+    fed.submit(1, "bob", update_body(1.0))
+    base = fed.model.sha256  # version 1, the base of round 2
+    body = encode(toy_model(5.0), {"num_examples": "10", "base_sha256": base})
+    assert fed.submit(1, "carol", body).staleness == 0  # asked for round 1, but trained from version 1
+    unknown = encode(toy_model(5.0), {"num_examples": "10", "base_sha256": "0" * 64})
+    with pytest.raises(Rejected) as refused:
+        fed.submit(2, "alice", unknown)
+    assert refused.value.code == "too_stale"
+
+
+def test_async_mode_refuses_updates_staler_than_the_limit(tmp_path: Path) -> None:
+    fed = async_federation(tmp_path, ["alice", "bob", "carol"], max_staleness=1)
+    fed.tick()
+    for round_ in (1, 2):
+        fed.submit(round_, "alice", update_body(1.0))
+        fed.submit(round_, "bob", update_body(1.0))
+    with pytest.raises(Rejected) as refused:
+        fed.submit(1, "carol", update_body(1.0))
+    assert (refused.value.status, refused.value.code) == (409, "too_stale")
+    assert Store(tmp_path).updates(3) == []
+
+
+def test_a_restarted_async_federation_refolds_stale_updates_identically(tmp_path: Path) -> None:
+    clients = ["alice", "bob", "carol"]
+    feds = [async_federation(tmp_path / name, clients) for name in ("a", "b")]
+    for fed in feds:
+        fed.tick()
+        fed.submit(1, "alice", update_body(1.0))
+        fed.submit(1, "bob", update_body(2.0))
+        fed.submit(1, "carol", update_body(7.0, 30))  # stale, into round 2
+    feds[1] = async_federation(tmp_path / "b", clients)  # crash and restart
+    for fed in feds:
+        fed.submit(2, "bob", update_body(3.0))
+    assert feds[0].model.round == feds[1].model.round == 2
+    assert feds[1].model.sha256 == feds[0].model.sha256
+
+
+def test_async_mode_refuses_a_strategy_that_needs_every_update(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="streaming"):
+        Federation(
+            Store(tmp_path),
+            FederationSettings(federation="test", task="toy", buffer=2),
+            registered_clients=lambda: SELECTED,
+            initial_model=encode(toy_model()),
+            strategy=create("fedmedian", StrategyParams()),
+        )

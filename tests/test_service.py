@@ -101,10 +101,14 @@ def test_an_update_for_a_wrong_round_is_refused_and_the_model_is_unchanged(start
     api = connect(server, "alice")
     info = open_round(api)
     before = api.model_meta().sha256
-    for wrong in (info.round + 1, info.round - 1, 999):
+    for wrong, code in [
+        (info.round + 1, "round_not_open"),
+        (info.round - 1, "round_closed"),
+        (999, "round_not_open"),
+    ]:
         with pytest.raises(ServerError) as refused:
             api.post_update(wrong, update_body(5.0))
-        assert (refused.value.status, refused.value.code) == (409, "round_not_open")
+        assert (refused.value.status, refused.value.code) == (409, code)
     assert api.model_meta().sha256 == before
     assert stored_updates(server.data) == []
 
