@@ -6,6 +6,7 @@ between invocations (the model last downloaded, the data partition), never anyth
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,13 +41,20 @@ class DataSpec(BaseModel):
     seed: int = 0
 
 
+class LocalData(BaseModel):
+    """A device's own examples: an ``.npz`` with arrays ``x`` (float32, the task's input shape) and ``y``."""
+
+    path: Path
+
+
 class TrainEvent(BaseModel):
     server: str
     credentials: CredentialPaths
     task: str
     round: int
     config: TrainConfig
-    data: DataSpec
+    data: DataSpec | LocalData
+    outbox: Path | None = None  # keep the update here for the caller to send, instead of posting it
 
 
 class EvaluateEvent(BaseModel):
@@ -72,8 +80,11 @@ class Context:
         self.model_sha256 = download.sha256
         return len(download.body)
 
-    def partition(self, task: tasks.Task, spec: DataSpec) -> tuple[np.ndarray, np.ndarray]:
+    def partition(self, task: tasks.Task, spec: DataSpec | LocalData) -> tuple[np.ndarray, np.ndarray]:
         key = f"{task.name}:{spec.model_dump_json()}"
+        if isinstance(spec, LocalData):
+            with np.load(spec.path, allow_pickle=False) as arrays:
+                return arrays["x"].astype(np.float32), arrays["y"].astype(np.int64)
         if key not in self.partitions:
             data = task.load_data()
             parts = partition.split(data.y_train, spec.num_clients, spec.partition, spec.seed)
@@ -92,18 +103,33 @@ def train(event: dict, context: Context) -> dict:
         bytes_down = context.fetch_model(api)
         model = task.build_model()
         tasks.load_tensors(model, context.model)
-        torch.manual_seed(ev.data.seed * 1_000_003 + ev.round * 1009 + ev.data.index)
+        if isinstance(ev.data, DataSpec):
+            torch.manual_seed(ev.data.seed * 1_000_003 + ev.round * 1009 + ev.data.index)
         loss = fit(model, x, y, ev.config)
         body = encode(tasks.tensors_of(model), {NUM_EXAMPLES: str(len(y)), TRAIN_LOSS: f"{loss:.6f}"})
-        receipt = api.post_update(ev.round, body)
+        if ev.outbox is None:
+            api.post_update(ev.round, body)
+        else:
+            keep(ev.outbox / f"round-{ev.round}.safetensors", body)
     return {
         "round": ev.round,
-        "num_examples": receipt.num_examples,
+        "num_examples": len(y),
         "loss": loss,
         "bytes_up": len(body),
         "bytes_down": bytes_down,
         "seconds": time.perf_counter() - started,
     }
+
+
+def keep(path: Path, body: bytes) -> None:
+    """Write through a temporary file and fsync: a crash leaves the whole update or none of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as f:
+        f.write(body)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
 
 
 def evaluate(event: dict, context: Context) -> dict:

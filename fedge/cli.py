@@ -10,6 +10,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from fedge.console import console, user_errors
+from fedge.client.cli import app as agent_app
+from fedge.security.broker_cli import app as broker_app
 from fedge.security.cli import app as pki_app
 from fedge.server.cli import server
 from fedge.settings import SimulationSettings
@@ -20,6 +22,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(pki_app, name="pki")
+app.add_typer(broker_app, name="broker")
+app.add_typer(agent_app, name="agent")
 app.command()(server)
 
 

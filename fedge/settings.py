@@ -65,6 +65,7 @@ class ServerSettings(TrainingSettings):
     min_clients: int = Field(1, ge=1)
     min_updates: int = Field(1, ge=1)
     init_model: Path | None = None
+    mqtt: str | None = None
 
 
 class SimulationSettings(TrainingSettings):

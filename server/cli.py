@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from fedge.console import UserError, console, user_errors
 from fedge.security import pki
 from fedge.settings import ServerSettings
+
+if TYPE_CHECKING:
+    from fedge.server.announce import Announcer
+    from fedge.server.rounds import Federation
 
 
 def server(
@@ -27,13 +31,14 @@ def server(
     batch_size: Annotated[int | None, typer.Option(help="client batch size [32]")] = None,
     lr: Annotated[float | None, typer.Option(help="client learning rate [0.05]")] = None,
     seed: Annotated[int | None, typer.Option(help="seed of the initial model [0]")] = None,
+    mqtt: Annotated[str | None, typer.Option(help="announce rounds on this MQTT broker, HOST:PORT")] = None,
 ) -> None:
     """Serve the global model read-only and aggregate each selected client's update, round after round."""
     with user_errors(pki.PKIError, ValueError, OSError):
         settings = ServerSettings.from_flags(
             pki=pki_dir, data=data, host=host, port=port, task=task, init_model=init_model, rounds=rounds,
             min_clients=min_clients, min_updates=min_updates, round_timeout=round_timeout,
-            local_epochs=local_epochs, batch_size=batch_size, lr=lr, seed=seed,
+            local_epochs=local_epochs, batch_size=batch_size, lr=lr, seed=seed, mqtt=mqtt,
         )  # fmt: skip
         from fedge.server import service
         from fedge.server.app import create_app
@@ -62,8 +67,20 @@ def server(
             registered_clients=lambda: pki.issued(settings.pki, pki.Role.CLIENT),
             initial_model=_initial_model(settings) if store.get_meta("global_sha256") is None else None,
         )
+        announcer = _announcer(federation, settings.mqtt, creds) if settings.mqtt else None
         console.print(f"fedge aggregation service on https://{settings.host}:{sock.getsockname()[1]}")
-    service.serve(create_app(federation), creds, sock, settings.data / "endpoint.json")
+    try:
+        service.serve(create_app(federation), creds, sock, settings.data / "endpoint.json")
+    finally:
+        if announcer is not None:
+            announcer.close()
+
+
+def _announcer(federation: Federation, broker: str, creds: pki.Credentials) -> Announcer:
+    from fedge.mqtt import BrokerAddress
+    from fedge.server.announce import Announcer
+
+    return Announcer(federation, BrokerAddress.parse(broker), creds)
 
 
 def _initial_model(settings: ServerSettings) -> bytes:
