@@ -9,6 +9,7 @@ or runs past its invocation's deadline: that invocation fails with ``WorkerFaile
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -107,10 +108,8 @@ class _Worker:
 
     def stop(self, force: bool = False) -> None:
         if self._process.is_alive() and not force:
-            try:
+            with contextlib.suppress(OSError):
                 self._conn.send(None)
-            except OSError:
-                pass
             self._process.join(5)
         if self._process.is_alive():
             self._process.kill()

@@ -9,8 +9,8 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from fedge.console import console, user_errors
 from fedge.client.cli import app as agent_app
+from fedge.console import console, user_errors
 from fedge.security.broker_cli import app as broker_app
 from fedge.security.cli import app as pki_app
 from fedge.server.cli import server
