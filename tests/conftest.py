@@ -25,6 +25,7 @@ import pytest
 from fedge.codec import Tensors, encode
 from fedge.mqtt import BrokerAddress
 from fedge.security import broker, pki
+from fedge.security.tls import client_context
 from fedge.server.launcher import ServerProcess, launch
 from fedge.transport import FedgeClient
 
@@ -316,3 +317,8 @@ def client_data(directory: Path, parts: int) -> list[Path]:
         np.savez(path, x=digits.x_train[chunk], y=digits.y_train[chunk])
         files.append(path)
     return files
+
+
+def tls_for(pki_dir: Path, role: pki.Role, id_: str) -> ssl.SSLContext:
+    """The TLS context of a party of the federation in ``pki_dir`` (for MQTT probes)."""
+    return client_context(pki.credentials(pki_dir, role, id_))

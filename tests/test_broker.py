@@ -6,23 +6,16 @@ import datetime as dt
 import ssl
 from pathlib import Path
 
-from conftest import wait_for
+from conftest import tls_for, wait_for
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from test_simulate import run_cli
 
 from fedge.mqtt import rounds_topic, status_topic
 from fedge.security import pki
-from fedge.security.tls import client_context
 
 
-def creds(pki_dir: Path, role: pki.Role, id_: str) -> ssl.SSLContext:
-    return client_context(pki.credentials(pki_dir, role, id_))
-
-
-def test_broker_config_writes_a_config_mosquitto_runs_and_an_acl_per_identity(
-    tmp_path: Path, pki_dir
-) -> None:
+def test_broker_config_writes_a_tls_only_config_and_an_acl_per_identity(tmp_path: Path, pki_dir) -> None:
     out = tmp_path / "broker"
     done = run_cli("broker", "config", "--pki", str(pki_dir), "--out", str(out), "--port", "18830")
     assert done.returncode == 0, done.stderr
@@ -46,7 +39,7 @@ def test_broker_config_rejects_a_directory_that_is_no_pki(tmp_path: Path) -> Non
 
 def test_a_client_with_its_certificate_is_admitted(start_broker, probe, pki_dir: Path) -> None:
     broker = start_broker(pki_dir)
-    assert probe(broker, creds(pki_dir, pki.Role.CLIENT, "alice")).admitted()
+    assert probe(broker, tls_for(pki_dir, pki.Role.CLIENT, "alice")).admitted()
 
 
 def test_a_client_without_a_certificate_is_refused(start_broker, probe, pki_dir: Path) -> None:
@@ -58,7 +51,7 @@ def test_a_certificate_from_another_ca_is_refused(
     start_broker, probe, pki_dir: Path, other_pki: Path
 ) -> None:
     broker = start_broker(pki_dir)
-    foreign = client_context(pki.credentials(other_pki, pki.Role.CLIENT, "alice"))
+    foreign = tls_for(other_pki, pki.Role.CLIENT, "alice")
     foreign.load_verify_locations(pki_dir / "ca.pem")  # it trusts the broker; the broker must not trust it
     assert not probe(broker, foreign).admitted()
 
@@ -66,9 +59,9 @@ def test_a_certificate_from_another_ca_is_refused(
 def test_a_client_publishes_only_to_its_own_status_topic(start_broker, probe, pki_dir: Path) -> None:
     broker = start_broker(pki_dir)
     watched = (status_topic("test", "+"), rounds_topic("test"))
-    server = probe(broker, creds(pki_dir, pki.Role.SERVER, "server"), subscribe=watched)
-    bob = probe(broker, creds(pki_dir, pki.Role.CLIENT, "bob"), subscribe=(rounds_topic("test"),))
-    alice = probe(broker, creds(pki_dir, pki.Role.CLIENT, "alice"))
+    server = probe(broker, tls_for(pki_dir, pki.Role.SERVER, "server"), subscribe=watched)
+    bob = probe(broker, tls_for(pki_dir, pki.Role.CLIENT, "bob"), subscribe=(rounds_topic("test"),))
+    alice = probe(broker, tls_for(pki_dir, pki.Role.CLIENT, "alice"))
     assert server.admitted()
     assert bob.admitted()
     assert alice.admitted()
@@ -90,8 +83,8 @@ def test_a_revoked_certificate_is_refused_once_the_pki_has_a_crl(start_broker, p
     write_crl(directory, revoked.cert)
     broker = start_broker(directory)
     assert "crlfile" in broker.conf.read_text()
-    assert probe(broker, creds(directory, pki.Role.CLIENT, "alice")).admitted()
-    assert not probe(broker, creds(directory, pki.Role.CLIENT, "lost-phone")).admitted()
+    assert probe(broker, tls_for(directory, pki.Role.CLIENT, "alice")).admitted()
+    assert not probe(broker, tls_for(directory, pki.Role.CLIENT, "lost-phone")).admitted()
 
 
 def write_crl(pki_dir: Path, cert_path: Path) -> None:
