@@ -1,0 +1,121 @@
+"""The edge agent as a device runs it: ``fedge agent run`` processes, a real broker, a real server."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+from conftest import client_data, free_port, tls_for, wait_for
+from test_service import stored_updates
+from test_simulate import run_cli
+
+from fedge.mqtt import status_topic
+from fedge.security import pki
+from fedge.transport import FedgeClient
+from fedge.wire import RoundState
+
+
+def finished(server, pki_dir: Path) -> bool:
+    with FedgeClient(server.url, pki.credentials(pki_dir, pki.Role.ADMIN, "ops")) as api:
+        return api.current_round().state is RoundState.FINISHED
+
+
+def test_agents_train_every_round_announced_on_mqtt_and_report_their_status(
+    make_pki, start_broker, start_task_server, start_agent, probe, tmp_path: Path
+) -> None:
+    pki_dir = make_pki("dev-1", "dev-2")
+    broker = start_broker(pki_dir)
+    server = start_task_server(pki_dir, "--mqtt", str(broker.address), "--rounds", "2")
+    ops = probe(broker, tls_for(pki_dir, pki.Role.ADMIN, "ops"), (status_topic("edge", "+"),))
+    assert ops.admitted()
+    data = client_data(tmp_path, 2)
+    # The agents start after round 1 was announced: the retained announcement brings it to them.
+    agents = [
+        start_agent(pki_dir, f"dev-{i + 1}", data[i], server.url, "--broker", str(broker.address))
+        for i in range(2)
+    ]
+    wait_for(lambda: finished(server, pki_dir), 300, "both rounds to finish")
+    assert stored_updates(server.data) == [(1, "dev-1"), (1, "dev-2"), (2, "dev-1"), (2, "dev-2")]
+    for agent in agents:
+        status = wait_for(lambda a=agent: a.status().get("round") == 2 and a.status(), 60, "the last status")
+        assert status["transport"] == "mqtt"
+        assert status["state"] == "idle"
+        assert status["last_invocation"]["seconds"] > 0
+    published = [json.loads(p)["state"] for p in ops.payloads(status_topic("edge", "dev-1"))]
+    assert {"training", "uploading", "idle"} <= set(published)
+    for agent in agents:
+        assert agent.stop() == 0
+        assert agent.status()["state"] == "stopped"
+    shown = run_cli("agent", "status", "--dir", str(agents[0].state_dir))
+    assert shown.returncode == 0
+    assert "dev-1: stopped" in shown.stdout
+
+
+def test_an_agent_that_cannot_reach_the_broker_long_polls_the_server_and_says_so(
+    make_pki, start_task_server, start_agent, tmp_path: Path
+) -> None:
+    pki_dir = make_pki("dev-1")
+    server = start_task_server(pki_dir, "--rounds", "2")
+    (data,) = client_data(tmp_path, 1)
+    nobody = f"127.0.0.1:{free_port()}"
+    agent = start_agent(pki_dir, "dev-1", data, server.url, "--broker", nobody, "--poll-wait", "2")
+    wait_for(lambda: finished(server, pki_dir), 300, "both rounds to finish")
+    assert stored_updates(server.data) == [(1, "dev-1"), (2, "dev-1")]
+    assert agent.status()["transport"] == "long-poll"
+
+
+def test_sigterm_while_training_sends_the_trained_update_before_the_agent_exits(
+    make_pki, start_broker, start_task_server, start_agent, tmp_path: Path
+) -> None:
+    pki_dir = make_pki("dev-1")
+    broker = start_broker(pki_dir)
+    server = start_task_server(
+        pki_dir, "--mqtt", str(broker.address), "--rounds", "1", "--local-epochs", "40"
+    )
+    (data,) = client_data(tmp_path, 1)
+    agent = start_agent(pki_dir, "dev-1", data, server.url, "--broker", str(broker.address))
+    wait_for(lambda: agent.status().get("state") == "training", 120, "training to start")
+    assert agent.stop(signal.SIGTERM) == 0
+    assert stored_updates(server.data) == [(1, "dev-1")]
+    assert agent.status()["state"] == "stopped"
+
+
+def test_an_agent_killed_mid_round_and_restarted_completes_the_round_with_one_update(
+    make_pki, start_broker, start_task_server, start_agent, tmp_path: Path
+) -> None:
+    pki_dir = make_pki("dev-1")
+    broker = start_broker(pki_dir)
+    server = start_task_server(
+        pki_dir, "--mqtt", str(broker.address), "--rounds", "1", "--local-epochs", "40"
+    )
+    (data,) = client_data(tmp_path, 1)
+    args = (pki_dir, "dev-1", data, server.url, "--broker", str(broker.address))
+    first = start_agent(*args)
+    wait_for(lambda: first.status().get("state") == "training", 120, "training to start")
+    first.stop(signal.SIGKILL)
+    assert stored_updates(server.data) == []
+    second = start_agent(*args)
+    wait_for(lambda: finished(server, pki_dir), 300, "the round to finish after the restart")
+    assert stored_updates(server.data) == [(1, "dev-1")]
+    wait_for(lambda: second.status().get("state") == "idle", 60, "the agent to settle")
+
+
+def test_a_broker_restart_mid_round_loses_no_round_and_the_agent_reconnects(
+    make_pki, start_broker, start_task_server, start_agent, tmp_path: Path
+) -> None:
+    pki_dir = make_pki("dev-1")
+    broker = start_broker(pki_dir)
+    server = start_task_server(
+        pki_dir, "--mqtt", str(broker.address), "--rounds", "2", "--local-epochs", "20"
+    )
+    (data,) = client_data(tmp_path, 1)
+    agent = start_agent(
+        pki_dir, "dev-1", data, server.url, "--broker", str(broker.address), "--poll-wait", "2"
+    )
+    wait_for(lambda: agent.status().get("state") == "training", 120, "training to start")
+    broker.stop()
+    wait_for(lambda: finished(server, pki_dir), 300, "both rounds to finish while the broker is down")
+    broker.start()
+    wait_for(lambda: agent.status().get("transport") == "mqtt", 120, "the agent to reconnect to the broker")
+    assert stored_updates(server.data) == [(1, "dev-1"), (2, "dev-1")]
