@@ -119,3 +119,31 @@ def test_a_broker_restart_mid_round_loses_no_round_and_the_agent_reconnects(
     broker.start()
     wait_for(lambda: agent.status().get("transport") == "mqtt", 120, "the agent to reconnect to the broker")
     assert stored_updates(server.data) == [(1, "dev-1"), (2, "dev-1")]
+
+
+def test_agent_commands_refuse_bad_input_with_one_line(make_pki, tmp_path: Path) -> None:
+    pki_dir = make_pki("dev-1")
+    creds = pki.credentials(pki_dir, pki.Role.CLIENT, "dev-1")
+    (data,) = client_data(tmp_path, 1)
+    url = "https://127.0.0.1:1"
+    given = ["--ca", str(creds.ca), "--cert", str(creds.cert), "--key", str(creds.key)]
+    cases = [
+        (
+            ["--data", str(tmp_path / "missing.npz"), "--server", url, *given],
+            "cannot read data",
+        ),
+        (["--data", str(data), "--server", url], "enroll the device"),
+        (["--data", str(data), "--server", "http://127.0.0.1:1", *given], "https:// URL"),
+        (
+            ["--data", str(data), "--server", url, "--broker", "nowhere", *given],
+            "HOST:PORT",
+        ),
+    ]
+    for flags, message in cases:
+        done = run_cli("agent", "run", "--dir", str(tmp_path / "state"), *flags)
+        assert done.returncode == 1, done.stdout
+        assert "Traceback" not in done.stderr
+        assert message in " ".join(done.stderr.split())
+    done = run_cli("agent", "status", "--dir", str(tmp_path / "nothing-here"))
+    assert done.returncode == 1
+    assert "has `fedge agent run" in " ".join(done.stderr.split())
