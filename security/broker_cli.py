@@ -25,12 +25,15 @@ def config(
     mount: Annotated[
         Path | None, typer.Option(help="where --out is mounted in the broker's container [--out]")
     ] = None,
+    persistence: Annotated[
+        Path | None, typer.Option(help="where the broker keeps retained messages, writable [MOUNT/data]")
+    ] = None,
     run_as: Annotated[str | None, typer.Option(help="user mosquitto drops to when started as root")] = None,
 ) -> None:
     """Generate mosquitto.conf (TLS, client certificates required, ACL, CRL when the PKI has one)."""
     with user_errors(pki.PKIError, OSError):
         files = broker.write_config(
-            pki_dir, out, port, bind, tuple(host) or ("localhost", "127.0.0.1"), mount, run_as
+            pki_dir, out, port, bind, tuple(host) or ("localhost", "127.0.0.1"), mount, persistence, run_as
         )
     crl = "with" if files.crl else "without"
     console.print(f"mosquitto config written to {files.conf} ({crl} a CRL); run: mosquitto -c {files.conf}")
