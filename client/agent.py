@@ -31,6 +31,7 @@ from fedge.wire import RoundInfo, RoundState
 
 MQTT_GRACE_SECONDS = 5.0
 RETRY_SECONDS = 5.0
+CHECK_SECONDS = 60.0
 
 
 class Step(Enum):
@@ -71,6 +72,7 @@ class Agent:
         self._stop = threading.Event()
         self._connected = threading.Event()
         self._etag: str | None = None
+        self._checked = time.monotonic()
         self._mqtt: paho.Client | None = None
         self._status_lock = threading.Lock()
         self._status = AgentStatus(
@@ -125,26 +127,31 @@ class Agent:
             self._report(AgentState.ERROR, detail=f"ignored a malformed announcement on {message.topic}")
 
     def _next_announcement(self, api: FedgeClient) -> RoundInfo | None:
-        """From MQTT while the broker is reachable, else by long-polling the server."""
+        """From MQTT while the broker is reachable, else by long-polling the server. Even with MQTT, the
+        server is asked now and then, so that an announcement the broker never delivered is not missed."""
         if self._connected.is_set() or not self._announcements.empty():
             try:
                 return self._announcements.get(timeout=1.0)
             except queue.Empty:
-                return None
+                if time.monotonic() - self._checked < CHECK_SECONDS:
+                    return None
+                return self._poll(api, wait=None)
         if self._status.transport is not Transport.LONG_POLL:
             self._report(self._status.state, self._status.round, self._status.detail)
+        return self._poll(api, self.config.poll_wait if self._etag else None)
+
+    def _poll(self, api: FedgeClient, wait: float | None) -> RoundInfo | None:
+        self._checked = time.monotonic()
         try:
-            info = api.current_round(wait=self.config.poll_wait if self._etag else None, etag=self._etag)
+            info = api.current_round(wait=wait, etag=self._etag)
         except (httpx.TransportError, ServerError) as exc:
             self._report(AgentState.ERROR, detail=f"server unreachable: {exc}")
             self._stop.wait(RETRY_SECONDS)
             return None
-        if info.etag == self._etag:
-            return None
-        self._etag = info.etag
-        return info
+        return None if info.etag == self._etag else info
 
     def _handle(self, api: FedgeClient, info: RoundInfo) -> None:
+        self._etag = info.etag
         step, why = plan(info, self.config.identity.id, self._done_round(), time.time())
         if step is Step.IGNORE:
             if self._status.state is not AgentState.IDLE or self._status.round != info.round:

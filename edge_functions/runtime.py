@@ -10,9 +10,11 @@ or runs past its invocation's deadline: that invocation fails with ``WorkerFaile
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import multiprocessing
 import os
 import signal
+import sys
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -21,6 +23,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 _START_TIMEOUT = 300.0
+_PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,7 @@ def _serve(conn: Connection, threads: int) -> None:
     """A worker's main loop. Signals go to the agent, which decides when its workers stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _die_with_parent()
     import torch
 
     from fedge.edge_functions.functions import FUNCTIONS, Context
@@ -57,6 +61,13 @@ def _serve(conn: Connection, threads: int) -> None:
             conn.send(("error", _portable(exc)))
         else:
             conn.send(("ok", (result, time.perf_counter() - started)))
+
+
+def _die_with_parent() -> None:
+    """On Linux, a worker whose agent was killed outright dies too, instead of training for nobody.
+    (The signal follows the thread that started the worker: the pool's threads live as long as the pool.)"""
+    if sys.platform == "linux":
+        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _portable(exc: Exception) -> Exception:
