@@ -6,6 +6,7 @@ import json
 import signal
 from pathlib import Path
 
+import pytest
 from conftest import client_data, free_port, tls_for, wait_for
 from test_service import stored_updates
 from test_simulate import run_cli
@@ -65,55 +66,54 @@ def test_an_agent_that_cannot_reach_the_broker_long_polls_the_server_and_says_so
     assert agent.status()["transport"] == "long-poll"
 
 
-def test_sigterm_while_training_sends_the_trained_update_before_the_agent_exits(
-    make_pki, start_broker, start_task_server, start_agent, tmp_path: Path
-) -> None:
+@pytest.fixture
+def one_device(make_pki, start_broker, start_task_server, start_agent, tmp_path: Path):
+    """A federation of one device: a broker, a server (rounds as asked) and a starter for its agent."""
     pki_dir = make_pki("dev-1")
     broker = start_broker(pki_dir)
-    server = start_task_server(
-        pki_dir, "--mqtt", str(broker.address), "--rounds", "1", "--local-epochs", "40"
-    )
-    (data,) = client_data(tmp_path, 1)
-    agent = start_agent(pki_dir, "dev-1", data, server.url, "--broker", str(broker.address))
+
+    def start(rounds: int) -> tuple:
+        flags = ("--mqtt", str(broker.address), "--rounds", str(rounds), "--local-epochs", "5")
+        server = start_task_server(pki_dir, *flags)
+        (data,) = client_data(tmp_path, 1)
+        args = (pki_dir, "dev-1", data, server.url, "--broker", str(broker.address), "--poll-wait", "2")
+        return broker, server, lambda: start_agent(*args)
+
+    return pki_dir, start
+
+
+def training(agent) -> None:
     wait_for(lambda: agent.status().get("state") == "training", 120, "training to start")
+
+
+def test_sigterm_while_training_sends_the_trained_update_before_the_agent_exits(one_device) -> None:
+    _, start = one_device
+    _, server, start_agent = start(rounds=1)
+    agent = start_agent()
+    training(agent)
     assert agent.stop(signal.SIGTERM) == 0
     assert stored_updates(server.data) == [(1, "dev-1")]
     assert agent.status()["state"] == "stopped"
 
 
-def test_an_agent_killed_mid_round_and_restarted_completes_the_round_with_one_update(
-    make_pki, start_broker, start_task_server, start_agent, tmp_path: Path
-) -> None:
-    pki_dir = make_pki("dev-1")
-    broker = start_broker(pki_dir)
-    server = start_task_server(
-        pki_dir, "--mqtt", str(broker.address), "--rounds", "1", "--local-epochs", "40"
-    )
-    (data,) = client_data(tmp_path, 1)
-    args = (pki_dir, "dev-1", data, server.url, "--broker", str(broker.address))
-    first = start_agent(*args)
-    wait_for(lambda: first.status().get("state") == "training", 120, "training to start")
+def test_an_agent_killed_mid_round_and_restarted_completes_the_round_with_one_update(one_device) -> None:
+    pki_dir, start = one_device
+    _, server, start_agent = start(rounds=1)
+    first = start_agent()
+    training(first)
     first.stop(signal.SIGKILL)
     assert stored_updates(server.data) == []
-    second = start_agent(*args)
+    second = start_agent()
     wait_for(lambda: finished(server, pki_dir), 300, "the round to finish after the restart")
     assert stored_updates(server.data) == [(1, "dev-1")]
     wait_for(lambda: second.status().get("state") == "idle", 60, "the agent to settle")
 
 
-def test_a_broker_restart_mid_round_loses_no_round_and_the_agent_reconnects(
-    make_pki, start_broker, start_task_server, start_agent, tmp_path: Path
-) -> None:
-    pki_dir = make_pki("dev-1")
-    broker = start_broker(pki_dir)
-    server = start_task_server(
-        pki_dir, "--mqtt", str(broker.address), "--rounds", "2", "--local-epochs", "20"
-    )
-    (data,) = client_data(tmp_path, 1)
-    agent = start_agent(
-        pki_dir, "dev-1", data, server.url, "--broker", str(broker.address), "--poll-wait", "2"
-    )
-    wait_for(lambda: agent.status().get("state") == "training", 120, "training to start")
+def test_a_broker_restart_mid_round_loses_no_round_and_the_agent_reconnects(one_device) -> None:
+    pki_dir, start = one_device
+    broker, server, start_agent = start(rounds=2)
+    agent = start_agent()
+    training(agent)
     broker.stop()
     wait_for(lambda: finished(server, pki_dir), 300, "both rounds to finish while the broker is down")
     broker.start()
