@@ -177,6 +177,7 @@ class Agent:
             "config": info.config.model_dump(),
             "data": {"path": str(self.config.data)},
             "outbox": str(self._outbox),
+            "model_sha256": info.model_sha256,
         }
         timeout = max(1.0, info.deadline - time.time()) if info.deadline is not None else None
         try:

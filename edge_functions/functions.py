@@ -55,6 +55,7 @@ class TrainEvent(BaseModel):
     config: TrainConfig
     data: DataSpec | LocalData
     outbox: Path | None = None  # keep the update here for the caller to send, instead of posting it
+    model_sha256: str | None = None  # the round's model, as announced: a warm instance may hold it already
 
 
 class EvaluateEvent(BaseModel):
@@ -71,8 +72,11 @@ class Context:
     model: Tensors = field(default_factory=dict)
     partitions: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
-    def fetch_model(self, api: FedgeClient) -> int:
-        """Bring the cached global model up to date; returns the bytes downloaded (0 on an ETag hit)."""
+    def fetch_model(self, api: FedgeClient, expected_sha256: str | None = None) -> int:
+        """Bring the cached global model up to date; returns the bytes downloaded (0 on an ETag hit).
+        When the round's announcement named the model and it is the one cached, nothing is asked."""
+        if expected_sha256 is not None and expected_sha256 == self.model_sha256:
+            return 0
         download = api.model(cached_sha256=self.model_sha256)
         if download is None:
             return 0
@@ -83,14 +87,23 @@ class Context:
     def partition(self, task: tasks.Task, spec: DataSpec | LocalData) -> tuple[np.ndarray, np.ndarray]:
         key = f"{task.name}:{spec.model_dump_json()}"
         if isinstance(spec, LocalData):
-            with np.load(spec.path, allow_pickle=False) as arrays:
-                return arrays["x"].astype(np.float32), arrays["y"].astype(np.int64)
+            return self._local(key, spec.path)
         if key not in self.partitions:
             data = task.load_data()
             parts = partition.split(data.y_train, spec.num_clients, spec.partition, spec.seed)
             mine = parts[spec.index]
             self.partitions[key] = (data.x_train[mine], data.y_train[mine])
         return self.partitions[key]
+
+    def _local(self, key: str, path: Path) -> tuple[np.ndarray, np.ndarray]:
+        """A device's own file, read again only when it changed (its data may grow between rounds)."""
+        stat = path.stat()
+        stamped = f"{key}:{stat.st_mtime_ns}:{stat.st_size}"
+        if stamped not in self.partitions:
+            self.partitions = {k: v for k, v in self.partitions.items() if not k.startswith(key)}
+            with np.load(path, allow_pickle=False) as arrays:
+                self.partitions[stamped] = (arrays["x"].astype(np.float32), arrays["y"].astype(np.int64))
+        return self.partitions[stamped]
 
 
 def train(event: dict, context: Context) -> dict:
@@ -100,7 +113,7 @@ def train(event: dict, context: Context) -> dict:
     task = tasks.get(ev.task)
     x, y = context.partition(task, ev.data)
     with FedgeClient(ev.server, ev.credentials.get()) as api:
-        bytes_down = context.fetch_model(api)
+        bytes_down = context.fetch_model(api, ev.model_sha256)
         model = task.build_model()
         tasks.load_tensors(model, context.model)
         if isinstance(ev.data, DataSpec):
