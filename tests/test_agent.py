@@ -147,3 +147,27 @@ def test_agent_commands_refuse_bad_input_with_one_line(make_pki, tmp_path: Path)
     done = run_cli("agent", "status", "--dir", str(tmp_path / "nothing-here"))
     assert done.returncode == 1
     assert "has `fedge agent run" in " ".join(done.stderr.split())
+
+
+def test_a_worker_hung_past_the_round_deadline_is_replaced_and_the_round_reported_failed(
+    make_pki, start_broker, start_task_server, start_agent, probe, tmp_path: Path
+) -> None:
+    pki_dir = make_pki("dev-1")
+    broker = start_broker(pki_dir)
+    ops = probe(broker, tls_for(pki_dir, pki.Role.ADMIN, "ops"), (status_topic("edge", "dev-1"),))
+    assert ops.admitted()
+    # Far more training than the round's 3 seconds allow: the worker is still busy at the deadline.
+    flags = ("--mqtt", str(broker.address), "--rounds", "1", "--round-timeout", "3", "--local-epochs", "1000")
+    server = start_task_server(pki_dir, *flags)
+    (data,) = client_data(tmp_path, 1)
+    agent = start_agent(pki_dir, "dev-1", data, server.url, "--broker", str(broker.address))
+
+    def failure() -> dict | None:
+        statuses = [json.loads(p) for p in ops.payloads(status_topic("edge", "dev-1"))]
+        return next((s for s in statuses if s["state"] == "error"), None)
+
+    failed = wait_for(failure, 120, "the round to be reported failed")
+    assert "round 1 failed" in failed["detail"]
+    assert "hung" in failed["detail"]
+    assert stored_updates(server.data) == []
+    assert agent.process.poll() is None  # the agent itself goes on
