@@ -4,13 +4,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup demo test lint mosquitto clean
+.PHONY: setup demo test lint mosquitto bench bench-smoke clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# The CPU build of torch first: a plain `torch` requirement would pull a multi-GB CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[all,dev]'
+	$(BIN)/pip install --quiet -e '.[all,dev,bench]'
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -34,6 +34,10 @@ lint: setup
 
 test: setup mosquitto lint
 	$(BIN)/pytest
+
+# Every benchmark at its smallest size: proves they still run (CI); `python -m bench NAME` for real numbers.
+bench-smoke: setup
+	$(BIN)/python -m bench all --quick >/dev/null
 
 clean:
 	rm -rf $(VENV) fedge-run .pytest_cache .ruff_cache

@@ -3,6 +3,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import pkgutil
 import platform
 import shlex
 import sys
@@ -46,27 +47,43 @@ def _describe(m: dict) -> str:
     return f"{m['cores']} cores, {m['memory_gb']} GiB, Python {m['python']}, {m['os']}"
 
 
+def benchmarks() -> list[str]:
+    """Modules of bench/ that are benchmarks: they have ``run`` and ``render``."""
+    names = [m.name for m in pkgutil.iter_modules([str(ROOT / "bench")]) if not m.name.startswith("_")]
+    modules = {name: importlib.import_module(f"bench.{name}") for name in names}
+    return [
+        name.replace("_", "-") for name, m in modules.items() if hasattr(m, "run") and hasattr(m, "render")
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("name", help="benchmark: a module of bench/, e.g. vs-flower")
+    parser.add_argument("name", help="a benchmark (a module of bench/, e.g. vs-flower), or 'all'")
     parser.add_argument("--quick", action="store_true", help="smallest size; checks it runs, writes nothing")
     args = parser.parse_args()
-    try:
-        module = importlib.import_module(f"bench.{args.name.replace('-', '_')}")
-    except ModuleNotFoundError:
-        sys.exit(f"error: no benchmark {args.name!r} in bench/")
+    available = benchmarks()
+    if args.name != "all" and args.name not in available:
+        sys.exit(f"error: no benchmark {args.name!r}; available: {', '.join(available)}")
+    for name in available if args.name == "all" else [args.name]:
+        run_one(name, args.quick)
+
+
+def run_one(name: str, quick: bool) -> None:
+    module = importlib.import_module(f"bench.{name.replace('-', '_')}")
     started = time.time()
-    result = module.run(quick=args.quick)
+    result = module.run(quick=quick)
     result |= {
-        "command": shlex.join(["python", "-m", "bench", args.name]),
+        "command": shlex.join(["python", "-m", "bench", name]),
         "date": time.strftime("%Y-%m-%d", time.gmtime(started)),
         "seconds": round(time.time() - started, 1),
         "machine": machine(),
     }
     print(json.dumps(result, indent=2))
-    if not args.quick:
+    if not quick:
         RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
+        (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+        if hasattr(module, "plot"):
+            module.plot(result, RESULTS / f"{name}.png")
         regenerate_docs()
 
 

@@ -1,4 +1,4 @@
-"""``fedge agent``: run the edge agent on a device and look at what it is doing."""
+"""``fedge agent``: what a device owner runs: enroll, renew, run the agent, see its status."""
 
 from __future__ import annotations
 
@@ -10,13 +10,14 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from fedge.console import UserError, console, user_errors
+from fedge.security.pki import PKIError
 
 if TYPE_CHECKING:
     from fedge.client.agent import AgentConfig
     from fedge.client.settings import AgentSettings
 
-app = typer.Typer(help="The edge agent that trains on this device's data.", no_args_is_help=True)
-StateDir = Annotated[Path, typer.Option("--dir", help="the agent's state directory")]
+app = typer.Typer(help="The edge agent a device runs: enroll, renew, run, status.", no_args_is_help=True)
+StateDir = Annotated[Path, typer.Option("--dir", help="the agent's state directory (credentials)")]
 
 
 @app.command()
@@ -25,7 +26,7 @@ def run(
     data: Annotated[
         Path | None, typer.Option(help="this device's examples: .npz with arrays x and y")
     ] = None,
-    server: Annotated[str | None, typer.Option(help="aggregation service, https://HOST:PORT")] = None,
+    server: Annotated[str | None, typer.Option(help="aggregation service [the one enrolled with]")] = None,
     broker: Annotated[str | None, typer.Option(help="MQTT broker HOST:PORT [long-poll the server]")] = None,
     ca: Annotated[Path | None, typer.Option(help="federation CA [DIR/ca.pem]")] = None,
     cert: Annotated[Path | None, typer.Option(help="client certificate [DIR/client.pem]")] = None,
@@ -45,7 +46,7 @@ def run(
         agent = Agent(_config(settings))
     signal.signal(signal.SIGTERM, lambda *_: agent.stop())
     signal.signal(signal.SIGINT, lambda *_: agent.stop())
-    console.print(f"fedge agent {agent.config.identity.id} for {settings.server}")
+    console.print(f"fedge agent {agent.config.identity.id} for {agent.config.server}")
     agent.run()
 
 
@@ -74,8 +75,9 @@ def _config(settings: AgentSettings) -> AgentConfig:
         raise UserError(f"{creds.cert}: {exc}") from None
     if identity.role is not pki.Role.CLIENT:
         raise UserError(f"{creds.cert} is a {identity.role} certificate, not a client's")
-    if not settings.server.startswith("https://"):
-        raise UserError(f"--server must be an https:// URL, not {settings.server!r}")
+    server = settings.server or _enrolled_server(settings.dir)
+    if not server.startswith("https://"):
+        raise UserError(f"--server must be an https:// URL, not {server!r}")
     try:
         with np.load(settings.data, allow_pickle=False) as arrays:
             if "x" not in arrays or "y" not in arrays or len(arrays["x"]) != len(arrays["y"]):
@@ -85,13 +87,22 @@ def _config(settings: AgentSettings) -> AgentConfig:
     return AgentConfig(
         state_dir=settings.dir,
         data=settings.data.resolve(),
-        server=settings.server,
+        server=server,
         broker=BrokerAddress.parse(settings.broker) if settings.broker else None,
         creds=pki.Credentials(creds.ca.resolve(), creds.cert.resolve(), creds.key.resolve()),
         identity=identity,
         keep_alive=settings.keep_alive,
         poll_wait=settings.poll_wait,
     )
+
+
+def _enrolled_server(state_dir: Path) -> str:
+    from fedge.client.enrollment import EnrollmentError, load_state
+
+    try:
+        return load_state(state_dir).server
+    except EnrollmentError:
+        raise UserError("no --server given and the device is not enrolled (`fedge agent enroll`)") from None
 
 
 @app.command("status")
@@ -110,3 +121,32 @@ def show_status(state_dir: StateDir) -> None:
         last = current.last_invocation
         kind = f"cold, {last.startup_seconds:.2f} s start-up" if last.cold else "warm"
         console.print(f"last train: {kind}, {last.seconds:.2f} s")
+
+
+@app.command()
+def enroll(
+    server: Annotated[str, typer.Option(help="URL of the aggregation service, https://HOST:PORT")],
+    token: Annotated[str, typer.Option(help="one-time token from `fedge pki token`")],
+    ca_fingerprint: Annotated[str, typer.Option(help="sha256 of the federation CA (`fedge pki list`)")],
+    state: StateDir,
+) -> None:
+    """Make this device's key, check the server's CA against the fingerprint, and get a certificate."""
+    from fedge.client.enrollment import EnrollmentError
+    from fedge.client.enrollment import enroll as run
+
+    with user_errors(EnrollmentError, PKIError, OSError):
+        enrolled = run(server, token, ca_fingerprint, state)
+    console.print(
+        f"enrolled as [bold]{enrolled.client}[/] in federation {enrolled.federation}; credentials in {state}"
+    )
+
+
+@app.command()
+def renew(state: StateDir) -> None:
+    """Replace this device's key and certificate with fresh ones while the current certificate is valid."""
+    from fedge.client.enrollment import EnrollmentError
+    from fedge.client.enrollment import renew as run
+
+    with user_errors(EnrollmentError, PKIError, OSError):
+        renewed = run(state)
+    console.print(f"renewed the certificate of {renewed.client}; credentials in {state}")

@@ -13,7 +13,7 @@ class AgentSettings(_CommandSettings):
     section = "agent"
     dir: Path
     data: Path
-    server: str
+    server: str | None = None  # default: the server the device enrolled with
     broker: str | None = None
     ca: Path | None = None  # default <dir>/ca.pem
     cert: Path | None = None  # default <dir>/client.pem

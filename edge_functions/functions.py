@@ -90,7 +90,9 @@ class Context:
             return self._local(key, spec.path)
         if key not in self.partitions:
             data = task.load_data()
-            parts = partition.split(data.y_train, spec.num_clients, spec.partition, spec.seed)
+            parts = partition.split(
+                data.y_train, spec.num_clients, spec.partition, spec.seed, data.groups_train
+            )
             mine = parts[spec.index]
             self.partitions[key] = (data.x_train[mine], data.y_train[mine])
         return self.partitions[key]

@@ -12,16 +12,21 @@ class PartitionError(ValueError):
 
 
 def parse(spec: str) -> tuple[str, float | None]:
-    """``iid`` or ``dirichlet:ALPHA`` (ALPHA > 0; smaller is more skewed)."""
-    if spec == "iid":
-        return "iid", None
+    """``iid``, ``dirichlet:ALPHA`` (ALPHA > 0; smaller is more skewed), or ``natural`` (one natural owner
+    of the data per client, such as a role of a play, where the data set has them)."""
+    if spec in ("iid", "natural"):
+        return spec, None
     match = re.fullmatch(r"dirichlet:([0-9]*\.?[0-9]+)", spec)
     if match and float(match.group(1)) > 0:
         return "dirichlet", float(match.group(1))
-    raise PartitionError(f"unknown partition {spec!r}: use 'iid' or 'dirichlet:ALPHA' with ALPHA > 0")
+    raise PartitionError(
+        f"unknown partition {spec!r}: use 'iid', 'natural' or 'dirichlet:ALPHA' with ALPHA > 0"
+    )
 
 
-def split(labels: np.ndarray, num_clients: int, spec: str, seed: int) -> list[np.ndarray]:
+def split(
+    labels: np.ndarray, num_clients: int, spec: str, seed: int, groups: np.ndarray | None = None
+) -> list[np.ndarray]:
     """Indices of each client's examples; every client gets at least one example."""
     kind, alpha = parse(spec)
     if num_clients > len(labels):
@@ -29,8 +34,20 @@ def split(labels: np.ndarray, num_clients: int, spec: str, seed: int) -> list[np
     rng = np.random.default_rng(seed)
     if kind == "iid":
         return [np.sort(part) for part in np.array_split(rng.permutation(len(labels)), num_clients)]
+    if kind == "natural":
+        return natural(groups, num_clients, rng)
     assert alpha is not None
     return dirichlet(labels, num_clients, alpha, rng)
+
+
+def natural(groups: np.ndarray | None, num_clients: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Each client is one natural owner (LEAF's setting), drawn at random among the data set's owners."""
+    if groups is None:
+        raise PartitionError("this data set has no natural owners: use 'iid' or 'dirichlet:ALPHA'")
+    owners = np.unique(groups)
+    if num_clients > len(owners):
+        raise PartitionError(f"{num_clients} clients but the data set has only {len(owners)} natural owners")
+    return [np.flatnonzero(groups == owner) for owner in rng.choice(owners, num_clients, replace=False)]
 
 
 def dirichlet(

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from fedge.codec import Tensors
-from fedge.edge_functions import datasets
+from fedge.edge_functions import datasets, shakespeare
 
 
 @dataclass(frozen=True)
@@ -69,9 +69,26 @@ def digits_cnn() -> nn.Module:
     )
 
 
+class CharLSTM(nn.Module):
+    """Next-character model of LEAF's Shakespeare task, smaller (one 128-unit layer) for CPU rounds."""
+
+    def __init__(
+        self, vocabulary: int = len(shakespeare.ALPHABET), embedding: int = 8, hidden: int = 128
+    ) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocabulary, embedding)
+        self.lstm = nn.LSTM(embedding, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, vocabulary)
+
+    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        states, _ = self.lstm(self.embed(codes))
+        return self.head(states[:, -1])
+
+
 _BUILTIN = {
     "mnist": Task("mnist", mnist_cnn, functools.partial(datasets.load, "mnist")),
     "digits": Task("digits", digits_cnn, functools.partial(datasets.load, "digits")),
+    "shakespeare": Task("shakespeare", CharLSTM, functools.partial(datasets.load, "shakespeare")),
 }
 
 

@@ -32,8 +32,10 @@ def simulate(
     clients: Annotated[int | None, typer.Option(help="simulated clients [10]")] = None,
     rounds: Annotated[int | None, typer.Option(help="rounds of FedAvg [10]")] = None,
     local_epochs: Annotated[int | None, typer.Option(help="local epochs per round [1]")] = None,
-    dataset: Annotated[str | None, typer.Option(help="mnist or digits [mnist]")] = None,
-    partition: Annotated[str | None, typer.Option(help="iid or dirichlet:ALPHA [dirichlet:0.5]")] = None,
+    dataset: Annotated[str | None, typer.Option(help="mnist, digits or shakespeare [mnist]")] = None,
+    partition: Annotated[
+        str | None, typer.Option(help="iid, natural or dirichlet:ALPHA [dirichlet:0.5]")
+    ] = None,
     seed: Annotated[int | None, typer.Option(help="seed of model and partition [0]")] = None,
     out: Annotated[Path | None, typer.Option(help="where results go [fedge-run]")] = None,
     workers: Annotated[int | None, typer.Option(help="warm worker processes [one per core]")] = None,

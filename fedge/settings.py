@@ -48,7 +48,7 @@ class TrainingSettings(_CommandSettings):
     """What the server hands clients each round, shared by ``server`` and ``simulate``."""
 
     rounds: int = Field(10, ge=1)
-    local_epochs: int = Field(1, ge=1)
+    local_epochs: int = Field(1, ge=0)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(0.05, gt=0)
     round_timeout: float = Field(600.0, gt=0)
@@ -64,6 +64,7 @@ class ServerSettings(TrainingSettings):
     task: str = "mnist"
     min_clients: int = Field(1, ge=1)
     min_updates: int = Field(1, ge=1)
+    max_update_norm: float | None = Field(None, gt=0)
     init_model: Path | None = None
     mqtt: str | None = None
 

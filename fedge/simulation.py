@@ -34,6 +34,7 @@ class RoundMetrics:
     seconds: float
     bytes_up: int
     bytes_down: int
+    ended: float  # Unix time when the round's evaluation finished
 
 
 @dataclass
@@ -144,6 +145,7 @@ def _run_rounds(
             seconds=seconds,
             bytes_up=sum(r.result["bytes_up"] for r in results),
             bytes_down=sum(r.result["bytes_down"] for r in results),
+            ended=time.time(),
         )
         report.rounds.append(metrics)
         on_round(metrics)

@@ -1,13 +1,23 @@
-"""A client for the v1 wire contract over mutual TLS, shared by edge functions, agents and simulations."""
+"""A client for the v1 wire contract over mutual TLS, shared by edge functions, agents and simulations.
+
+It signs every update it sends with the certificate's key and refuses a global model whose signature does
+not verify against the CA it pins (``creds.ca``), so no caller can forget either check.
+"""
 
 from __future__ import annotations
 
+import functools
+import time
 from dataclasses import dataclass
 from types import TracebackType
 
 import httpx
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
-from fedge.security.pki import Credentials
+from fedge.codec import sha256
+from fedge.security import signing
+from fedge.security.pki import Credentials, Identity, identity_of
 from fedge.security.tls import client_context
 from fedge.wire import ErrorBody, ModelMeta, RoundInfo, UpdateReceipt
 
@@ -34,7 +44,13 @@ class ModelDownload:
 
 class FedgeClient:
     def __init__(self, url: str, creds: Credentials, timeout: float = 60.0) -> None:
+        self._creds = creds
         self._http = httpx.Client(base_url=url, verify=client_context(creds), timeout=timeout)
+
+    @functools.cached_property
+    def identity(self) -> Identity:
+        cert = x509.load_pem_x509_certificate(self._creds.cert.read_bytes())
+        return identity_of(cert.public_bytes(serialization.Encoding.DER))
 
     def __enter__(self) -> FedgeClient:
         return self
@@ -51,16 +67,24 @@ class FedgeClient:
         response = self._http.get("/v1/model", headers=headers)
         if response.status_code == 304:
             return None
-        _raise_for_error(response)
-        return ModelDownload(
+        raise_for_error(response)
+        download = ModelDownload(
             body=response.content,
-            sha256=response.headers["ETag"].strip('"'),
+            sha256=sha256(response.content),
             round=int(response.headers["X-Fedge-Round"]),
         )
+        signing.verify_model(
+            self._creds.ca.read_bytes(),
+            self.identity.federation,
+            signing.ModelClaim(self.identity.federation, download.round, download.sha256),
+            response.headers.get(signing.SIGNATURE_HEADER, ""),
+            response.headers.get(signing.SIGNER_HEADER, ""),
+        )
+        return download
 
     def model_meta(self) -> ModelMeta:
         response = self._http.get("/v1/model/meta")
-        _raise_for_error(response)
+        raise_for_error(response)
         return ModelMeta.model_validate_json(response.content)
 
     def current_round(self, wait: float | None = None, etag: str | None = None) -> RoundInfo:
@@ -69,20 +93,37 @@ class FedgeClient:
         headers = {"If-None-Match": etag} if etag else {}
         timeout = httpx.Timeout(self._http.timeout.read + (wait or 0))
         response = self._http.get("/v1/rounds/current", params=params, headers=headers, timeout=timeout)
-        _raise_for_error(response)
+        raise_for_error(response)
         return RoundInfo.model_validate_json(response.content)
 
-    def post_update(self, round_: int, body: bytes) -> UpdateReceipt:
-        response = self._http.post(
-            f"/v1/rounds/{round_}/updates",
-            content=body,
-            headers={"Content-Type": "application/octet-stream"},
-        )
-        _raise_for_error(response)
+    def post_update(self, round_: int, body: bytes, grant: str | None = None) -> UpdateReceipt:
+        """Send an update for ``round_``, signed over (federation, round, client id, sha256, nonce).
+
+        An executor passes a client's ``grant`` (``FedgeClient.grant``) and submits in that client's slot."""
+        owner = self.identity.id if grant is None else signing.grant_client(grant)
+        headers = {"Content-Type": "application/octet-stream", **self.sign_update(round_, body, owner)}
+        if grant is not None:
+            headers[signing.GRANT_HEADER] = grant
+        response = self._http.post(f"/v1/rounds/{round_}/updates", content=body, headers=headers)
+        raise_for_error(response)
         return UpdateReceipt.model_validate_json(response.content)
 
+    def sign_update(self, round_: int, body: bytes, client: str | None = None) -> dict[str, str]:
+        """The signature headers of an update in ``client``'s slot (default: our own)."""
+        nonce = signing.new_nonce()
+        owner = client or self.identity.id
+        claim = signing.UpdateClaim(self.identity.federation, round_, owner, sha256(body), nonce)
+        key = signing.load_private_key(self._creds.key.read_bytes())
+        return {signing.SIGNATURE_HEADER: signing.sign(key, claim.message()), signing.NONCE_HEADER: nonce}
 
-def _raise_for_error(response: httpx.Response) -> None:
+    def grant(self, round_: int, executor: str, ttl: float = 3600.0) -> str:
+        """Let ``executor`` submit this client's update for ``round_`` during the next ``ttl`` seconds."""
+        grant = signing.Grant(self.identity.federation, round_, self.identity.id, executor, time.time() + ttl)
+        key = signing.load_private_key(self._creds.key.read_bytes())
+        return signing.make_grant(key, self._creds.cert.read_bytes(), grant)
+
+
+def raise_for_error(response: httpx.Response) -> None:
     if response.is_success:
         return
     try:

@@ -16,7 +16,7 @@ class RoundState(StrEnum):
 class TrainConfig(BaseModel):
     """Hyper-parameters the server hands each client for a round, as Flower's ``on_fit_config`` does."""
 
-    local_epochs: int = Field(1, ge=1)
+    local_epochs: int = Field(1, ge=0)  # 0: send the model back untrained (measures framework overhead)
     batch_size: int = Field(32, ge=1)
     learning_rate: float = Field(0.05, gt=0)
 

@@ -1,17 +1,20 @@
-"""``fedge pki``: make the federation's CA and issue certificates."""
+"""``fedge pki``: make the federation's CA, issue and revoke certificates, mint enrollment tokens."""
 
 from __future__ import annotations
 
+import datetime as dt
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.table import Table
 
-from fedge.console import console, user_errors
-from fedge.security import pki
+from fedge.console import console, errors, user_errors
+from fedge.security import pki, tokens
 
 app = typer.Typer(
-    help="Certificates of a federation: its CA, the server's, each client's.", no_args_is_help=True
+    help="Certificates of a federation: its CA, the server's, each client's; tokens; revocation.",
+    no_args_is_help=True,
 )
 PkiDir = Annotated[Path, typer.Option("--dir", help="PKI directory")]
 
@@ -22,6 +25,7 @@ def init(directory: PkiDir, federation: Annotated[str, typer.Option(help="federa
     with user_errors(pki.PKIError):
         ca = pki.init_ca(directory, federation)
     console.print(f"CA for federation [bold]{federation}[/] written to {ca}")
+    console.print(f"CA fingerprint (sha256): {pki.ca_fingerprint(directory)}", soft_wrap=True)
 
 
 @app.command("server-cert")
@@ -40,8 +44,87 @@ def server_cert(
 
 
 @app.command("client-cert")
-def client_cert(directory: PkiDir, client: Annotated[str, typer.Option(help="client id")]) -> None:
-    """Issue a client's certificate (its id goes in the SAN: spiffe://<federation>/client/<id>)."""
+def client_cert(
+    directory: PkiDir,
+    client: Annotated[str, typer.Option(help="client id")],
+    days: Annotated[int, typer.Option(min=1, max=365, help="lifetime in days")] = pki.LEAF_LIFETIME.days,
+) -> None:
+    """Issue a client's certificate (its id goes in the SAN: spiffe://<federation>/client/<id>).
+
+    Running it again for the same id renews it: a new key and certificate (revoke the old one if lost)."""
     with user_errors(pki.PKIError):
-        creds = pki.issue(directory, pki.Role.CLIENT, client)
+        creds = pki.issue(directory, pki.Role.CLIENT, client, lifetime=dt.timedelta(days=days))
     console.print(f"client certificate written to {creds.cert} (key {creds.key})")
+
+
+@app.command("admin-cert")
+def admin_cert(directory: PkiDir, admin: Annotated[str, typer.Option(help="admin id")]) -> None:
+    """Issue an operator's certificate for the /v1/admin/ routes."""
+    _issue(directory, pki.Role.ADMIN, admin)
+
+
+@app.command("executor-cert")
+def executor_cert(directory: PkiDir, executor: Annotated[str, typer.Option(help="executor id")]) -> None:
+    """Issue a cloud executor's certificate: it submits only in the slot a client's grant gives it."""
+    _issue(directory, pki.Role.EXECUTOR, executor)
+
+
+def _issue(directory: Path, role: pki.Role, id_: str) -> None:
+    with user_errors(pki.PKIError):
+        creds = pki.issue(directory, role, id_)
+    console.print(f"{role} certificate written to {creds.cert} (key {creds.key})")
+
+
+@app.command()
+def token(
+    directory: PkiDir,
+    client: Annotated[str, typer.Option(help="the id the enrolling device will get")],
+    ttl: Annotated[float, typer.Option(min=0.001, help="hours the token stays usable")] = 24.0,
+) -> None:
+    """Mint a one-time enrollment token for a device (only its sha256 is kept); prints the token."""
+    with user_errors(pki.PKIError, tokens.TokenError):
+        minted = tokens.mint(directory, client, dt.timedelta(hours=ttl))
+        fingerprint = pki.ca_fingerprint(directory)
+    typer.echo(minted)
+    errors.print(
+        f"[dim]one use, expires in {ttl:g} h; on the device: fedge agent enroll --server URL "
+        f"--token {minted} --ca-fingerprint {fingerprint} --dir STATE[/]",
+        soft_wrap=True,
+    )
+
+
+@app.command()
+def revoke(
+    directory: PkiDir,
+    client: Annotated[str | None, typer.Option(help="client id to revoke")] = None,
+    admin: Annotated[str | None, typer.Option(help="admin id to revoke")] = None,
+    executor: Annotated[str | None, typer.Option(help="executor id to revoke")] = None,
+) -> None:
+    """Revoke a certificate: a running server on this PKI refuses it within seconds; crl.pem is rewritten."""
+    chosen = [(role, id_) for role, id_ in ((pki.Role.CLIENT, client), (pki.Role.ADMIN, admin),
+                                            (pki.Role.EXECUTOR, executor)) if id_ is not None]  # fmt: skip
+    if len(chosen) != 1:
+        typer.echo("error: give exactly one of --client, --admin, --executor", err=True)
+        raise typer.Exit(2)
+    role, id_ = chosen[0]
+    with user_errors(pki.PKIError):
+        info = pki.revoke(directory, role, id_)
+    console.print(f"revoked {role} {id_} (serial {info.serial:x}); CRL written to {directory / 'crl.pem'}")
+
+
+@app.command("list")
+def list_(directory: PkiDir) -> None:
+    """Every certificate of the federation with its status, and the CA fingerprint devices pin."""
+    with user_errors(pki.PKIError):
+        federation = pki.federation_of(directory)
+        revoked = pki.revoked(directory)
+        found = [c for role in pki.Role for c in pki.certificates(directory, role)]
+        fingerprint = pki.ca_fingerprint(directory)
+    now = dt.datetime.now(dt.UTC)
+    table = Table(title=f"federation {federation}")
+    for column in ("role", "id", "serial", "expires", "status"):
+        table.add_column(column)
+    for c in found:
+        table.add_row(c.role, c.id, f"{c.serial:x}", f"{c.not_after:%Y-%m-%d %H:%M}", c.status(revoked, now))
+    console.print(table)
+    console.print(f"CA fingerprint (sha256): {fingerprint}", soft_wrap=True)

@@ -8,16 +8,23 @@ Layout of a PKI directory::
 
     pki.json                 {"federation": NAME}
     ca.pem, ca.key           the CA (key readable by its owner only)
-    <role>/<id>.pem, .key    issued certificates, role in {server, client, admin, executor}
+    <role>/<id>.pem, .key    issued certificates, role in {server, client, admin, executor}; an enrolled
+                             device's certificate comes without a key (the key never left the device)
+    crl.pem                  the revocation list, a standard X.509 CRL signed by the CA (mosquitto's crlfile)
+    tokens.json              enrollment tokens, by sha256 only (security/tokens.py)
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import fcntl
+import hashlib
 import ipaddress
 import json
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -28,7 +35,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 CA_LIFETIME = dt.timedelta(days=3650)
-LEAF_LIFETIME = dt.timedelta(days=90)
+LEAF_LIFETIME = dt.timedelta(days=30)
+ENROLLED_LIFETIME = dt.timedelta(days=7)
+CRL_LIFETIME = dt.timedelta(days=365)
 _ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 _FEDERATION_PATTERN = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 
@@ -93,6 +102,44 @@ def issued(pki_dir: Path, role: Role) -> list[str]:
     return sorted(p.stem for p in (pki_dir / role).glob("*.pem"))
 
 
+def active(pki_dir: Path, role: Role, now: dt.datetime | None = None) -> list[str]:
+    """Ids whose current certificate of ``role`` is neither revoked nor expired: who may be selected."""
+    moment = now or dt.datetime.now(dt.UTC)
+    revoked_serials = revoked(pki_dir)
+    return [c.id for c in certificates(pki_dir, role) if c.status(revoked_serials, moment) == "valid"]
+
+
+@dataclass(frozen=True)
+class CertificateInfo:
+    role: Role
+    id: str
+    serial: int
+    not_after: dt.datetime
+
+    def status(self, revoked_serials: dict[int, dt.datetime], now: dt.datetime) -> str:
+        if self.serial in revoked_serials:
+            return "revoked"
+        return "expired" if now > self.not_after else "valid"
+
+
+def certificates(pki_dir: Path, role: Role) -> list[CertificateInfo]:
+    """The current certificate of every id of ``role``, sorted by id."""
+    found = []
+    for id_ in issued(pki_dir, role):
+        cert = x509.load_pem_x509_certificate((pki_dir / role / f"{id_}.pem").read_bytes())
+        found.append(CertificateInfo(role, id_, cert.serial_number, cert.not_valid_after_utc))
+    return found
+
+
+def ca_fingerprint(pki_dir: Path) -> str:
+    """sha256 of the CA certificate (DER), in hex: what a device pins when it enrolls."""
+    return fingerprint(x509.load_pem_x509_certificate((pki_dir / "ca.pem").read_bytes()))
+
+
+def fingerprint(cert: x509.Certificate) -> str:
+    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
 def init_ca(pki_dir: Path, federation: str) -> Path:
     if not _FEDERATION_PATTERN.fullmatch(federation):
         raise PKIError(f"invalid federation name {federation!r}: use a-z 0-9 - (at most 63)")
@@ -116,26 +163,14 @@ def init_ca(pki_dir: Path, federation: str) -> Path:
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(now + CA_LIFETIME)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                key_cert_sign=True,
-                crl_sign=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        .add_extension(_key_usage(issues_certificates=True), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
-    _write(pki_dir / "ca.key", _key_pem(key), private=True)
-    _write(pki_dir / "ca.pem", cert.public_bytes(serialization.Encoding.PEM))
-    _write(pki_dir / "pki.json", json.dumps({"federation": federation}).encode())
+    write_file(pki_dir / "ca.key", key_pem(key), private=True)
+    write_file(pki_dir / "ca.pem", cert.public_bytes(serialization.Encoding.PEM))
+    write_file(pki_dir / "pki.json", json.dumps({"federation": federation}).encode())
+    _write_crl(pki_dir, [])
     return pki_dir / "ca.pem"
 
 
@@ -148,10 +183,34 @@ def issue(
 ) -> Credentials:
     """Issue a certificate for ``role``/``id_``; ``hosts`` (DNS names or IPs) go in the SAN for servers."""
     check_id(id_, f"{role} id")
+    federation_of(pki_dir)
+    key = ec.generate_private_key(ec.SECP256R1())
+    creds = Credentials(
+        ca=pki_dir / "ca.pem", cert=pki_dir / role / f"{id_}.pem", key=pki_dir / role / f"{id_}.key"
+    )
+    creds.key.parent.mkdir(exist_ok=True)
+    write_file(creds.key, key_pem(key), private=True)
+    sign_certificate(pki_dir, role, id_, key.public_key(), hosts, lifetime)
+    return creds
+
+
+def sign_certificate(
+    pki_dir: Path,
+    role: Role,
+    id_: str,
+    public_key: ec.EllipticCurvePublicKey,
+    hosts: tuple[str, ...] = (),
+    lifetime: dt.timedelta = LEAF_LIFETIME,
+) -> bytes:
+    """Sign a certificate for a key made elsewhere (an enrolling device's CSR) and keep a copy (PEM).
+
+    The profile follows the role: servers get serverAuth, everyone else clientAuth; every leaf may only
+    sign (TLS handshakes, updates, models), never issue certificates.
+    """
+    check_id(id_, f"{role} id")
     federation = federation_of(pki_dir)
     ca_key = serialization.load_pem_private_key((pki_dir / "ca.key").read_bytes(), password=None)
     ca_cert = x509.load_pem_x509_certificate((pki_dir / "ca.pem").read_bytes())
-    key = ec.generate_private_key(ec.SECP256R1())
     identity = Identity(federation, role, id_)
     names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(identity.uri)]
     for host in hosts:
@@ -168,11 +227,12 @@ def issue(
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{role}:{id_}")]))
         .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
+        .public_key(public_key)
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(now + lifetime)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(_key_usage(issues_certificates=False), critical=True)
         .add_extension(x509.SubjectAlternativeName(names), critical=False)
         .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
         .add_extension(
@@ -181,13 +241,74 @@ def issue(
         )
         .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
     )
-    creds = Credentials(
-        ca=pki_dir / "ca.pem", cert=pki_dir / role / f"{id_}.pem", key=pki_dir / role / f"{id_}.key"
+    pem = cert.public_bytes(serialization.Encoding.PEM)
+    (pki_dir / role).mkdir(exist_ok=True)
+    write_file(pki_dir / role / f"{id_}.pem", pem)
+    return pem
+
+
+def revoke(pki_dir: Path, role: Role, id_: str) -> CertificateInfo:
+    """Put the current certificate of ``role``/``id_`` on the CRL (``crl.pem``), re-signed by the CA.
+
+    The certificate file stays, so ``fedge pki list`` still shows it (as revoked); issuing or enrolling
+    the same id again gives a new serial, which the list does not name.
+    """
+    check_id(id_, f"{role} id")
+    federation_of(pki_dir)
+    path = pki_dir / role / f"{id_}.pem"
+    if not path.exists():
+        raise PKIError(f"no {role} certificate {id_!r} in {pki_dir}")
+    cert = x509.load_pem_x509_certificate(path.read_bytes())
+    with locked(pki_dir):
+        entries = revoked(pki_dir)
+        if cert.serial_number in entries:
+            raise PKIError(f"the certificate of {role} {id_!r} is already revoked")
+        entries[cert.serial_number] = dt.datetime.now(dt.UTC)
+        _write_crl(pki_dir, sorted(entries.items()))
+    return CertificateInfo(role, id_, cert.serial_number, cert.not_valid_after_utc)
+
+
+def revoked(pki_dir: Path) -> dict[int, dt.datetime]:
+    """Serial -> revocation time, from ``crl.pem`` (checked against the CA's signature)."""
+    return load_crl(pki_dir / "crl.pem", x509.load_pem_x509_certificate((pki_dir / "ca.pem").read_bytes()))
+
+
+def load_crl(path: Path, ca: x509.Certificate) -> dict[int, dt.datetime]:
+    if not path.exists():
+        return {}
+    crl = x509.load_pem_x509_crl(path.read_bytes())
+    if not crl.is_signature_valid(ca.public_key()):  # type: ignore[arg-type]
+        raise PKIError(f"{path} is not signed by the federation CA")
+    return {entry.serial_number: entry.revocation_date_utc for entry in crl}
+
+
+def _write_crl(pki_dir: Path, entries: list[tuple[int, dt.datetime]]) -> None:
+    ca_key = serialization.load_pem_private_key((pki_dir / "ca.key").read_bytes(), password=None)
+    ca_cert = x509.load_pem_x509_certificate((pki_dir / "ca.pem").read_bytes())
+    now = dt.datetime.now(dt.UTC)
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(now - dt.timedelta(minutes=5))
+        .next_update(now + CRL_LIFETIME)
     )
-    creds.cert.parent.mkdir(exist_ok=True)
-    _write(creds.key, _key_pem(key), private=True)
-    _write(creds.cert, cert.public_bytes(serialization.Encoding.PEM))
-    return creds
+    for serial, when in entries:
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when).build()
+        )
+    crl = builder.sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
+    write_file(pki_dir / "crl.pem", crl.public_bytes(serialization.Encoding.PEM))
+
+
+@contextlib.contextmanager
+def locked(pki_dir: Path) -> Iterator[None]:
+    """Serialize read-modify-write of the PKI's shared files (CRL, tokens) across processes."""
+    with (pki_dir / ".lock").open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def identity_of(cert_der: bytes) -> Identity:
@@ -204,13 +325,28 @@ def identity_of(cert_der: bytes) -> Identity:
     raise PKIError("certificate carries no fedge identity (spiffe://<federation>/<role>/<id>)")
 
 
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+def _key_usage(issues_certificates: bool) -> x509.KeyUsage:
+    """Every key signs; only the CA's also signs certificates and CRLs."""
+    return x509.KeyUsage(
+        digital_signature=True,
+        key_cert_sign=issues_certificates,
+        crl_sign=issues_certificates,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
 
 
-def _write(path: Path, data: bytes, private: bool = False) -> None:
+def write_file(path: Path, data: bytes, private: bool = False) -> None:
     """Write through a temporary file so a crash never leaves half a key or certificate."""
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)

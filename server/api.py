@@ -5,15 +5,20 @@ from __future__ import annotations
 import time
 from typing import Annotated
 
+from cryptography import x509
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from fedge.codec import signature_of
+from fedge.codec import sha256, signature_of
+from fedge.security import signing
+from fedge.security.pki import Identity, Role
 from fedge.server import metrics
 from fedge.server.errors import Rejected
-from fedge.server.identity import Caller, Client
+from fedge.server.identity import Caller, Submitter, peer_certificate
 from fedge.server.rounds import Federation
+from fedge.server.store import Provenance
+from fedge.server.trust import Trust
 from fedge.wire import ErrorBody, ModelMeta, RoundInfo, UpdateReceipt
 
 router = APIRouter()
@@ -23,6 +28,10 @@ _MAX_WAIT = 60.0
 
 def _federation(request: Request) -> Federation:
     return request.app.state.federation
+
+
+def _trust(request: Request) -> Trust:
+    return request.app.state.trust
 
 
 @router.get("/healthz")
@@ -41,10 +50,19 @@ def prometheus(_: Caller) -> Response:
     responses={200: {"content": {"application/octet-stream": {}}}, 304: {}, **_ERRORS},
 )
 def get_model(request: Request, _: Caller, if_none_match: Annotated[str | None, Header()] = None) -> Response:
-    """The current global model (safetensors). ``If-None-Match`` with its ETag answers 304, no body."""
+    """The current global model (safetensors). ``If-None-Match`` with its ETag answers 304, no body.
+
+    ``X-Fedge-Signature`` is the server's signature over (federation, round, sha256 of the body) and
+    ``X-Fedge-Signer`` the server's certificate, so a client checks the model against its pinned CA."""
     model = _federation(request).model
+    trust = _trust(request)
     etag = f'"{model.sha256}"'
-    headers = {"ETag": etag, "X-Fedge-Round": str(model.round)}
+    headers = {
+        "ETag": etag,
+        "X-Fedge-Round": str(model.round),
+        signing.SIGNATURE_HEADER: trust.model_signature(model.round, model.sha256),
+        signing.SIGNER_HEADER: trust.signer,
+    }
     if if_none_match == etag:
         metrics.model_downloads.labels(cached="yes").inc()
         return Response(status_code=304, headers=headers)
@@ -83,20 +101,83 @@ async def get_current_round(
     return info
 
 
-@router.post("/v1/rounds/{round_}/updates", status_code=202, responses=_ERRORS)
-async def post_update(round_: int, request: Request, identity: Client) -> UpdateReceipt:
-    """Store this client's update for ``round_`` (a safetensors body with ``num_examples`` metadata)."""
+_UPDATE_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+    }
+}
+
+
+@router.post("/v1/rounds/{round_}/updates", status_code=202, responses=_ERRORS, openapi_extra=_UPDATE_BODY)
+async def post_update(
+    round_: int,
+    request: Request,
+    identity: Submitter,
+    x_fedge_signature: Annotated[str | None, Header(description="submitter's signature, base64")] = None,
+    x_fedge_nonce: Annotated[str | None, Header(description="32-64 hex digits, fresh per update")] = None,
+    x_fedge_grant: Annotated[str | None, Header(description="executors only: the client's grant")] = None,
+) -> UpdateReceipt:
+    """Store a client's update for ``round_`` (a safetensors body with ``num_examples`` metadata).
+
+    The update must be signed by the certificate's key over (federation, round, client id, sha256 of the
+    body, nonce); the signature and nonce are stored with it. An executor submits in a client's slot only
+    with that client's grant for this round and this executor; the update records where it was computed."""
     federation = _federation(request)
+    trust = _trust(request)
     started = time.perf_counter()
     try:
+        if not x_fedge_signature or not x_fedge_nonce:
+            raise Rejected(400, "missing_signature", "an update needs X-Fedge-Signature and X-Fedge-Nonce")
+        owner = _slot_owner(identity, x_fedge_grant, round_, trust)
         body = await _read_capped(request, len(federation.model.body) + 64 * 1024)
-        receipt = await run_in_threadpool(federation.submit, round_, identity.id, body)
+        digest = await run_in_threadpool(sha256, body)
+        claim = signing.UpdateClaim(trust.federation, round_, owner, digest, x_fedge_nonce)
+        _check_update_signature(peer_certificate(request.scope), claim, x_fedge_signature)  # type: ignore[arg-type]
+        provenance = Provenance(
+            signature=x_fedge_signature,
+            nonce=x_fedge_nonce,
+            body_sha256=digest,
+            computed_by=identity.id if identity.role is Role.EXECUTOR else "",
+        )
+        receipt = await run_in_threadpool(federation.submit, round_, owner, body, provenance)
     except Rejected as exc:
         metrics.updates_rejected.labels(code=exc.code).inc()
         raise
     metrics.updates_accepted.inc()
     metrics.update_seconds.observe(time.perf_counter() - started)
     return receipt
+
+
+def _slot_owner(identity: Identity, grant_header: str | None, round_: int, trust: Trust) -> str:
+    """Whose update this is: the caller's own, or for an executor the client whose grant it shows."""
+    if identity.role is Role.CLIENT:
+        return identity.id
+    if not grant_header:
+        raise Rejected(403, "missing_grant", "an executor submits only with a client's grant (X-Fedge-Grant)")
+    try:
+        grant, serial = signing.read_grant(trust.ca_pem, grant_header, time.time())
+    except signing.SignatureError as exc:
+        raise Rejected(403, "bad_grant", str(exc)) from None
+    if trust.revocations.is_revoked(serial):
+        raise Rejected(403, "bad_grant", "the certificate that signed the grant is revoked")
+    if (grant.federation, grant.executor, grant.round) != (trust.federation, identity.id, round_):
+        raise Rejected(
+            403, "bad_grant", f"the grant is for executor {grant.executor!r} in round {grant.round}, not this"
+        )
+    return grant.client
+
+
+def _check_update_signature(peer_der: bytes, claim: signing.UpdateClaim, signature: str) -> None:
+    """The key that signed must be the one behind this connection's certificate: the client's own."""
+    try:
+        signing.check_nonce(claim.nonce)
+    except signing.SignatureError as exc:
+        raise Rejected(400, "bad_nonce", str(exc)) from None
+    try:
+        signing.verify(x509.load_der_x509_certificate(peer_der).public_key(), claim.message(), signature)
+    except signing.SignatureError as exc:
+        raise Rejected(403, "bad_signature", f"update signature: {exc}") from None
 
 
 async def _read_capped(request: Request, limit: int) -> bytes:

@@ -13,15 +13,17 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from fedge import __version__
-from fedge.server.api import router
+from fedge.server import admin, api, enrollment
 from fedge.server.errors import Rejected
 from fedge.server.feed import ChangeFeed
+from fedge.server.identity import CertificateGate
 from fedge.server.rounds import Federation
+from fedge.server.trust import Trust
 
 TICK_SECONDS = 0.25
 
 
-def create_app(federation: Federation) -> FastAPI:
+def create_app(federation: Federation, trust: Trust) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.feed = ChangeFeed()
@@ -32,7 +34,10 @@ def create_app(federation: Federation) -> FastAPI:
 
     app = FastAPI(title="fedge aggregation service", version=__version__, lifespan=lifespan)
     app.state.federation = federation
-    app.include_router(router)
+    app.state.trust = trust
+    app.add_middleware(CertificateGate, trust=trust)  # type: ignore[arg-type]
+    for part in (api, enrollment, admin):
+        app.include_router(part.router)
     app.add_exception_handler(Rejected, _rejected)  # type: ignore[arg-type]
     app.add_exception_handler(HTTPException, _http_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _invalid_request)  # type: ignore[arg-type]

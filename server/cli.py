@@ -27,6 +27,9 @@ def server(
     min_clients: Annotated[int | None, typer.Option(help="registered clients before round 1 [1]")] = None,
     min_updates: Annotated[int | None, typer.Option(help="updates a round needs at its deadline [1]")] = None,
     round_timeout: Annotated[float | None, typer.Option(help="seconds a round stays open [600]")] = None,
+    max_update_norm: Annotated[
+        float | None, typer.Option(help="refuse updates farther than this L2 distance from the model [off]")
+    ] = None,
     local_epochs: Annotated[int | None, typer.Option(help="local epochs per round [1]")] = None,
     batch_size: Annotated[int | None, typer.Option(help="client batch size [32]")] = None,
     lr: Annotated[float | None, typer.Option(help="client learning rate [0.05]")] = None,
@@ -38,15 +41,18 @@ def server(
         settings = ServerSettings.from_flags(
             pki=pki_dir, data=data, host=host, port=port, task=task, init_model=init_model, rounds=rounds,
             min_clients=min_clients, min_updates=min_updates, round_timeout=round_timeout,
-            local_epochs=local_epochs, batch_size=batch_size, lr=lr, seed=seed, mqtt=mqtt,
+            max_update_norm=max_update_norm, mqtt=mqtt,
+            local_epochs=local_epochs, batch_size=batch_size, lr=lr, seed=seed,
         )  # fmt: skip
         from fedge.server import service
         from fedge.server.app import create_app
         from fedge.server.rounds import Federation, FederationSettings
         from fedge.server.store import Store
+        from fedge.server.trust import Trust
         from fedge.wire import TrainConfig
 
         creds = pki.credentials(settings.pki, pki.Role.SERVER, "server")
+        trust = Trust.load(settings.pki)
         fed_settings = FederationSettings(
             federation=pki.federation_of(settings.pki),
             task=settings.task,
@@ -54,6 +60,7 @@ def server(
             min_clients=settings.min_clients,
             min_updates=settings.min_updates,
             round_timeout=settings.round_timeout,
+            max_update_norm=settings.max_update_norm,
             train=TrainConfig(
                 local_epochs=settings.local_epochs, batch_size=settings.batch_size, learning_rate=settings.lr
             ),
@@ -64,13 +71,13 @@ def server(
         federation = Federation(
             store,
             fed_settings,
-            registered_clients=lambda: pki.issued(settings.pki, pki.Role.CLIENT),
+            registered_clients=lambda: pki.active(settings.pki, pki.Role.CLIENT),
             initial_model=_initial_model(settings) if store.get_meta("global_sha256") is None else None,
         )
         announcer = _announcer(federation, settings.mqtt, creds) if settings.mqtt else None
         console.print(f"fedge aggregation service on https://{settings.host}:{sock.getsockname()[1]}")
     try:
-        service.serve(create_app(federation), creds, sock, settings.data / "endpoint.json")
+        service.serve(create_app(federation, trust), creds, sock, settings.data / "endpoint.json")
     finally:
         if announcer is not None:
             announcer.close()

@@ -3,20 +3,33 @@
 uvicorn verifies client certificates but does not hand them to the application. ``MutualTLSProtocol`` adds
 them to each request's scope as the ASGI TLS extension specifies (``scope["extensions"]["tls"]``), so the
 identity comes from the verified handshake and never from a header a client could forge.
+
+TLS asks for a client certificate but lets a connection without one through (``CERT_OPTIONAL``), because a
+device that is enrolling has none yet; a certificate that is presented must still verify against the CA.
+``CertificateGate`` then refuses, on every request, a connection without a certificate on any route but
+``PUBLIC_PATHS``, and on any route at all a certificate that is revoked, expired, or superseded by a newer
+one issued for the same id.
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import ssl
+from collections.abc import Callable
 from typing import Annotated
 
+from cryptography import x509
 from fastapi import Depends, Request
+from fastapi.responses import JSONResponse
 from uvicorn._types import ASGI3Application, ASGIReceiveCallable, ASGISendCallable, Scope
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from fedge.security.pki import Identity, PKIError, Role, identity_of
 from fedge.server.errors import Rejected
+from fedge.server.trust import Trust
+
+PUBLIC_PATHS = frozenset({"/healthz", "/v1/ca", "/v1/enroll"})
 
 
 class MutualTLSProtocol(H11Protocol):
@@ -36,18 +49,76 @@ def _with_peer_certificate(app: ASGI3Application, peer_der: bytes | None) -> ASG
     return wrapped  # type: ignore[return-value]
 
 
+def peer_certificate(scope: Scope) -> bytes | None:
+    return scope.get("extensions", {}).get("tls", {}).get("client_cert_der")  # type: ignore[union-attr]
+
+
+def gate(
+    peer_der: bytes | None,
+    path: str,
+    federation: str,
+    is_revoked: Callable[[int], bool],
+    current_serial: Callable[[str, str], int | None],
+    now: dt.datetime,
+) -> Rejected | None:
+    """Why a request may not reach any route, or None when it may."""
+    if peer_der is None:
+        if path in PUBLIC_PATHS:
+            return None
+        return Rejected(401, "no_client_certificate", "a client certificate is required")
+    cert = x509.load_der_x509_certificate(peer_der)
+    if is_revoked(cert.serial_number):
+        return Rejected(401, "certificate_revoked", "this certificate has been revoked")
+    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+        return Rejected(401, "certificate_expired", "this certificate is not valid now")
+    try:
+        identity = identity_of(peer_der)
+    except PKIError as exc:
+        return Rejected(401, "bad_client_certificate", str(exc))
+    if identity.federation != federation:
+        return Rejected(403, "wrong_federation", f"certificate is for federation {identity.federation!r}")
+    current = current_serial(identity.role, identity.id)
+    if current is None:
+        return Rejected(401, "unknown_certificate", f"no certificate is on record for {identity.uri}")
+    if current != cert.serial_number:
+        return Rejected(401, "certificate_superseded", f"{identity.uri} holds a newer certificate than this")
+    return None
+
+
+class CertificateGate:
+    """ASGI middleware: applies ``gate`` to every HTTP request before routing."""
+
+    def __init__(self, app: ASGI3Application, trust: Trust) -> None:
+        self.app = app
+        self.trust = trust
+
+    async def __call__(self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+        if scope["type"] == "http":
+            refusal = gate(
+                peer_certificate(scope),
+                scope["path"],
+                self.trust.federation,
+                self.trust.revocations.is_revoked,
+                self.trust.current.serial_of,
+                dt.datetime.now(dt.UTC),
+            )
+            if refusal is not None:
+                body = {"error": refusal.code, "detail": refusal.detail}
+                await JSONResponse(body, status_code=refusal.status)(scope, receive, send)  # type: ignore[arg-type]
+                return
+        await self.app(scope, receive, send)
+
+
 def caller(request: Request) -> Identity:
-    """The verified caller, or 401 when the connection carries no usable fedge certificate."""
-    peer = request.scope.get("extensions", {}).get("tls", {}).get("client_cert_der")
+    """The verified caller (``CertificateGate`` has already refused anyone without a standing certificate
+    of this federation, so only a route that needs no certificate can get here without one)."""
+    peer = peer_certificate(request.scope)  # type: ignore[arg-type]
     if peer is None:
         raise Rejected(401, "no_client_certificate", "a client certificate is required")
     try:
-        identity = identity_of(peer)
+        return identity_of(peer)
     except PKIError as exc:
         raise Rejected(401, "bad_client_certificate", str(exc)) from None
-    if identity.federation != request.app.state.federation.settings.federation:
-        raise Rejected(403, "wrong_federation", f"certificate is for federation {identity.federation!r}")
-    return identity
 
 
 def client(identity: Annotated[Identity, Depends(caller)]) -> Identity:
@@ -56,5 +127,20 @@ def client(identity: Annotated[Identity, Depends(caller)]) -> Identity:
     return identity
 
 
+def submitter(identity: Annotated[Identity, Depends(caller)]) -> Identity:
+    """A client, or an executor (which must then show a client's grant: checked by the route)."""
+    if identity.role not in (Role.CLIENT, Role.EXECUTOR):
+        raise Rejected(403, "wrong_role", f"this route is for clients and executors, not {identity.role}")
+    return identity
+
+
+def admin(identity: Annotated[Identity, Depends(caller)]) -> Identity:
+    if identity.role is not Role.ADMIN:
+        raise Rejected(403, "wrong_role", f"this route is for admins, not {identity.role}")
+    return identity
+
+
 Caller = Annotated[Identity, Depends(caller)]
 Client = Annotated[Identity, Depends(client)]
+Submitter = Annotated[Identity, Depends(submitter)]
+Admin = Annotated[Identity, Depends(admin)]

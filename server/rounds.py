@@ -15,8 +15,8 @@ from enum import Enum
 from fedge.codec import Tensors, decode, encode, signature_of
 from fedge.server import aggregation
 from fedge.server.errors import Rejected
-from fedge.server.store import DuplicateUpdate, RoundRecord, Store
-from fedge.server.validation import validate_update
+from fedge.server.store import DuplicateUpdate, Provenance, RoundRecord, Store
+from fedge.server.validation import check_norm, validate_update
 from fedge.wire import RoundInfo, RoundState, TrainConfig, UpdateReceipt
 
 
@@ -28,6 +28,7 @@ class FederationSettings:
     min_clients: int = 1
     min_updates: int = 1
     round_timeout: float = 600.0
+    max_update_norm: float | None = None
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
@@ -99,6 +100,11 @@ class Federation:
                 task=self.settings.task,
             )
 
+    def history(self) -> list[tuple[RoundRecord, list[str]]]:
+        """Every round with the clients that sent an update in it (never the updates themselves)."""
+        with self._lock:
+            return self._store.history()
+
     def tick(self, now: float | None = None) -> None:
         """Close an overdue round and open the next one when enough clients are registered."""
         with self._lock:
@@ -106,8 +112,12 @@ class Federation:
         if changed:
             self._notify()
 
-    def submit(self, round_: int, client: str, body: bytes) -> UpdateReceipt:
-        """Authorize, validate, store durably, then fold; any refusal leaves store and aggregate untouched."""
+    def submit(
+        self, round_: int, client: str, body: bytes, provenance: Provenance | None = None
+    ) -> UpdateReceipt:
+        """Authorize, validate, store durably, then fold; any refusal leaves store and aggregate untouched.
+
+        ``provenance`` (signature, nonce: checked by the API before this call) is stored with the update."""
         with self._lock:
             current = self._open
             if current is None or current.round != round_:
@@ -117,8 +127,10 @@ class Federation:
             if client not in current.selected:
                 raise Rejected(403, "not_selected", f"client {client!r} was not selected for round {round_}")
             tensors, num_examples = validate_update(body, signature_of(self._model.tensors))
+            if self.settings.max_update_norm is not None:
+                check_norm(tensors, self._model.tensors, self.settings.max_update_norm)
             try:
-                record = self._store.add_update(round_, client, body, num_examples)
+                record = self._store.add_update(round_, client, body, num_examples, provenance)
             except DuplicateUpdate:
                 raise Rejected(409, "duplicate_update", f"{client!r} already sent its update") from None
             assert self._sum is not None

@@ -39,6 +39,9 @@ CREATE TABLE IF NOT EXISTS updates (
     num_examples INTEGER NOT NULL,
     bytes INTEGER NOT NULL,
     received_at REAL NOT NULL,
+    signature TEXT NOT NULL DEFAULT '',  -- the client's, over (federation, round, client, sha256, nonce)
+    nonce TEXT NOT NULL DEFAULT '',
+    computed_by TEXT NOT NULL DEFAULT '',  -- the executor that trained it for the client, or ''
     PRIMARY KEY (round, client)
 );
 """
@@ -58,6 +61,17 @@ class RoundRecord:
     config: TrainConfig
     opened_at: float
     deadline: float
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Who vouches for an update: the signature and nonce the API verified, the body's sha256 it computed
+    for that (so it is not hashed twice), and the executor that trained it for the client, if any."""
+
+    signature: str = ""
+    nonce: str = ""
+    body_sha256: str = ""
+    computed_by: str = ""
 
 
 @dataclass(frozen=True)
@@ -146,7 +160,9 @@ class Store:
         row = self._db.execute("SELECT MAX(round) FROM rounds").fetchone()
         return self.round(row[0]) if row[0] is not None else None
 
-    def add_update(self, round_: int, client: str, body: bytes, num_examples: int) -> UpdateRecord:
+    def add_update(
+        self, round_: int, client: str, body: bytes, num_examples: int, provenance: Provenance | None = None
+    ) -> UpdateRecord:
         if self._db.execute(
             "SELECT 1 FROM updates WHERE round = ? AND client = ?", (round_, client)
         ).fetchone():
@@ -154,13 +170,21 @@ class Store:
         path = self.dir / "updates" / str(round_) / f"{client}.safetensors"
         path.parent.mkdir(exist_ok=True)
         _write_durably(path, body)
-        digest = sha256(body)
+        proof = provenance or Provenance()
+        digest = proof.body_sha256 or sha256(body)
         self._db.execute(
-            "INSERT INTO updates (round, client, sha256, num_examples, bytes, received_at)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            (round_, client, digest, num_examples, len(body), time.time()),
-        )
+            "INSERT INTO updates"
+            " (round, client, sha256, num_examples, bytes, received_at, signature, nonce, computed_by)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (round_, client, digest, num_examples, len(body), time.time(), proof.signature, proof.nonce,
+             proof.computed_by),
+        )  # fmt: skip
         return UpdateRecord(client, digest, num_examples, path)
+
+    def history(self) -> list[tuple[RoundRecord, list[str]]]:
+        """Every round, oldest first, with the clients whose updates it stored (for operators)."""
+        rounds = self._db.execute("SELECT round FROM rounds ORDER BY round").fetchall()
+        return [(record, [u.client for u in self.updates(r)]) for (r,) in rounds if (record := self.round(r))]
 
     def updates(self, round_: int) -> list[UpdateRecord]:
         rows = self._db.execute(

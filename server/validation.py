@@ -30,6 +30,22 @@ def validate_update(body: bytes, expected: dict[str, tuple[str, list[int]]]) -> 
     return tensors, num_examples
 
 
+def update_norm(tensors: Tensors, reference: Tensors) -> float:
+    """L2 distance between an update and the global model it was trained from, over all tensors."""
+    return float(np.sqrt(sum(np.sum((tensors[n].astype(np.float64) - reference[n]) ** 2) for n in reference)))
+
+
+def check_norm(tensors: Tensors, reference: Tensors, bound: float) -> None:
+    """Bound how far one client can move the model: a crude but cheap limit on a poisoned update."""
+    distance = update_norm(tensors, reference)
+    if distance > bound:
+        raise Rejected(
+            422,
+            "norm_too_large",
+            f"the update is {distance:.4g} from the global model, over the bound {bound:g}",
+        )
+
+
 def _mismatch(got: dict[str, tuple[str, list[int]]], expected: dict[str, tuple[str, list[int]]]) -> str:
     missing = sorted(expected.keys() - got.keys())
     extra = sorted(got.keys() - expected.keys())

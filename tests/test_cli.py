@@ -36,6 +36,13 @@ def test_pki_commands_make_a_ca_and_issue_certificates(tmp_path: Path) -> None:
     assert pki.identity_of(der) == pki.Identity("acme", pki.Role.CLIENT, "dev-1")
     assert oct((directory / "client" / "dev-1.key").stat().st_mode & 0o777) == "0o600"
     assert pki.issued(directory, pki.Role.CLIENT) == ["dev-1"]
+    assert run_cli("pki", "admin-cert", "--dir", str(directory), "--admin", "ops").returncode == 0
+    assert run_cli("pki", "executor-cert", "--dir", str(directory), "--executor", "gpu-1").returncode == 0
+    for role, id_ in ((pki.Role.ADMIN, "ops"), (pki.Role.EXECUTOR, "gpu-1")):
+        cert = x509.load_pem_x509_certificate(pki.credentials(directory, role, id_).cert.read_bytes())
+        assert pki.identity_of(cert.public_bytes(serialization.Encoding.DER)) == pki.Identity(
+            "acme", role, id_
+        )
 
 
 def test_pki_init_refuses_to_overwrite_a_ca(tmp_path: Path) -> None:
@@ -93,3 +100,17 @@ def test_settings_come_from_flags_then_environment_then_fedge_toml(tmp_path: Pat
     monkeypatch.setenv("FEDGE_ROUNDS", "5")
     settings = SimulationSettings.from_flags(lr=0.3, clients=None)
     assert (settings.clients, settings.rounds, settings.lr) == (7, 5, 0.3)
+
+
+def test_pki_revoke_says_what_is_wrong_in_one_line(tmp_path: Path) -> None:
+    run_cli("pki", "init", "--dir", str(tmp_path), "--federation", "acme")
+    run_cli("pki", "client-cert", "--dir", str(tmp_path), "--client", "dev-1")
+    assert run_cli("pki", "revoke", "--dir", str(tmp_path), "--client", "dev-1").returncode == 0
+    assert_one_line_error(
+        run_cli("pki", "revoke", "--dir", str(tmp_path), "--client", "dev-1"), "already revoked"
+    )
+    assert_one_line_error(run_cli("pki", "revoke", "--dir", str(tmp_path), "--client", "ghost"), "no client")
+    assert_one_line_error(run_cli("pki", "revoke", "--dir", str(tmp_path)), "exactly one of")
+    assert list(pki.revoked(tmp_path)) == [
+        x509.load_pem_x509_certificate((tmp_path / "client" / "dev-1.pem").read_bytes()).serial_number
+    ]

@@ -40,3 +40,20 @@ def test_unknown_specs_are_refused(spec: str) -> None:
 def test_more_clients_than_examples_is_refused() -> None:
     with pytest.raises(PartitionError, match="examples"):
         split(np.arange(3), 4, "iid", seed=0)
+
+
+def test_natural_partition_gives_each_client_one_whole_owner() -> None:
+    groups = np.repeat(np.arange(8), [5, 1, 7, 3, 9, 2, 4, 6])
+    parts = split(np.zeros(len(groups)), 5, "natural", seed=0, groups=groups)
+    owners = [set(groups[p].tolist()) for p in parts]
+    assert all(len(o) == 1 for o in owners)
+    assert len(set.union(*owners)) == 5
+    for part, (owner,) in zip(parts, owners, strict=True):
+        np.testing.assert_array_equal(part, np.flatnonzero(groups == owner))
+
+
+def test_natural_partition_needs_owners_and_enough_of_them() -> None:
+    with pytest.raises(PartitionError, match="no natural owners"):
+        split(LABELS, 3, "natural", seed=0)
+    with pytest.raises(PartitionError, match="only 2 natural owners"):
+        split(np.zeros(10), 3, "natural", seed=0, groups=np.repeat([0, 1], 5))

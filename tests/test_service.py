@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import socket
 import sqlite3
 import ssl
 import threading
@@ -48,11 +49,21 @@ def test_a_client_reads_the_model_and_an_unchanged_model_is_not_downloaded_twice
     assert api.model_meta().tensors == {"layer.bias": ("float32", [3]), "layer.weight": ("float32", [4, 3])}
 
 
-def test_without_a_client_certificate_the_tls_handshake_is_refused(start_server, pki_dir: Path) -> None:
+def test_without_a_client_certificate_only_health_and_enrollment_answer(start_server, pki_dir: Path) -> None:
     server = start_server()
     no_cert = ssl.create_default_context(cafile=pki_dir / "ca.pem")
-    with httpx.Client(verify=no_cert) as http, pytest.raises(httpx.TransportError):
-        http.get(f"{server.url}/v1/model")
+    with httpx.Client(base_url=server.url, verify=no_cert) as http:
+        assert http.get("/healthz").status_code == 200
+        assert http.get("/v1/ca").text == (pki_dir / "ca.pem").read_text()
+        for method, path in [
+            ("GET", "/v1/model"), ("GET", "/v1/model/meta"), ("GET", "/v1/rounds/current"),
+            ("POST", "/v1/rounds/1/updates"), ("GET", "/metrics"), ("GET", "/v1/admin/status"),
+            ("POST", "/v1/enroll/renew"), ("GET", "/openapi.json"), ("GET", "/docs"),
+            ("GET", "/no/such/route"),
+        ]:  # fmt: skip
+            refused = http.request(method, path, content=update_body(1.0))
+            assert (refused.status_code, refused.json()["error"]) == (401, "no_client_certificate"), path
+    assert stored_updates(server.data) == []
 
 
 def test_a_certificate_from_another_ca_is_refused(start_server, pki_dir: Path, other_pki: Path) -> None:
@@ -177,3 +188,10 @@ def test_metrics_count_accepted_and_refused_updates(start_server, connect, pki_d
         text = http.get("/metrics").text
     assert "fedge_updates_accepted_total 1.0" in text
     assert 'fedge_updates_rejected_total{code="duplicate_update"} 1.0' in text
+
+
+def test_the_listening_socket_disables_nagle_so_small_responses_are_not_held_back() -> None:
+    from fedge.server.service import bind
+
+    with bind("127.0.0.1", 0) as sock:
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0

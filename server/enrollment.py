@@ -1,0 +1,85 @@
+"""Enrollment: a device with a one-time token and a CSR gets its client certificate.
+
+``/v1/ca`` and ``/v1/enroll`` are the only routes besides ``/healthz`` that need no client certificate.
+The device checks the CA it downloads against the fingerprint the operator gave it before it sends its
+token, so an impostor server learns nothing. The CSR is checked before the token is spent: a malformed
+request does not burn a token. ``/v1/enroll/renew`` is for a client whose certificate is still valid.
+"""
+
+from __future__ import annotations
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from fastapi import APIRouter, Request
+from fastapi.responses import PlainTextResponse
+from pydantic import BaseModel, Field
+
+from fedge.security import pki, tokens
+from fedge.server.errors import Rejected
+from fedge.server.identity import Client
+from fedge.server.trust import Trust
+from fedge.wire import ErrorBody
+
+router = APIRouter()
+_ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 403, 422)}
+
+
+class EnrollRequest(BaseModel):
+    token: str = Field(min_length=1, max_length=256, description="one-time token from `fedge pki token`")
+    csr: str = Field(max_length=16_384, description="PEM certificate signing request for an EC P-256 key")
+
+
+class RenewRequest(BaseModel):
+    csr: str = Field(max_length=16_384, description="PEM certificate signing request for an EC P-256 key")
+
+
+class Enrolled(BaseModel):
+    client: str
+    certificate: str = Field(description="PEM")
+    ca: str = Field(description="PEM")
+
+
+def _trust(request: Request) -> Trust:
+    return request.app.state.trust
+
+
+@router.get("/v1/ca", response_class=PlainTextResponse)
+def get_ca(request: Request) -> str:
+    """The federation CA (PEM): an enrolling device compares its sha256 with the pinned fingerprint."""
+    return _trust(request).ca_pem.decode()
+
+
+@router.post("/v1/enroll", status_code=201, responses=_ERRORS)
+def enroll(body: EnrollRequest, request: Request) -> Enrolled:
+    trust = _trust(request)
+    key = csr_public_key(body.csr)
+    try:
+        client = tokens.redeem(trust.pki_dir, body.token)
+    except tokens.TokenError as exc:
+        raise Rejected(401, exc.code, exc.detail) from None
+    return _issue(trust, client, key)
+
+
+@router.post("/v1/enroll/renew", status_code=201, responses=_ERRORS)
+def renew(body: RenewRequest, request: Request, identity: Client) -> Enrolled:
+    """A fresh short-lived certificate for the caller's own id (the new key may differ from the old)."""
+    return _issue(_trust(request), identity.id, csr_public_key(body.csr))
+
+
+def csr_public_key(pem: str) -> ec.EllipticCurvePublicKey:
+    """The key of a well-formed, self-signed CSR for EC P-256; anything else is a 400 ``bad_csr``."""
+    try:
+        csr = x509.load_pem_x509_csr(pem.encode())
+    except ValueError:
+        raise Rejected(400, "bad_csr", "csr is not a PEM certificate signing request") from None
+    if not csr.is_signature_valid:
+        raise Rejected(400, "bad_csr", "the csr is not signed by its own key")
+    key = csr.public_key()
+    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
+        raise Rejected(400, "bad_csr", "fedge certificates are for EC P-256 keys")
+    return key
+
+
+def _issue(trust: Trust, client: str, key: ec.EllipticCurvePublicKey) -> Enrolled:
+    cert = pki.sign_certificate(trust.pki_dir, pki.Role.CLIENT, client, key, lifetime=pki.ENROLLED_LIFETIME)
+    return Enrolled(client=client, certificate=cert.decode(), ca=trust.ca_pem.decode())
