@@ -9,8 +9,9 @@ The ACL is explicit per identity, because mosquitto's ``pattern`` lines cannot b
 - each client reads the announcements and publishes only its own status topic;
 - admins read both; anybody else (executors, the broker's own certificate) gets nothing.
 
-The ACL lists the clients issued when it was generated: after issuing or revoking certificates, run
-``fedge broker config`` again and send mosquitto SIGHUP, which reloads the ACL and the CRL.
+The ACL lists the clients whose certificates were active (issued, not revoked) when it was generated:
+after issuing or revoking certificates, run ``fedge broker config`` again and send mosquitto SIGHUP, which
+reloads the ACL and the CRL.
 """
 
 from __future__ import annotations
@@ -125,7 +126,7 @@ def write_config(
     if files.crl is not None:
         shutil.copyfile(crl, files.crl)
     files.acl.write_text(
-        acl(federation, pki.issued(pki_dir, pki.Role.CLIENT), pki.issued(pki_dir, pki.Role.ADMIN))
+        acl(federation, pki.active(pki_dir, pki.Role.CLIENT), pki.active(pki_dir, pki.Role.ADMIN))
     )
     at = at or out.resolve()
     persistence = persistence or at / "data"

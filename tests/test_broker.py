@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import ssl
 from pathlib import Path
 
 from conftest import tls_for, wait_for
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
 from test_simulate import run_cli
 
 from fedge.mqtt import rounds_topic, status_topic
@@ -22,7 +19,7 @@ def test_broker_config_writes_a_tls_only_config_and_an_acl_per_identity(tmp_path
     conf = (out / "mosquitto.conf").read_text()
     for line in ("require_certificate true", "use_identity_as_username true", "allow_anonymous false"):
         assert line in conf.splitlines()
-    assert "crlfile" not in conf
+    assert ("crlfile" in conf) == (pki_dir / "crl.pem").exists()
     acl = (out / "acl").read_text()
     assert (
         "user client:alice\ntopic read fedge/test/rounds\ntopic write fedge/test/clients/alice/status" in acl
@@ -78,28 +75,11 @@ def test_a_client_publishes_only_to_its_own_status_topic(start_broker, probe, pk
 def test_a_revoked_certificate_is_refused_once_the_pki_has_a_crl(start_broker, probe, tmp_path: Path) -> None:
     directory = tmp_path / "pki"
     pki.init_ca(directory, "test")
-    revoked = pki.issue(directory, pki.Role.CLIENT, "lost-phone")
+    pki.issue(directory, pki.Role.CLIENT, "lost-phone")
     pki.issue(directory, pki.Role.CLIENT, "alice")
-    write_crl(directory, revoked.cert)
+    pki.revoke(directory, pki.Role.CLIENT, "lost-phone")  # writes crl.pem
     broker = start_broker(directory)
     assert "crlfile" in broker.conf.read_text()
+    assert "client:lost-phone" not in (broker.conf.parent / "acl").read_text()
     assert probe(broker, tls_for(directory, pki.Role.CLIENT, "alice")).admitted()
     assert not probe(broker, tls_for(directory, pki.Role.CLIENT, "lost-phone")).admitted()
-
-
-def write_crl(pki_dir: Path, cert_path: Path) -> None:
-    """A PEM X.509 CRL at ``<pki>/crl.pem``, as the security part's revocation writes it."""
-    ca_key = serialization.load_pem_private_key((pki_dir / "ca.key").read_bytes(), password=None)
-    ca = x509.load_pem_x509_certificate((pki_dir / "ca.pem").read_bytes())
-    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
-    now = dt.datetime.now(dt.UTC)
-    entry = x509.RevokedCertificateBuilder().serial_number(cert.serial_number).revocation_date(now).build()
-    crl = (
-        x509.CertificateRevocationListBuilder()
-        .issuer_name(ca.subject)
-        .last_update(now - dt.timedelta(minutes=5))
-        .next_update(now + dt.timedelta(days=1))
-        .add_revoked_certificate(entry)
-        .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
-    )
-    (pki_dir / "crl.pem").write_bytes(crl.public_bytes(serialization.Encoding.PEM))
