@@ -25,7 +25,7 @@ from fedge.client import status
 from fedge.client.status import AgentState, AgentStatus, LastInvocation, Transport
 from fedge.edge_functions.runtime import WarmPool
 from fedge.security.broker import username
-from fedge.security.pki import Credentials, Identity, Role
+from fedge.security.pki import Credentials, Identity, Role, write_file
 from fedge.transport import FedgeClient, ServerError
 from fedge.wire import RoundInfo, RoundState
 
@@ -226,10 +226,8 @@ class Agent:
 
     def _finish(self, round_: int, state: AgentState, detail: str) -> None:
         """Mark the round as dealt with, so a repeated announcement of it is ignored."""
-        path = self.config.state_dir / "rounds.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"done": max(round_, self._done_round())}))
-        tmp.replace(path)
+        done = max(round_, self._done_round())
+        write_file(self.config.state_dir / "rounds.json", json.dumps({"done": done}).encode())
         self._report(state, round_, detail)
 
     def _transport(self) -> Transport:

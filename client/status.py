@@ -13,6 +13,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
+from fedge.security.pki import write_file
+
 
 class AgentState(StrEnum):
     IDLE = "idle"  # waiting for a round
@@ -54,9 +56,7 @@ def status_file(state_dir: Path) -> Path:
 
 
 def write(state_dir: Path, status: AgentStatus) -> None:
-    tmp = status_file(state_dir).with_suffix(".tmp")
-    tmp.write_text(status.model_dump_json(indent=2))
-    tmp.replace(status_file(state_dir))
+    write_file(status_file(state_dir), status.model_dump_json(indent=2).encode())
 
 
 def read(state_dir: Path) -> AgentStatus:

@@ -6,7 +6,6 @@ between invocations (the model last downloaded, the data partition), never anyth
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +17,7 @@ from torch import nn
 
 from fedge.codec import Tensors, decode, encode
 from fedge.edge_functions import partition, tasks
-from fedge.security.pki import Credentials
+from fedge.security.pki import Credentials, write_file
 from fedge.transport import FedgeClient
 from fedge.wire import NUM_EXAMPLES, TRAIN_LOSS, TrainConfig
 
@@ -125,7 +124,8 @@ def train(event: dict, context: Context) -> dict:
         if ev.outbox is None:
             api.post_update(ev.round, body)
         else:
-            keep(ev.outbox / f"round-{ev.round}.safetensors", body)
+            ev.outbox.mkdir(parents=True, exist_ok=True)
+            write_file(ev.outbox / f"round-{ev.round}.safetensors", body)  # whole, or not at all
     return {
         "round": ev.round,
         "num_examples": len(y),
@@ -134,17 +134,6 @@ def train(event: dict, context: Context) -> dict:
         "bytes_down": bytes_down,
         "seconds": time.perf_counter() - started,
     }
-
-
-def keep(path: Path, body: bytes) -> None:
-    """Write through a temporary file and fsync: a crash leaves the whole update or none of it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as f:
-        f.write(body)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
 
 
 def evaluate(event: dict, context: Context) -> dict:
