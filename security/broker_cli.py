@@ -20,7 +20,7 @@ def config(
     port: Annotated[int, typer.Option(help="TLS port of the broker")] = 8883,
     bind: Annotated[str, typer.Option(help="address the broker listens on")] = "0.0.0.0",  # noqa: S104
     host: Annotated[
-        list[str], typer.Option(help="name or IP devices dial, put in the broker certificate when first issued (repeatable)")
+        list[str], typer.Option(help="name or IP devices dial, for the broker certificate when first issued")
     ] = [],  # noqa: B006
     mount: Annotated[
         Path | None, typer.Option(help="where --out is mounted in the broker's container [--out]")
