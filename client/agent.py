@@ -92,8 +92,9 @@ class Agent:
                 username(Role.CLIENT, self.config.identity.id),
                 self._on_connect,
                 lambda _: self._connected.clear(),
+                self._on_message,
+                self._on_subscribe,
             )
-            self._mqtt.on_message = self._on_message
             self._connected.wait(MQTT_GRACE_SECONDS)
         self._report(AgentState.IDLE, detail="started")
         try:
@@ -117,6 +118,13 @@ class Agent:
 
     def _on_connect(self, client: paho.Client) -> None:
         client.subscribe(self._topic(), qos=1)
+
+    def _on_subscribe(self, _client: paho.Client, reasons: list[paho.ReasonCode]) -> None:
+        """Only a subscription the broker granted counts as reachable: else the agent long-polls."""
+        if any(reason.is_failure for reason in reasons):
+            self._connected.clear()
+            self._report(AgentState.ERROR, detail=f"the broker refused {self._topic()}: is its ACL current?")
+            return
         self._connected.set()
         self._report(self._status.state, self._status.round, self._status.detail)
 

@@ -55,9 +55,15 @@ def client(
     client_id: str,
     on_connect: Callable[[mqtt.Client], None],
     on_disconnect: Callable[[mqtt.Client], None] = lambda _: None,
+    on_message: Callable[[mqtt.Client, object, mqtt.MQTTMessage], None] | None = None,
+    on_subscribe: Callable[[mqtt.Client, list[mqtt.ReasonCode]], None] | None = None,
 ) -> mqtt.Client:
-    """Start connecting in the background; ``on_connect`` runs after every (re)connection."""
+    """Start connecting in the background; ``on_connect`` runs after every (re)connection, and
+    ``on_subscribe`` with the broker's answer to each subscription (a refusal is a failed reason code)."""
     paho = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    paho.on_message = on_message
+    if on_subscribe is not None:
+        paho.on_subscribe = lambda c, _u, _mid, reasons, _p: on_subscribe(c, reasons)
     paho.tls_set_context(client_context(creds))
     paho.reconnect_delay_set(RECONNECT_MIN_SECONDS, RECONNECT_MAX_SECONDS)
 

@@ -160,6 +160,12 @@ class Broker:
         with socket.socket() as sock:
             return sock.connect_ex((self.address.host, self.address.port)) == 0
 
+    def write_config(self, pki_dir: Path) -> None:
+        """What the operator runs after issuing or revoking a certificate (then SIGHUP)."""
+        broker.write_config(
+            pki_dir, self.conf.parent, self.address.port, "127.0.0.1", run_as=getpass.getuser()
+        )
+
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(sig)
@@ -174,8 +180,8 @@ def start_broker(tmp_path: Path) -> Iterator[Callable[[Path], Broker]]:
     def start(pki_dir: Path) -> Broker:
         port = free_port()
         out = tmp_path / f"broker-{port}"
-        files = broker.write_config(pki_dir, out, port, "127.0.0.1", run_as=getpass.getuser())
-        running = Broker(files.conf, BrokerAddress("127.0.0.1", port), tmp_path / f"mosquitto-{port}.log")
+        running = Broker(out / "mosquitto.conf", BrokerAddress("127.0.0.1", port), out.with_suffix(".log"))
+        running.write_config(pki_dir)
         running.start()
         started.append(running)
         return running
@@ -300,17 +306,23 @@ class AgentProcess:
         return self.process.returncode
 
 
-@pytest.fixture
-def start_agent(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
-    """``fedge agent run`` as a device runs it, for client ``client`` of the PKI in ``pki_dir``."""
-    started: list[AgentProcess] = []
+class AgentStarter:
+    """Starts ``fedge agent run`` as a device runs it, each agent its own process."""
 
-    def start(pki_dir: Path, client: str, data: Path, server: str, *flags: str) -> AgentProcess:
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.started: list[AgentProcess] = []
+
+    def __call__(self, pki_dir: Path, client: str, data: Path, server: str, *flags: str) -> AgentProcess:
+        """Client ``client`` of the PKI in ``pki_dir``, its credentials given as flags."""
         creds = pki.credentials(pki_dir, pki.Role.CLIENT, client)
-        state = tmp_path / f"agent-{client}"
-        log = tmp_path / f"agent-{client}.log"
-        args = ["--dir", str(state), "--data", str(data), "--server", server]
-        args += ["--ca", str(creds.ca), "--cert", str(creds.cert), "--key", str(creds.key), *flags]
+        args = ["--server", server, "--ca", str(creds.ca), "--cert", str(creds.cert), "--key", str(creds.key)]
+        return self.enrolled(self.tmp_path / f"agent-{client}", data, *args, *flags)
+
+    def enrolled(self, state: Path, data: Path, *flags: str) -> AgentProcess:
+        """An agent whose state directory holds what ``fedge agent enroll`` wrote."""
+        log = state.with_name(f"{state.name}.log")
+        args = ["--dir", str(state), "--data", str(data), *flags]
         with log.open("ab") as out:
             process = subprocess.Popen(
                 [sys.executable, "-m", "fedge", "agent", "run", *args],
@@ -318,11 +330,15 @@ def start_agent(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
                 stderr=subprocess.STDOUT,
                 env={**os.environ, "FEDGE_CONFIG": os.devnull},
             )
-        started.append(AgentProcess(process, state, log))
-        return started[-1]
+        self.started.append(AgentProcess(process, state, log))
+        return self.started[-1]
 
-    yield start
-    for agent in started:
+
+@pytest.fixture
+def start_agent(tmp_path: Path) -> Iterator[AgentStarter]:
+    starter = AgentStarter(tmp_path)
+    yield starter
+    for agent in starter.started:
         agent.stop(signal.SIGKILL)
 
 

@@ -171,3 +171,30 @@ def test_a_worker_hung_past_the_round_deadline_is_replaced_and_the_round_reporte
     assert "hung" in failed["detail"]
     assert stored_updates(server.data) == []
     assert agent.process.poll() is None  # the agent itself goes on
+
+
+def test_an_enrolled_device_runs_the_agent_from_its_state_directory_alone(
+    make_pki, start_broker, start_task_server, start_agent, probe, tmp_path: Path
+) -> None:
+    pki_dir = make_pki()
+    broker = start_broker(pki_dir)
+    server = start_task_server(pki_dir, "--mqtt", str(broker.address), "--rounds", "1")
+    token = run_cli("pki", "token", "--dir", str(pki_dir), "--client", "dev-1", "--ttl", "1").stdout.strip()
+    state = tmp_path / "device"
+    enrolled = run_cli(
+        "agent", "enroll", "--server", server.url, "--token", token,
+        "--ca-fingerprint", pki.ca_fingerprint(pki_dir), "--dir", str(state),
+    )  # fmt: skip
+    assert enrolled.returncode == 0, enrolled.stderr
+    # The operator lets the new device on the broker: the ACL again, then SIGHUP.
+    broker.write_config(pki_dir)
+    broker.process.send_signal(signal.SIGHUP)
+    (data,) = client_data(tmp_path, 1)
+    agent = start_agent.enrolled(state, data, "--broker", str(broker.address))
+    wait_for(lambda: finished(server, pki_dir), 300, "the round to finish")
+    assert stored_updates(server.data) == [(1, "dev-1")]
+    assert agent.status()["transport"] == "mqtt"
+    ops = probe(broker, tls_for(pki_dir, pki.Role.ADMIN, "ops"), (status_topic("edge", "dev-1"),))
+    assert ops.admitted()
+    # The reloaded ACL lets the device write its status: the retained one reaches the operator.
+    wait_for(lambda: ops.payloads(status_topic("edge", "dev-1")), 30, "the device's status")
