@@ -1,17 +1,126 @@
-"""``fedge agent``: what a device owner runs. Enrollment now; running the agent comes with the agent."""
+"""``fedge agent``: what a device owner runs: enroll, renew, run the agent, see its status."""
 
 from __future__ import annotations
 
+import signal
+import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from fedge.console import console, user_errors
+from fedge.console import UserError, console, user_errors
 from fedge.security.pki import PKIError
 
-app = typer.Typer(help="The edge agent a device runs: enroll, renew.", no_args_is_help=True)
+if TYPE_CHECKING:
+    from fedge.client.agent import AgentConfig
+    from fedge.client.settings import AgentSettings
+
+app = typer.Typer(help="The edge agent a device runs: enroll, renew, run, status.", no_args_is_help=True)
 StateDir = Annotated[Path, typer.Option("--dir", help="the agent's state directory (credentials)")]
+
+
+@app.command()
+def run(
+    state_dir: Annotated[Path | None, typer.Option("--dir", help="the agent's state directory")] = None,
+    data: Annotated[
+        Path | None, typer.Option(help="this device's examples: .npz with arrays x and y")
+    ] = None,
+    server: Annotated[str | None, typer.Option(help="aggregation service [the one enrolled with]")] = None,
+    broker: Annotated[str | None, typer.Option(help="MQTT broker HOST:PORT [long-poll the server]")] = None,
+    ca: Annotated[Path | None, typer.Option(help="federation CA [DIR/ca.pem]")] = None,
+    cert: Annotated[Path | None, typer.Option(help="client certificate [DIR/client.pem]")] = None,
+    key: Annotated[Path | None, typer.Option(help="client key [DIR/client.key]")] = None,
+    keep_alive: Annotated[float | None, typer.Option(help="seconds an idle worker stays warm [300]")] = None,
+    poll_wait: Annotated[float | None, typer.Option(help="long-poll seconds without a broker [10]")] = None,
+) -> None:
+    """Train for the federation whenever a round is announced, until SIGTERM or Ctrl-C."""
+    from fedge.client.agent import Agent
+    from fedge.client.settings import AgentSettings
+
+    with user_errors(ValueError, OSError):
+        settings = AgentSettings.from_flags(
+            dir=state_dir, data=data, server=server, broker=broker, ca=ca, cert=cert, key=key,
+            keep_alive=keep_alive, poll_wait=poll_wait,
+        )  # fmt: skip
+        agent = Agent(_config(settings))
+    signal.signal(signal.SIGTERM, lambda *_: agent.stop())
+    signal.signal(signal.SIGINT, lambda *_: agent.stop())
+    console.print(f"fedge agent {agent.config.identity.id} for {agent.config.server}")
+    agent.run()
+
+
+def _config(settings: AgentSettings) -> AgentConfig:
+    """Check everything a user gave before the agent starts, so mistakes are one line, not a crash."""
+    import numpy as np
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    from fedge.client.agent import AgentConfig
+    from fedge.mqtt import BrokerAddress
+    from fedge.security import pki
+
+    creds = pki.Credentials(
+        ca=settings.ca or settings.dir / "ca.pem",
+        cert=settings.cert or settings.dir / "client.pem",
+        key=settings.key or settings.dir / "client.key",
+    )
+    for path in (creds.ca, creds.cert, creds.key):
+        if not path.is_file():
+            raise UserError(f"{path} does not exist: enroll the device or pass --ca, --cert and --key")
+    certificate = x509.load_pem_x509_certificate(creds.cert.read_bytes())
+    try:
+        identity = pki.identity_of(certificate.public_bytes(serialization.Encoding.DER))
+    except pki.PKIError as exc:
+        raise UserError(f"{creds.cert}: {exc}") from None
+    if identity.role is not pki.Role.CLIENT:
+        raise UserError(f"{creds.cert} is a {identity.role} certificate, not a client's")
+    server = settings.server or _enrolled_server(settings.dir)
+    if not server.startswith("https://"):
+        raise UserError(f"--server must be an https:// URL, not {server!r}")
+    try:
+        with np.load(settings.data, allow_pickle=False) as arrays:
+            if "x" not in arrays or "y" not in arrays or len(arrays["x"]) != len(arrays["y"]):
+                raise UserError(f"{settings.data} needs arrays x and y of the same length")
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read data {settings.data}: {exc}") from None
+    return AgentConfig(
+        state_dir=settings.dir,
+        data=settings.data.resolve(),
+        server=server,
+        broker=BrokerAddress.parse(settings.broker) if settings.broker else None,
+        creds=pki.Credentials(creds.ca.resolve(), creds.cert.resolve(), creds.key.resolve()),
+        identity=identity,
+        keep_alive=settings.keep_alive,
+        poll_wait=settings.poll_wait,
+    )
+
+
+def _enrolled_server(state_dir: Path) -> str:
+    from fedge.client.enrollment import EnrollmentError, load_state
+
+    try:
+        return load_state(state_dir).server
+    except EnrollmentError:
+        raise UserError("no --server given and the device is not enrolled (`fedge agent enroll`)") from None
+
+
+@app.command("status")
+def show_status(state_dir: StateDir) -> None:
+    """What the agent is doing now (or did last, if it is not running)."""
+    from fedge.client import status
+
+    with user_errors(status.StatusError):
+        current = status.read(state_dir)
+    age = time.time() - current.updated
+    line = f"{current.client}: {current.state}"
+    if current.round is not None:
+        line += f" (round {current.round})"
+    console.print(f"{line} via {current.transport}, {age:.0f} s ago: {current.detail}")
+    if current.last_invocation is not None:
+        last = current.last_invocation
+        kind = f"cold, {last.startup_seconds:.2f} s start-up" if last.cold else "warm"
+        console.print(f"last train: {kind}, {last.seconds:.2f} s")
 
 
 @app.command()

@@ -18,7 +18,7 @@ from torch import nn
 from fedge import compression
 from fedge.codec import Tensors, decode, encode
 from fedge.edge_functions import attacks, partition, tasks
-from fedge.security.pki import Credentials
+from fedge.security.pki import Credentials, write_file
 from fedge.transport import FedgeClient
 from fedge.wire import BASE_SHA256, NUM_EXAMPLES, TRAIN_LOSS, TrainConfig
 
@@ -48,16 +48,24 @@ class AttackSpec(BaseModel):
     scale: float = 4.0
 
 
+class LocalData(BaseModel):
+    """A device's own examples: an ``.npz`` with arrays ``x`` (float32, the task's input shape) and ``y``."""
+
+    path: Path
+
+
 class TrainEvent(BaseModel):
     server: str
     credentials: CredentialPaths
     task: str
     round: int
     config: TrainConfig
-    data: DataSpec
+    data: DataSpec | LocalData
     attack: AttackSpec | None = None
     delay: float = 0.0  # simulation only: a straggler's extra seconds before it sends its update
     compression: str = "none"  # fedge.compression: none, float16 or int8
+    outbox: Path | None = None  # keep the update here for the caller to send, instead of posting it
+    model_sha256: str | None = None  # the round's model, as announced: a warm instance may hold it already
 
 
 class EvaluateEvent(BaseModel):
@@ -75,8 +83,11 @@ class Context:
     model: Tensors = field(default_factory=dict)
     partitions: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
-    def fetch_model(self, api: FedgeClient) -> int:
-        """Bring the cached global model up to date; returns the bytes downloaded (0 on an ETag hit)."""
+    def fetch_model(self, api: FedgeClient, expected_sha256: str | None = None) -> int:
+        """Bring the cached global model up to date; returns the bytes downloaded (0 on an ETag hit).
+        When the round's announcement named the model and it is the one cached, nothing is asked."""
+        if expected_sha256 is not None and expected_sha256 == self.model_sha256:
+            return 0
         download = api.model(cached_sha256=self.model_sha256)
         if download is None:
             return 0
@@ -85,8 +96,10 @@ class Context:
         self.model_round = download.round
         return len(download.body)
 
-    def partition(self, task: tasks.Task, spec: DataSpec) -> tuple[np.ndarray, np.ndarray]:
+    def partition(self, task: tasks.Task, spec: DataSpec | LocalData) -> tuple[np.ndarray, np.ndarray]:
         key = f"{task.name}:{spec.model_dump_json()}"
+        if isinstance(spec, LocalData):
+            return self._local(key, spec.path)
         if key not in self.partitions:
             data = task.load_data()
             parts = partition.split(
@@ -96,6 +109,16 @@ class Context:
             self.partitions[key] = (data.x_train[mine], data.y_train[mine])
         return self.partitions[key]
 
+    def _local(self, key: str, path: Path) -> tuple[np.ndarray, np.ndarray]:
+        """A device's own file, read again only when it changed (its data may grow between rounds)."""
+        stat = path.stat()
+        stamped = f"{key}:{stat.st_mtime_ns}:{stat.st_size}"
+        if stamped not in self.partitions:
+            self.partitions = {k: v for k, v in self.partitions.items() if not k.startswith(key)}
+            with np.load(path, allow_pickle=False) as arrays:
+                self.partitions[stamped] = (arrays["x"].astype(np.float32), arrays["y"].astype(np.int64))
+        return self.partitions[stamped]
+
 
 def train(event: dict, context: Context) -> dict:
     """Train the current global model on this client's data and send the update; returns what happened."""
@@ -104,13 +127,14 @@ def train(event: dict, context: Context) -> dict:
     task = tasks.get(ev.task)
     x, y = context.partition(task, ev.data)
     with FedgeClient(ev.server, ev.credentials.get()) as api:
-        bytes_down = context.fetch_model(api)
+        bytes_down = context.fetch_model(api, ev.model_sha256)
         model = task.build_model()
         tasks.load_tensors(model, context.model)
-        torch.manual_seed(ev.data.seed * 1_000_003 + ev.round * 1009 + ev.data.index)
+        if isinstance(ev.data, DataSpec):
+            torch.manual_seed(ev.data.seed * 1_000_003 + ev.round * 1009 + ev.data.index)
         loss = fit(model, x, y, ev.config)
         tensors = tasks.tensors_of(model)
-        if ev.attack is not None:
+        if ev.attack is not None and isinstance(ev.data, DataSpec):
             rng = np.random.default_rng([ev.data.seed, ev.round, ev.data.index])
             tensors = attacks.poison(ev.attack.kind, tensors, context.model, ev.attack.scale, rng)
         tensors, how = compression.compress(tensors, context.model, ev.compression)
@@ -118,11 +142,16 @@ def train(event: dict, context: Context) -> dict:
         metadata = {NUM_EXAMPLES: str(len(y)), TRAIN_LOSS: f"{loss:.6f}", BASE_SHA256: base, **how}
         body = encode(tensors, metadata)
         time.sleep(ev.delay)
-        receipt = api.post_update(ev.round, body)
+        staleness = None
+        if ev.outbox is None:
+            staleness = api.post_update(ev.round, body).staleness
+        else:
+            ev.outbox.mkdir(parents=True, exist_ok=True)
+            write_file(ev.outbox / f"round-{ev.round}.safetensors", body)  # whole, or not at all
     return {
         "round": ev.round,
-        "num_examples": receipt.num_examples,
-        "staleness": receipt.staleness,
+        "num_examples": len(y),
+        "staleness": staleness,
         "loss": loss,
         "bytes_up": len(body),
         "bytes_down": bytes_down,

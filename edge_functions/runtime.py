@@ -1,69 +1,206 @@
 """A warm pool of worker processes that host the functions, the way a FaaS platform keeps instances warm.
 
-Each worker imports torch once, then serves many invocations, keeping its ``Context`` (model cache, data)
-between them. The parent process never imports torch: it only routes events and collects results.
+Each worker imports torch once, then serves many invocations, keeping its ``Context`` (model cache by
+sha256, data) between them. The parent process never imports torch: it only routes events and collects
+results. Like a FaaS platform, the pool starts workers on demand or ahead of time (``warm``, e.g. when a
+round is announced), retires a worker idle for longer than ``keep_alive``, and replaces a worker that crashes
+or runs past its invocation's deadline: that invocation fails with ``WorkerFailed``, never silently.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import multiprocessing
 import os
+import signal
+import sys
+import threading
 import time
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from typing import Any
 
-_context: Any = None
-_invocations = 0
+_START_TIMEOUT = 300.0
+_PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True)
 class Invocation:
     function: str
     result: Any
-    cold: bool  # first invocation in a fresh worker
-    seconds: float
+    cold: bool  # it waited for its worker to start (a cold start); False on a worker already warm
+    startup_seconds: float  # how long it waited for that start-up (0 when warm)
+    seconds: float  # the function's own run time, in the worker
     pid: int
 
 
-def _start_worker(threads: int) -> None:
-    global _context
+class WorkerFailed(RuntimeError):
+    """The worker crashed or hung past the deadline; it has been replaced, the invocation is lost."""
+
+
+def _serve(conn: Connection, threads: int) -> None:
+    """A worker's main loop. Signals go to the agent, which decides when its workers stop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _die_with_parent()
     import torch
 
-    from fedge.edge_functions.functions import Context
+    from fedge.edge_functions.functions import FUNCTIONS, Context
 
     torch.set_num_threads(threads)
-    _context = Context()
+    context = Context()
+    conn.send(("ready", os.getpid()))
+    while (request := conn.recv()) is not None:
+        function, event = request
+        started = time.perf_counter()
+        try:
+            result = FUNCTIONS[function](event, context)
+        except Exception as exc:
+            conn.send(("error", _portable(exc)))
+        else:
+            conn.send(("ok", (result, time.perf_counter() - started)))
 
 
-def _invoke(function: str, event: dict) -> Invocation:
-    global _invocations
-    from fedge.edge_functions.functions import FUNCTIONS
+def _die_with_parent() -> None:
+    """On Linux, a worker whose agent was killed outright dies too, instead of training for nobody.
+    (The signal follows the thread that started the worker: the pool's threads live as long as the pool.)"""
+    if sys.platform == "linux":
+        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
-    started = time.perf_counter()
-    result = FUNCTIONS[function](event, _context)
-    _invocations += 1
-    return Invocation(function, result, _invocations == 1, time.perf_counter() - started, os.getpid())
+
+def _portable(exc: Exception) -> Exception:
+    """The exception itself when it survives pickling between our own processes, else its text."""
+    try:
+        multiprocessing.reduction.ForkingPickler.dumps(exc)
+    except Exception:
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
+    return exc
+
+
+class _Worker:
+    def __init__(self, threads: int) -> None:
+        context = multiprocessing.get_context("spawn")
+        self._conn, child = context.Pipe()
+        self._process = context.Process(target=_serve, args=(child, threads), daemon=True)
+        self._process.start()
+        child.close()
+        self.ready = False
+        self.pid = self._process.pid or 0
+        self.idle_since = time.monotonic()
+
+    def _receive(self, give_up: float, what: str) -> tuple[str, Any]:
+        while not self._conn.poll(0.1):
+            if not self._process.is_alive():
+                raise WorkerFailed(f"worker {self.pid} crashed {what} (exit code {self._process.exitcode})")
+            if time.monotonic() > give_up:
+                raise WorkerFailed(f"worker {self.pid} hung {what}: stopped after the deadline")
+        try:
+            return self._conn.recv()
+        except (EOFError, OSError):
+            raise WorkerFailed(f"worker {self.pid} crashed {what}") from None
+
+    def start_up(self) -> float:
+        """Wait until torch is imported; returns how long this call waited."""
+        if self.ready:
+            return 0.0
+        started = time.perf_counter()
+        self._receive(time.monotonic() + _START_TIMEOUT, "while starting")
+        self.ready = True
+        return time.perf_counter() - started
+
+    def call(self, function: str, event: dict, timeout: float | None) -> tuple[Any, float]:
+        self._conn.send((function, event))
+        kind, payload = self._receive(time.monotonic() + (timeout or float("inf")), f"running {function}")
+        if kind == "error":
+            raise payload
+        return payload
+
+    def stop(self, force: bool = False) -> None:
+        if self._process.is_alive() and not force:
+            with contextlib.suppress(OSError):
+                self._conn.send(None)
+            self._process.join(5)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join()
+        self._conn.close()
 
 
 class WarmPool:
-    def __init__(self, workers: int) -> None:
-        threads = max(1, (os.cpu_count() or 1) // workers)
+    def __init__(self, workers: int, keep_alive: float | None = None) -> None:
+        """``workers`` at most at once; with ``keep_alive``, a worker idle that long is retired."""
         self.workers = workers
-        self._executor = ProcessPoolExecutor(
-            workers,
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=_start_worker,
-            initargs=(threads,),
-        )
+        self.keep_alive = keep_alive
+        self._threads = max(1, (os.cpu_count() or 1) // workers)
+        self._lock = threading.Lock()
+        self._idle: list[_Worker] = []
+        self._busy = 0
+        self._closed = threading.Event()
+        self._calls = ThreadPoolExecutor(workers, thread_name_prefix="fedge-invoke")
+        if keep_alive is not None:
+            threading.Thread(target=self._retire_idle, name="fedge-keep-alive", daemon=True).start()
 
-    def warm(self) -> None:
-        """Start every worker now, so the first round does not pay for ``import torch``."""
-        for future in [self._executor.submit(os.getpid) for _ in range(self.workers)]:
-            future.result()
+    def warm(self, wait: bool = True) -> None:
+        """Start workers up to the pool's size now, so the next invocations do not pay a cold start."""
+        with self._lock:
+            missing = self.workers - len(self._idle) - self._busy
+            self._idle.extend(_Worker(self._threads) for _ in range(missing))
+            starting = [w for w in self._idle if not w.ready]
+        if wait:
+            for worker in starting:
+                worker.start_up()
 
-    def invoke(self, function: str, event: dict) -> Future[Invocation]:
-        return self._executor.submit(_invoke, function, event)
+    def live_workers(self) -> int:
+        with self._lock:
+            return len(self._idle) + self._busy
+
+    def invoke(self, function: str, event: dict, timeout: float | None = None) -> Future[Invocation]:
+        """Run ``function(event)`` on a warm worker; past ``timeout`` seconds of run time it is killed."""
+        return self._calls.submit(self._run, function, event, timeout)
+
+    def _run(self, function: str, event: dict, timeout: float | None) -> Invocation:
+        with self._lock:
+            self._busy += 1
+            worker = self._idle.pop() if self._idle else _Worker(self._threads)
+        healthy = False
+        try:
+            startup = worker.start_up()
+            cold = startup > 0
+            try:
+                result, seconds = worker.call(function, event, timeout)
+            except WorkerFailed:
+                raise
+            except Exception:
+                healthy = True
+                raise
+            healthy = True
+            return Invocation(function, result, cold, startup, seconds, worker.pid)
+        finally:
+            with self._lock:
+                self._busy -= 1
+                if healthy:
+                    worker.idle_since = time.monotonic()
+                    self._idle.append(worker)
+            if not healthy:
+                worker.stop(force=True)
+
+    def _retire_idle(self) -> None:
+        assert self.keep_alive is not None
+        while not self._closed.wait(min(self.keep_alive / 4, 1.0)):
+            now = time.monotonic()
+            with self._lock:
+                retiring = [w for w in self._idle if now - w.idle_since > self.keep_alive]
+                self._idle = [w for w in self._idle if w not in retiring]
+            for worker in retiring:
+                worker.stop()
 
     def close(self) -> None:
-        self._executor.shutdown(cancel_futures=True)
+        """Let running invocations finish, then stop every worker."""
+        self._closed.set()
+        self._calls.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for worker in idle:
+            worker.stop()

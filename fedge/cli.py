@@ -11,6 +11,7 @@ from rich.table import Table
 
 from fedge.client.cli import app as agent_app
 from fedge.console import console, user_errors
+from fedge.security.broker_cli import app as broker_app
 from fedge.security.cli import app as pki_app
 from fedge.server.cli import (
     Beta1,
@@ -39,6 +40,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(pki_app, name="pki")
+app.add_typer(broker_app, name="broker")
 app.add_typer(agent_app, name="agent")
 app.command()(server)
 

@@ -101,6 +101,7 @@ class ServerSettings(TrainingSettings):
     max_update_norm: float | None = Field(None, gt=0)
     init_model: Path | None = None
     store: str | None = None  # postgresql://... for round state in PostgreSQL; none: SQLite under data
+    mqtt: str | None = None  # HOST:PORT of the broker that carries round announcements
 
 
 class SimulationSettings(TrainingSettings):

@@ -12,6 +12,8 @@ from fedge.security import pki
 from fedge.settings import STRATEGY_PARAMS, ServerSettings, TrainingSettings
 
 if TYPE_CHECKING:
+    from fedge.server.announce import Announcer
+    from fedge.server.rounds import Federation
     from fedge.server.strategies import Strategy
 
 # The strategy's options, shared with ``fedge simulate``.
@@ -93,6 +95,7 @@ def server(
     buffer: Buffer = None,
     max_staleness: MaxStaleness = None,
     staleness_exponent: StalenessExponent = None,
+    mqtt: Annotated[str | None, typer.Option(help="announce rounds on this MQTT broker, HOST:PORT")] = None,
 ) -> None:
     """Serve the global model read-only and aggregate each selected client's update, round after round."""
     from fedge.server.store import Store, StoreError
@@ -106,7 +109,7 @@ def server(
             strategy=strategy, proximal_mu=proximal_mu, server_lr=server_lr, beta1=beta1, beta2=beta2,
             tau=tau, trim_fraction=trim_fraction, malicious=malicious, keep=keep, clip_norm=clip_norm,
             noise_multiplier=noise_multiplier, dp_delta=dp_delta, buffer=buffer, max_staleness=max_staleness,
-            staleness_exponent=staleness_exponent,
+            staleness_exponent=staleness_exponent, mqtt=mqtt,
         )  # fmt: skip
         chosen = strategy_of(settings)
         from fedge.server import service
@@ -144,8 +147,20 @@ def server(
             initial_model=_initial_model(settings) if store.get_meta("global_sha256") is None else None,
             strategy=chosen,
         )
+        announcer = _announcer(federation, settings.mqtt, creds) if settings.mqtt else None
         console.print(f"fedge aggregation service on https://{settings.host}:{sock.getsockname()[1]}")
-    service.serve(create_app(federation, trust), creds, sock, settings.data / "endpoint.json")
+    try:
+        service.serve(create_app(federation, trust), creds, sock, settings.data / "endpoint.json")
+    finally:
+        if announcer is not None:
+            announcer.close()
+
+
+def _announcer(federation: Federation, broker: str, creds: pki.Credentials) -> Announcer:
+    from fedge.mqtt import BrokerAddress
+    from fedge.server.announce import Announcer
+
+    return Announcer(federation, BrokerAddress.parse(broker), creds)
 
 
 def _initial_model(settings: ServerSettings) -> bytes:

@@ -1,23 +1,35 @@
-"""Shared fixtures: a real PKI, the real aggregation service in its own process over mutual TLS, and a real
-PostgreSQL cluster."""
+"""Shared fixtures: a real PKI, the real aggregation service in its own process over mutual TLS, a real
+PostgreSQL cluster, a real mosquitto configured by ``fedge broker config``, and agents as separate
+``fedge agent run`` processes."""
 
 from __future__ import annotations
 
+import getpass
+import json
 import os
 import pwd
 import shutil
+import signal
 import socket
+import ssl
 import subprocess
+import sys
 import tempfile
+import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import paho.mqtt.client as mqtt_client
 import pytest
 
 from fedge.codec import Tensors, encode
-from fedge.security import pki
+from fedge.mqtt import BrokerAddress
+from fedge.security import broker, pki
+from fedge.security.tls import client_context
 from fedge.server.launcher import ServerProcess, launch
 from fedge.transport import FedgeClient
 
@@ -154,3 +166,244 @@ def postgres_url(postgres: str) -> str:
     with psycopg.connect(postgres, autocommit=True) as admin:
         admin.execute(f"CREATE DATABASE {name}")
     return postgres.replace("/postgres?", f"/{name}?")
+
+
+def wait_for(condition: Callable[[], object], timeout: float = 60.0, what: str = "condition") -> object:
+    """Poll until ``condition()`` is truthy; generous timeouts, since the machine may be loaded."""
+    give_up = time.monotonic() + timeout
+    while not (value := condition()):
+        if time.monotonic() > give_up:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.1)
+    return value
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+
+
+@dataclass
+class Broker:
+    """A real mosquitto, configured by ``fedge broker config``; it can be stopped and started again."""
+
+    conf: Path
+    address: BrokerAddress
+    log: Path
+    process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        assert Path(MOSQUITTO).exists(), "mosquitto is missing: apt-get install mosquitto (make test does)"
+        with self.log.open("ab") as out:
+            self.process = subprocess.Popen([MOSQUITTO, "-c", str(self.conf)], stdout=out, stderr=out)
+        wait_for(self._accepting, 30, f"mosquitto on {self.address} (log: {self.log})")
+
+    def _accepting(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise AssertionError(f"mosquitto exited: {self.log.read_text()[-500:]}")
+        with socket.socket() as sock:
+            return sock.connect_ex((self.address.host, self.address.port)) == 0
+
+    def write_config(self, pki_dir: Path) -> None:
+        """What the operator runs after issuing or revoking a certificate (then SIGHUP)."""
+        broker.write_config(
+            pki_dir, self.conf.parent, self.address.port, "127.0.0.1", run_as=getpass.getuser()
+        )
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(sig)
+            self.process.wait(15)
+
+
+@pytest.fixture
+def start_broker(tmp_path: Path) -> Iterator[Callable[[Path], Broker]]:
+    """Start mosquitto with the config ``fedge broker config`` writes for the federation in ``pki_dir``."""
+    started: list[Broker] = []
+
+    def start(pki_dir: Path) -> Broker:
+        port = free_port()
+        out = tmp_path / f"broker-{port}"
+        running = Broker(out / "mosquitto.conf", BrokerAddress("127.0.0.1", port), out.with_suffix(".log"))
+        running.write_config(pki_dir)
+        running.start()
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        running.stop()
+
+
+class MqttProbe:
+    """A plain MQTT v5 client for tests: records what it receives, and whether the broker let it in."""
+
+    def __init__(self, address: BrokerAddress, tls: ssl.SSLContext, subscribe: tuple[str, ...] = ()) -> None:
+        self.messages: list[mqtt_client.MQTTMessage] = []
+        self.connected = threading.Event()
+        self.refused = threading.Event()
+        self.client = mqtt_client.Client(mqtt_client.CallbackAPIVersion.VERSION2, protocol=mqtt_client.MQTTv5)
+        self.client.tls_set_context(tls)
+
+        def on_connect(client, _userdata, _flags, reason, _properties) -> None:
+            if reason.is_failure:
+                self.refused.set()
+                return
+            if subscribe:
+                client.subscribe([(topic, 1) for topic in subscribe])
+            else:
+                self.connected.set()
+
+        self.client.on_connect = on_connect
+        self.client.on_subscribe = lambda *_: self.connected.set()
+        self.client.on_connect_fail = lambda *_: self.refused.set()
+        self.client.on_disconnect = lambda *_: None if self.connected.is_set() else self.refused.set()
+        self.client.on_message = lambda _c, _u, message: self.messages.append(message)
+        self.client.connect_async(address.host, address.port)
+        self.client.loop_start()
+
+    def admitted(self, timeout: float = 30.0) -> bool:
+        """True once connected and subscribed; False as soon as the broker refuses (or at the timeout)."""
+        give_up = time.monotonic() + timeout
+        while time.monotonic() < give_up:
+            if self.connected.is_set():
+                return True
+            if self.refused.is_set():
+                return False
+            time.sleep(0.05)
+        return False
+
+    def payloads(self, topic: str) -> list[bytes]:
+        return [m.payload for m in list(self.messages) if m.topic == topic]
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@pytest.fixture
+def probe() -> Iterator[Callable[..., MqttProbe]]:
+    opened: list[MqttProbe] = []
+
+    def open_probe(broker_: Broker, tls: ssl.SSLContext, subscribe: tuple[str, ...] = ()) -> MqttProbe:
+        opened.append(MqttProbe(broker_.address, tls, subscribe))
+        return opened[-1]
+
+    yield open_probe
+    for opened_probe in opened:
+        opened_probe.close()
+
+
+@pytest.fixture
+def make_pki(tmp_path: Path) -> Callable[..., Path]:
+    """A fresh federation ``edge`` with a server certificate and the given clients."""
+
+    def make(*clients: str) -> Path:
+        directory = tmp_path / "edge-pki"
+        pki.init_ca(directory, "edge")
+        pki.issue(directory, pki.Role.SERVER, "server", hosts=("127.0.0.1", "localhost"))
+        for client in clients:
+            pki.issue(directory, pki.Role.CLIENT, client)
+        pki.issue(directory, pki.Role.ADMIN, "ops")
+        return directory
+
+    return make
+
+
+@pytest.fixture
+def start_task_server(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
+    """``fedge server`` training a real task (default ``digits``, its model built by the server)."""
+    started: list[ServerProcess] = []
+
+    def start(pki_dir: Path, *flags: str, task: str = "digits") -> ServerProcess:
+        args = ["--pki", str(pki_dir), "--port", "0", "--task", task, *flags]
+        server = launch(args, tmp_path / "task-server", tmp_path / "task-server.log", timeout=120)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@dataclass
+class AgentProcess:
+    process: subprocess.Popen
+    state_dir: Path
+    log: Path
+
+    def status(self) -> dict:
+        path = self.state_dir / "status.json"
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 120) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+class AgentStarter:
+    """Starts ``fedge agent run`` as a device runs it, each agent its own process."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.started: list[AgentProcess] = []
+
+    def __call__(self, pki_dir: Path, client: str, data: Path, server: str, *flags: str) -> AgentProcess:
+        """Client ``client`` of the PKI in ``pki_dir``, its credentials given as flags."""
+        creds = pki.credentials(pki_dir, pki.Role.CLIENT, client)
+        args = ["--server", server, "--ca", str(creds.ca), "--cert", str(creds.cert), "--key", str(creds.key)]
+        return self.enrolled(self.tmp_path / f"agent-{client}", data, *args, *flags)
+
+    def enrolled(self, state: Path, data: Path, *flags: str) -> AgentProcess:
+        """An agent whose state directory holds what ``fedge agent enroll`` wrote."""
+        log = state.with_name(f"{state.name}.log")
+        args = ["--dir", str(state), "--data", str(data), *flags]
+        with log.open("ab") as out:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "fedge", "agent", "run", *args],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "FEDGE_CONFIG": os.devnull},
+            )
+        self.started.append(AgentProcess(process, state, log))
+        return self.started[-1]
+
+
+@pytest.fixture
+def start_agent(tmp_path: Path) -> Iterator[AgentStarter]:
+    starter = AgentStarter(tmp_path)
+    yield starter
+    for agent in starter.started:
+        agent.stop(signal.SIGKILL)
+
+
+def client_data(directory: Path, parts: int) -> list[Path]:
+    """Real digits split into ``parts`` device data files (.npz with x and y), as ``--data`` takes them."""
+    from fedge.edge_functions import datasets
+
+    digits = datasets.load("digits")
+    files = []
+    for index, chunk in enumerate(np.array_split(np.arange(len(digits.y_train)), parts)):
+        path = directory / f"data-{index}.npz"
+        np.savez(path, x=digits.x_train[chunk], y=digits.y_train[chunk])
+        files.append(path)
+    return files
+
+
+def tls_for(pki_dir: Path, role: pki.Role, id_: str) -> ssl.SSLContext:
+    """The TLS context of a party of the federation in ``pki_dir`` (for MQTT probes)."""
+    return client_context(pki.credentials(pki_dir, role, id_))

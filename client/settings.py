@@ -1,0 +1,22 @@
+"""Settings of ``fedge agent run``: flags, then ``FEDGE_*`` variables, then ``[agent]`` in ``fedge.toml``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+
+from fedge.settings import _CommandSettings
+
+
+class AgentSettings(_CommandSettings):
+    section = "agent"
+    dir: Path
+    data: Path
+    server: str | None = None  # default: the server the device enrolled with
+    broker: str | None = None
+    ca: Path | None = None  # default <dir>/ca.pem
+    cert: Path | None = None  # default <dir>/client.pem
+    key: Path | None = None  # default <dir>/client.key
+    keep_alive: float = Field(300.0, gt=0)
+    poll_wait: float = Field(10.0, gt=0, le=60)

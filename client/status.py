@@ -1,0 +1,69 @@
+"""What an agent is doing, kept in ``<state>/status.json`` and published on its status topic.
+
+The file is what ``fedge agent status`` shows on the device; the retained MQTT message is what an operator
+sees from afar. Both carry the same JSON.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from enum import StrEnum
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+from fedge.security.pki import write_file
+
+
+class AgentState(StrEnum):
+    IDLE = "idle"  # waiting for a round
+    TRAINING = "training"
+    UPLOADING = "uploading"
+    SKIPPED = "skipped"  # a round it will not train (not selected, past its deadline)
+    ERROR = "error"  # the round failed here (worker crashed or hung, update refused, server unreachable)
+    STOPPED = "stopped"
+
+
+class Transport(StrEnum):
+    MQTT = "mqtt"
+    LONG_POLL = "long-poll"  # the broker is unreachable: rounds come from GET /v1/rounds/current?wait=S
+
+
+class LastInvocation(BaseModel):
+    cold: bool
+    startup_seconds: float
+    seconds: float
+
+
+class AgentStatus(BaseModel):
+    client: str
+    state: AgentState
+    round: int | None = None
+    detail: str = ""
+    transport: Transport
+    last_invocation: LastInvocation | None = None
+    pid: int = Field(default_factory=os.getpid)
+    updated: float = Field(default_factory=time.time)
+
+
+class StatusError(Exception):
+    """There is no readable status in the state directory."""
+
+
+def status_file(state_dir: Path) -> Path:
+    return state_dir / "status.json"
+
+
+def write(state_dir: Path, status: AgentStatus) -> None:
+    write_file(status_file(state_dir), status.model_dump_json(indent=2).encode())
+
+
+def read(state_dir: Path) -> AgentStatus:
+    path = status_file(state_dir)
+    if not path.exists():
+        raise StatusError(f"no agent status in {state_dir}: has `fedge agent run --dir {state_dir}` run?")
+    try:
+        return AgentStatus.model_validate_json(path.read_text())
+    except ValueError:
+        raise StatusError(f"{path} is not an agent status file") from None

@@ -1,0 +1,85 @@
+"""The federation's broker as ``fedge broker config`` sets it up: a real mosquitto, mutual TLS, the ACL."""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+
+from conftest import tls_for, wait_for
+from test_simulate import run_cli
+
+from fedge.mqtt import rounds_topic, status_topic
+from fedge.security import pki
+
+
+def test_broker_config_writes_a_tls_only_config_and_an_acl_per_identity(tmp_path: Path, pki_dir) -> None:
+    out = tmp_path / "broker"
+    done = run_cli("broker", "config", "--pki", str(pki_dir), "--out", str(out), "--port", "18830")
+    assert done.returncode == 0, done.stderr
+    conf = (out / "mosquitto.conf").read_text()
+    for line in ("require_certificate true", "use_identity_as_username true", "allow_anonymous false"):
+        assert line in conf.splitlines()
+    assert ("crlfile" in conf) == (pki_dir / "crl.pem").exists()
+    acl = (out / "acl").read_text()
+    assert (
+        "user client:alice\ntopic read fedge/test/rounds\ntopic write fedge/test/clients/alice/status" in acl
+    )
+    assert oct((out / "broker.key").stat().st_mode & 0o777) == "0o600"
+
+
+def test_broker_config_rejects_a_directory_that_is_no_pki(tmp_path: Path) -> None:
+    done = run_cli("broker", "config", "--pki", str(tmp_path), "--out", str(tmp_path / "out"))
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    assert "not a fedge PKI" in " ".join(done.stderr.split())
+
+
+def test_a_client_with_its_certificate_is_admitted(start_broker, probe, pki_dir: Path) -> None:
+    broker = start_broker(pki_dir)
+    assert probe(broker, tls_for(pki_dir, pki.Role.CLIENT, "alice")).admitted()
+
+
+def test_a_client_without_a_certificate_is_refused(start_broker, probe, pki_dir: Path) -> None:
+    broker = start_broker(pki_dir)
+    assert not probe(broker, ssl.create_default_context(cafile=pki_dir / "ca.pem")).admitted()
+
+
+def test_a_certificate_from_another_ca_is_refused(
+    start_broker, probe, pki_dir: Path, other_pki: Path
+) -> None:
+    broker = start_broker(pki_dir)
+    foreign = tls_for(other_pki, pki.Role.CLIENT, "alice")
+    foreign.load_verify_locations(pki_dir / "ca.pem")  # it trusts the broker; the broker must not trust it
+    assert not probe(broker, foreign).admitted()
+
+
+def test_a_client_publishes_only_to_its_own_status_topic(start_broker, probe, pki_dir: Path) -> None:
+    broker = start_broker(pki_dir)
+    watched = (status_topic("test", "+"), rounds_topic("test"))
+    server = probe(broker, tls_for(pki_dir, pki.Role.SERVER, "server"), subscribe=watched)
+    bob = probe(broker, tls_for(pki_dir, pki.Role.CLIENT, "bob"), subscribe=(rounds_topic("test"),))
+    alice = probe(broker, tls_for(pki_dir, pki.Role.CLIENT, "alice"))
+    assert server.admitted()
+    assert bob.admitted()
+    assert alice.admitted()
+    # Messages on one connection arrive in order: once the last one is in, the forbidden ones had their turn.
+    alice.client.publish(status_topic("test", "bob"), b"forged", qos=1).wait_for_publish(10)
+    alice.client.publish(rounds_topic("test"), b"forged round", qos=1).wait_for_publish(10)
+    alice.client.publish(status_topic("test", "alice"), b"mine", qos=1).wait_for_publish(10)
+    wait_for(lambda: server.payloads(status_topic("test", "alice")), 30, "alice's own status")
+    assert server.payloads(status_topic("test", "bob")) == []
+    assert server.payloads(rounds_topic("test")) == []
+    assert bob.payloads(rounds_topic("test")) == []
+
+
+def test_a_revoked_certificate_is_refused_once_the_pki_has_a_crl(start_broker, probe, tmp_path: Path) -> None:
+    directory = tmp_path / "pki"
+    pki.init_ca(directory, "test")
+    pki.issue(directory, pki.Role.CLIENT, "lost-phone")
+    pki.issue(directory, pki.Role.CLIENT, "alice")
+    pki.revoke(directory, pki.Role.CLIENT, "lost-phone")  # writes crl.pem
+    broker = start_broker(directory)
+    assert "crlfile" in broker.conf.read_text()
+    assert "client:lost-phone" not in (broker.conf.parent / "acl").read_text()
+    assert probe(broker, tls_for(directory, pki.Role.CLIENT, "alice")).admitted()
+    assert not probe(broker, tls_for(directory, pki.Role.CLIENT, "lost-phone")).admitted()

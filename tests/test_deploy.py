@@ -1,0 +1,95 @@
+"""deploy/ checked offline by the real tools: docker-compose, hadolint, kubernetes-validate, shellcheck."""
+
+from __future__ import annotations
+
+import configparser
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from test_simulate import run_cli
+
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+BIN = Path(sys.executable).parent
+
+
+def tool(name: str, *args: str | Path) -> subprocess.CompletedProcess:
+    return subprocess.run([BIN / name, *map(str, args)], capture_output=True, text=True, timeout=300)
+
+
+def test_the_compose_file_runs_a_broker_a_server_and_agents_that_use_them() -> None:
+    done = tool("docker-compose", "-f", DEPLOY / "compose.yaml", "config", "--format", "json")
+    assert done.returncode == 0, done.stderr
+    services = json.loads(done.stdout)["services"]
+    assert {"mosquitto", "server", "agent-1", "agent-2"} <= set(services)
+    assert "--mqtt=mosquitto:8883" in services["server"]["command"]
+    for agent in ("agent-1", "agent-2"):
+        environment = services[agent]["environment"]
+        assert environment["FEDGE_BROKER"] == "mosquitto:8883"
+        assert environment["FEDGE_CERT"].endswith(f"{agent}.pem")
+
+
+@pytest.mark.parametrize("dockerfile", sorted((DEPLOY / "docker").glob("*.Dockerfile")), ids=lambda p: p.stem)
+def test_each_dockerfile_passes_hadolint_and_takes_its_base_image_as_an_argument(dockerfile: Path) -> None:
+    done = tool("hadolint", dockerfile)
+    assert done.returncode == 0, done.stdout
+    assert "ARG BASE=" in dockerfile.read_text()
+
+
+def test_the_kubernetes_manifests_validate_strictly() -> None:
+    manifests = sorted((DEPLOY / "kubernetes").glob("*.yaml"))
+    done = tool("kubernetes-validate", "--strict", *manifests)
+    assert done.returncode == 0, done.stdout + done.stderr
+    resources = sum(len([d for d in yaml.safe_load_all(m.read_text()) if d]) for m in manifests)
+    assert done.stdout.count("passed") == resources
+
+
+def test_the_knative_pod_spec_validates_strictly_and_serves_one_invocation_at_a_time(tmp_path: Path) -> None:
+    service = yaml.safe_load((DEPLOY / "knative" / "service.yaml").read_text())
+    assert service["apiVersion"] == "serving.knative.dev/v1"
+    spec = dict(service["spec"]["template"]["spec"])
+    assert spec.pop("containerConcurrency") == 1
+    spec.pop("timeoutSeconds")
+    spec["containers"] = [{"name": "function", **c} for c in spec["containers"]]
+    pod = tmp_path / "pod.yaml"  # Knative's pod spec is Kubernetes' own, less a few fields
+    pod.write_text(
+        yaml.safe_dump({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "f"}, "spec": spec})
+    )
+    done = tool("kubernetes-validate", "--strict", pod)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_the_openfaas_function_runs_the_image_knative_runs_with_the_watchdog_upstream() -> None:
+    stack = yaml.safe_load((DEPLOY / "openfaas" / "stack.yml").read_text())
+    assert stack["provider"]["name"] == "openfaas"
+    (function,) = stack["functions"].values()
+    knative = yaml.safe_load((DEPLOY / "knative" / "service.yaml").read_text())
+    assert function["image"] == knative["spec"]["template"]["spec"]["containers"][0]["image"]
+    dockerfile = (DEPLOY / "docker" / "executor.Dockerfile").read_text()
+    assert f"upstream_url={function['environment']['upstream_url']}" in dockerfile
+
+
+def test_the_install_script_passes_shellcheck_and_installs_what_the_unit_runs() -> None:
+    done = tool("shellcheck", DEPLOY / "install.sh")
+    assert done.returncode == 0, done.stdout
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.optionxform = str  # type: ignore[assignment,method-assign]
+    unit.read(DEPLOY / "systemd" / "fedge-agent.service")
+    assert unit["Service"]["ExecStart"].startswith("/opt/fedge/venv/bin/fedge agent run")
+    assert unit["Service"]["KillMode"] == "mixed"
+    assert 'prefix="${root}/opt/fedge"' in (DEPLOY / "install.sh").read_text()
+
+
+def test_broker_config_for_a_container_names_only_paths_inside_it(tmp_path: Path, pki_dir: Path) -> None:
+    out = tmp_path / "broker"
+    done = run_cli(
+        "broker", "config", "--pki", str(pki_dir), "--out", str(out), "--host", "mosquitto",
+        "--mount", "/mosquitto/config", "--persistence", "/mosquitto/data",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    paths = [line.split()[1] for line in (out / "mosquitto.conf").read_text().splitlines() if "/" in line]
+    assert paths
+    assert all(p.startswith("/mosquitto/") for p in paths)
