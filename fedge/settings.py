@@ -102,6 +102,7 @@ class ServerSettings(TrainingSettings):
     init_model: Path | None = None
     store: str | None = None  # postgresql://... for round state in PostgreSQL; none: SQLite under data
     mqtt: str | None = None  # HOST:PORT of the broker that carries round announcements
+    manual_start: bool = False  # hold round 1 until an admin's POST /v1/admin/start
 
 
 class SimulationSettings(TrainingSettings):

@@ -1,4 +1,5 @@
-"""Admin routes (``/v1/admin/``): see the federation and its rounds, revoke a client, mint a token.
+"""Admin routes (``/v1/admin/``): start the federation, choose its strategy, see it and its rounds, revoke a
+client, mint a token.
 
 Only an admin certificate reaches them; nothing here reads or writes the global model or any update.
 """
@@ -13,6 +14,7 @@ from pydantic import BaseModel, Field
 from fedge.security import pki, tokens
 from fedge.server.errors import Rejected
 from fedge.server.identity import Admin
+from fedge.server.strategies import StrategyParams
 from fedge.server.trust import Trust
 from fedge.wire import ErrorBody, RoundInfo
 
@@ -41,6 +43,19 @@ class RoundStatus(BaseModel):
     base_sha256: str
     result_sha256: str | None
     deadline: float
+
+
+class StrategyChoice(BaseModel):
+    name: str = Field(description="a strategy of `fedge server --strategy`, e.g. fedavg, trimmed-mean")
+    params: dict[str, float | int | None] = Field(
+        default_factory=dict,
+        description="its parameters, named like the flags: trim_fraction, malicious, ...",
+    )
+
+
+class StrategyChange(BaseModel):
+    name: str
+    applies_from_round: int
 
 
 class TokenRequest(BaseModel):
@@ -85,6 +100,24 @@ def rounds(request: Request, _: Admin) -> list[RoundStatus]:
         )
         for record, reported in request.app.state.federation.history()
     ]
+
+
+@router.post("/start", responses=_ERRORS)
+def start(request: Request, _: Admin) -> RoundInfo:
+    """Start a federation served with ``--manual-start``: round 1 opens once enough clients are in."""
+    return request.app.state.federation.start()
+
+
+@router.put("/strategy", responses=_ERRORS)
+def choose_strategy(body: StrategyChoice, request: Request, _: Admin) -> StrategyChange:
+    """Aggregate with another strategy from the next round on; the choice survives a restart."""
+    federation = request.app.state.federation
+    try:
+        params = StrategyParams(**{"seed": federation.settings.seed, **body.params})  # type: ignore[arg-type]
+    except TypeError as exc:
+        raise Rejected(422, "invalid_strategy", str(exc)) from None
+    first = federation.choose_strategy(body.name, params)
+    return StrategyChange(name=body.name, applies_from_round=first)
 
 
 @router.post("/clients/{client}/revoke", responses=_ERRORS)

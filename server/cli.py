@@ -96,6 +96,9 @@ def server(
     max_staleness: MaxStaleness = None,
     staleness_exponent: StalenessExponent = None,
     mqtt: Annotated[str | None, typer.Option(help="announce rounds on this MQTT broker, HOST:PORT")] = None,
+    manual_start: Annotated[
+        bool | None, typer.Option("--manual-start", help="hold round 1 until an admin starts the federation")
+    ] = None,
 ) -> None:
     """Serve the global model read-only and aggregate each selected client's update, round after round."""
     from fedge.server.store import Store, StoreError
@@ -109,7 +112,7 @@ def server(
             strategy=strategy, proximal_mu=proximal_mu, server_lr=server_lr, beta1=beta1, beta2=beta2,
             tau=tau, trim_fraction=trim_fraction, malicious=malicious, keep=keep, clip_norm=clip_norm,
             noise_multiplier=noise_multiplier, dp_delta=dp_delta, buffer=buffer, max_staleness=max_staleness,
-            staleness_exponent=staleness_exponent, mqtt=mqtt,
+            staleness_exponent=staleness_exponent, mqtt=mqtt, manual_start=manual_start,
         )  # fmt: skip
         chosen = strategy_of(settings)
         from fedge.server import service
@@ -133,6 +136,7 @@ def server(
             buffer=settings.buffer,
             max_staleness=settings.max_staleness,
             staleness_exponent=settings.staleness_exponent,
+            manual_start=settings.manual_start,
             train=TrainConfig(
                 local_epochs=settings.local_epochs, batch_size=settings.batch_size, learning_rate=settings.lr
             ),

@@ -6,11 +6,12 @@ and the running aggregate under one lock, and tells listeners (long polls, annou
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from enum import Enum
 
 import numpy as np
@@ -20,7 +21,7 @@ from fedge.compression import COMPRESSION, INT8_SCALES, CompressionError, decomp
 from fedge.server import aggregation
 from fedge.server.errors import Rejected
 from fedge.server.store import DuplicateUpdate, Provenance, RoundRecord, Store
-from fedge.server.strategies import FedAvg, Strategy, StrategyError
+from fedge.server.strategies import FedAvg, Strategy, StrategyError, StrategyParams, create
 from fedge.server.validation import check_norm, validate_update
 from fedge.wire import BASE_SHA256, RoundInfo, RoundState, TrainConfig, UpdateReceipt
 
@@ -40,6 +41,7 @@ class FederationSettings:
     buffer: int = 0
     max_staleness: int = 5
     staleness_exponent: float = 0.5
+    manual_start: bool = False  # round 1 waits for an admin's POST /v1/admin/start
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
@@ -95,6 +97,7 @@ class Federation:
         self._sum: aggregation.RunningSum | None = None
         self._received = 0
         self._finished = False
+        self._pending: Strategy | None = None
         self._load(initial_model)
 
     def subscribe(self, listener: Callable[[], None]) -> None:
@@ -287,7 +290,50 @@ class Federation:
         except StrategyError:
             return None
 
+    def start(self) -> RoundInfo:
+        """Let a federation held by ``manual_start`` run: round 1 opens as soon as enough clients are in."""
+        with self._lock:
+            if self._started:
+                raise Rejected(409, "already_started", "the federation is already running")
+            self._store.set_meta("started", "1")
+            self._started = True
+            changed = self._advance(time.time())
+        if changed:
+            self._notify()
+        return self.round_info()
+
+    def choose_strategy(self, name: str, params: StrategyParams) -> int:
+        """Switch strategy from the next round on (an open round finishes with the one it began with); the
+        choice is stored, so a restarted server keeps it. Returns the first round it applies to."""
+        try:
+            strategy = create(name, params)
+        except StrategyError as exc:
+            raise Rejected(422, "invalid_strategy", str(exc)) from None
+        if self.settings.buffer and not strategy.streaming:
+            raise Rejected(
+                409, "invalid_strategy", f"asynchronous mode needs a streaming strategy, not {name}"
+            )
+        with self._lock:
+            self._store.set_meta("strategy_next", json.dumps({"name": name, "params": asdict(params)}))
+            self._pending = strategy
+            if self._open is None:
+                self._switch_strategy()
+            last = self._store.last_round()
+            return (last.round if last else 0) + 1
+
+    def _switch_strategy(self) -> None:
+        """Make the pending strategy the current one; the old one's optimizer state does not carry over."""
+        if self._pending is None:
+            return
+        self.strategy, self._pending = self._pending, None
+        self._store.set_meta("strategy", self._store.get_meta("strategy_next") or "")
+        self._store.set_meta("strategy_next", "")
+        self._store.set_meta("strategy_state", "")
+
     def _open_next(self, now: float) -> bool:
+        if not self._started:
+            return False
+        self._switch_strategy()
         clients = self._registered()
         if len(clients) < max(self.settings.min_clients, self.strategy.min_updates()):
             return False
@@ -323,6 +369,11 @@ class Federation:
             )
         body = self._store.model_path(sha).read_bytes()
         self._model = GlobalModel(body, sha, int(self._store.get_meta("global_round") or 0), decode(body)[0])
+        self._started = not self.settings.manual_start or self._store.get_meta("started") == "1"
+        if chosen := self._store.get_meta("strategy"):
+            self.strategy = _strategy_from(chosen)
+        if pending := self._store.get_meta("strategy_next"):
+            self._pending = _strategy_from(pending)
         if state_sha := self._store.get_meta("strategy_state"):
             self.strategy.load_state(decode(self._store.strategy_state_path(state_sha).read_bytes())[0])
         last = self._store.last_round()
@@ -336,3 +387,8 @@ class Federation:
     def _notify(self) -> None:
         for listener in self._listeners:
             listener()
+
+
+def _strategy_from(stored: str) -> Strategy:
+    spec = json.loads(stored)
+    return create(spec["name"], StrategyParams(**spec["params"]))
