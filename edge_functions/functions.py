@@ -183,10 +183,16 @@ def initial_model(event: dict, _: Context) -> bytes:
     return encode(task.initial_tensors(int(event.get("seed", 0))), {"round": "0", "task": task.name})
 
 
-def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, config: TrainConfig) -> float:
+def fit(
+    model: nn.Module, x: np.ndarray, y: np.ndarray, config: TrainConfig, device: torch.device | None = None
+) -> float:
     """Minibatch SGD with momentum, plus FedProx's proximal term when ``proximal_mu`` > 0 (it keeps the
-    local model near the global one on skewed data); returns the mean training loss of the last epoch."""
+    local model near the global one on skewed data); returns the mean training loss of the last epoch.
+    ``device`` (an executor's GPU) moves the model and data there; the model stays there."""
     inputs, targets = torch.from_numpy(x), torch.from_numpy(y)
+    if device is not None:
+        model.to(device)
+        inputs, targets = inputs.to(device), targets.to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.learning_rate, momentum=0.9)
     anchor = [p.detach().clone() for p in model.parameters()]
     model.train()
