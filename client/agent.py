@@ -32,6 +32,7 @@ from fedge.edge_functions.runtime import WarmPool
 from fedge.security.broker import username
 from fedge.security.offload import OffloadError
 from fedge.security.pki import Credentials, Identity, Role, write_file
+from fedge.security.tls import client_context
 from fedge.transport import FedgeClient, ServerError
 from fedge.wire import RoundInfo, RoundState
 
@@ -183,6 +184,8 @@ class Agent:
             examples = len(arrays["y"])
         placement = self.placer.decide(info, examples, time.time())
         self._count(placement)
+        if placement.prewarm and placement.kind is not Kind.OFFLOAD:
+            threading.Thread(target=self._prewarm, daemon=True).start()
         if placement.kind is Kind.SKIP:
             self._finish(info.round, AgentState.SKIPPED, f"round {info.round}: {placement.reason}")
         elif placement.kind is Kind.OFFLOAD:
@@ -194,6 +197,15 @@ class Agent:
         where = f"offload:{placement.target}" if placement.offloaded else str(placement.kind)
         counts = {**self._status.placements, where: self._status.placements.get(where, 0) + 1}
         self._status = self._status.model_copy(update={"placements": counts})
+
+    def _prewarm(self) -> None:
+        """Offload looks likely next round: wake the executors now, so a cold start is not on its clock."""
+        for target in self.config.executors:
+            try:
+                with httpx.Client(verify=client_context(self.config.creds), timeout=30) as http:
+                    http.get(f"{target.url}/healthz")
+            except httpx.HTTPError:
+                pass  # a sleeping executor is the placement's problem next round, not this one's
 
     def _offload(self, api: FedgeClient, info: RoundInfo, placement: Placement) -> None:
         """Have the chosen executor train the round; only ever reached when the owner allowed offload."""
@@ -244,7 +256,11 @@ class Agent:
         self._status.last_invocation = LastInvocation(
             cold=invocation.cold, startup_seconds=invocation.startup_seconds, seconds=invocation.seconds
         )
-        run = Run(placement.steps, invocation.seconds, invocation.startup_seconds)
+        done = invocation.result
+        compute = invocation.seconds - done["download_seconds"]
+        run = Run(
+            placement.steps, compute, invocation.startup_seconds, done["bytes_down"], done["download_seconds"]
+        )
         self.placer.observe("edge", info.task, run)
         self._send_outbox(api)
 

@@ -41,6 +41,7 @@ class Placer:
         self.predictor = Predictor()
         self.previous: Placement | None = None
         self._predicted: dict[str, Prediction] = {}
+        self._model_bytes = 0  # the last model downloaded: the next round's will be as large
 
     def decide(self, info: RoundInfo, examples: int, now: float) -> Placement:
         steps = steps_of(info, examples)
@@ -63,6 +64,7 @@ class Placer:
         predicted = self._predicted.get(target)
         total = predicted.total_s if predicted is not None else None
         self.predictor.observe(target, task, Run(**{**vars(run), "predicted_s": total}))
+        self._model_bytes = run.bytes_down or self._model_bytes
         log.info("%s ran %d steps: actual %s, predicted %s", target, run.steps, run, predicted)
 
     def _cost(self, target: str, task: str, steps: int, price: float, fits_memory: bool) -> Cost:
@@ -70,7 +72,9 @@ class Placer:
         if not self.predictor.knows(target, task):
             self._predicted.pop(target, None)
             return Cost(target, 0.0, 0.0, price, fits_memory)
-        prediction = self.predictor.predict(target, task, steps, model_bytes=0, update_bytes=0)
+        # The executor downloads the model itself, and the device's upload is the executor's.
+        model_bytes = self._model_bytes if target == "edge" else 0
+        prediction = self.predictor.predict(target, task, steps, model_bytes, update_bytes=0)
         self._predicted[target] = prediction
         return prediction.cost(target, price, fits_memory)
 

@@ -129,7 +129,9 @@ def train(event: dict, context: Context) -> dict:
     task = tasks.get(ev.task)
     x, y = context.partition(task, ev.data)
     with FedgeClient(ev.server, ev.credentials.get()) as api:
+        fetching = time.perf_counter()
         bytes_down = context.fetch_model(api, ev.model_sha256)
+        download_seconds = time.perf_counter() - fetching  # with bytes_down: the device's bandwidth
         model = task.build_model()
         tasks.load_tensors(model, context.model)
         if isinstance(ev.data, DataSpec):
@@ -158,6 +160,7 @@ def train(event: dict, context: Context) -> dict:
         "loss": loss,
         "bytes_up": len(body),
         "bytes_down": bytes_down,
+        "download_seconds": download_seconds,
         "seconds": time.perf_counter() - started,
     }
 

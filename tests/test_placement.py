@@ -93,3 +93,24 @@ def test_fewer_steps_never_exceeds_the_round_nor_goes_negative() -> None:
     assert fewer_steps(SLOW_EDGE, 1000, 100) == 100
     assert fewer_steps(SLOW_EDGE, 1, 100) == 0
     assert fewer_steps(Cost("edge", 1, 0), 5, 7) == 7
+
+
+def test_a_round_cut_short_trains_exactly_its_steps() -> None:
+    """``fit`` with ``max_steps`` stops after that many minibatches, across epochs, and none more."""
+    import numpy as np
+
+    from fedge.edge_functions import datasets, tasks
+    from fedge.edge_functions.functions import fit
+    from fedge.wire import TrainConfig
+
+    digits = datasets.load("digits")
+    x, y = digits.x_train[:200], digits.y_train[:200]
+    config = TrainConfig(local_epochs=3, batch_size=32)  # 7 batches an epoch
+    for max_steps, expected in ((5, 5), (10, 10), (None, 21), (100, 21)):
+        model = tasks.get("digits").build_model()
+        calls: list[int] = []
+        model.register_forward_hook(lambda *_, seen=calls: seen.append(1))
+        loss = fit(model, x, y, config, max_steps=max_steps)
+        assert len(calls) == expected, max_steps
+        assert np.isfinite(loss)
+        assert loss > 0
