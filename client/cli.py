@@ -140,6 +140,11 @@ def show_status(state_dir: StateDir) -> None:
         last = current.last_invocation
         kind = f"cold, {last.startup_seconds:.2f} s start-up" if last.cold else "warm"
         console.print(f"last train: {kind}, {last.seconds:.2f} s")
+    if current.placements:
+        where = ", ".join(f"{n} {place}" for place, n in sorted(current.placements.items()))
+        console.print(
+            f"rounds: {where}; raw data sent (sealed) to executors: {current.raw_bytes_offloaded} bytes"
+        )
 
 
 @app.command()

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -56,7 +58,11 @@ def test_an_offloaded_round_is_trained_by_the_executor_under_the_grant_and_leave
 ) -> None:
     pki_dir = make_pki("alice", "bob")
     for executor_id in ("gpu-1", "gpu-2"):
-        pki.issue(pki_dir, pki.Role.EXECUTOR, executor_id, hosts=("127.0.0.1",))
+        subprocess.run(
+            [sys.executable, "-m", "fedge", "pki", "executor-cert", "--dir", str(pki_dir),
+             "--executor", executor_id, "--host", "127.0.0.1"],
+            check=True, capture_output=True, timeout=120,
+        )  # fmt: skip
     server = start_task_server(pki_dir, "--rounds", "1")
     executor = start_executor(pki_dir, "gpu-1", server.url)
     alice_creds, bob_creds = (pki.credentials(pki_dir, pki.Role.CLIENT, c) for c in ("alice", "bob"))
@@ -127,9 +133,6 @@ def test_an_offloaded_round_is_trained_by_the_executor_under_the_grant_and_leave
 
 
 def test_fedge_executor_refuses_a_missing_certificate_in_one_line(make_pki) -> None:
-    import subprocess
-    import sys
-
     pki_dir = make_pki("alice")
     run = subprocess.run(
         [

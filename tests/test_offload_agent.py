@@ -4,6 +4,8 @@ round, sealed, to a real executor process; one whose owner said ``--offload neve
 from __future__ import annotations
 
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 from conftest import client_data, wait_for
@@ -40,3 +42,11 @@ def test_a_starved_device_offloads_only_when_its_owner_allows(
         ]
     assert "offload on gpu-1" in alice.log.read_text()
     assert "skip on None" in bob.log.read_text()
+    shown = subprocess.run(
+        [sys.executable, "-m", "fedge", "agent", "status", "--dir", str(alice.state_dir)],
+        capture_output=True, text=True, timeout=120, check=True,
+    ).stdout  # fmt: skip
+    assert (
+        f"1 offload:gpu-1; raw data sent (sealed) to executors: {alice_done['raw_bytes_offloaded']} bytes"
+        in (" ".join(shown.split()))
+    )
