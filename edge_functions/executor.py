@@ -107,14 +107,9 @@ class Executor:
 
 
 def make_app(executor: Executor) -> Any:
-    """The executor as a plain ASGI app (uvicorn serves it with the executor certificate)."""
+    """The executor as a plain ASGI app (uvicorn serves it with the executor certificate, lifespan off)."""
 
     async def app(scope: dict[str, Any], receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            while (await receive())["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
-            return
         route = (scope["method"], scope["path"])
         if route == ("GET", "/healthz"):
             await _respond(send, 200, {"status": "ok"})

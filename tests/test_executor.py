@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import torch
 from conftest import client_data
 from test_service import open_round
 
@@ -154,3 +155,18 @@ def test_fedge_executor_refuses_a_missing_certificate_in_one_line(make_pki) -> N
     assert run.returncode != 0
     assert "no executor certificate 'nobody'" in " ".join(run.stderr.split())
     assert "Traceback" not in run.stderr
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fit_trains_on_the_gpu_and_hands_back_cpu_tensors() -> None:
+    from fedge.edge_functions import datasets, tasks
+    from fedge.edge_functions.functions import fit
+
+    digits = datasets.load("digits")
+    model = tasks.get("digits").build_model()
+    before = tasks.tensors_of(model)
+    loss = fit(model, digits.x_train[:256], digits.y_train[:256], TrainConfig(), torch.device("cuda"))
+    assert next(model.parameters()).is_cuda
+    after = tasks.tensors_of(model)
+    assert np.isfinite(loss)
+    assert any(not np.array_equal(before[name], after[name]) for name in before)
