@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import client_data, wait_for
 
 from fedge.security import pki
@@ -50,3 +51,25 @@ def test_a_starved_device_offloads_only_when_its_owner_allows(
         f"1 offload:gpu-1; raw data sent (sealed) to executors: {alice_done['raw_bytes_offloaded']} bytes"
         in (" ".join(shown.split()))
     )
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (("--offload", "sometimes"), "invalid value for offload"),
+        (("--offload", "when-short", "--executor", "gpu-1"), "--executor takes ID=https://HOST:PORT"),
+        (("--executor", "gpu-1=http://plain:80"), "--executor takes ID=https://HOST:PORT"),
+    ],
+)
+def test_bad_offload_flags_are_one_line_errors(make_pki, tmp_path: Path, flags: tuple, message: str) -> None:
+    pki_dir = make_pki("alice")
+    creds = pki.credentials(pki_dir, pki.Role.CLIENT, "alice")
+    (data,) = client_data(tmp_path, 1)
+    args = ["--dir", str(tmp_path / "state"), "--data", str(data), "--server", "https://127.0.0.1:1"]
+    args += ["--ca", str(creds.ca), "--cert", str(creds.cert), "--key", str(creds.key), *flags]
+    run = subprocess.run(
+        [sys.executable, "-m", "fedge", "agent", "run", *args], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 1
+    assert message in " ".join(run.stderr.split())
+    assert "Traceback" not in run.stderr
