@@ -10,6 +10,7 @@ server refuses a second update for the same round (``duplicate_update``), so res
 from __future__ import annotations
 
 import json
+import logging
 import queue
 import threading
 import time
@@ -39,6 +40,7 @@ from fedge.wire import RoundInfo, RoundState
 MQTT_GRACE_SECONDS = 5.0
 RETRY_SECONDS = 5.0
 CHECK_SECONDS = 60.0
+CALIBRATE_SECONDS = 60.0
 
 
 class Step(Enum):
@@ -182,6 +184,10 @@ class Agent:
         self.pool.warm(wait=False)
         with np.load(self.config.data, allow_pickle=False) as arrays:
             examples = len(arrays["y"])
+        if self.config.offload is not OffloadSetting.NEVER and not self.placer.predictor.knows(
+            "edge", info.task
+        ):
+            self._calibrate(info)
         placement = self.placer.decide(info, examples, time.time())
         self._count(placement)
         if placement.prewarm and placement.kind is not Kind.OFFLOAD:
@@ -197,6 +203,21 @@ class Agent:
         where = f"offload:{placement.target}" if placement.offloaded else str(placement.kind)
         counts = {**self._status.placements, where: self._status.placements.get(where, 0) + 1}
         self._status = self._status.model_copy(update={"placements": counts})
+
+    def _calibrate(self, info: RoundInfo) -> None:
+        """Two short timed runs before the first decision that could send data away, so it rests on a line
+        measured here rather than on optimism. Without offload the first round itself is the measurement."""
+        event = {
+            "task": info.task,
+            "config": info.config.model_dump(),
+            "data": {"path": str(self.config.data)},
+        }
+        try:
+            small, large = self.pool.invoke("calibrate", event, CALIBRATE_SECONDS).result().result["points"]
+        except Exception as exc:  # a device too slow even for this: the first round decides without a line
+            logging.getLogger("fedge.placement").warning("calibration failed: %s", exc)
+            return
+        self.placer.calibrated("edge", info.task, tuple(small), tuple(large))
 
     def _prewarm(self) -> None:
         """Offload looks likely next round: wake the executors now, so a cold start is not on its clock."""

@@ -51,7 +51,7 @@ class Placer:
         deadline = info.deadline - now if info.deadline is not None else math.inf
         situation = Situation(self.setting, deadline, steps, edge, executors, previous=self.previous)
         self.previous = placement = place(situation)
-        predicted = self._predicted.get(placement.target or "")
+        predicted = dict(self._predicted)
         log.info(
             "round %d: %s on %s, %d steps, weight %.3f (%s); free memory %d, deadline in %.1f s; "
             "predicted %s",
@@ -59,6 +59,10 @@ class Placer:
             free, deadline, predicted,
         )  # fmt: skip
         return placement
+
+    def calibrated(self, target: str, task: str, small: tuple[int, float], large: tuple[int, float]) -> None:
+        self.predictor.calibrate(target, task, small, large)
+        log.info("%s calibrated for %s: %d steps in %.3f s, %d steps in %.3f s", target, task, *small, *large)
 
     def observe(self, target: str, task: str, run: Run) -> None:
         predicted = self._predicted.get(target)

@@ -70,6 +70,13 @@ class TrainEvent(BaseModel):
     weight: float = Field(1.0, gt=0, le=1)  # ...and num_examples counts only the share trained on
 
 
+class CalibrateEvent(BaseModel):
+    task: str
+    config: TrainConfig
+    data: DataSpec | LocalData
+    steps: tuple[int, int] = (2, 8)
+
+
 class EvaluateEvent(BaseModel):
     server: str
     credentials: CredentialPaths
@@ -165,6 +172,22 @@ def train(event: dict, context: Context) -> dict:
     }
 
 
+def calibrate(event: dict, context: Context) -> dict:
+    """Time two short runs of different sizes on this device's data, with no server: the two points that
+    seed the placement predictor's line before any round has run here."""
+    ev = CalibrateEvent.model_validate(event)
+    task = tasks.get(ev.task)
+    x, y = context.partition(task, ev.data)
+    fit(task.build_model(), x, y, ev.config, max_steps=1)  # first-call costs are not per-step costs
+    points = []
+    for steps in ev.steps:
+        model = task.build_model()
+        started = time.perf_counter()
+        fit(model, x, y, ev.config, max_steps=steps)
+        points.append((steps, time.perf_counter() - started))
+    return {"points": points}
+
+
 def evaluate(event: dict, context: Context) -> dict:
     """Accuracy and loss of the current global model on the task's held-out test set."""
     ev = EvaluateEvent.model_validate(event)
@@ -238,4 +261,4 @@ def score(model: nn.Module, x: np.ndarray, y: np.ndarray) -> tuple[float, float]
     return loss, (logits.argmax(dim=1) == targets).float().mean().item()
 
 
-FUNCTIONS = {"train": train, "evaluate": evaluate, "initial_model": initial_model}
+FUNCTIONS = {"train": train, "evaluate": evaluate, "initial_model": initial_model, "calibrate": calibrate}

@@ -28,8 +28,11 @@ def test_a_starved_device_offloads_only_when_its_owner_allows(
     alice = start_agent(pki_dir, "alice", alice_data, server.url, "--offload", "when-short", *allowed)
     bob = start_agent(pki_dir, "bob", bob_data, server.url, "--offload", "never", *allowed)
 
-    alice_done = wait_for(lambda: alice.status().get("round") == 1 and alice.status().get("state") == "idle"
-                          and alice.status(), 240, "alice's offloaded round")  # fmt: skip
+    alice_done = wait_for(
+        lambda: "trained by executor" in alice.status().get("detail", "") and alice.status(),
+        240,
+        "alice's offloaded round",
+    )
     bob_done = wait_for(lambda: bob.status().get("state") == "skipped" and bob.status(), 240, "bob to skip")
     assert alice_done["placements"] == {"offload:gpu-1": 1}
     assert "trained by executor gpu-1" in alice_done["detail"]
@@ -43,6 +46,10 @@ def test_a_starved_device_offloads_only_when_its_owner_allows(
         ]
     assert "offload on gpu-1" in alice.log.read_text()
     assert "skip on None" in bob.log.read_text()
+    # Before its first decision that could send data away, alice timed two short runs here; bob did not.
+    assert "edge calibrated for digits: 2 steps in" in alice.log.read_text()
+    assert "predicted {'edge': Prediction(compute_s=" in alice.log.read_text()  # the decision's inputs
+    assert "calibrated" not in bob.log.read_text()
     shown = subprocess.run(
         [sys.executable, "-m", "fedge", "agent", "status", "--dir", str(alice.state_dir)],
         capture_output=True, text=True, timeout=120, check=True,
