@@ -91,6 +91,15 @@ class Context:
     model_round: int = 0
     model: Tensors = field(default_factory=dict)
     partitions: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    connections: dict[tuple[str, Path, int], FedgeClient] = field(default_factory=dict)
+
+    def api(self, server: str, creds: Credentials) -> FedgeClient:
+        """A client kept open across invocations, as warm FaaS instances keep theirs: the mutual TLS handshake
+        is paid once per party, not once per round. A renewed certificate opens a new one."""
+        key = (server, creds.cert, creds.cert.stat().st_mtime_ns)
+        if key not in self.connections:
+            self.connections[key] = FedgeClient(server, creds)
+        return self.connections[key]
 
     def fetch_model(self, api: FedgeClient, expected_sha256: str | None = None) -> int:
         """Bring the cached global model up to date; returns the bytes downloaded (0 on an ETag hit).
@@ -135,31 +144,31 @@ def train(event: dict, context: Context) -> dict:
     started = time.perf_counter()
     task = tasks.get(ev.task)
     x, y = context.partition(task, ev.data)
-    with FedgeClient(ev.server, ev.credentials.get()) as api:
-        fetching = time.perf_counter()
-        bytes_down = context.fetch_model(api, ev.model_sha256)
-        download_seconds = time.perf_counter() - fetching  # with bytes_down: the device's bandwidth
-        model = task.build_model()
-        tasks.load_tensors(model, context.model)
-        if isinstance(ev.data, DataSpec):
-            torch.manual_seed(ev.data.seed * 1_000_003 + ev.round * 1009 + ev.data.index)
-        loss = fit(model, x, y, ev.config, max_steps=ev.max_steps)
-        tensors = tasks.tensors_of(model)
-        if ev.attack is not None and isinstance(ev.data, DataSpec):
-            rng = np.random.default_rng([ev.data.seed, ev.round, ev.data.index])
-            tensors = attacks.poison(ev.attack.kind, tensors, context.model, ev.attack.scale, rng)
-        tensors, how = compression.compress(tensors, context.model, ev.compression)
-        base = context.model_sha256 or ""
-        examples = max(1, round(len(y) * ev.weight))
-        metadata = {NUM_EXAMPLES: str(examples), TRAIN_LOSS: f"{loss:.6f}", BASE_SHA256: base, **how}
-        body = encode(tensors, metadata)
-        time.sleep(ev.delay)
-        staleness = None
-        if ev.outbox is None:
-            staleness = api.post_update(ev.round, body).staleness
-        else:
-            ev.outbox.mkdir(parents=True, exist_ok=True)
-            write_file(ev.outbox / f"round-{ev.round}.safetensors", body)  # whole, or not at all
+    api = context.api(ev.server, ev.credentials.get())
+    fetching = time.perf_counter()
+    bytes_down = context.fetch_model(api, ev.model_sha256)
+    download_seconds = time.perf_counter() - fetching  # with bytes_down: the device's bandwidth
+    model = task.build_model()
+    tasks.load_tensors(model, context.model)
+    if isinstance(ev.data, DataSpec):
+        torch.manual_seed(ev.data.seed * 1_000_003 + ev.round * 1009 + ev.data.index)
+    loss = fit(model, x, y, ev.config, max_steps=ev.max_steps)
+    tensors = tasks.tensors_of(model)
+    if ev.attack is not None and isinstance(ev.data, DataSpec):
+        rng = np.random.default_rng([ev.data.seed, ev.round, ev.data.index])
+        tensors = attacks.poison(ev.attack.kind, tensors, context.model, ev.attack.scale, rng)
+    tensors, how = compression.compress(tensors, context.model, ev.compression)
+    base = context.model_sha256 or ""
+    examples = max(1, round(len(y) * ev.weight))
+    metadata = {NUM_EXAMPLES: str(examples), TRAIN_LOSS: f"{loss:.6f}", BASE_SHA256: base, **how}
+    body = encode(tensors, metadata)
+    time.sleep(ev.delay)
+    staleness = None
+    if ev.outbox is None:
+        staleness = api.post_update(ev.round, body).staleness
+    else:
+        ev.outbox.mkdir(parents=True, exist_ok=True)
+        write_file(ev.outbox / f"round-{ev.round}.safetensors", body)  # whole, or not at all
     return {
         "round": ev.round,
         "num_examples": examples,
@@ -193,8 +202,8 @@ def evaluate(event: dict, context: Context) -> dict:
     ev = EvaluateEvent.model_validate(event)
     task = tasks.get(ev.task)
     data = task.load_data()
-    with FedgeClient(ev.server, ev.credentials.get()) as api:
-        context.fetch_model(api)
+    api = context.api(ev.server, ev.credentials.get())
+    context.fetch_model(api)
     model = task.build_model()
     tasks.load_tensors(model, context.model)
     loss, accuracy = score(model, data.x_test, data.y_test)

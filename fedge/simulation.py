@@ -255,6 +255,7 @@ def _train_event(run: _Run, info: RoundInfo, client: str) -> dict:
         else None,
         "delay": settings.straggler_delay if client in report.stragglers else 0.0,
         "compression": settings.compression,
+        "model_sha256": info.model_sha256,
     }
 
 

@@ -117,3 +117,16 @@ def test_a_worker_that_crashes_is_replaced_and_the_invocation_fails(
     finally:
         pool.close()
     assert after.pid != worker.pid
+
+
+def test_a_warm_instance_keeps_one_connection_per_party_until_its_certificate_changes(pki_dir: Path) -> None:
+    from fedge.edge_functions.functions import Context
+
+    context = Context()
+    alice = pki.credentials(pki_dir, pki.Role.CLIENT, "alice")
+    first = context.api("https://127.0.0.1:1", alice)
+    assert context.api("https://127.0.0.1:1", alice) is first
+    assert context.api("https://127.0.0.1:1", pki.credentials(pki_dir, pki.Role.CLIENT, "bob")) is not first
+    stat = alice.cert.stat()
+    os.utime(alice.cert, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    assert context.api("https://127.0.0.1:1", alice) is not first
