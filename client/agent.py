@@ -10,6 +10,7 @@ server refuses a second update for the same round (``duplicate_update``), so res
 from __future__ import annotations
 
 import json
+import logging
 import queue
 import threading
 import time
@@ -18,20 +19,28 @@ from enum import Enum
 from pathlib import Path
 
 import httpx
+import numpy as np
 import paho.mqtt.client as paho
 
 from fedge import mqtt
 from fedge.client import status
+from fedge.client.offload import offload_round
+from fedge.client.placement import Kind, OffloadSetting, Placement
+from fedge.client.placer import ExecutorTarget, Placer
+from fedge.client.predictor import Run
 from fedge.client.status import AgentState, AgentStatus, LastInvocation, Transport
 from fedge.edge_functions.runtime import WarmPool
 from fedge.security.broker import username
+from fedge.security.offload import OffloadError
 from fedge.security.pki import Credentials, Identity, Role, write_file
+from fedge.security.tls import client_context
 from fedge.transport import FedgeClient, ServerError
 from fedge.wire import RoundInfo, RoundState
 
 MQTT_GRACE_SECONDS = 5.0
 RETRY_SECONDS = 5.0
 CHECK_SECONDS = 60.0
+CALIBRATE_SECONDS = 60.0
 
 
 class Step(Enum):
@@ -61,12 +70,16 @@ class AgentConfig:
     identity: Identity
     keep_alive: float = 300.0
     poll_wait: float = 10.0
+    offload: OffloadSetting = OffloadSetting.NEVER
+    executors: tuple[ExecutorTarget, ...] = ()
+    train_memory: int = 0  # bytes a training run needs on the device; less free: it cannot train here
 
 
 class Agent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self.pool = WarmPool(1, keep_alive=config.keep_alive)
+        self.placer = Placer(config.offload, config.executors, config.train_memory)
         self._outbox = config.state_dir / "outbox"
         self._announcements: queue.Queue[RoundInfo] = queue.Queue()
         self._stop = threading.Event()
@@ -169,9 +182,73 @@ class Agent:
             self._finish(info.round, AgentState.SKIPPED, why)
             return
         self.pool.warm(wait=False)
-        self._train(api, info)
+        with np.load(self.config.data, allow_pickle=False) as arrays:
+            examples = len(arrays["y"])
+        if self.config.offload is not OffloadSetting.NEVER and not self.placer.predictor.knows(
+            "edge", info.task
+        ):
+            self._calibrate(info)
+        placement = self.placer.decide(info, examples, time.time())
+        self._count(placement)
+        if placement.prewarm and placement.kind is not Kind.OFFLOAD:
+            threading.Thread(target=self._prewarm, daemon=True).start()
+        if placement.kind is Kind.SKIP:
+            self._finish(info.round, AgentState.SKIPPED, f"round {info.round}: {placement.reason}")
+        elif placement.kind is Kind.OFFLOAD:
+            self._offload(api, info, placement)
+        else:
+            self._train(api, info, placement)
 
-    def _train(self, api: FedgeClient, info: RoundInfo) -> None:
+    def _count(self, placement: Placement) -> None:
+        where = f"offload:{placement.target}" if placement.offloaded else str(placement.kind)
+        counts = {**self._status.placements, where: self._status.placements.get(where, 0) + 1}
+        self._status = self._status.model_copy(update={"placements": counts})
+
+    def _calibrate(self, info: RoundInfo) -> None:
+        """Two short timed runs before the first decision that could send data away, so it rests on a line
+        measured here rather than on optimism. Without offload the first round itself is the measurement."""
+        event = {
+            "task": info.task,
+            "config": info.config.model_dump(),
+            "data": {"path": str(self.config.data)},
+        }
+        try:
+            small, large = self.pool.invoke("calibrate", event, CALIBRATE_SECONDS).result().result["points"]
+        except Exception as exc:  # a device too slow even for this: the first round decides without a line
+            logging.getLogger("fedge.placement").warning("calibration failed: %s", exc)
+            return
+        self.placer.calibrated("edge", info.task, tuple(small), tuple(large))
+
+    def _prewarm(self) -> None:
+        """Offload looks likely next round: wake the executors now, so a cold start is not on its clock."""
+        for target in self.config.executors:
+            try:
+                with httpx.Client(verify=client_context(self.config.creds), timeout=30) as http:
+                    http.get(f"{target.url}/healthz")
+            except httpx.HTTPError:
+                pass  # a sleeping executor is the placement's problem next round, not this one's
+
+    def _offload(self, api: FedgeClient, info: RoundInfo, placement: Placement) -> None:
+        """Have the chosen executor train the round; only ever reached when the owner allowed offload."""
+        self._report(AgentState.TRAINING, info.round, f"round {info.round} offloaded to {placement.target}")
+        (target,) = (e for e in self.config.executors if e.id == placement.target)
+        with np.load(self.config.data, allow_pickle=False) as arrays:
+            data = (arrays["x"].astype(np.float32), arrays["y"].astype(np.int64))
+        timeout = max(1.0, info.deadline - time.time()) if info.deadline is not None else 600.0
+        try:
+            done = offload_round(
+                api, self.config.creds, (target.id, target.url), info.task, info.round, info.config, data,
+                placement.weight, timeout,
+            )  # fmt: skip
+        except (httpx.HTTPError, ServerError, OffloadError) as exc:
+            self._finish(info.round, AgentState.ERROR, f"round {info.round} offload failed: {exc}")
+            return
+        self.placer.observe(target.id, info.task, Run(placement.steps, done.result["seconds"]))
+        sent = self._status.raw_bytes_offloaded + done.raw_bytes
+        self._status = self._status.model_copy(update={"raw_bytes_offloaded": sent})
+        self._finish(info.round, AgentState.IDLE, f"round {info.round} trained by executor {target.id}")
+
+    def _train(self, api: FedgeClient, info: RoundInfo, placement: Placement) -> None:
         self._report(AgentState.TRAINING, info.round, f"training round {info.round}")
         event = {
             "server": self.config.server,
@@ -186,6 +263,8 @@ class Agent:
             "data": {"path": str(self.config.data)},
             "outbox": str(self._outbox),
             "model_sha256": info.model_sha256,
+            "max_steps": placement.steps if placement.kind is Kind.FEWER_STEPS else None,
+            "weight": placement.weight,
         }
         timeout = max(1.0, info.deadline - time.time()) if info.deadline is not None else None
         try:
@@ -198,6 +277,12 @@ class Agent:
         self._status.last_invocation = LastInvocation(
             cold=invocation.cold, startup_seconds=invocation.startup_seconds, seconds=invocation.seconds
         )
+        done = invocation.result
+        compute = invocation.seconds - done["download_seconds"]
+        run = Run(
+            placement.steps, compute, invocation.startup_seconds, done["bytes_down"], done["download_seconds"]
+        )
+        self.placer.observe("edge", info.task, run)
         self._send_outbox(api)
 
     def _send_outbox(self, api: FedgeClient) -> None:

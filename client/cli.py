@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 import time
 from pathlib import Path
@@ -33,6 +34,16 @@ def run(
     key: Annotated[Path | None, typer.Option(help="client key [DIR/client.key]")] = None,
     keep_alive: Annotated[float | None, typer.Option(help="seconds an idle worker stays warm [300]")] = None,
     poll_wait: Annotated[float | None, typer.Option(help="long-poll seconds without a broker [10]")] = None,
+    offload: Annotated[
+        str | None,
+        typer.Option(help="send training, sealed, to an executor: never, when-short, always [never]"),
+    ] = None,
+    executor: Annotated[
+        list[str] | None, typer.Option(help="an executor the owner allows: ID=https://HOST:PORT (repeatable)")
+    ] = None,
+    train_memory_mb: Annotated[
+        float | None, typer.Option(help="memory a training run needs here; less free: not here [0]")
+    ] = None,
 ) -> None:
     """Train for the federation whenever a round is announced, until SIGTERM or Ctrl-C."""
     from fedge.client.agent import Agent
@@ -41,12 +52,16 @@ def run(
     with user_errors(ValueError, OSError):
         settings = AgentSettings.from_flags(
             dir=state_dir, data=data, server=server, broker=broker, ca=ca, cert=cert, key=key,
-            keep_alive=keep_alive, poll_wait=poll_wait,
+            keep_alive=keep_alive, poll_wait=poll_wait, offload=offload, executor=executor,
+            train_memory_mb=train_memory_mb,
         )  # fmt: skip
         agent = Agent(_config(settings))
     signal.signal(signal.SIGTERM, lambda *_: agent.stop())
     signal.signal(signal.SIGINT, lambda *_: agent.stop())
     console.print(f"fedge agent {agent.config.identity.id} for {agent.config.server}")
+    placement_log = logging.getLogger("fedge.placement")  # each decision: predicted and actual seconds
+    placement_log.addHandler(logging.StreamHandler())
+    placement_log.setLevel(logging.INFO)
     agent.run()
 
 
@@ -57,6 +72,7 @@ def _config(settings: AgentSettings) -> AgentConfig:
     from cryptography.hazmat.primitives import serialization
 
     from fedge.client.agent import AgentConfig
+    from fedge.client.placer import ExecutorTarget
     from fedge.mqtt import BrokerAddress
     from fedge.security import pki
 
@@ -93,6 +109,9 @@ def _config(settings: AgentSettings) -> AgentConfig:
         identity=identity,
         keep_alive=settings.keep_alive,
         poll_wait=settings.poll_wait,
+        offload=settings.offload,
+        executors=tuple(ExecutorTarget.parse(e) for e in settings.executor),
+        train_memory=int(settings.train_memory_mb * 2**20),
     )
 
 
@@ -121,6 +140,11 @@ def show_status(state_dir: StateDir) -> None:
         last = current.last_invocation
         kind = f"cold, {last.startup_seconds:.2f} s start-up" if last.cold else "warm"
         console.print(f"last train: {kind}, {last.seconds:.2f} s")
+    if current.placements:
+        where = ", ".join(f"{n} {place}" for place, n in sorted(current.placements.items()))
+        console.print(
+            f"rounds: {where}; raw data sent (sealed) to executors: {current.raw_bytes_offloaded} bytes"
+        )
 
 
 @app.command()

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from pydantic import Field
 
+from fedge.client.placement import OffloadSetting
 from fedge.settings import _CommandSettings
 
 
@@ -20,3 +21,6 @@ class AgentSettings(_CommandSettings):
     key: Path | None = None  # default <dir>/client.key
     keep_alive: float = Field(300.0, gt=0)
     poll_wait: float = Field(10.0, gt=0, le=60)
+    offload: OffloadSetting = OffloadSetting.NEVER  # may this device's data go, sealed, to an executor?
+    executor: list[str] = []  # ID=https://HOST:PORT of the executors the owner allows
+    train_memory_mb: float = Field(0.0, ge=0)  # memory a training run needs here

@@ -43,6 +43,8 @@ class AgentStatus(BaseModel):
     detail: str = ""
     transport: Transport
     last_invocation: LastInvocation | None = None
+    placements: dict[str, int] = Field(default_factory=dict)  # rounds per placement: edge, offload:ID, ...
+    raw_bytes_offloaded: int = 0  # the device's own examples sent (sealed) to executors, in all
     pid: int = Field(default_factory=os.getpid)
     updated: float = Field(default_factory=time.time)
 

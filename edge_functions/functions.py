@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from torch import nn
 
 from fedge import compression
@@ -66,6 +66,15 @@ class TrainEvent(BaseModel):
     compression: str = "none"  # fedge.compression: none, float16 or int8
     outbox: Path | None = None  # keep the update here for the caller to send, instead of posting it
     model_sha256: str | None = None  # the round's model, as announced: a warm instance may hold it already
+    max_steps: int | None = Field(None, ge=1)  # the placement cut the round short (client.placement)
+    weight: float = Field(1.0, gt=0, le=1)  # ...and num_examples counts only the share trained on
+
+
+class CalibrateEvent(BaseModel):
+    task: str
+    config: TrainConfig
+    data: DataSpec | LocalData
+    steps: tuple[int, int] = (2, 8)
 
 
 class EvaluateEvent(BaseModel):
@@ -136,19 +145,22 @@ def train(event: dict, context: Context) -> dict:
     task = tasks.get(ev.task)
     x, y = context.partition(task, ev.data)
     api = context.api(ev.server, ev.credentials.get())
+    fetching = time.perf_counter()
     bytes_down = context.fetch_model(api, ev.model_sha256)
+    download_seconds = time.perf_counter() - fetching  # with bytes_down: the device's bandwidth
     model = task.build_model()
     tasks.load_tensors(model, context.model)
     if isinstance(ev.data, DataSpec):
         torch.manual_seed(ev.data.seed * 1_000_003 + ev.round * 1009 + ev.data.index)
-    loss = fit(model, x, y, ev.config)
+    loss = fit(model, x, y, ev.config, max_steps=ev.max_steps)
     tensors = tasks.tensors_of(model)
     if ev.attack is not None and isinstance(ev.data, DataSpec):
         rng = np.random.default_rng([ev.data.seed, ev.round, ev.data.index])
         tensors = attacks.poison(ev.attack.kind, tensors, context.model, ev.attack.scale, rng)
     tensors, how = compression.compress(tensors, context.model, ev.compression)
     base = context.model_sha256 or ""
-    metadata = {NUM_EXAMPLES: str(len(y)), TRAIN_LOSS: f"{loss:.6f}", BASE_SHA256: base, **how}
+    examples = max(1, round(len(y) * ev.weight))
+    metadata = {NUM_EXAMPLES: str(examples), TRAIN_LOSS: f"{loss:.6f}", BASE_SHA256: base, **how}
     body = encode(tensors, metadata)
     time.sleep(ev.delay)
     staleness = None
@@ -159,13 +171,30 @@ def train(event: dict, context: Context) -> dict:
         write_file(ev.outbox / f"round-{ev.round}.safetensors", body)  # whole, or not at all
     return {
         "round": ev.round,
-        "num_examples": len(y),
+        "num_examples": examples,
         "staleness": staleness,
         "loss": loss,
         "bytes_up": len(body),
         "bytes_down": bytes_down,
+        "download_seconds": download_seconds,
         "seconds": time.perf_counter() - started,
     }
+
+
+def calibrate(event: dict, context: Context) -> dict:
+    """Time two short runs of different sizes on this device's data, with no server: the two points that
+    seed the placement predictor's line before any round has run here."""
+    ev = CalibrateEvent.model_validate(event)
+    task = tasks.get(ev.task)
+    x, y = context.partition(task, ev.data)
+    fit(task.build_model(), x, y, ev.config, max_steps=1)  # first-call costs are not per-step costs
+    points = []
+    for steps in ev.steps:
+        model = task.build_model()
+        started = time.perf_counter()
+        fit(model, x, y, ev.config, max_steps=steps)
+        points.append((steps, time.perf_counter() - started))
+    return {"points": points}
 
 
 def evaluate(event: dict, context: Context) -> dict:
@@ -192,17 +221,34 @@ def initial_model(event: dict, _: Context) -> bytes:
     return encode(task.initial_tensors(int(event.get("seed", 0))), {"round": "0", "task": task.name})
 
 
-def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, config: TrainConfig) -> float:
+def fit(
+    model: nn.Module,
+    x: np.ndarray,
+    y: np.ndarray,
+    config: TrainConfig,
+    device: torch.device | None = None,
+    max_steps: int | None = None,
+) -> float:
     """Minibatch SGD with momentum, plus FedProx's proximal term when ``proximal_mu`` > 0 (it keeps the
-    local model near the global one on skewed data); returns the mean training loss of the last epoch."""
+    local model near the global one on skewed data); returns the mean training loss of the last epoch.
+    ``device`` (an executor's GPU) moves the model and data there; the model stays there. ``max_steps``
+    stops after that many minibatches in all, for a round the placement policy cut short."""
     inputs, targets = torch.from_numpy(x), torch.from_numpy(y)
+    if device is not None:
+        model.to(device)
+        inputs, targets = inputs.to(device), targets.to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.learning_rate, momentum=0.9)
     anchor = [p.detach().clone() for p in model.parameters()]
     model.train()
     total = 0.0
+    budget = config.local_epochs * -(-len(targets) // config.batch_size) if max_steps is None else max_steps
+    seen = len(targets)
     for _ in range(config.local_epochs):
-        total = 0.0
-        for batch in torch.randperm(len(targets)).split(config.batch_size):
+        if budget <= 0:
+            break
+        total, seen = 0.0, 0
+        for batch in torch.randperm(len(targets)).split(config.batch_size)[:budget]:
+            budget -= 1
             optimizer.zero_grad()
             loss = nn.functional.cross_entropy(model(inputs[batch]), targets[batch])
             if config.proximal_mu > 0:
@@ -211,7 +257,8 @@ def fit(model: nn.Module, x: np.ndarray, y: np.ndarray, config: TrainConfig) -> 
             loss.backward()
             optimizer.step()
             total += loss.item() * len(batch)
-    return total / len(targets)
+            seen += len(batch)
+    return total / max(seen, 1)
 
 
 @torch.no_grad()
@@ -223,4 +270,4 @@ def score(model: nn.Module, x: np.ndarray, y: np.ndarray) -> tuple[float, float]
     return loss, (logits.argmax(dim=1) == targets).float().mean().item()
 
 
-FUNCTIONS = {"train": train, "evaluate": evaluate, "initial_model": initial_model}
+FUNCTIONS = {"train": train, "evaluate": evaluate, "initial_model": initial_model, "calibrate": calibrate}

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from fedge.client.cli import app as agent_app
 from fedge.console import console, user_errors
+from fedge.edge_functions.cli import executor
 from fedge.security.broker_cli import app as broker_app
 from fedge.security.cli import app as pki_app
 from fedge.server.cli import (
@@ -43,6 +44,7 @@ app.add_typer(pki_app, name="pki")
 app.add_typer(broker_app, name="broker")
 app.add_typer(agent_app, name="agent")
 app.command()(server)
+app.command()(executor)
 
 
 @app.command()

@@ -64,14 +64,18 @@ def admin_cert(directory: PkiDir, admin: Annotated[str, typer.Option(help="admin
 
 
 @app.command("executor-cert")
-def executor_cert(directory: PkiDir, executor: Annotated[str, typer.Option(help="executor id")]) -> None:
+def executor_cert(
+    directory: PkiDir,
+    executor: Annotated[str, typer.Option(help="executor id")],
+    host: Annotated[list[str], typer.Option(help="DNS name or IP clients dial it at (repeatable)")] = [],  # noqa: B006
+) -> None:
     """Issue a cloud executor's certificate: it submits only in the slot a client's grant gives it."""
-    _issue(directory, pki.Role.EXECUTOR, executor)
+    _issue(directory, pki.Role.EXECUTOR, executor, tuple(host))
 
 
-def _issue(directory: Path, role: pki.Role, id_: str) -> None:
-    with user_errors(pki.PKIError):
-        creds = pki.issue(directory, role, id_)
+def _issue(directory: Path, role: pki.Role, id_: str, hosts: tuple[str, ...] = ()) -> None:
+    with user_errors(pki.PKIError, ValueError):
+        creds = pki.issue(directory, role, id_, hosts=hosts)
     console.print(f"{role} certificate written to {creds.cert} (key {creds.key})")
 
 

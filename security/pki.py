@@ -204,8 +204,8 @@ def sign_certificate(
 ) -> bytes:
     """Sign a certificate for a key made elsewhere (an enrolling device's CSR) and keep a copy (PEM).
 
-    The profile follows the role: servers get serverAuth, everyone else clientAuth; every leaf may only
-    sign (TLS handshakes, updates, models), never issue certificates.
+    The profile follows the role: servers and executors get serverAuth, everyone clientAuth; every leaf may
+    only sign (TLS handshakes, updates, models), never issue certificates.
     """
     check_id(id_, f"{role} id")
     federation = federation_of(pki_dir)
@@ -219,8 +219,9 @@ def sign_certificate(
         except ValueError:
             names.append(x509.DNSName(host))
     # Servers also connect as clients: the aggregation server to the MQTT broker, to announce rounds.
+    # Executors are both: clients dial them with jobs, and they submit to the server.
     usages = [ExtendedKeyUsageOID.CLIENT_AUTH]
-    if role is Role.SERVER:
+    if role in (Role.SERVER, Role.EXECUTOR):
         usages.insert(0, ExtendedKeyUsageOID.SERVER_AUTH)
     now = dt.datetime.now(dt.UTC)
     cert = (

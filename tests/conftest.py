@@ -407,3 +407,54 @@ def client_data(directory: Path, parts: int) -> list[Path]:
 def tls_for(pki_dir: Path, role: pki.Role, id_: str) -> ssl.SSLContext:
     """The TLS context of a party of the federation in ``pki_dir`` (for MQTT probes)."""
     return client_context(pki.credentials(pki_dir, role, id_))
+
+
+@dataclass
+class ExecutorProcess:
+    process: subprocess.Popen
+    url: str
+    cwd: Path
+    tmp: Path
+    log: Path
+
+
+@pytest.fixture
+def start_executor(tmp_path: Path) -> Iterator[Callable[..., ExecutorProcess]]:
+    """``fedge executor`` as its own process, in an empty working directory with an empty TMPDIR of its own,
+    so a test can prove it leaves nothing behind."""
+    started: list[ExecutorProcess] = []
+
+    def start(pki_dir: Path, id_: str, server: str) -> ExecutorProcess:
+        cwd, tmp = tmp_path / f"{id_}-cwd", tmp_path / f"{id_}-tmp"
+        cwd.mkdir()
+        tmp.mkdir()
+        log = tmp_path / f"{id_}.log"
+        args = ["executor", "--pki", str(pki_dir), "--id", id_, "--port", "0", "--server", server]
+        with log.open("ab") as out:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "fedge", *args],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=cwd,
+                env={**os.environ, "TMPDIR": str(tmp), "FEDGE_CONFIG": os.devnull, "PYTHONUNBUFFERED": "1"},
+            )
+        started.append(ExecutorProcess(process, "", cwd, tmp, log))
+
+        def listening() -> str | None:
+            assert process.poll() is None, log.read_text()
+            for line in log.read_text().splitlines():
+                if "listening on " in line:
+                    return line.rsplit(" ", 1)[-1]
+            return None
+
+        started[-1].url = str(wait_for(listening, 120, f"executor {id_} to listen"))
+        return started[-1]
+
+    yield start
+    for executor in started:
+        executor.process.terminate()
+        try:
+            executor.process.wait(30)
+        except subprocess.TimeoutExpired:
+            executor.process.kill()
+            executor.process.wait()

@@ -66,13 +66,13 @@ def _error(code: str, detail: str) -> dict[str, str]:
     return {"error": code, "detail": detail}
 
 
-async def _read(receive: Receive) -> bytes | None:
+async def _read(receive: Receive, limit: int = _MAX_EVENT) -> bytes | None:
     chunks, size = [], 0
     while True:
         message = await receive()
         chunk = message.get("body", b"")
         size += len(chunk)
-        if size > _MAX_EVENT:
+        if size > limit:
             return None
         chunks.append(chunk)
         if not message.get("more_body"):

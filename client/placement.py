@@ -1,0 +1,113 @@
+"""Where a round's training runs: on the device, on a cloud executor, with fewer steps, or not at all.
+
+A pure function of what the predictor and the capacity probe say, so tests drive it with tables. The owner's
+setting bounds it: ``never`` (the default) keeps raw data on the device whatever happens; ``when-short``
+sends it (encrypted, under a one-round grant) only when the device cannot make the deadline; ``always``
+prefers the cheapest executor that fits.
+
+Fewer local steps keep the aggregate correct by weighting: an update trained for ``s`` of the round's
+``S`` steps reports ``num_examples * s / S`` examples, the examples its gradient steps actually consumed,
+so under sample-weighted FedAvg a partial update counts for the work in it and a round of full updates is
+plain FedAvg unchanged.
+
+Hysteresis: once a client offloads, it comes back to the device only when the device's prediction is
+below ``(1 - band)`` of the deadline, so a prediction hovering at the deadline does not flip the placement
+every round (and re-ship the shard every other one).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class OffloadSetting(StrEnum):
+    NEVER = "never"
+    WHEN_SHORT = "when-short"
+    ALWAYS = "always"
+
+
+class Kind(StrEnum):
+    EDGE = "edge"
+    OFFLOAD = "offload"
+    FEWER_STEPS = "fewer-steps"
+    SKIP = "skip"
+
+
+@dataclass(frozen=True)
+class Cost:
+    """A target's predicted seconds for a round: ``fixed_s`` (start-up, transfers, margin) plus
+    ``per_step_s`` for each local step; ``price`` per round (0 on the device)."""
+
+    target: str
+    fixed_s: float
+    per_step_s: float
+    price: float = 0.0
+    fits_memory: bool = True
+
+    def seconds(self, steps: int) -> float:
+        return self.fixed_s + self.per_step_s * steps
+
+
+@dataclass(frozen=True)
+class Situation:
+    setting: OffloadSetting
+    deadline_s: float  # seconds left until the round closes
+    steps: int  # local steps the round asks for
+    edge: Cost
+    executors: tuple[Cost, ...] = ()
+    min_steps: int = 1  # fewer steps than this are not worth sending
+    previous: Placement | None = None  # last round's placement, for hysteresis
+    band: float = 0.2
+
+
+@dataclass(frozen=True)
+class Placement:
+    kind: Kind
+    target: str | None
+    steps: int
+    weight: float  # multiplies the update's num_examples
+    reason: str
+    prewarm: bool = False  # offload is likely next round: start the executor now
+
+    @property
+    def offloaded(self) -> bool:
+        return self.kind is Kind.OFFLOAD
+
+
+def place(s: Situation) -> Placement:
+    """The placement for one round; see the module docstring for the order of preference."""
+    edge_s = s.edge.seconds(s.steps)
+    edge_fits = s.edge.fits_memory and edge_s <= s.deadline_s
+    near = edge_s > (1 - s.band) * s.deadline_s
+    executor = None if s.setting is OffloadSetting.NEVER else _cheapest_fitting(s)
+    prewarm = s.setting is not OffloadSetting.NEVER and bool(s.executors) and (near or not edge_fits)
+
+    if executor is not None:
+        stay = s.previous is not None and s.previous.kind is Kind.OFFLOAD and near
+        if s.setting is OffloadSetting.ALWAYS or not edge_fits or stay:
+            why = "owner prefers offload" if s.setting is OffloadSetting.ALWAYS else (
+                "edge would miss the deadline or memory" if not edge_fits else "hysteresis: edge too close"
+            )  # fmt: skip
+            return Placement(Kind.OFFLOAD, executor.target, s.steps, 1.0, why, prewarm)
+    if edge_fits:
+        return Placement(Kind.EDGE, s.edge.target, s.steps, 1.0, "edge fits", prewarm)
+    steps = fewer_steps(s.edge, s.deadline_s, s.steps)
+    if s.edge.fits_memory and steps >= s.min_steps:
+        reason = f"{steps} of {s.steps} steps fit the deadline"
+        return Placement(Kind.FEWER_STEPS, s.edge.target, steps, steps / s.steps, reason, prewarm)
+    reason = "out of memory" if not s.edge.fits_memory else "not even the fewest steps fit"
+    return Placement(Kind.SKIP, None, 0, 0.0, reason, prewarm)
+
+
+def fewer_steps(edge: Cost, deadline_s: float, steps: int) -> int:
+    """The most local steps (at most ``steps``) the device finishes before the deadline; 0 if none."""
+    if edge.per_step_s <= 0:
+        return steps if edge.fixed_s <= deadline_s else 0
+    return max(0, min(steps, math.floor((deadline_s - edge.fixed_s) / edge.per_step_s)))
+
+
+def _cheapest_fitting(s: Situation) -> Cost | None:
+    fitting = [e for e in s.executors if e.fits_memory and e.seconds(s.steps) <= s.deadline_s]
+    return min(fitting, key=lambda e: (e.price, e.seconds(s.steps)), default=None)

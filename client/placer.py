@@ -1,0 +1,88 @@
+"""The agent's per-round placement: capacity probe, predictor and policy together, each decision logged
+with the predicted seconds per component and, once the round ran, the actual ones."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+from fedge.client import capacity
+from fedge.client.placement import Cost, OffloadSetting, Placement, Situation, place
+from fedge.client.predictor import Prediction, Predictor, Run
+from fedge.wire import RoundInfo
+
+log = logging.getLogger("fedge.placement")
+
+
+@dataclass(frozen=True)
+class ExecutorTarget:
+    """A cloud executor the owner allows: ``--executor ID=URL``; ``price`` per round ranks them."""
+
+    id: str
+    url: str
+    price: float = 1.0
+
+    @classmethod
+    def parse(cls, text: str) -> ExecutorTarget:
+        id_, sep, url = text.partition("=")
+        if not sep or not id_ or not url.startswith("https://"):
+            raise ValueError(f"--executor takes ID=https://HOST:PORT, not {text!r}")
+        return cls(id_, url)
+
+
+class Placer:
+    def __init__(
+        self, setting: OffloadSetting, executors: tuple[ExecutorTarget, ...], train_memory: int
+    ) -> None:
+        self.setting = setting
+        self.executors = executors
+        self.train_memory = train_memory  # bytes a training run needs on the device
+        self.predictor = Predictor()
+        self.previous: Placement | None = None
+        self._predicted: dict[str, Prediction] = {}
+        self._model_bytes = 0  # the last model downloaded: the next round's will be as large
+
+    def decide(self, info: RoundInfo, examples: int, now: float) -> Placement:
+        steps = steps_of(info, examples)
+        free = capacity.probe().free_memory
+        edge = self._cost("edge", info.task, steps, 0.0, free >= self.train_memory)
+        executors = tuple(self._cost(e.id, info.task, steps, e.price, True) for e in self.executors)
+        deadline = info.deadline - now if info.deadline is not None else math.inf
+        situation = Situation(self.setting, deadline, steps, edge, executors, previous=self.previous)
+        self.previous = placement = place(situation)
+        predicted = dict(self._predicted)
+        log.info(
+            "round %d: %s on %s, %d steps, weight %.3f (%s); free memory %d, deadline in %.1f s; "
+            "predicted %s",
+            info.round, placement.kind, placement.target, placement.steps, placement.weight, placement.reason,
+            free, deadline, predicted,
+        )  # fmt: skip
+        return placement
+
+    def calibrated(self, target: str, task: str, small: tuple[int, float], large: tuple[int, float]) -> None:
+        self.predictor.calibrate(target, task, small, large)
+        log.info("%s calibrated for %s: %d steps in %.3f s, %d steps in %.3f s", target, task, *small, *large)
+
+    def observe(self, target: str, task: str, run: Run) -> None:
+        predicted = self._predicted.get(target)
+        total = predicted.total_s if predicted is not None else None
+        self.predictor.observe(target, task, Run(**{**vars(run), "predicted_s": total}))
+        self._model_bytes = run.bytes_down or self._model_bytes
+        log.info("%s ran %d steps: actual %s, predicted %s", target, run.steps, run, predicted)
+
+    def _cost(self, target: str, task: str, steps: int, price: float, fits_memory: bool) -> Cost:
+        """Predicted from past runs once there are any; before, optimistic, so the first round is tried."""
+        if not self.predictor.knows(target, task):
+            self._predicted.pop(target, None)
+            return Cost(target, 0.0, 0.0, price, fits_memory)
+        # The executor downloads the model itself, and the device's upload is the executor's.
+        model_bytes = self._model_bytes if target == "edge" else 0
+        prediction = self.predictor.predict(target, task, steps, model_bytes, update_bytes=0)
+        self._predicted[target] = prediction
+        return prediction.cost(target, price, fits_memory)
+
+
+def steps_of(info: RoundInfo, examples: int) -> int:
+    """Local SGD steps the round asks of a client with ``examples`` examples."""
+    return max(1, info.config.local_epochs * math.ceil(examples / info.config.batch_size))

@@ -1,0 +1,142 @@
+"""The cloud GPU executor: a stateless HTTPS function that trains one client's round for it, under its grant.
+
+A client that runs short sends a job: the round, the training config, its shard sealed to this executor's
+X25519 key (``security.offload``) and a grant it signed for exactly this executor and round. The executor
+checks the grant, opens the shard in memory, trains (CUDA when present, CPU otherwise), submits the update
+in the client's slot under the grant, and forgets: no file is written, the X25519 key lives only in this
+process, and the shard goes out of scope with the request. The server records the update as computed by
+this executor, so a run's accounting knows what ran off-device.
+
+``GET /v1/key`` publishes the X25519 public key signed with the executor certificate's key;
+``POST /v1/jobs`` runs a job. TLS asks every caller for a certificate of the federation's CA.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from pydantic import BaseModel, Field, ValidationError
+
+from fedge.codec import decode, encode
+from fedge.edge_functions import tasks
+from fedge.edge_functions.adapters.http import Receive, Send, _error, _read, _respond
+from fedge.edge_functions.functions import fit
+from fedge.security import offload, signing
+from fedge.security.pki import Credentials
+from fedge.transport import FedgeClient, ServerError
+from fedge.wire import BASE_SHA256, NUM_EXAMPLES, TRAIN_LOSS, TrainConfig
+
+MAX_JOB = 256 * 1024 * 1024
+
+
+class Job(BaseModel):
+    task: str
+    round: int
+    config: TrainConfig
+    shard: dict[str, str]  # security.offload.seal's output
+    grant: str
+    weight: float = Field(1.0, gt=0, le=1)  # scales num_examples when the client asked for less work
+
+
+class JobRefused(Exception):
+    def __init__(self, status: int, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status, self.code, self.detail = status, code, detail
+
+
+@dataclass
+class Executor:
+    id: str
+    federation: str
+    server: str
+    creds: Credentials
+    key: X25519PrivateKey = field(default_factory=X25519PrivateKey.generate)
+
+    def key_statement(self) -> dict[str, str]:
+        public = offload.raw_public(self.key)
+        private = signing.load_private_key(self.creds.key.read_bytes())
+        message = offload.key_message(self.federation, self.id, public)
+        return {
+            "executor": self.id,
+            "public_key": public,
+            "signature": signing.sign(private, message),
+            "certificate": signing.encode_certificate(self.creds.cert.read_bytes()),
+        }
+
+    def run(self, job: Job) -> dict[str, Any]:
+        started = time.perf_counter()
+        try:
+            grant, _ = signing.read_grant(self.creds.ca.read_bytes(), job.grant, time.time())
+        except signing.SignatureError as exc:
+            raise JobRefused(403, "bad_grant", str(exc)) from None
+        if (grant.federation, grant.executor, grant.round) != (self.federation, self.id, job.round):
+            raise JobRefused(
+                403, "bad_grant", f"the grant is not for executor {self.id!r} in round {job.round}"
+            )
+        try:
+            context = offload.shard_context(grant.federation, grant.round, grant.client, self.id)
+            x, y = offload.decode_shard(offload.open_sealed(self.key, job.shard, context))
+            task = tasks.get(job.task)
+        except (offload.OffloadError, tasks.UnknownTask) as exc:
+            raise JobRefused(400, "bad_job", str(exc)) from None
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        with FedgeClient(self.server, self.creds) as api:
+            download = api.model()
+            assert download is not None  # no ETag was sent
+            model = task.build_model()
+            tasks.load_tensors(model, decode(download.body)[0])
+            loss = fit(model, x, y, job.config, device)
+            examples = max(1, round(len(y) * job.weight))
+            metadata = {NUM_EXAMPLES: str(examples), TRAIN_LOSS: f"{loss:.6f}", BASE_SHA256: download.sha256}
+            receipt = api.post_update(job.round, encode(tasks.tensors_of(model), metadata), grant=job.grant)
+        return {
+            "client": grant.client,
+            "round": job.round,
+            "device": device.type,
+            "num_examples": examples,
+            "loss": loss,
+            "staleness": receipt.staleness,
+            "seconds": time.perf_counter() - started,
+        }
+
+
+def make_app(executor: Executor) -> Any:
+    """The executor as a plain ASGI app (uvicorn serves it with the executor certificate, lifespan off)."""
+
+    async def app(scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        route = (scope["method"], scope["path"])
+        if route == ("GET", "/healthz"):
+            await _respond(send, 200, {"status": "ok"})
+        elif route == ("GET", "/v1/key"):
+            await _respond(send, 200, executor.key_statement())
+        elif route == ("POST", "/v1/jobs"):
+            body = await _read(receive, MAX_JOB)
+            if body is None:
+                await _respond(send, 413, _error("job_too_large", f"jobs are at most {MAX_JOB} bytes"))
+                return
+            status, payload = await asyncio.to_thread(_invoke, executor, body)
+            await _respond(send, status, payload)
+        else:
+            await _respond(send, 404, _error("not_found", "GET /v1/key or POST /v1/jobs"))
+
+    return app
+
+
+def _invoke(executor: Executor, body: bytes) -> tuple[int, Any]:
+    try:
+        return 200, executor.run(Job.model_validate(json.loads(body)))
+    except json.JSONDecodeError:
+        return 400, _error("bad_job", "the job is not JSON")
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        return 400, _error("bad_job", f"{'.'.join(map(str, first['loc']))}: {first['msg']}")
+    except JobRefused as exc:
+        return exc.status, _error(exc.code, exc.detail)
+    except ServerError as exc:
+        return 502, _error(exc.code, exc.detail)

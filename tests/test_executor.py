@@ -1,0 +1,172 @@
+"""The cloud executor end to end: a real server process, a real ``fedge executor`` process, over mTLS.
+
+A client seals its shard to the executor's key and grants it one round; the executor trains and submits
+in the client's slot, the server records the update as computed off-device, and the executor's working
+directory and temp directory stay empty. Every job that is not exactly that is refused and changes nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from conftest import client_data
+from test_service import open_round
+
+from fedge.client.offload import offload_round
+from fedge.security import offload, pki
+from fedge.security.tls import client_context
+from fedge.transport import FedgeClient, ServerError
+from fedge.wire import TrainConfig
+
+
+def computed(server) -> list[tuple[int, str, str]]:
+    with sqlite3.connect(server.data / "state.db") as db:
+        return db.execute("SELECT round, client, computed_by FROM updates ORDER BY 1, 2").fetchall()
+
+
+def tree(directory: Path) -> list[str]:
+    return sorted(str(p.relative_to(directory)) for p in directory.rglob("*"))
+
+
+def open_files_under(pid: int, *roots: Path) -> list[str]:
+    """Regular files the process holds open under ``roots`` (it must hold none)."""
+    held = []
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if any(target.startswith(str(root)) for root in roots):
+            held.append(target)
+    return held
+
+
+def shard(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    with np.load(path, allow_pickle=False) as arrays:
+        return arrays["x"].astype(np.float32), arrays["y"].astype(np.int64)
+
+
+def test_an_offloaded_round_is_trained_by_the_executor_under_the_grant_and_leaves_nothing(
+    make_pki, start_task_server, start_executor, tmp_path: Path
+) -> None:
+    pki_dir = make_pki("alice", "bob")
+    for executor_id in ("gpu-1", "gpu-2"):
+        subprocess.run(
+            [sys.executable, "-m", "fedge", "pki", "executor-cert", "--dir", str(pki_dir),
+             "--executor", executor_id, "--host", "127.0.0.1"],
+            check=True, capture_output=True, timeout=120,
+        )  # fmt: skip
+    server = start_task_server(pki_dir, "--rounds", "1")
+    executor = start_executor(pki_dir, "gpu-1", server.url)
+    alice_creds, bob_creds = (pki.credentials(pki_dir, pki.Role.CLIENT, c) for c in ("alice", "bob"))
+    alice_data = shard(client_data(tmp_path, 2)[0])
+    config = TrainConfig(local_epochs=1)
+    with FedgeClient(server.url, alice_creds) as alice, FedgeClient(server.url, bob_creds) as bob:
+        r = open_round(alice).round
+        gpu1 = ("gpu-1", executor.url)
+
+        # The executor's key must be gpu-1's: a client expecting gpu-2 at that address refuses to send.
+        with pytest.raises(offload.OffloadError, match="not executor 'gpu-2'"):
+            offload_round(alice, alice_creds, ("gpu-2", executor.url), "digits", r, config, alice_data)
+
+        with httpx.Client(base_url=executor.url, verify=client_context(alice_creds), timeout=120) as http:
+            key = offload.verify_executor_key(
+                alice_creds.ca.read_bytes(), "edge", "gpu-1", http.get("/v1/key").json()
+            )
+            sealed = offload.seal(
+                key, offload.encode_shard(*alice_data), offload.shard_context("edge", r, "alice", "gpu-1")
+            )
+            job = {"task": "digits", "round": r, "config": config.model_dump(), "shard": sealed}
+            refused = {
+                "a grant for another executor": ({**job, "grant": alice.grant(r, "gpu-2")}, 403, "bad_grant"),
+                "a grant for another round": (
+                    {**job, "grant": alice.grant(r + 1, "gpu-1")}, 403, "bad_grant"),
+                "an expired grant": ({**job, "grant": alice.grant(r, "gpu-1", ttl=-1)}, 403, "bad_grant"),
+                "alice's shard under bob's grant": ({**job, "grant": bob.grant(r, "gpu-1")}, 400, "bad_job"),
+                "a shard sealed for another round": (
+                    {**job, "round": r, "grant": alice.grant(r, "gpu-1"),
+                     "shard": offload.seal(key, offload.encode_shard(*alice_data),
+                                           offload.shard_context("edge", r + 1, "alice", "gpu-1"))},
+                    400, "bad_job"),
+                "a shard altered in transit": (
+                    {**job, "grant": alice.grant(r, "gpu-1"),
+                     "shard": {**sealed, "ciphertext": sealed["ciphertext"][:-8] + "AAAAAAA="}},
+                    400, "bad_job"),
+                "no grant at all": (job, 400, "bad_job"),
+            }  # fmt: skip
+            for name, (bad, status, code) in refused.items():
+                response = http.post("/v1/jobs", json=bad)
+                assert (response.status_code, response.json()["error"]) == (status, code), name
+                assert computed(server) == [], name
+
+        # The executor cannot submit for alice on its own: the server asks for her grant.
+        gpu_creds = pki.credentials(pki_dir, pki.Role.EXECUTOR, "gpu-1")
+        with FedgeClient(server.url, gpu_creds) as gpu, pytest.raises(ServerError, match="missing_grant"):
+            gpu.post_update(r, b"not even a body")
+
+        done = offload_round(alice, alice_creds, gpu1, "digits", r, config, alice_data, weight=0.5)
+        assert done.result["client"] == "alice"
+        assert done.result["device"] in ("cpu", "cuda")
+        assert done.result["num_examples"] == round(len(alice_data[1]) * 0.5)
+        assert done.raw_bytes >= alice_data[0].nbytes + alice_data[1].nbytes
+        assert computed(server) == [(r, "alice", "gpu-1")]
+
+        # One grant, one update: the same job again is refused by the server.
+        with pytest.raises(ServerError, match="duplicate_update"):
+            offload_round(alice, alice_creds, gpu1, "digits", r, config, alice_data)
+    # On disk: only torch's compile-cache directory, empty and the process's own; gone once it stops.
+    assert tree(executor.cwd) == []
+    (scratch,) = tree(executor.tmp)
+    assert scratch.startswith("fedge-executor-")
+    assert tree(executor.tmp / scratch) == []
+    assert open_files_under(executor.process.pid, tmp_path) == [str(executor.log)] * 2  # stdout, stderr
+    executor.process.terminate()
+    assert executor.process.wait(60) == 0
+    assert tree(executor.tmp) == []
+
+
+def test_fedge_executor_refuses_a_missing_certificate_in_one_line(make_pki) -> None:
+    pki_dir = make_pki("alice")
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedge",
+            "executor",
+            "--pki",
+            str(pki_dir),
+            "--id",
+            "nobody",
+            "--server",
+            "https://x",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode != 0
+    assert "no executor certificate 'nobody'" in " ".join(run.stderr.split())
+    assert "Traceback" not in run.stderr
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fit_trains_on_the_gpu_and_hands_back_cpu_tensors() -> None:
+    from fedge.edge_functions import datasets, tasks
+    from fedge.edge_functions.functions import fit
+
+    digits = datasets.load("digits")
+    model = tasks.get("digits").build_model()
+    before = tasks.tensors_of(model)
+    loss = fit(model, digits.x_train[:256], digits.y_train[:256], TrainConfig(), torch.device("cuda"))
+    assert next(model.parameters()).is_cuda
+    after = tasks.tensors_of(model)
+    assert np.isfinite(loss)
+    assert any(not np.array_equal(before[name], after[name]) for name in before)

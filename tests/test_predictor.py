@@ -1,0 +1,88 @@
+"""The predictor on synthetic traces with a known ground truth: per-step cost, start-up, bandwidth, and
+outliers (a neighbour's burst, a cold start, a bad link) that a naive mean would follow."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedge.client.placement import Kind, OffloadSetting, Situation, place
+from fedge.client.predictor import Predictor, Run, robust_line
+
+TRUE_FIXED, TRUE_STEP = 0.5, 0.02  # ground truth of the synthetic trace: compute = 0.5 + 0.02 * steps
+TRUE_STARTUP, TRUE_BANDWIDTH = 0.2, 5e6
+
+
+def synthetic_trace(seed: int = 0, runs: int = 20, outliers: int = 4) -> list[Run]:
+    """Runs of 50-400 steps with 2% noise; ``outliers`` of them 5x slower in compute, a few cold starts
+    (5 s) and a few downloads over a link 10x faster than usual (which must not raise the estimate)."""
+    rng = np.random.default_rng(seed)
+    trace = []
+    slow = set(rng.choice(runs, outliers, replace=False))
+    for i in range(runs):
+        steps = int(rng.integers(50, 400))
+        compute = (TRUE_FIXED + TRUE_STEP * steps) * rng.normal(1, 0.02) * (5 if i in slow else 1)
+        startup = 5.0 if i % 7 == 0 else TRUE_STARTUP * rng.normal(1, 0.05)
+        bandwidth = TRUE_BANDWIDTH * (10 if i % 5 == 0 else rng.uniform(1.0, 1.5))
+        trace.append(
+            Run(steps, compute, startup, 10_000_000, 10_000_000 / bandwidth, 1_000_000, 1e6 / bandwidth)
+        )
+    return trace
+
+
+def test_robust_line_recovers_the_truth_despite_outliers() -> None:
+    trace = synthetic_trace()
+    intercept, slope = robust_line([r.steps for r in trace], [r.compute_s for r in trace])
+    assert slope == pytest.approx(TRUE_STEP, rel=0.05)
+    assert intercept == pytest.approx(TRUE_FIXED, abs=0.5)
+    naive_slope = np.polyfit([r.steps for r in trace], [r.compute_s for r in trace], 1)[0]
+    assert abs(naive_slope - TRUE_STEP) > 3 * abs(slope - TRUE_STEP)  # the outliers do mislead least squares
+
+
+def test_calibration_alone_gives_a_line() -> None:
+    predictor = Predictor()
+    predictor.calibrate("edge", "v1", (10, TRUE_FIXED + 10 * TRUE_STEP), (100, TRUE_FIXED + 100 * TRUE_STEP))
+    prediction = predictor.predict("edge", "v1", 300, model_bytes=0, update_bytes=0)
+    assert prediction.compute_s == pytest.approx(TRUE_FIXED + 300 * TRUE_STEP)
+    assert prediction.total_s == pytest.approx(prediction.compute_s)
+    with pytest.raises(ValueError, match="no runs"):
+        predictor.predict("edge", "v2", 300, model_bytes=0, update_bytes=0)
+
+
+def test_components_follow_the_trace_pessimistically() -> None:
+    predictor = Predictor()
+    predictor.calibrate("edge", "v1", (10, 0.7), (100, 2.5))
+    for run in synthetic_trace():
+        predictor.observe("edge", "v1", run)
+    p = predictor.predict("edge", "v1", 200, model_bytes=10_000_000, update_bytes=1_000_000)
+    assert p.compute_s == pytest.approx(TRUE_FIXED + 200 * TRUE_STEP, rel=0.1)
+    assert p.startup_s == pytest.approx(TRUE_STARTUP, rel=0.15)  # cold starts do not move the median
+    assert 10_000_000 / (1.5 * TRUE_BANDWIDTH) < p.download_s < 10_000_000 / (0.9 * TRUE_BANDWIDTH)
+    assert p.upload_s == pytest.approx(p.download_s / 10, rel=0.01)
+    assert p.margin_s == 0  # no predicted totals recorded yet: no error history
+    assert p.cost("edge").seconds(200) == pytest.approx(p.total_s)
+
+
+def test_the_margin_grows_with_under_prediction_and_versions_are_apart() -> None:
+    predictor = Predictor()
+    predictor.calibrate("gpu", "v1", (10, 1.0), (100, 1.9))
+    for _ in range(10):
+        predicted = predictor.predict("gpu", "v1", 100, 0, 0).total_s
+        predictor.observe("gpu", "v1", Run(100, 1.9 * 1.3, predicted_s=predicted))  # always 30% slower
+    p = predictor.predict("gpu", "v1", 100, 0, 0)
+    assert p.margin_s > 0
+    assert p.total_s >= 1.9 * 1.3 * 0.95
+    assert not predictor.knows("gpu", "v2")
+
+
+def test_a_device_slowed_five_times_is_sent_to_the_executor() -> None:
+    """From traces to a decision: a device whose runs became 5x slower is placed on the executor."""
+    predictor = Predictor()
+    predictor.calibrate("edge", "v1", (10, 0.7), (100, 2.5))
+    predictor.calibrate("gpu", "v1", (10, 1.1), (100, 1.2))
+    for run in synthetic_trace(outliers=0):
+        predictor.observe("edge", "v1", Run(run.steps, run.compute_s * 5, run.startup_s))
+    edge = predictor.predict("edge", "v1", 200, 0, 0).cost("edge")
+    gpu = predictor.predict("gpu", "v1", 200, 0, 0).cost("gpu", price=1)
+    placed = place(Situation(OffloadSetting.WHEN_SHORT, 10, 200, edge, (gpu,)))
+    assert (placed.kind, placed.target) == (Kind.OFFLOAD, "gpu")
