@@ -39,9 +39,13 @@ def test_agents_train_every_round_announced_on_mqtt_and_report_their_status(
     wait_for(lambda: finished(server, pki_dir), 300, "both rounds to finish")
     assert stored_updates(server.data) == [(1, "dev-1"), (1, "dev-2"), (2, "dev-1"), (2, "dev-2")]
     for agent in agents:
-        status = wait_for(lambda a=agent: a.status().get("round") == 2 and a.status(), 60, "the last status")
+        # The server may finish the run while an agent still reports "uploading": wait for it to settle.
+        status = wait_for(
+            lambda a=agent: (s := a.status()).get("round") == 2 and s.get("state") == "idle" and s,
+            60,
+            "the last status",
+        )
         assert status["transport"] == "mqtt"
-        assert status["state"] == "idle"
         assert status["last_invocation"]["seconds"] > 0
     published = [json.loads(p)["state"] for p in ops.payloads(status_topic("edge", "dev-1"))]
     assert {"training", "uploading", "idle"} <= set(published)
