@@ -50,6 +50,14 @@ def state_of(server: ServerProcess) -> tuple:
     return updates, rounds, model, files, models
 
 
+def running(server: ServerProcess, pki_root: Path) -> ServerProcess:
+    """Wait until the server's round clock has opened round 1, so that a state snapshot taken now is not
+    changed by the clock itself while a refused request is being checked."""
+    with FedgeClient(server.url, pki.credentials(pki_root, pki.Role.CLIENT, "alice"), timeout=15) as alice:
+        open_round(alice)
+    return server
+
+
 def raw_client(
     server: ServerProcess, pki_root: Path, id_: str, role: pki.Role = pki.Role.CLIENT
 ) -> httpx.Client:
@@ -78,7 +86,7 @@ def target(tmp_path_factory: pytest.TempPathFactory, pki_dir: Path) -> Iterator[
     """One server for the attacks that must all be refused: none of them may change its state."""
     work = tmp_path_factory.mktemp("target")
     args = toy_server_args(pki_dir, work / "initial.safetensors")
-    server = launch(args, work / "server", work / "server.log")
+    server = running(launch(args, work / "server", work / "server.log"), pki_dir)
     yield server
     server.stop()
 
@@ -235,7 +243,7 @@ def test_a_certificate_from_another_ca_cannot_even_connect(
 def test_a_certificate_of_another_federation_under_the_same_ca_is_refused(
     start_server, fresh_pki: Path, tmp_path: Path
 ) -> None:
-    server = start_server(pki_root=fresh_pki)
+    server = running(start_server(pki_root=fresh_pki), fresh_pki)
     elsewhere = tmp_path / "same-ca-other-federation"
     shutil.copytree(fresh_pki, elsewhere)
     (elsewhere / "pki.json").write_text(json.dumps({"federation": "other"}))
@@ -471,7 +479,7 @@ def test_an_admin_revokes_a_client_over_the_api(start_server, connect, fresh_pki
 def test_enrollment_with_an_expired_or_unknown_token_is_refused(
     start_server, fresh_pki: Path, prepare, code: str
 ) -> None:
-    server = start_server(pki_root=fresh_pki)
+    server = running(start_server(pki_root=fresh_pki), fresh_pki)
     token = prepare(fresh_pki)
     key = ec.generate_private_key(ec.SECP256R1())
     before = state_of(server)
