@@ -50,16 +50,20 @@ def toy_server_args(pki_root: Path, initial: Path) -> list[str]:
     return ["--pki", str(pki_root), "--port", "0", "--task", "toy", "--init-model", str(initial)]
 
 
-@pytest.fixture(scope="session")
-def pki_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Federation ``test``: the server, three clients and an admin."""
-    directory = tmp_path_factory.mktemp("pki")
-    pki.init_ca(directory, "test")
+def federation_pki(directory: Path, federation: str, clients: tuple[str, ...]) -> Path:
+    """A CA for ``federation``, the server's certificate for loopback, the clients' and admin ``ops``'s."""
+    pki.init_ca(directory, federation)
     pki.issue(directory, pki.Role.SERVER, "server", hosts=("127.0.0.1", "localhost"))
-    for client in CLIENTS:
+    for client in clients:
         pki.issue(directory, pki.Role.CLIENT, client)
     pki.issue(directory, pki.Role.ADMIN, "ops")
     return directory
+
+
+@pytest.fixture(scope="session")
+def pki_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Federation ``test``: the server, three clients and an admin."""
+    return federation_pki(tmp_path_factory.mktemp("pki"), "test", CLIENTS)
 
 
 @pytest.fixture(scope="session")
@@ -74,13 +78,7 @@ def other_pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def fresh_pki(tmp_path: Path) -> Path:
     """A PKI of one test's own (federation ``test``: server, alice, bob, admin ops) to revoke in."""
-    directory = tmp_path / "own-pki"
-    pki.init_ca(directory, "test")
-    pki.issue(directory, pki.Role.SERVER, "server", hosts=("127.0.0.1", "localhost"))
-    for client in ("alice", "bob"):
-        pki.issue(directory, pki.Role.CLIENT, client)
-    pki.issue(directory, pki.Role.ADMIN, "ops")
-    return directory
+    return federation_pki(tmp_path / "own-pki", "test", ("alice", "bob"))
 
 
 @pytest.fixture
@@ -304,13 +302,7 @@ def make_pki(tmp_path: Path) -> Callable[..., Path]:
     """A fresh federation ``edge`` with a server certificate and the given clients."""
 
     def make(*clients: str) -> Path:
-        directory = tmp_path / "edge-pki"
-        pki.init_ca(directory, "edge")
-        pki.issue(directory, pki.Role.SERVER, "server", hosts=("127.0.0.1", "localhost"))
-        for client in clients:
-            pki.issue(directory, pki.Role.CLIENT, client)
-        pki.issue(directory, pki.Role.ADMIN, "ops")
-        return directory
+        return federation_pki(tmp_path / "edge-pki", "edge", clients)
 
     return make
 
