@@ -23,7 +23,7 @@ import numpy as np
 import paho.mqtt.client as paho
 
 from fedge import mqtt
-from fedge.client import status
+from fedge.client import capacity, status
 from fedge.client.offload import offload_round
 from fedge.client.placement import Kind, OffloadSetting, Placement
 from fedge.client.placer import ExecutorTarget, Placer
@@ -188,7 +188,7 @@ class Agent:
             "edge", info.task
         ):
             self._calibrate(info)
-        placement = self.placer.decide(info, examples, time.time())
+        placement = self.placer.decide(info, examples, time.time(), capacity.probe().free_memory)
         self._count(placement)
         if placement.prewarm and placement.kind is not Kind.OFFLOAD:
             threading.Thread(target=self._prewarm, daemon=True).start()

@@ -7,7 +7,6 @@ import logging
 import math
 from dataclasses import dataclass
 
-from fedge.client import capacity
 from fedge.client.placement import Cost, OffloadSetting, Placement, Situation, place
 from fedge.client.predictor import Prediction, Predictor, Run
 from fedge.wire import RoundInfo
@@ -43,9 +42,10 @@ class Placer:
         self._predicted: dict[str, Prediction] = {}
         self._model_bytes = 0  # the last model downloaded: the next round's will be as large
 
-    def decide(self, info: RoundInfo, examples: int, now: float) -> Placement:
+    def decide(self, info: RoundInfo, examples: int, now: float, free: int) -> Placement:
+        """``free``: bytes of memory the device has now (``capacity.probe`` on a device, the profile's
+        limit in a simulation)."""
         steps = steps_of(info, examples)
-        free = capacity.probe().free_memory
         edge = self._cost("edge", info.task, steps, 0.0, free >= self.train_memory)
         executors = tuple(self._cost(e.id, info.task, steps, e.price, True) for e in self.executors)
         deadline = info.deadline - now if info.deadline is not None else math.inf
