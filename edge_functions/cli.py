@@ -38,6 +38,7 @@ def _serve(pki_dir: Path, id_: str, server: str, port: int, host: str) -> None:
     import uvicorn
 
     from fedge.edge_functions.executor import Executor, make_app
+    from fedge.security.peer import MutualTLSProtocol
 
     with user_errors(pki.PKIError, OSError):
         creds = pki.credentials(pki_dir, pki.Role.EXECUTOR, id_)
@@ -45,6 +46,7 @@ def _serve(pki_dir: Path, id_: str, server: str, port: int, host: str) -> None:
         listener = socket.create_server((host, port))
     config = uvicorn.Config(
         make_app(Executor(id_, federation, server, creds)),
+        http=MutualTLSProtocol,
         ssl_certfile=str(creds.cert),
         ssl_keyfile=str(creds.key),
         ssl_ca_certs=str(creds.ca),

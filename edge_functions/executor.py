@@ -8,7 +8,10 @@ process, and the shard goes out of scope with the request. The server records th
 this executor, so a run's accounting knows what ran off-device.
 
 ``GET /v1/key`` publishes the X25519 public key signed with the executor certificate's key;
-``POST /v1/jobs`` runs a job. TLS asks every caller for a certificate of the federation's CA.
+``POST /v1/jobs`` runs a job. TLS asks every caller for a certificate of the federation's CA, and a job is
+taken only from the very client its grant names: a captured job replayed by another client, an admin or
+another executor is refused (``not_grant_holder``) before anything runs, so nobody but the owner of the
+data can spend its grant or make the executor train on its behalf.
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ from fedge.edge_functions import tasks
 from fedge.edge_functions.adapters.http import Receive, Send, _error, _read, _respond
 from fedge.edge_functions.functions import fit
 from fedge.security import offload, signing
-from fedge.security.pki import Credentials
+from fedge.security.peer import peer_certificate
+from fedge.security.pki import Credentials, Identity, PKIError, Role, identity_of
 from fedge.transport import FedgeClient, ServerError
 from fedge.wire import BASE_SHA256, NUM_EXAMPLES, TRAIN_LOSS, TrainConfig
 
@@ -69,7 +73,8 @@ class Executor:
             "certificate": signing.encode_certificate(self.creds.cert.read_bytes()),
         }
 
-    def run(self, job: Job) -> dict[str, Any]:
+    def run(self, job: Job, caller: Identity) -> dict[str, Any]:
+        """Train ``job`` for ``caller`` (as TLS verified it), who must be the client the grant names."""
         started = time.perf_counter()
         try:
             grant, _ = signing.read_grant(self.creds.ca.read_bytes(), job.grant, time.time())
@@ -79,6 +84,8 @@ class Executor:
             raise JobRefused(
                 403, "bad_grant", f"the grant is not for executor {self.id!r} in round {job.round}"
             )
+        if caller != Identity(self.federation, Role.CLIENT, grant.client):
+            raise JobRefused(403, "not_grant_holder", f"the grant is {grant.client!r}'s, not {caller.uri}'s")
         try:
             context = offload.shard_context(grant.federation, grant.round, grant.client, self.id)
             x, y = offload.decode_shard(offload.open_sealed(self.key, job.shard, context))
@@ -116,11 +123,15 @@ def make_app(executor: Executor) -> Any:
         elif route == ("GET", "/v1/key"):
             await _respond(send, 200, executor.key_statement())
         elif route == ("POST", "/v1/jobs"):
+            caller = _client_of(scope, executor.federation)
+            if isinstance(caller, JobRefused):
+                await _respond(send, caller.status, _error(caller.code, caller.detail))
+                return
             body = await _read(receive, MAX_JOB)
             if body is None:
                 await _respond(send, 413, _error("job_too_large", f"jobs are at most {MAX_JOB} bytes"))
                 return
-            status, payload = await asyncio.to_thread(_invoke, executor, body)
+            status, payload = await asyncio.to_thread(_invoke, executor, body, caller)
             await _respond(send, status, payload)
         else:
             await _respond(send, 404, _error("not_found", "GET /v1/key or POST /v1/jobs"))
@@ -128,9 +139,26 @@ def make_app(executor: Executor) -> Any:
     return app
 
 
-def _invoke(executor: Executor, body: bytes) -> tuple[int, Any]:
+def _client_of(scope: dict[str, Any], federation: str) -> Identity | JobRefused:
+    """The calling client of ``federation``, as TLS verified it; anyone else is refused before the body is
+    read (TLS already refused a caller without a certificate of the federation's CA)."""
+    peer = peer_certificate(scope)  # type: ignore[arg-type]
+    if peer is None:
+        return JobRefused(401, "no_client_certificate", "a client certificate is required")
     try:
-        return 200, executor.run(Job.model_validate(json.loads(body)))
+        caller = identity_of(peer)
+    except PKIError as exc:
+        return JobRefused(401, "bad_client_certificate", str(exc))
+    if caller.role is not Role.CLIENT or caller.federation != federation:
+        return JobRefused(
+            403, "not_grant_holder", f"only a client of {federation!r} sends jobs, not {caller.uri}"
+        )
+    return caller
+
+
+def _invoke(executor: Executor, body: bytes, caller: Identity) -> tuple[int, Any]:
+    try:
+        return 200, executor.run(Job.model_validate(json.loads(body)), caller)
     except json.JSONDecodeError:
         return 400, _error("bad_job", "the job is not JSON")
     except ValidationError as exc:

@@ -12,10 +12,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from fedge.codec import sha256, signature_of
 from fedge.security import signing
+from fedge.security.peer import peer_certificate
 from fedge.security.pki import Identity, Role
 from fedge.server import metrics
 from fedge.server.errors import Rejected
-from fedge.server.identity import Caller, Submitter, peer_certificate
+from fedge.server.identity import Caller, Submitter
 from fedge.server.rounds import Federation
 from fedge.server.store import Provenance
 from fedge.server.trust import Trust

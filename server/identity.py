@@ -1,8 +1,7 @@
 """Who is calling: the fedge identity in the client certificate that TLS verified for this connection.
 
-uvicorn verifies client certificates but does not hand them to the application. ``MutualTLSProtocol`` adds
-them to each request's scope as the ASGI TLS extension specifies (``scope["extensions"]["tls"]``), so the
-identity comes from the verified handshake and never from a header a client could forge.
+``security.peer.MutualTLSProtocol`` puts the certificate the TLS handshake verified into each request's
+scope, so the identity comes from the handshake and never from a header a client could forge.
 
 TLS asks for a client certificate but lets a connection without one through (``CERT_OPTIONAL``), because a
 device that is enrolling has none yet; a certificate that is presented must still verify against the CA.
@@ -13,9 +12,7 @@ one issued for the same id.
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
-import ssl
 from collections.abc import Callable
 from typing import Annotated
 
@@ -23,34 +20,13 @@ from cryptography import x509
 from fastapi import Depends, Request
 from fastapi.responses import JSONResponse
 from uvicorn._types import ASGI3Application, ASGIReceiveCallable, ASGISendCallable, Scope
-from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from fedge.security.peer import peer_certificate
 from fedge.security.pki import Identity, PKIError, Role, identity_of
 from fedge.server.errors import Rejected
 from fedge.server.trust import Trust
 
 PUBLIC_PATHS = frozenset({"/healthz", "/v1/ca", "/v1/enroll"})
-
-
-class MutualTLSProtocol(H11Protocol):
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        ssl_object: ssl.SSLObject | None = transport.get_extra_info("ssl_object")
-        peer = ssl_object.getpeercert(binary_form=True) if ssl_object else None
-        self.app = _with_peer_certificate(self.app, peer)
-
-
-def _with_peer_certificate(app: ASGI3Application, peer_der: bytes | None) -> ASGI3Application:
-    async def wrapped(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
-        extensions = scope.setdefault("extensions", {})  # type: ignore[typeddict-item]
-        extensions["tls"] = {"client_cert_der": peer_der}
-        await app(scope, receive, send)
-
-    return wrapped  # type: ignore[return-value]
-
-
-def peer_certificate(scope: Scope) -> bytes | None:
-    return scope.get("extensions", {}).get("tls", {}).get("client_cert_der")  # type: ignore[union-attr]
 
 
 def gate(

@@ -17,9 +17,9 @@ import uvicorn
 from fastapi import FastAPI
 
 from fedge.console import UserError
+from fedge.security.peer import MutualTLSProtocol
 from fedge.security.pki import Credentials
 from fedge.security.tls import server_context
-from fedge.server.identity import MutualTLSProtocol
 
 
 def bind(host: str, port: int) -> socket.socket:

@@ -81,31 +81,43 @@ def test_an_offloaded_round_is_trained_by_the_executor_under_the_grant_and_leave
             key = offload.verify_executor_key(
                 alice_creds.ca.read_bytes(), "edge", "gpu-1", http.get("/v1/key").json()
             )
-            sealed = offload.seal(
-                key, offload.encode_shard(*alice_data), offload.shard_context("edge", r, "alice", "gpu-1")
-            )
-            job = {"task": "digits", "round": r, "config": config.model_dump(), "shard": sealed}
-            refused = {
-                "a grant for another executor": ({**job, "grant": alice.grant(r, "gpu-2")}, 403, "bad_grant"),
-                "a grant for another round": (
-                    {**job, "grant": alice.grant(r + 1, "gpu-1")}, 403, "bad_grant"),
-                "an expired grant": ({**job, "grant": alice.grant(r, "gpu-1", ttl=-1)}, 403, "bad_grant"),
-                "alice's shard under bob's grant": ({**job, "grant": bob.grant(r, "gpu-1")}, 400, "bad_job"),
-                "a shard sealed for another round": (
-                    {**job, "round": r, "grant": alice.grant(r, "gpu-1"),
-                     "shard": offload.seal(key, offload.encode_shard(*alice_data),
-                                           offload.shard_context("edge", r + 1, "alice", "gpu-1"))},
-                    400, "bad_job"),
-                "a shard altered in transit": (
-                    {**job, "grant": alice.grant(r, "gpu-1"),
-                     "shard": {**sealed, "ciphertext": sealed["ciphertext"][:-8] + "AAAAAAA="}},
-                    400, "bad_job"),
-                "no grant at all": (job, 400, "bad_job"),
-            }  # fmt: skip
-            for name, (bad, status, code) in refused.items():
+        sealed = offload.seal(
+            key, offload.encode_shard(*alice_data), offload.shard_context("edge", r, "alice", "gpu-1")
+        )
+        job = {"task": "digits", "round": r, "config": config.model_dump(), "shard": sealed}
+        valid = {**job, "grant": alice.grant(r, "gpu-1")}
+        admin_creds = pki.credentials(pki_dir, pki.Role.ADMIN, "ops")
+        gpu2_creds = pki.credentials(pki_dir, pki.Role.EXECUTOR, "gpu-2")
+        refused = {
+            "a grant for another executor": (
+                alice_creds, {**job, "grant": alice.grant(r, "gpu-2")}, 403, "bad_grant"),
+            "a grant for another round": (
+                alice_creds, {**job, "grant": alice.grant(r + 1, "gpu-1")}, 403, "bad_grant"),
+            "an expired grant": (
+                alice_creds, {**job, "grant": alice.grant(r, "gpu-1", ttl=-1)}, 403, "bad_grant"),
+            "alice's shard under bob's grant, sent by bob": (
+                bob_creds, {**job, "grant": bob.grant(r, "gpu-1")}, 400, "bad_job"),
+            "alice's valid job replayed by bob": (bob_creds, valid, 403, "not_grant_holder"),
+            "alice's valid job sent by an admin": (admin_creds, valid, 403, "not_grant_holder"),
+            "alice's valid job sent by another executor": (gpu2_creds, valid, 403, "not_grant_holder"),
+            "a shard sealed for another round": (
+                alice_creds,
+                {**job, "round": r, "grant": alice.grant(r, "gpu-1"),
+                 "shard": offload.seal(key, offload.encode_shard(*alice_data),
+                                       offload.shard_context("edge", r + 1, "alice", "gpu-1"))},
+                400, "bad_job"),
+            "a shard altered in transit": (
+                alice_creds,
+                {**job, "grant": alice.grant(r, "gpu-1"),
+                 "shard": {**sealed, "ciphertext": sealed["ciphertext"][:-8] + "AAAAAAA="}},
+                400, "bad_job"),
+            "no grant at all": (alice_creds, job, 400, "bad_job"),
+        }  # fmt: skip
+        for name, (sender, bad, status, code) in refused.items():
+            with httpx.Client(base_url=executor.url, verify=client_context(sender), timeout=120) as http:
                 response = http.post("/v1/jobs", json=bad)
-                assert (response.status_code, response.json()["error"]) == (status, code), name
-                assert computed(server) == [], name
+            assert (response.status_code, response.json()["error"]) == (status, code), name
+            assert computed(server) == [], name
 
         # The executor cannot submit for alice on its own: the server asks for her grant.
         gpu_creds = pki.credentials(pki_dir, pki.Role.EXECUTOR, "gpu-1")
