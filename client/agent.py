@@ -241,12 +241,33 @@ class Agent:
                 placement.weight, timeout,
             )  # fmt: skip
         except (httpx.HTTPError, ServerError, OffloadError) as exc:
-            self._finish(info.round, AgentState.ERROR, f"round {info.round} offload failed: {exc}")
+            self._fall_back(api, info, placement, len(data[1]), exc)
             return
         self.placer.observe(target.id, info.task, Run(placement.steps, done.result["seconds"]))
         sent = self._status.raw_bytes_offloaded + done.raw_bytes
         self._status = self._status.model_copy(update={"raw_bytes_offloaded": sent})
         self._finish(info.round, AgentState.IDLE, f"round {info.round} trained by executor {target.id}")
+
+    def _fall_back(
+        self, api: FedgeClient, info: RoundInfo, failed: Placement, examples: int, exc: Exception
+    ) -> None:
+        """The executor did not train the round (unreachable, refused, failed, too slow): the device does
+        what it still can before the deadline, and the round is counted where it actually ran."""
+        assert failed.target is not None  # an offload placement always names its executor
+        free = capacity.probe().free_memory
+        placement = self.placer.fallback(failed.target, info, examples, time.time(), free)
+        why = f"round {info.round}: offload to {failed.target} failed ({exc}); device: {placement.reason}"
+        counts = dict(self._status.placements)
+        offloaded = f"offload:{failed.target}"
+        counts[offloaded] -= 1
+        if not counts[offloaded]:
+            del counts[offloaded]
+        counts[f"fallback:{placement.kind}"] = counts.get(f"fallback:{placement.kind}", 0) + 1
+        self._status = self._status.model_copy(update={"placements": counts, "fallback": why})
+        if placement.kind is Kind.SKIP:
+            self._finish(info.round, AgentState.SKIPPED, why)
+        else:
+            self._train(api, info, placement)
 
     def _train(self, api: FedgeClient, info: RoundInfo, placement: Placement) -> None:
         self._report(AgentState.TRAINING, info.round, f"training round {info.round}")

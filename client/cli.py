@@ -145,6 +145,8 @@ def show_status(state_dir: StateDir) -> None:
         console.print(
             f"rounds: {where}; raw data sent (sealed) to executors: {current.raw_bytes_offloaded} bytes"
         )
+    if current.fallback:
+        console.print(f"last fallback: {current.fallback}")
 
 
 @app.command()

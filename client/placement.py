@@ -10,6 +10,10 @@ Fewer local steps keep the aggregate correct by weighting: an update trained for
 so under sample-weighted FedAvg a partial update counts for the work in it and a round of full updates is
 plain FedAvg unchanged.
 
+When an offload fails (the executor is unreachable, refuses, errs or times out), ``on_device`` decides
+again with the time that is left, as if no executor had been allowed; the caller leaves that executor out
+of its next decisions, so one broken executor does not cost every round a failed attempt first.
+
 Hysteresis: once a client offloads, it comes back to the device only when the device's prediction is
 below ``(1 - band)`` of the deadline, so a prediction hovering at the deadline does not flip the placement
 every round (and re-ship the shard every other one).
@@ -91,7 +95,13 @@ def place(s: Situation) -> Placement:
                 "edge would miss the deadline or memory" if not edge_fits else "hysteresis: edge too close"
             )  # fmt: skip
             return Placement(Kind.OFFLOAD, executor.target, s.steps, 1.0, why, prewarm)
-    if edge_fits:
+    return on_device(s, prewarm)
+
+
+def on_device(s: Situation, prewarm: bool = False) -> Placement:
+    """The best the device can do alone: all steps, fewer, or skip. ``place``'s answer when no executor is
+    taken, and the agent's fallback when an offload failed (``s.deadline_s`` then the time still left)."""
+    if s.edge.fits_memory and s.edge.seconds(s.steps) <= s.deadline_s:
         return Placement(Kind.EDGE, s.edge.target, s.steps, 1.0, "edge fits", prewarm)
     steps = fewer_steps(s.edge, s.deadline_s, s.steps)
     if s.edge.fits_memory and steps >= s.min_steps:

@@ -7,11 +7,13 @@ import logging
 import math
 from dataclasses import dataclass
 
-from fedge.client.placement import Cost, OffloadSetting, Placement, Situation, place
+from fedge.client.placement import Cost, OffloadSetting, Placement, Situation, on_device, place
 from fedge.client.predictor import Prediction, Predictor, Run
 from fedge.wire import RoundInfo
 
 log = logging.getLogger("fedge.placement")
+
+AVOID_ROUNDS = 2  # decisions an executor that just failed sits out: long enough for a restart, not forever
 
 
 @dataclass(frozen=True)
@@ -41,13 +43,16 @@ class Placer:
         self.previous: Placement | None = None
         self._predicted: dict[str, Prediction] = {}
         self._model_bytes = 0  # the last model downloaded: the next round's will be as large
+        self._avoid: dict[str, int] = {}  # executor id -> decisions it still sits out
 
     def decide(self, info: RoundInfo, examples: int, now: float, free: int) -> Placement:
         """``free``: bytes of memory the device has now (``capacity.probe`` on a device, the profile's
         limit in a simulation)."""
         steps = steps_of(info, examples)
         edge = self._cost("edge", info.task, steps, 0.0, free >= self.train_memory)
-        executors = tuple(self._cost(e.id, info.task, steps, e.price, True) for e in self.executors)
+        candidates = [e for e in self.executors if e.id not in self._avoid]
+        self._avoid = {id_: n - 1 for id_, n in self._avoid.items() if n > 1}
+        executors = tuple(self._cost(e.id, info.task, steps, e.price, True) for e in candidates)
         deadline = info.deadline - now if info.deadline is not None else math.inf
         situation = Situation(self.setting, deadline, steps, edge, executors, previous=self.previous)
         self.previous = placement = place(situation)
@@ -57,6 +62,21 @@ class Placer:
             "predicted %s",
             info.round, placement.kind, placement.target, placement.steps, placement.weight, placement.reason,
             free, deadline, predicted,
+        )  # fmt: skip
+        return placement
+
+    def fallback(self, failed: str, info: RoundInfo, examples: int, now: float, free: int) -> Placement:
+        """Executor ``failed`` did not train the round: what the device can still do before the deadline.
+        The executor sits out the next ``AVOID_ROUNDS`` decisions."""
+        self._avoid[failed] = AVOID_ROUNDS
+        steps = steps_of(info, examples)
+        edge = self._cost("edge", info.task, steps, 0.0, free >= self.train_memory)
+        deadline = info.deadline - now if info.deadline is not None else math.inf
+        self.previous = placement = on_device(Situation(self.setting, deadline, steps, edge))
+        log.info(
+            "round %d: %s failed, fell back to %s on %s, %d steps, weight %.3f (%s); deadline in %.1f s",
+            info.round, failed, placement.kind, placement.target, placement.steps, placement.weight,
+            placement.reason, deadline,
         )  # fmt: skip
         return placement
 

@@ -45,6 +45,7 @@ class AgentStatus(BaseModel):
     last_invocation: LastInvocation | None = None
     placements: dict[str, int] = Field(default_factory=dict)  # rounds per placement: edge, offload:ID, ...
     raw_bytes_offloaded: int = 0  # the device's own examples sent (sealed) to executors, in all
+    fallback: str = ""  # why the last offload fell back to the device, and what the device did instead
     pid: int = Field(default_factory=os.getpid)
     updated: float = Field(default_factory=time.time)
 

@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
 import torch
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from pydantic import BaseModel, Field, ValidationError
@@ -168,3 +169,5 @@ def _invoke(executor: Executor, body: bytes, caller: Identity) -> tuple[int, Any
         return exc.status, _error(exc.code, exc.detail)
     except ServerError as exc:
         return 502, _error(exc.code, exc.detail)
+    except httpx.HTTPError as exc:  # the aggregation server is out of reach from here: the client falls back
+        return 502, _error("server_unreachable", f"{executor.server}: {exc}")

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import client_data, wait_for
+from conftest import client_data, free_port, wait_for
 
 from fedge.security import pki
 
@@ -58,6 +58,54 @@ def test_a_starved_device_offloads_only_when_its_owner_allows(
         f"1 offload:gpu-1; raw data sent (sealed) to executors: {alice_done['raw_bytes_offloaded']} bytes"
         in (" ".join(shown.split()))
     )
+
+
+def test_a_failed_offload_is_trained_on_the_device_and_the_executor_sits_out_the_next_round(
+    make_pki, start_task_server, start_executor, start_agent, tmp_path: Path
+) -> None:
+    """Alice's executor does not listen at all; bob's answers but cannot reach the server (502). Both owners
+    prefer offload, yet every round's update reaches the server, computed on the device, and the second
+    round does not try the executor that failed the first."""
+    pki_dir = make_pki("alice", "bob")
+    pki.issue(pki_dir, pki.Role.EXECUTOR, "gpu-2", hosts=("127.0.0.1",))
+    server = start_task_server(pki_dir, "--rounds", "2")
+    cut_off = start_executor(pki_dir, "gpu-2", f"https://127.0.0.1:{free_port()}")
+    alice_data, bob_data = client_data(tmp_path, 2)
+    common = ("--offload", "always", "--poll-wait", "2")
+    alice = start_agent(
+        pki_dir,
+        "alice",
+        alice_data,
+        server.url,
+        *common,
+        "--executor",
+        f"gpu-1=https://127.0.0.1:{free_port()}",
+    )
+    bob = start_agent(pki_dir, "bob", bob_data, server.url, *common, "--executor", f"gpu-2={cut_off.url}")
+
+    def both_rounds_sent(agent):
+        status = agent.status()
+        return "sent the update of round 2" in status.get("detail", "") and status
+
+    for agent, executor in ((alice, "gpu-1"), (bob, "gpu-2")):
+        done = wait_for(lambda agent=agent: both_rounds_sent(agent), 300, f"{agent.state_dir.name}'s rounds")
+        assert done["placements"] == {"fallback:edge": 1, "edge": 1}
+        assert done["raw_bytes_offloaded"] == 0
+        assert done["fallback"].startswith(f"round 1: offload to {executor} failed (")
+        assert done["fallback"].endswith("device: edge fits")
+        log = agent.log.read_text()
+        assert f"round 1: {executor} failed, fell back to edge on edge" in log
+        assert "round 2: edge on edge" in log  # the failed executor sat the second round out
+    assert "server_unreachable" in bob.status()["fallback"]
+    with sqlite3.connect(server.data / "state.db") as db:
+        rows = db.execute("SELECT round, client, computed_by FROM updates ORDER BY 1, 2").fetchall()
+    assert rows == [(1, "alice", ""), (1, "bob", ""), (2, "alice", ""), (2, "bob", "")]
+    shown = subprocess.run(
+        [sys.executable, "-m", "fedge", "agent", "status", "--dir", str(alice.state_dir)],
+        capture_output=True, text=True, timeout=120, check=True,
+    ).stdout  # fmt: skip
+    assert "1 edge, 1 fallback:edge" in " ".join(shown.split())
+    assert "last fallback: round 1: offload to gpu-1 failed" in " ".join(shown.split())
 
 
 @pytest.mark.parametrize(

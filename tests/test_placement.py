@@ -4,7 +4,19 @@ from __future__ import annotations
 
 import pytest
 
-from fedge.client.placement import Cost, Kind, OffloadSetting, Placement, Situation, fewer_steps, place
+from fedge.client.placement import (
+    Cost,
+    Kind,
+    OffloadSetting,
+    Placement,
+    Situation,
+    fewer_steps,
+    on_device,
+    place,
+)
+from fedge.client.placer import AVOID_ROUNDS, ExecutorTarget, Placer
+from fedge.client.predictor import Run
+from fedge.wire import RoundInfo, RoundState, TrainConfig
 
 NEVER, SHORT, ALWAYS = OffloadSetting.NEVER, OffloadSetting.WHEN_SHORT, OffloadSetting.ALWAYS
 FAST_EDGE = Cost("edge", fixed_s=2, per_step_s=0.1)  # 100 steps: 12 s
@@ -87,6 +99,53 @@ def test_prewarm_when_offload_is_near() -> None:
     assert near.kind is Kind.EDGE
     assert near.prewarm
     assert not place(Situation(SHORT, 60, 100, FAST_EDGE, (DEAR_GPU,))).prewarm
+
+
+@pytest.mark.parametrize(
+    ("left_s", "edge", "expected"),
+    [
+        (60, FAST_EDGE, (Kind.EDGE, 100, 1.0)),  # time enough: the full round
+        (7, FAST_EDGE, (Kind.FEWER_STEPS, 50, 0.5)),  # 2 s + 50 steps of 0.1 s
+        (2.2, FAST_EDGE, (Kind.SKIP, 0, 0.0)),  # 2 steps: under min_steps
+        (60, STARVED_EDGE, (Kind.SKIP, 0, 0.0)),
+    ],
+)
+def test_after_a_failed_offload_the_device_does_what_the_time_left_allows(
+    left_s: float, edge: Cost, expected: tuple
+) -> None:
+    """The fallback ignores the owner's setting and the executors: they already failed this round."""
+    situation = Situation(
+        ALWAYS, left_s, 100, edge, (DEAR_GPU, CHEAP_GPU), min_steps=5, previous=PREV_OFFLOAD
+    )
+    placement = on_device(situation)
+    assert (placement.kind, placement.steps, placement.weight) == expected
+    assert not placement.offloaded
+
+
+def test_a_failed_executor_sits_out_the_next_rounds_then_is_tried_again() -> None:
+    placer = Placer(
+        ALWAYS, (ExecutorTarget("gpu-1", "https://a"), ExecutorTarget("gpu-2", "https://b", 2.0)), 0
+    )
+    placer.calibrated("edge", "digits", (10, 1.0), (100, 10.0))  # 0.1 s a step
+    info = RoundInfo(
+        round=1, state=RoundState.OPEN, model_sha256="0" * 64, task="digits", config=TrainConfig()
+    )
+    steps = TrainConfig().local_epochs * 4  # 100 examples, batches of 32
+    assert placer.decide(info, 100, 0, free=1).target == "gpu-1"  # the cheaper one
+    fallback = placer.fallback("gpu-1", info, 100, 0, free=1)
+    assert (fallback.kind, fallback.steps) == (Kind.EDGE, steps)
+    targets = [
+        placer.decide(info.model_copy(update={"round": r}), 100, 0, free=1).target for r in range(2, 5)
+    ]
+    assert targets == ["gpu-2"] * AVOID_ROUNDS + ["gpu-1"]
+    # With no executor left to try, the device trains; with too little time left, fewer steps.
+    placer.fallback("gpu-1", info, 100, 0, free=1)
+    placer.fallback("gpu-2", info, 100, 0, free=1)
+    assert placer.decide(info, 100, 0, free=1).kind is Kind.EDGE
+    placer.observe("edge", "digits", Run(steps, 0.1 * steps))
+    short = placer.fallback("gpu-1", info.model_copy(update={"deadline": 100.0}), 100, 100 - 0.05 * steps, 1)
+    assert short.kind is Kind.FEWER_STEPS
+    assert short.weight == pytest.approx(short.steps / steps)
 
 
 def test_fewer_steps_never_exceeds_the_round_nor_goes_negative() -> None:
