@@ -24,7 +24,7 @@ import paho.mqtt.client as paho
 
 from fedge import mqtt
 from fedge.client import capacity, status
-from fedge.client.offload import offload_round
+from fedge.client.offload import calibrate_executor, offload_round, shard_bytes
 from fedge.client.placement import Kind, OffloadSetting, Placement
 from fedge.client.placer import ExecutorTarget, Placer
 from fedge.client.predictor import Run
@@ -205,8 +205,12 @@ class Agent:
         self._status = self._status.model_copy(update={"placements": counts})
 
     def _calibrate(self, info: RoundInfo) -> None:
-        """Two short timed runs before the first decision that could send data away, so it rests on a line
-        measured here rather than on optimism. Without offload the first round itself is the measurement."""
+        """Two short timed runs here and on each executor the owner allows, before the first decision that
+        could send data away, so it rests on lines measured rather than on optimism (an executor that cannot
+        be reached stays unknown, and is tried). Without offload the first round itself is the measurement."""
+        log = logging.getLogger("fedge.placement")
+        data = self._shard()
+        self.placer.shard_bytes = shard_bytes(data)
         event = {
             "task": info.task,
             "config": info.config.model_dump(),
@@ -214,10 +218,32 @@ class Agent:
         }
         try:
             small, large = self.pool.invoke("calibrate", event, CALIBRATE_SECONDS).result().result["points"]
+            self.placer.calibrated("edge", info.task, tuple(small), tuple(large))
         except Exception as exc:  # a device too slow even for this: the first round decides without a line
-            logging.getLogger("fedge.placement").warning("calibration failed: %s", exc)
-            return
-        self.placer.calibrated("edge", info.task, tuple(small), tuple(large))
+            log.warning("calibration failed: %s", exc)
+        for target in self.config.executors:
+            try:
+                small, large = calibrate_executor(
+                    self.config.creds,
+                    (target.id, target.url),
+                    info.task,
+                    info.config,
+                    data,
+                    CALIBRATE_SECONDS,
+                )
+            except (
+                httpx.HTTPError,
+                ServerError,
+                OffloadError,
+            ) as exc:  # it stays unknown: tried optimistically
+                log.warning("%s calibration failed: %s", target.id, exc)
+                continue
+            self.placer.calibrated(target.id, info.task, small, large)
+
+    def _shard(self) -> tuple[np.ndarray, np.ndarray]:
+        """The device's examples as an offload sends them."""
+        with np.load(self.config.data, allow_pickle=False) as arrays:
+            return arrays["x"].astype(np.float32), arrays["y"].astype(np.int64)
 
     def _prewarm(self) -> None:
         """Offload looks likely next round: wake the executors now, so a cold start is not on its clock."""
@@ -232,8 +258,7 @@ class Agent:
         """Have the chosen executor train the round; only ever reached when the owner allowed offload."""
         self._report(AgentState.TRAINING, info.round, f"round {info.round} offloaded to {placement.target}")
         (target,) = (e for e in self.config.executors if e.id == placement.target)
-        with np.load(self.config.data, allow_pickle=False) as arrays:
-            data = (arrays["x"].astype(np.float32), arrays["y"].astype(np.int64))
+        data = self._shard()
         timeout = max(1.0, info.deadline - time.time()) if info.deadline is not None else 600.0
         try:
             done = offload_round(
@@ -243,7 +268,14 @@ class Agent:
         except (httpx.HTTPError, ServerError, OffloadError) as exc:
             self._fall_back(api, info, placement, len(data[1]), exc)
             return
-        self.placer.observe(target.id, info.task, Run(placement.steps, done.result["seconds"]))
+        result = done.result
+        run = Run(
+            placement.steps, result["compute_seconds"], done.key_s, result["bytes_down"],
+            result["download_seconds"], result["bytes_up"], result["upload_seconds"], done.job_bytes,
+            done.upload_s,
+        )  # fmt: skip
+        self.placer.observe(target.id, info.task, run)
+        self.placer.shard_bytes = done.job_bytes
         sent = self._status.raw_bytes_offloaded + done.raw_bytes
         self._status = self._status.model_copy(update={"raw_bytes_offloaded": sent})
         self._finish(info.round, AgentState.IDLE, f"round {info.round} trained by executor {target.id}")
@@ -300,19 +332,25 @@ class Agent:
         )
         done = invocation.result
         compute = invocation.seconds - done["download_seconds"]
+        bytes_up, upload_s = self._send_outbox(api).get(info.round, (0, 0.0))
         run = Run(
-            placement.steps, compute, invocation.startup_seconds, done["bytes_down"], done["download_seconds"]
-        )
+            placement.steps, compute, invocation.startup_seconds,
+            done["bytes_down"], done["download_seconds"], bytes_up, upload_s,
+        )  # fmt: skip
         self.placer.observe("edge", info.task, run)
-        self._send_outbox(api)
 
-    def _send_outbox(self, api: FedgeClient) -> None:
-        """Send every kept update; one the server already holds, or can no longer take, is dropped."""
+    def _send_outbox(self, api: FedgeClient) -> dict[int, tuple[int, float]]:
+        """Send every kept update; one the server already holds, or can no longer take, is dropped. Returns
+        (bytes, seconds) of each upload the server took, by round: the uplink the predictor learns."""
+        sent: dict[int, tuple[int, float]] = {}
         for path in sorted(self._outbox.glob("round-*.safetensors")):
             round_ = int(path.stem.removeprefix("round-"))
             self._report(AgentState.UPLOADING, round_, f"sending the update of round {round_}")
+            body = path.read_bytes()
             try:
-                api.post_update(round_, path.read_bytes())
+                started = time.perf_counter()
+                api.post_update(round_, body)
+                sent[round_] = (len(body), time.perf_counter() - started)
                 outcome, detail = AgentState.IDLE, f"sent the update of round {round_}"
             except ServerError as exc:
                 if exc.code == "duplicate_update":
@@ -330,9 +368,10 @@ class Agent:
                     AgentState.ERROR, round_, f"server unreachable, update of round {round_} kept: {exc}"
                 )
                 self._stop.wait(RETRY_SECONDS)
-                return
+                return sent
             path.unlink()
             self._finish(round_, outcome, detail)
+        return sent
 
     def _done_round(self) -> int:
         path = self.config.state_dir / "rounds.json"

@@ -1,4 +1,5 @@
-"""Sending a round to a cloud executor: check its key, seal the shard to it, grant it the round, post the job.
+"""Sending a round to a cloud executor: check its key, seal the shard to it, grant it the round, post the job;
+and, before the first such decision, asking it to time a calibration.
 
 Called only when the placement policy chose an executor, which it never does under ``--offload never``:
 the raw shard leaves the device only then, only encrypted, and only readable by the executor the grant
@@ -7,6 +8,8 @@ names. ``raw_bytes`` is what left, for the run's accounting.
 
 from __future__ import annotations
 
+import json
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,9 +25,26 @@ from fedge.wire import TrainConfig
 
 @dataclass(frozen=True)
 class Offloaded:
+    """``result`` is the executor's answer (its own seconds per component); ``key_s`` the device's wait for
+    the executor's key (its start-up, seen from here); ``job_bytes`` and ``post_s`` the job sent and the wall
+    time of that request, whose part beyond the executor's own ``seconds`` is the shard's upload."""
+
     executor: str
     result: dict[str, Any]
     raw_bytes: int
+    job_bytes: int = 0
+    key_s: float = 0.0
+    post_s: float = 0.0
+
+    @property
+    def upload_s(self) -> float:
+        return max(0.0, self.post_s - float(self.result.get("seconds", 0.0)))
+
+
+def shard_bytes(data: tuple[np.ndarray, np.ndarray]) -> int:
+    """Bytes an offload of ``data`` uploads: the sealed shard, as it goes on the wire."""
+    x, y = data
+    return offload.sealed_size(len(offload.encode_shard(x, y)))
 
 
 def offload_round(
@@ -42,7 +62,9 @@ def offload_round(
     executor_id, url = executor
     me = api.identity
     with httpx.Client(base_url=url, verify=client_context(creds), timeout=timeout) as http:
+        started = time.perf_counter()
         response = http.get("/v1/key")
+        key_s = time.perf_counter() - started
         raise_for_error(response)
         public = offload.verify_executor_key(
             creds.ca.read_bytes(), me.federation, executor_id, response.json()
@@ -57,6 +79,37 @@ def offload_round(
             "grant": api.grant(round_, executor_id, ttl=timeout),
             "weight": weight,
         }
-        response = http.post("/v1/jobs", json=job)
+        body = json.dumps(job).encode()
+        started = time.perf_counter()
+        response = http.post("/v1/jobs", content=body, headers={"content-type": "application/json"})
+        post_s = time.perf_counter() - started
         raise_for_error(response)
-    return Offloaded(executor_id, response.json(), len(shard))
+    return Offloaded(executor_id, response.json(), len(shard), len(body), key_s, post_s)
+
+
+def calibrate_executor(
+    creds: Credentials,
+    executor: tuple[str, str],
+    task: str,
+    config: TrainConfig,
+    data: tuple[np.ndarray, np.ndarray],
+    timeout: float,
+) -> tuple[tuple[int, float], tuple[int, float]]:
+    """Two timed runs on ``executor`` (id, URL), on synthetic inputs shaped like ``data``: the line its
+    first placement rests on. Only the shape of one example and the number of classes are sent."""
+    executor_id, url = executor
+    x, y = data
+    request = {
+        "task": task,
+        "config": config.model_dump(),
+        "shape": list(x.shape[1:]),
+        "classes": int(y.max()) + 1,
+    }
+    with httpx.Client(base_url=url, verify=client_context(creds), timeout=timeout) as http:
+        response = http.post("/v1/calibrate", json=request)
+        raise_for_error(response)
+    answer = response.json()
+    if answer.get("executor") != executor_id:
+        raise offload.OffloadError(f"{url} is executor {answer.get('executor')!r}, not {executor_id!r}")
+    (small_steps, small_s), (large_steps, large_s) = answer["points"]
+    return (int(small_steps), float(small_s)), (int(large_steps), float(large_s))

@@ -43,6 +43,8 @@ class Placer:
         self.previous: Placement | None = None
         self._predicted: dict[str, Prediction] = {}
         self._model_bytes = 0  # the last model downloaded: the next round's will be as large
+        self._update_bytes = 0  # the last update uploaded: the next one will be as large
+        self.shard_bytes = 0  # the device's sealed shard: what an offload uploads before the executor starts
         self._avoid: dict[str, int] = {}  # executor id -> decisions it still sits out
 
     def decide(self, info: RoundInfo, examples: int, now: float, free: int) -> Placement:
@@ -89,6 +91,7 @@ class Placer:
         total = predicted.total_s if predicted is not None else None
         self.predictor.observe(target, task, Run(**{**vars(run), "predicted_s": total}))
         self._model_bytes = run.bytes_down or self._model_bytes
+        self._update_bytes = run.bytes_up or self._update_bytes
         log.info("%s ran %d steps: actual %s, predicted %s", target, run.steps, run, predicted)
 
     def _cost(self, target: str, task: str, steps: int, price: float, fits_memory: bool) -> Cost:
@@ -96,9 +99,14 @@ class Placer:
         if not self.predictor.knows(target, task):
             self._predicted.pop(target, None)
             return Cost(target, 0.0, 0.0, price, fits_memory)
-        # The executor downloads the model itself, and the device's upload is the executor's.
-        model_bytes = self._model_bytes if target == "edge" else 0
-        prediction = self.predictor.predict(target, task, steps, model_bytes, update_bytes=0)
+        # Each target moves the model and the update over its own link (timed from its own runs); an
+        # executor's job also waits for the device to upload the shard, at the device's uplink until timed.
+        shard_bytes, uplink = (
+            (0, None) if target == "edge" else (self.shard_bytes, self.predictor.uplink("edge", task))
+        )
+        prediction = self.predictor.predict(
+            target, task, steps, self._model_bytes, self._update_bytes, shard_bytes, uplink
+        )
         self._predicted[target] = prediction
         return prediction.cost(target, price, fits_memory)
 

@@ -3,7 +3,10 @@
 Compute time is a robust line in the local steps (RANSAC over least squares, so one run slowed by a
 neighbour's burst does not tilt it), seeded by a two-size calibration so the first decision has a line at
 all. Start-up is the median of a recent window (cold starts are rare but long). Transfers use a low
-quantile of measured bandwidth: a pessimistic estimate, since a late update is worth nothing. The margin
+quantile of measured bandwidth: a pessimistic estimate, since a late update is worth nothing. Each target's
+links are its own: the device downloads the model and uploads its update over its uplink; an executor does
+both over its own (fast) link, but first the device must upload the sealed shard to it, over the device's
+uplink, which can dominate on a slow one. The margin
 is a high quantile of the recent relative errors of the whole prediction, so a target that has been
 under-predicted gets more slack.
 """
@@ -32,13 +35,15 @@ class Run:
     startup_s: float = 0.0
     bytes_down: int = 0
     download_s: float = 0.0
-    bytes_up: int = 0
+    bytes_up: int = 0  # the update, uploaded by whoever trained it
     upload_s: float = 0.0
+    bytes_shard: int = 0  # an executor's job: the sealed shard the device uploaded to it
+    shard_s: float = 0.0
     predicted_s: float | None = None  # the total predicted for this run, for the margin
 
     @property
     def total_s(self) -> float:
-        return self.startup_s + self.download_s + self.compute_s + self.upload_s
+        return self.startup_s + self.shard_s + self.download_s + self.compute_s + self.upload_s
 
 
 @dataclass(frozen=True)
@@ -50,10 +55,12 @@ class Prediction:
     margin_s: float
     per_step_s: float
     steps: int
+    shard_s: float = 0.0
 
     @property
     def total_s(self) -> float:
-        return self.compute_s + self.startup_s + self.download_s + self.upload_s + self.margin_s
+        transfers = self.shard_s + self.download_s + self.upload_s
+        return self.compute_s + self.startup_s + transfers + self.margin_s
 
     @property
     def fixed_s(self) -> float:
@@ -121,9 +128,23 @@ class Predictor:
         h = self._history.get((target, version))
         return h is not None and bool(h.calibration or h.runs)
 
+    def uplink(self, target: str, version: str) -> float | None:
+        """Bytes per second ``target`` uploads its updates at (the low quantile), None before any upload."""
+        runs = self._history[(target, version)].runs
+        return low_bandwidth([r.bytes_up / r.upload_s for r in runs if r.upload_s > 0 and r.bytes_up])
+
     def predict(
-        self, target: str, version: str, steps: int, model_bytes: int, update_bytes: int
+        self,
+        target: str,
+        version: str,
+        steps: int,
+        model_bytes: int,
+        update_bytes: int,
+        shard_bytes: int = 0,
+        uplink: float | None = None,
     ) -> Prediction:
+        """``shard_bytes``: what the device uploads to ``target`` before it can start (an executor's sealed
+        shard), timed from this target's past shard uploads, else at ``uplink`` (the device's uplink)."""
         h = self._history[(target, version)]
         points = [*h.calibration, *((r.steps, r.compute_s) for r in h.runs)]
         intercept, slope = robust_line([p[0] for p in points], [p[1] for p in points])
@@ -132,9 +153,11 @@ class Predictor:
         startup = float(np.median([r.startup_s for r in runs[-STARTUP_WINDOW:]])) if runs else 0.0
         down = low_bandwidth([r.bytes_down / r.download_s for r in runs if r.download_s > 0 and r.bytes_down])
         up = low_bandwidth([r.bytes_up / r.upload_s for r in runs if r.upload_s > 0 and r.bytes_up]) or down
+        sent = low_bandwidth([r.bytes_shard / r.shard_s for r in runs if r.shard_s > 0 and r.bytes_shard])
         download = model_bytes / down if down else 0.0
         upload = update_bytes / up if up else 0.0
+        shard = shard_bytes / (sent or uplink) if (sent or uplink) else 0.0
         errors = [(r.total_s - r.predicted_s) / r.predicted_s for r in runs if r.predicted_s]
-        base = compute + startup + download + upload
+        base = compute + startup + shard + download + upload
         margin = error_margin(errors) * base
-        return Prediction(compute, startup, download, upload, margin, max(0.0, slope), steps)
+        return Prediction(compute, startup, download, upload, margin, max(0.0, slope), steps, shard)

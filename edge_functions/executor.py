@@ -8,29 +8,32 @@ process, and the shard goes out of scope with the request. The server records th
 this executor, so a run's accounting knows what ran off-device.
 
 ``GET /v1/key`` publishes the X25519 public key signed with the executor certificate's key;
-``POST /v1/jobs`` runs a job. TLS asks every caller for a certificate of the federation's CA, and a job is
-taken only from the very client its grant names: a captured job replayed by another client, an admin or
-another executor is refused (``not_grant_holder``) before anything runs, so nobody but the owner of the
-data can spend its grant or make the executor train on its behalf.
+``POST /v1/jobs`` runs a job; ``POST /v1/calibrate`` (any client of the federation) times two short runs on
+synthetic inputs, so a client can weigh this executor before it ever sends it data. TLS asks every caller
+for a certificate of the federation's CA, and a job is taken only from the very client its grant names: a
+captured job replayed by another client, an admin or another executor is refused (``not_grant_holder``)
+before anything runs, so nobody but the owner of the data can spend its grant.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+import numpy as np
 import torch
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from fedge.codec import decode, encode
 from fedge.edge_functions import tasks
 from fedge.edge_functions.adapters.http import Receive, Send, _error, _read, _respond
-from fedge.edge_functions.functions import fit
+from fedge.edge_functions.functions import fit, timed_fits
 from fedge.security import offload, signing
 from fedge.security.peer import peer_certificate
 from fedge.security.pki import Credentials, Identity, PKIError, Role, identity_of
@@ -47,6 +50,33 @@ class Job(BaseModel):
     shard: dict[str, str]  # security.offload.seal's output
     grant: str
     weight: float = Field(1.0, gt=0, le=1)  # scales num_examples when the client asked for less work
+
+
+MAX_CALIBRATION_STEPS = 64  # a calibration is a few seconds of work, not a way to rent the GPU
+
+
+class Calibration(BaseModel):
+    """Two short timed runs on synthetic inputs shaped like the client's (no client data leaves it)."""
+
+    task: str
+    config: TrainConfig
+    shape: list[int] = Field(min_length=1, max_length=4)  # one example's input shape
+    classes: int = Field(ge=2, le=100_000)
+    steps: tuple[int, int] = (2, 8)
+
+    @field_validator("shape")
+    @classmethod
+    def _small_inputs(cls, shape: list[int]) -> list[int]:
+        if any(n < 1 for n in shape) or math.prod(shape) > 1_000_000:
+            raise ValueError("each dimension at least 1, at most 1,000,000 values an example")
+        return shape
+
+    @field_validator("steps")
+    @classmethod
+    def _two_sizes(cls, steps: tuple[int, int]) -> tuple[int, int]:
+        if not 1 <= steps[0] < steps[1] <= MAX_CALIBRATION_STEPS:
+            raise ValueError(f"two sizes, 1 <= small < large <= {MAX_CALIBRATION_STEPS}")
+        return steps
 
 
 class JobRefused(Exception):
@@ -95,14 +125,20 @@ class Executor:
             raise JobRefused(400, "bad_job", str(exc)) from None
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         with FedgeClient(self.server, self.creds) as api:
+            downloading = time.perf_counter()
             download = api.model()
             assert download is not None  # no ETag was sent
+            computing = time.perf_counter()
             model = task.build_model()
             tasks.load_tensors(model, decode(download.body)[0])
             loss = fit(model, x, y, job.config, device)
             examples = max(1, round(len(y) * job.weight))
             metadata = {NUM_EXAMPLES: str(examples), TRAIN_LOSS: f"{loss:.6f}", BASE_SHA256: download.sha256}
-            receipt = api.post_update(job.round, encode(tasks.tensors_of(model), metadata), grant=job.grant)
+            body = encode(tasks.tensors_of(model), metadata)
+            uploading = time.perf_counter()
+            receipt = api.post_update(job.round, body, grant=job.grant)
+            done = time.perf_counter()
+        # Seconds per component, so the client's predictor learns this executor's own link and compute.
         return {
             "client": grant.client,
             "round": job.round,
@@ -110,8 +146,38 @@ class Executor:
             "num_examples": examples,
             "loss": loss,
             "staleness": receipt.staleness,
-            "seconds": time.perf_counter() - started,
+            "bytes_down": len(download.body),
+            "download_seconds": computing - downloading,
+            "compute_seconds": uploading - computing,
+            "bytes_up": len(body),
+            "upload_seconds": done - uploading,
+            "seconds": done - started,
         }
+
+    def calibrate(self, calibration: Calibration) -> dict[str, Any]:
+        """Time two short runs of ``calibration.task`` on this executor's device, so a client's first
+        decision weighs this executor by a measured line and not by optimism."""
+        try:
+            task = tasks.get(calibration.task)
+        except tasks.UnknownTask as exc:
+            raise JobRefused(400, "bad_calibration", str(exc)) from None
+        examples = calibration.config.batch_size * calibration.steps[1]
+        x, y = synthetic(calibration.shape, calibration.classes, examples)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            points = timed_fits(task, x, y, calibration.config, calibration.steps, device)
+        except RuntimeError as exc:  # inputs of a shape the task's model does not take
+            raise JobRefused(
+                400, "bad_calibration", f"the task's model cannot train on them: {exc}"
+            ) from None
+        return {"executor": self.id, "device": device.type, "points": points}
+
+
+def synthetic(shape: list[int], classes: int, examples: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Random inputs and labels: what a step costs depends on their shape, not on their values."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((examples, *shape), dtype=np.float32)
+    return x, rng.integers(0, classes, examples, dtype=np.int64)
 
 
 def make_app(executor: Executor) -> Any:
@@ -124,7 +190,7 @@ def make_app(executor: Executor) -> Any:
         elif route == ("GET", "/v1/key"):
             await _respond(send, 200, executor.key_statement())
         elif route == ("POST", "/v1/jobs"):
-            caller = _client_of(scope, executor.federation)
+            caller = _client_of(scope, executor.federation, "not_grant_holder")
             if isinstance(caller, JobRefused):
                 await _respond(send, caller.status, _error(caller.code, caller.detail))
                 return
@@ -134,15 +200,27 @@ def make_app(executor: Executor) -> Any:
                 return
             status, payload = await asyncio.to_thread(_invoke, executor, body, caller)
             await _respond(send, status, payload)
+        elif route == ("POST", "/v1/calibrate"):
+            caller = _client_of(scope, executor.federation, "wrong_role")
+            if isinstance(caller, JobRefused):
+                await _respond(send, caller.status, _error(caller.code, caller.detail))
+                return
+            body = await _read(receive)
+            if body is None:
+                await _respond(send, 413, _error("calibration_too_large", "a calibration is a small JSON"))
+                return
+            status, payload = await asyncio.to_thread(_calibrate, executor, body)
+            await _respond(send, status, payload)
         else:
-            await _respond(send, 404, _error("not_found", "GET /v1/key or POST /v1/jobs"))
+            routes = "GET /v1/key, POST /v1/jobs or POST /v1/calibrate"
+            await _respond(send, 404, _error("not_found", routes))
 
     return app
 
 
-def _client_of(scope: dict[str, Any], federation: str) -> Identity | JobRefused:
-    """The calling client of ``federation``, as TLS verified it; anyone else is refused before the body is
-    read (TLS already refused a caller without a certificate of the federation's CA)."""
+def _client_of(scope: dict[str, Any], federation: str, refusal: str) -> Identity | JobRefused:
+    """The calling client of ``federation``, as TLS verified it; anyone else is refused (``refusal``) before
+    the body is read (TLS already refused a caller without a certificate of the federation's CA)."""
     peer = peer_certificate(scope)  # type: ignore[arg-type]
     if peer is None:
         return JobRefused(401, "no_client_certificate", "a client certificate is required")
@@ -151,10 +229,18 @@ def _client_of(scope: dict[str, Any], federation: str) -> Identity | JobRefused:
     except PKIError as exc:
         return JobRefused(401, "bad_client_certificate", str(exc))
     if caller.role is not Role.CLIENT or caller.federation != federation:
-        return JobRefused(
-            403, "not_grant_holder", f"only a client of {federation!r} sends jobs, not {caller.uri}"
-        )
+        return JobRefused(403, refusal, f"only a client of {federation!r} may call this, not {caller.uri}")
     return caller
+
+
+def _calibrate(executor: Executor, body: bytes) -> tuple[int, Any]:
+    try:
+        return 200, executor.calibrate(Calibration.model_validate_json(body))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        return 400, _error("bad_calibration", f"{'.'.join(map(str, first['loc']))}: {first['msg']}")
+    except JobRefused as exc:
+        return exc.status, _error(exc.code, exc.detail)
 
 
 def _invoke(executor: Executor, body: bytes, caller: Identity) -> tuple[int, Any]:

@@ -187,14 +187,27 @@ def calibrate(event: dict, context: Context) -> dict:
     ev = CalibrateEvent.model_validate(event)
     task = tasks.get(ev.task)
     x, y = context.partition(task, ev.data)
-    fit(task.build_model(), x, y, ev.config, max_steps=1)  # first-call costs are not per-step costs
+    return {"points": timed_fits(task, x, y, ev.config, ev.steps)}
+
+
+def timed_fits(
+    task: tasks.Task,
+    x: np.ndarray,
+    y: np.ndarray,
+    config: TrainConfig,
+    steps: tuple[int, ...],
+    device: torch.device | None = None,
+) -> list[tuple[int, float]]:
+    """(steps, seconds) of a fresh model trained for each number of ``steps``, after one warm-up step:
+    first-call costs (allocation, kernel selection) are not per-step costs."""
+    fit(task.build_model(), x, y, config, device, max_steps=1)
     points = []
-    for steps in ev.steps:
+    for n in steps:
         model = task.build_model()
         started = time.perf_counter()
-        fit(model, x, y, ev.config, max_steps=steps)
-        points.append((steps, time.perf_counter() - started))
-    return {"points": points}
+        fit(model, x, y, config, device, max_steps=n)
+        points.append((n, time.perf_counter() - started))
+    return points
 
 
 def evaluate(event: dict, context: Context) -> dict:

@@ -74,6 +74,12 @@ def seal(recipient: str, plaintext: bytes, context: bytes) -> dict[str, str]:
     return {"ephemeral": raw_public(ephemeral), "nonce": _b64(nonce), "ciphertext": _b64(ciphertext)}
 
 
+def sealed_size(plaintext_bytes: int) -> int:
+    """Bytes of a sealed shard's ciphertext on the wire (base64 of the ciphertext and its 16-byte tag): known
+    before sealing, so an agent can predict the upload before it decides to make it."""
+    return 4 * -(-(plaintext_bytes + 16) // 3)
+
+
 def open_sealed(key: X25519PrivateKey, sealed: dict[str, str], context: bytes) -> bytes:
     try:
         shared = key.exchange(X25519PublicKey.from_public_bytes(_unb64(sealed["ephemeral"])))
