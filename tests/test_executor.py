@@ -20,7 +20,7 @@ import torch
 from conftest import client_data
 from test_service import open_round
 
-from fedge.client.offload import offload_round
+from fedge.client.offload import calibrate_executor, offload_round
 from fedge.security import offload, pki
 from fedge.security.tls import client_context
 from fedge.transport import FedgeClient, ServerError
@@ -143,6 +143,44 @@ def test_an_offloaded_round_is_trained_by_the_executor_under_the_grant_and_leave
     executor.process.terminate()
     assert executor.process.wait(60) == 0
     assert tree(executor.tmp) == []
+
+
+def test_an_executor_times_a_calibration_on_synthetic_inputs_for_any_client_of_the_federation(
+    make_pki, start_executor, tmp_path: Path
+) -> None:
+    """No server is needed and no client data is sent: one example's shape and the number of classes."""
+    pki_dir = make_pki("alice")
+    pki.issue(pki_dir, pki.Role.EXECUTOR, "gpu-1", hosts=("127.0.0.1",))
+    executor = start_executor(pki_dir, "gpu-1", "https://127.0.0.1:1")  # nothing listens there
+    alice_creds = pki.credentials(pki_dir, pki.Role.CLIENT, "alice")
+    alice_data = shard(client_data(tmp_path, 1)[0])
+    config = TrainConfig(batch_size=16)
+
+    small, large = calibrate_executor(alice_creds, ("gpu-1", executor.url), "digits", config, alice_data, 120)
+    assert (small[0], large[0]) == (2, 8)
+    assert 0 < small[1] < large[1]
+    with pytest.raises(offload.OffloadError, match="not 'gpu-2'"):
+        calibrate_executor(alice_creds, ("gpu-2", executor.url), "digits", config, alice_data, 120)
+
+    request = {"task": "digits", "config": config.model_dump(), "shape": [1, 8, 8], "classes": 10}
+    alice, ops = ("alice", pki.Role.CLIENT), ("ops", pki.Role.ADMIN)
+    bad = "bad_calibration"
+    refused = {
+        "an admin": (ops, request, 403, "wrong_role"),
+        "an unknown task": (alice, {**request, "task": "nope"}, 400, bad),
+        "inputs the model cannot take": (alice, {**request, "shape": [3]}, 400, bad),
+        "a long run": (alice, {**request, "steps": [2, 10_000]}, 400, bad),
+        "a huge input": (alice, {**request, "shape": [10_000, 10_000]}, 400, bad),
+    }  # fmt: skip
+    for name, ((who, role), body, status, code) in refused.items():
+        tls = client_context(pki.credentials(pki_dir, role, who))
+        with httpx.Client(base_url=executor.url, verify=tls, timeout=120) as http:
+            response = http.post("/v1/calibrate", json=body)
+        assert (response.status_code, response.json()["error"]) == (status, code), name
+    with httpx.Client(base_url=executor.url, verify=client_context(alice_creds), timeout=120) as http:
+        answer = http.post("/v1/calibrate", json=request).json()
+    assert answer["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert tree(executor.cwd) == []
 
 
 def test_fedge_executor_refuses_a_missing_certificate_in_one_line(make_pki) -> None:

@@ -3,6 +3,7 @@ round, sealed, to a real executor process; one whose owner said ``--offload neve
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import subprocess
 import sys
@@ -50,6 +51,10 @@ def test_a_starved_device_offloads_only_when_its_owner_allows(
     assert "edge calibrated for digits: 2 steps in" in alice.log.read_text()
     assert "predicted {'edge': Prediction(compute_s=" in alice.log.read_text()  # the decision's inputs
     assert "calibrated" not in bob.log.read_text()
+    # ...and on the executor it may use; its run is logged per component, the shard's upload included.
+    assert "gpu-1 calibrated for digits: 2 steps in" in alice.log.read_text()
+    assert "'gpu-1': Prediction(compute_s=" in alice.log.read_text()
+    assert re.search(r"gpu-1 ran \d+ steps: actual Run\(.*bytes_shard=[1-9]", alice.log.read_text())
     shown = subprocess.run(
         [sys.executable, "-m", "fedge", "agent", "status", "--dir", str(alice.state_dir)],
         capture_output=True, text=True, timeout=120, check=True,
@@ -96,6 +101,9 @@ def test_a_failed_offload_is_trained_on_the_device_and_the_executor_sits_out_the
         log = agent.log.read_text()
         assert f"round 1: {executor} failed, fell back to edge on edge" in log
         assert "round 2: edge on edge" in log  # the failed executor sat the second round out
+        # The device's update upload is timed, and the second decision predicts it.
+        assert re.search(r"edge ran \d+ steps: actual Run\(.*bytes_up=[1-9]\d*, upload_s=", log)
+        assert re.search(r"round 2: .*'edge': Prediction\(.*upload_s=(?!0\.0,)", log)
     assert "server_unreachable" in bob.status()["fallback"]
     with sqlite3.connect(server.data / "state.db") as db:
         rows = db.execute("SELECT round, client, computed_by FROM updates ORDER BY 1, 2").fetchall()

@@ -86,3 +86,52 @@ def test_a_device_slowed_five_times_is_sent_to_the_executor() -> None:
     gpu = predictor.predict("gpu", "v1", 200, 0, 0).cost("gpu", price=1)
     placed = place(Situation(OffloadSetting.WHEN_SHORT, 10, 200, edge, (gpu,)))
     assert (placed.kind, placed.target) == (Kind.OFFLOAD, "gpu")
+
+
+def test_an_executor_is_predicted_with_the_device_uploading_the_shard_and_its_own_fast_link() -> None:
+    """The executor's runs time its own model download and update upload (fast); the shard goes first, over
+    the device's uplink: at the uplink's low quantile until the executor's own shard uploads are timed."""
+    device_uplink = 1e6  # bytes a second
+    predictor = Predictor()
+    predictor.calibrate("gpu", "v1", (10, 1.0), (100, 1.9))
+    for run in synthetic_trace(outliers=0):
+        predictor.observe("edge", "v1", Run(run.steps, run.compute_s, bytes_up=2_000_000, upload_s=2.0))
+    assert predictor.uplink("edge", "v1") == pytest.approx(device_uplink)
+    before = predictor.predict("gpu", "v1", 100, 10_000_000, 1_000_000, 50_000_000, uplink=device_uplink)
+    assert before.shard_s == pytest.approx(50.0)
+    assert (before.download_s, before.upload_s) == (0, 0)  # its link is not timed yet: no guess
+    assert before.total_s == pytest.approx(1.9 + 50.0)
+    for _ in range(5):  # the executor's link: 100 MB/s; the shard reached it at 2 MB/s
+        predictor.observe("gpu", "v1", Run(100, 1.9, 0.1, 10_000_000, 0.1, 1_000_000, 0.01, 50_000_000, 25.0))
+    after = predictor.predict("gpu", "v1", 100, 10_000_000, 1_000_000, 50_000_000, uplink=device_uplink)
+    assert after.shard_s == pytest.approx(25.0)  # its own measurements now, not the device's other uploads
+    assert after.download_s == pytest.approx(0.1)
+    assert after.upload_s == pytest.approx(0.01)
+    assert after.total_s == pytest.approx(1.9 + 0.1 + 25.0 + 0.1 + 0.01)
+    assert predictor.predict("gpu", "v1", 100, 0, 0, 0).shard_s == 0  # nothing to send, nothing to wait for
+
+
+def test_the_placer_counts_uploads_in_both_places() -> None:
+    """A device whose compute alone fits the deadline, but not with its update's upload over a slow link,
+    goes to the executor; a shard too large for that link keeps it on the device, with fewer steps."""
+    from fedge.client.placer import ExecutorTarget, Placer, steps_of
+    from fedge.wire import RoundInfo, RoundState, TrainConfig
+
+    info = RoundInfo(
+        round=1, state=RoundState.OPEN, deadline=60.0, model_sha256="0" * 64, task="t", config=TrainConfig()
+    )
+    steps = steps_of(info, 3200)  # 100 a local epoch
+    placer = Placer(OffloadSetting.WHEN_SHORT, (ExecutorTarget("gpu", "https://gpu"),), train_memory=0)
+    placer.calibrated("edge", "t", (10, 4.0), (100, 40.0))  # 40 s for the round
+    placer.calibrated("gpu", "t", (10, 0.1), (100, 1.0))
+    assert placer.decide(info, 3200, 0, free=1).kind is Kind.EDGE  # no upload timed yet: 40 s fits 60 s
+    # The device's last update: 30 MB in 15 s, so 40 s + 15 s (+ a margin: the upload was not predicted)
+    # no longer fits 60 s.
+    placer.observe("edge", "t", Run(steps, 40.0, bytes_up=30_000_000, upload_s=15.0))
+    placer.shard_bytes = 1_000_000  # 0.5 s at the device's uplink
+    offloaded = placer.decide(info, 3200, 0, free=1)
+    assert (offloaded.kind, offloaded.target) == (Kind.OFFLOAD, "gpu")
+    placer.shard_bytes = 200_000_000  # 100 s: the executor cannot start in time
+    fewer = placer.decide(info, 3200, 0, free=1)
+    assert fewer.kind is Kind.FEWER_STEPS
+    assert 0 < fewer.steps < steps
