@@ -222,21 +222,13 @@ class Agent:
         except Exception as exc:  # a device too slow even for this: the first round decides without a line
             log.warning("calibration failed: %s", exc)
         for target in self.config.executors:
+            executor = (target.id, target.url)
             try:
                 small, large = calibrate_executor(
-                    self.config.creds,
-                    (target.id, target.url),
-                    info.task,
-                    info.config,
-                    data,
-                    CALIBRATE_SECONDS,
+                    self.config.creds, executor, info.task, info.config, data, CALIBRATE_SECONDS
                 )
-            except (
-                httpx.HTTPError,
-                ServerError,
-                OffloadError,
-            ) as exc:  # it stays unknown: tried optimistically
-                log.warning("%s calibration failed: %s", target.id, exc)
+            except (httpx.HTTPError, ServerError, OffloadError) as exc:
+                log.warning("%s calibration failed (it stays unknown, so it is tried): %s", target.id, exc)
                 continue
             self.placer.calibrated(target.id, info.task, small, large)
 
