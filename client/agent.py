@@ -251,7 +251,8 @@ class Agent:
         self._report(AgentState.TRAINING, info.round, f"round {info.round} offloaded to {placement.target}")
         (target,) = (e for e in self.config.executors if e.id == placement.target)
         data = self._shard()
-        timeout = max(1.0, info.deadline - time.time()) if info.deadline is not None else 600.0
+        left = info.deadline - time.time() if info.deadline is not None else 600.0
+        timeout = max(1.0, min(left, placement.wait_s))
         try:
             done = offload_round(
                 api, self.config.creds, (target.id, target.url), info.task, info.round, info.config, data,

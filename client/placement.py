@@ -10,9 +10,10 @@ Fewer local steps keep the aggregate correct by weighting: an update trained for
 so under sample-weighted FedAvg a partial update counts for the work in it and a round of full updates is
 plain FedAvg unchanged.
 
-When an offload fails (the executor is unreachable, refuses, errs or times out), ``on_device`` decides
-again with the time that is left, as if no executor had been allowed; the caller leaves that executor out
-of its next decisions, so one broken executor does not cost every round a failed attempt first.
+When an offload fails (the executor is unreachable, refuses, errs, or is still at work when the device
+would have to start to make the deadline itself: ``offload_wait``), ``on_device`` decides again with the
+time left, as if no executor had been allowed; the caller leaves that executor out of its next decisions,
+so one broken executor does not cost every round a failed attempt first.
 
 Hysteresis: once a client offloads, it comes back to the device only when the device's prediction is
 below ``(1 - band)`` of the deadline, so a prediction hovering at the deadline does not flip the placement
@@ -74,6 +75,7 @@ class Placement:
     weight: float  # multiplies the update's num_examples
     reason: str
     prewarm: bool = False  # offload is likely next round: start the executor now
+    wait_s: float = math.inf  # an offload: seconds to wait for the executor before the device takes over
 
     @property
     def offloaded(self) -> bool:
@@ -94,7 +96,8 @@ def place(s: Situation) -> Placement:
             why = "owner prefers offload" if s.setting is OffloadSetting.ALWAYS else (
                 "edge would miss the deadline or memory" if not edge_fits else "hysteresis: edge too close"
             )  # fmt: skip
-            return Placement(Kind.OFFLOAD, executor.target, s.steps, 1.0, why, prewarm)
+            wait = offload_wait(s.deadline_s, s.edge, executor, s.steps)
+            return Placement(Kind.OFFLOAD, executor.target, s.steps, 1.0, why, prewarm, wait)
     return on_device(s, prewarm)
 
 
@@ -109,6 +112,14 @@ def on_device(s: Situation, prewarm: bool = False) -> Placement:
         return Placement(Kind.FEWER_STEPS, s.edge.target, steps, steps / s.steps, reason, prewarm)
     reason = "out of memory" if not s.edge.fits_memory else "not even the fewest steps fit"
     return Placement(Kind.SKIP, None, 0, 0.0, reason, prewarm)
+
+
+def offload_wait(deadline_s: float, edge: Cost, executor: Cost, steps: int) -> float:
+    """How long to wait for the executor: the whole time left, unless the device alone would also make the
+    deadline and the executor's prediction leaves room for it; then only until the device must start, so a
+    hung executor still leaves time to train the round here."""
+    reserve = deadline_s - edge.seconds(steps)
+    return reserve if edge.fits_memory and reserve >= executor.seconds(steps) else deadline_s
 
 
 def fewer_steps(edge: Cost, deadline_s: float, steps: int) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from fedge.client.placement import (
@@ -11,6 +13,7 @@ from fedge.client.placement import (
     Placement,
     Situation,
     fewer_steps,
+    offload_wait,
     on_device,
     place,
 )
@@ -120,6 +123,20 @@ def test_after_a_failed_offload_the_device_does_what_the_time_left_allows(
     placement = on_device(situation)
     assert (placement.kind, placement.steps, placement.weight) == expected
     assert not placement.offloaded
+
+
+def test_an_offload_is_waited_for_only_as_long_as_the_device_could_still_take_over() -> None:
+    # always, fast device (12 s), executor 25 s, 60 s left: give up on the executor at 48 s, when the
+    # device must start to make it alone.
+    offloaded = place(Situation(ALWAYS, 60, 100, FAST_EDGE, (CHEAP_GPU,)))
+    assert (offloaded.kind, offloaded.wait_s) == (Kind.OFFLOAD, pytest.approx(48))
+    assert offload_wait(60, FAST_EDGE, CHEAP_GPU, 100) == pytest.approx(48)
+    # The device cannot make it (too slow, or no memory), or waiting for the device's start would cut the
+    # executor's predicted time: the executor gets all the time there is.
+    assert place(Situation(SHORT, 60, 100, SLOW_EDGE, (CHEAP_GPU,))).wait_s == 60
+    assert place(Situation(SHORT, 60, 100, STARVED_EDGE, (CHEAP_GPU,))).wait_s == 60
+    assert offload_wait(30, FAST_EDGE, CHEAP_GPU, 100) == 30  # 30 - 12 s would leave the executor 18 of 25 s
+    assert place(Situation(SHORT, 60, 100, FAST_EDGE, (CHEAP_GPU,))).wait_s == math.inf  # no offload
 
 
 def test_a_failed_executor_sits_out_the_next_rounds_then_is_tried_again() -> None:
