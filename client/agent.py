@@ -263,9 +263,8 @@ class Agent:
             return
         result = done.result
         run = Run(
-            placement.steps, result["compute_seconds"], done.key_s, result["bytes_down"],
-            result["download_seconds"], result["bytes_up"], result["upload_seconds"], done.job_bytes,
-            done.upload_s,
+            placement.steps, result.compute_seconds, done.key_s, result.bytes_down, result.download_seconds,
+            result.bytes_up, result.upload_seconds, done.job_bytes, done.upload_s,
         )  # fmt: skip
         self.placer.observe(target.id, info.task, run)
         self.placer.shard_bytes = done.job_bytes

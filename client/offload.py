@@ -11,16 +11,31 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import httpx
 import numpy as np
+from pydantic import BaseModel, Field, ValidationError
 
 from fedge.security import offload
 from fedge.security.pki import Credentials
 from fedge.security.tls import client_context
 from fedge.transport import FedgeClient, raise_for_error
 from fedge.wire import TrainConfig
+
+
+class JobDone(BaseModel):
+    """The executor's answer to a job: its own seconds and bytes per component, for the predictor."""
+
+    client: str
+    round: int
+    device: str
+    num_examples: int
+    bytes_down: int = Field(ge=0)
+    download_seconds: float = Field(ge=0)
+    compute_seconds: float = Field(ge=0)
+    bytes_up: int = Field(ge=0)
+    upload_seconds: float = Field(ge=0)
+    seconds: float = Field(ge=0)
 
 
 @dataclass(frozen=True)
@@ -30,7 +45,7 @@ class Offloaded:
     time of that request, whose part beyond the executor's own ``seconds`` is the shard's upload."""
 
     executor: str
-    result: dict[str, Any]
+    result: JobDone
     raw_bytes: int
     job_bytes: int = 0
     key_s: float = 0.0
@@ -38,7 +53,7 @@ class Offloaded:
 
     @property
     def upload_s(self) -> float:
-        return max(0.0, self.post_s - float(self.result.get("seconds", 0.0)))
+        return max(0.0, self.post_s - self.result.seconds)
 
 
 def shard_bytes(data: tuple[np.ndarray, np.ndarray]) -> int:
@@ -84,7 +99,13 @@ def offload_round(
         response = http.post("/v1/jobs", content=body, headers={"content-type": "application/json"})
         post_s = time.perf_counter() - started
         raise_for_error(response)
-    return Offloaded(executor_id, response.json(), len(shard), len(body), key_s, post_s)
+    try:
+        result = JobDone.model_validate_json(response.content)
+    except ValidationError:  # a remote party's answer: never trusted to be well formed
+        raise offload.OffloadError(
+            f"executor {executor_id!r} answered the job with {response.text[:200]!r}"
+        ) from None
+    return Offloaded(executor_id, result, len(shard), len(body), key_s, post_s)
 
 
 def calibrate_executor(

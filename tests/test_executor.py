@@ -125,9 +125,12 @@ def test_an_offloaded_round_is_trained_by_the_executor_under_the_grant_and_leave
             gpu.post_update(r, b"not even a body")
 
         done = offload_round(alice, alice_creds, gpu1, "digits", r, config, alice_data, weight=0.5)
-        assert done.result["client"] == "alice"
-        assert done.result["device"] in ("cpu", "cuda")
-        assert done.result["num_examples"] == round(len(alice_data[1]) * 0.5)
+        assert done.result.client == "alice"
+        assert done.result.device in ("cpu", "cuda")
+        assert done.result.num_examples == round(len(alice_data[1]) * 0.5)
+        assert done.result.bytes_down > 0
+        assert done.result.bytes_up > 0
+        assert done.job_bytes > done.raw_bytes  # sealed and base64: a third more than the raw examples
         assert done.raw_bytes >= alice_data[0].nbytes + alice_data[1].nbytes
         assert computed(server) == [(r, "alice", "gpu-1")]
 
