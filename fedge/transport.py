@@ -87,6 +87,12 @@ class FedgeClient:
         raise_for_error(response)
         return ModelMeta.model_validate_json(response.content)
 
+    def start(self) -> RoundInfo:
+        """Admin: let a federation served with ``--manual-start`` open round 1."""
+        response = self._http.post("/v1/admin/start")
+        raise_for_error(response)
+        return RoundInfo.model_validate_json(response.content)
+
     def current_round(self, wait: float | None = None, etag: str | None = None) -> RoundInfo:
         """The current round; with ``wait`` and the ``etag`` last seen, block until it changes (long poll)."""
         params = {"wait": wait} if wait else {}
