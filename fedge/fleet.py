@@ -75,7 +75,7 @@ class Outcome:
     """What one device did in one round."""
 
     client: str
-    where: str  # edge, fewer-steps, offload:ID, skip, dropout
+    where: str  # edge, fewer-steps, offload:ID, skip, dropout; fallback:edge|skip when an offload failed
     accepted: bool  # the server took its update before the round closed
     invocation: Invocation | None = None  # a run on the device's own worker
     raw_bytes: int = 0  # raw data that left the device (its sealed shard's plaintext)
@@ -152,7 +152,10 @@ class Fleet:
                 outcome = self._offload(device, info, placement, agrees)
                 if outcome is not None:
                     return outcome
+                if free < self.train_memory:  # the executor failed, and the device cannot train
+                    return Outcome(client, "fallback:skip", False, agrees=agrees)
                 placement = replace(placement, kind=Kind.EDGE, target="edge", weight=1.0)
+                return self._train(device, info, placement, agrees, where="fallback:edge")
             return self._train(device, info, placement, agrees)
 
     def _may_offload(self, device: Device) -> bool:
@@ -244,7 +247,9 @@ class Fleet:
             self._executor_step_s.append(seconds / max(placement.steps, 1))
         return Outcome(device.id, where, True, raw_bytes=done.raw_bytes, agrees=agrees)
 
-    def _train(self, device: Device, info: RoundInfo, placement: Placement, agrees: bool | None) -> Outcome:
+    def _train(
+        self, device: Device, info: RoundInfo, placement: Placement, agrees: bool | None, where: str = ""
+    ) -> Outcome:
         event = {
             **self.train_event(info, device.id),
             "device": {"slowdown": device.profile.slowdown, "bandwidth": device.profile.bandwidth},
@@ -252,7 +257,7 @@ class Fleet:
             "weight": placement.weight,
         }
         future: Future[Invocation] = self.pool.invoke("train", event)
-        where = str(placement.kind)
+        where = where or str(placement.kind)
         try:
             invocation = future.result()
         except ServerError as exc:

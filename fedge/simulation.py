@@ -310,27 +310,37 @@ def _run_devices(run: _Run, profiled: list[profiles.DeviceProfile], work: Path) 
         fleet.prepare(settings.dataset, config)
         run.api.start()  # the server held round 1 (--manual-start) until the devices were ready
         threads = ThreadPoolExecutor(settings.clients, thread_name_prefix="device")
+        recorder = ThreadPoolExecutor(1, thread_name_prefix="record")
         playing: list[Future[Outcome]] = []
+        recorded: list[Future[int]] = []
         info = run.wait_until_open()
         while info.state is not RoundState.FINISHED:
             opened = time.perf_counter()
             fleet.new_round()
             playing += [threads.submit(fleet.play, info, client) for client in info.selected]
-            next_info = run.api.current_round()
-            while next_info.etag == info.etag:
-                next_info = run.api.current_round(wait=30, etag=info.etag)
+            closed = run.api.current_round()
+            while closed.etag == info.etag:
+                closed = run.api.current_round(wait=30, etag=info.etag)
             finished = [f for f in playing if f.done()]
             playing = [f for f in playing if not f.done()]
             outcomes = [f.result() for f in finished]
             for outcome in outcomes:
                 run.report.count(outcome)
             arrived = [o for o in outcomes if o.accepted]
-            run.record(info.round, [o.invocation for o in arrived if o.invocation is not None], opened,
-                       offloaded=sum(o.invocation is None for o in arrived))  # fmt: skip
-            info = run.wait_until_open(next_info)
+            # Devices hear of the next round at once; this one's evaluation runs beside it, in order.
+            recorded.append(
+                recorder.submit(
+                    run.record, info.round, [o.invocation for o in arrived if o.invocation is not None],
+                    opened, sum(o.invocation is None for o in arrived),
+                )
+            )  # fmt: skip
+            info = run.wait_until_open(closed)
         for outcome in map(Future.result, playing):  # still busy when the federation finished: late
             run.report.count(outcome)
+        for future in recorded:
+            future.result()
         threads.shutdown()
+        recorder.shutdown()
     finally:
         if executor is not None:
             process.stop()

@@ -73,11 +73,12 @@ def test_profiled_devices_offload_skip_and_drop_out_and_the_run_accounts_for_eac
     )
     done = run_cli(
         "simulate", "--dataset", "digits", "--partition", "iid", "--clients", "4", "--rounds", "2",
-        "--round-timeout", "15", "--profile", str(profile), "--out", str(tmp_path / "run"),
+        "--round-timeout", "25", "--profile", str(profile), "--out", str(tmp_path / "run"),
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert metrics["placements"] == {"edge": 2, "offload:executor-0": 2, "skip": 2, "dropout": 2}
+    expected = {"edge": 2, "offload:executor-0": 2, "skip": 2, "dropout": 2}
+    assert metrics["placements"] == expected, done.stderr
     assert (metrics["asked"], metrics["arrived"], metrics["completion_rate"]) == (8, 4, 0.5)
     assert [r["updates"] for r in metrics["rounds"]] == [2, 2]
 
