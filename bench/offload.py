@@ -26,7 +26,7 @@ from fedge.simulation import Report, simulate
 
 FULL = {"clients": 20, "rounds": 6, "epochs": 5, "slow_share": 0.3, "slowdown": 5.0, "target": 0.9}
 QUICK = {"clients": 3, "rounds": 1, "epochs": 1, "slow_share": 0.3, "slowdown": 5.0, "target": 0.9}
-DEADLINE_FACTOR = 2.5
+DEADLINE_FACTOR = 2.0
 QUICK_DEADLINE = 20.0  # --quick proves the runs work; its rounds are too small to time a deadline on
 
 

@@ -82,3 +82,10 @@ def test_a_slowed_device_waits_its_slowdown_and_its_link() -> None:
     SlowDevice(bandwidth=1e6).transferred(100_000)  # 100 kB at 1 MB/s: 0.1 s
     SlowDevice().transferred(10**12)  # no link set: as fast as loopback
     assert time.perf_counter() - started >= 0.3
+
+
+def test_the_example_profile_in_the_readme_is_valid() -> None:
+    example = Path(__file__).resolve().parent.parent / "examples" / "slow-devices.toml"
+    profiles = assign(load(example), 20, seed=0)
+    assert sum(p.slowdown == 5 for p in profiles) == 6
+    assert sum(p.offload is OffloadSetting.NEVER for p in profiles) == 2
