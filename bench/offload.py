@@ -52,7 +52,7 @@ def run(quick: bool) -> dict:
         "workload": {
             **size,
             "round_timeout": deadline,
-            "reference_round_seconds": reference.rounds[-1].seconds,
+            "reference_round_seconds": reference,
         },
         "policies": policies,
         "ratios": {"time_to_90_edge_only_over_fedge": edge / fedge if edge and fedge else None},
