@@ -193,7 +193,12 @@ class Agent:
         if placement.prewarm and placement.kind is not Kind.OFFLOAD:
             threading.Thread(target=self._prewarm, daemon=True).start()
         if placement.kind is Kind.SKIP:
-            self._finish(info.round, AgentState.SKIPPED, f"round {info.round}: {placement.reason}")
+            try:  # best effort: without the notice the round merely waits for its deadline
+                api.skip(info.round, placement.reason)
+                told = "the server was told"
+            except (httpx.HTTPError, ServerError) as exc:
+                told = f"the skip notice failed: {exc}"
+            self._finish(info.round, AgentState.SKIPPED, f"round {info.round}: {placement.reason}; {told}")
         elif placement.kind is Kind.OFFLOAD:
             self._offload(api, info, placement)
         else:
