@@ -175,7 +175,9 @@ class Agent:
         self._etag = info.etag
         step, why = plan(info, self.config.identity.id, self._done_round(), time.time())
         if step is Step.IGNORE:
-            if self._status.state is not AgentState.IDLE or self._status.round != info.round:
+            # A skip stays shown with its reason until the next round (its notice may close this one at once).
+            settled = self._status.state in (AgentState.IDLE, AgentState.SKIPPED)
+            if not settled or self._status.round != info.round:
                 self._report(AgentState.IDLE, info.round, why)
             return
         if step is Step.SKIP:
