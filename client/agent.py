@@ -175,7 +175,9 @@ class Agent:
         self._etag = info.etag
         step, why = plan(info, self.config.identity.id, self._done_round(), time.time())
         if step is Step.IGNORE:
-            if self._status.state is not AgentState.IDLE or self._status.round != info.round:
+            # A skip stays shown with its reason until the next round (its notice may close this one at once).
+            settled = self._status.state in (AgentState.IDLE, AgentState.SKIPPED)
+            if not settled or self._status.round != info.round:
                 self._report(AgentState.IDLE, info.round, why)
             return
         if step is Step.SKIP:
@@ -193,7 +195,12 @@ class Agent:
         if placement.prewarm and placement.kind is not Kind.OFFLOAD:
             threading.Thread(target=self._prewarm, daemon=True).start()
         if placement.kind is Kind.SKIP:
-            self._finish(info.round, AgentState.SKIPPED, f"round {info.round}: {placement.reason}")
+            try:  # best effort: without the notice the round merely waits for its deadline
+                api.skip(info.round, placement.reason)
+                told = "the server was told"
+            except (httpx.HTTPError, ServerError) as exc:
+                told = f"the skip notice failed: {exc}"
+            self._finish(info.round, AgentState.SKIPPED, f"round {info.round}: {placement.reason}; {told}")
         elif placement.kind is Kind.OFFLOAD:
             self._offload(api, info, placement)
         else:
