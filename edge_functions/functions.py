@@ -49,8 +49,8 @@ class AttackSpec(BaseModel):
 
 
 class SlowDevice(BaseModel):
-    """Simulation only: make this machine behave like a slower device (``fedge simulate --profile``). The
-    function really waits, so whoever times it (the predictor, the round's deadline) sees the device's time."""
+    """Simulation only: make this machine behave like a slower device (``fedge simulate --profile``).
+    The function really waits, so whoever times it (the predictor, the deadline) sees the device's time."""
 
     slowdown: float = Field(1.0, ge=1.0)  # compute takes this many times as long
     bandwidth: float | None = Field(None, gt=0)  # bytes per second of its link; None: as fast as it is

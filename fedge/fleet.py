@@ -153,7 +153,13 @@ class Fleet:
                 if outcome is not None:
                     return outcome
                 if free < self.train_memory:  # the executor failed, and the device cannot train
-                    return Outcome(client, "fallback:skip", False, agrees=agrees)
+                    return self._skip(
+                        device,
+                        info,
+                        replace(placement, reason="offload failed, no memory"),
+                        agrees,
+                        "fallback:skip",
+                    )
                 placement = replace(placement, kind=Kind.EDGE, target="edge", weight=1.0)
                 return self._train(device, info, placement, agrees, where="fallback:edge")
             return self._train(device, info, placement, agrees)
@@ -214,8 +220,16 @@ class Fleet:
         setting = self.rule.setting(profile.offload)
         return Situation(setting, deadline, steps, edge, executors, previous=device.placer.previous)
 
-    def _skip(self, device: Device, info: RoundInfo, placement: Placement, agrees: bool | None) -> Outcome:
-        return Outcome(device.id, "skip", False, agrees=agrees)
+    def _skip(
+        self, device: Device, info: RoundInfo, placement: Placement, agrees: bool | None, where: str = "skip"
+    ) -> Outcome:
+        """Tell the server now, so the round need not wait for this device until its deadline."""
+        try:
+            with FedgeClient(self.server, device.creds) as api:
+                api.skip(info.round, placement.reason)
+        except (httpx.HTTPError, ServerError) as exc:  # the round closed meanwhile: nothing to tell
+            log.warning("%s: the skip notice for round %d failed: %s", device.id, info.round, exc)
+        return Outcome(device.id, where, False, agrees=agrees)
 
     def _offload(
         self, device: Device, info: RoundInfo, placement: Placement, agrees: bool | None
