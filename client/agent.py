@@ -175,7 +175,9 @@ class Agent:
         self._etag = info.etag
         step, why = plan(info, self.config.identity.id, self._done_round(), time.time())
         if step is Step.IGNORE:
-            if self._status.state is not AgentState.IDLE or self._status.round != info.round:
+            # A skip stays shown with its reason until the next round (its notice may close this one at once).
+            settled = self._status.state in (AgentState.IDLE, AgentState.SKIPPED)
+            if not settled or self._status.round != info.round:
                 self._report(AgentState.IDLE, info.round, why)
             return
         if step is Step.SKIP:
@@ -193,11 +195,20 @@ class Agent:
         if placement.prewarm and placement.kind is not Kind.OFFLOAD:
             threading.Thread(target=self._prewarm, daemon=True).start()
         if placement.kind is Kind.SKIP:
-            self._finish(info.round, AgentState.SKIPPED, f"round {info.round}: {placement.reason}")
+            self._skip(api, info.round, placement.reason, f"round {info.round}: {placement.reason}")
         elif placement.kind is Kind.OFFLOAD:
             self._offload(api, info, placement)
         else:
             self._train(api, info, placement)
+
+    def _skip(self, api: FedgeClient, round_: int, reason: str, detail: str) -> None:
+        """Tell the server this round gets no update from here, so it need not wait for the deadline."""
+        try:  # best effort: without the notice the round merely waits for its deadline
+            api.skip(round_, reason)
+            told = "the server was told"
+        except (httpx.HTTPError, ServerError) as exc:
+            told = f"the skip notice failed: {exc}"
+        self._finish(round_, AgentState.SKIPPED, f"{detail}; {told}")
 
     def _count(self, placement: Placement) -> None:
         where = f"offload:{placement.target}" if placement.offloaded else str(placement.kind)
@@ -289,7 +300,7 @@ class Agent:
         counts[f"fallback:{placement.kind}"] = counts.get(f"fallback:{placement.kind}", 0) + 1
         self._status = self._status.model_copy(update={"placements": counts, "fallback": why})
         if placement.kind is Kind.SKIP:
-            self._finish(info.round, AgentState.SKIPPED, why)
+            self._skip(api, info.round, f"offload failed, then {placement.reason}", why)
         else:
             self._train(api, info, placement)
 

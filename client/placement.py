@@ -122,6 +122,17 @@ def offload_wait(deadline_s: float, edge: Cost, executor: Cost, steps: int) -> f
     return reserve if edge.fits_memory and reserve >= executor.seconds(steps) else deadline_s
 
 
+def fastest(s: Situation) -> Placement:
+    """STOIC's rule, kept as a baseline: the target with the lowest predicted time, whatever the owner set
+    and whatever it costs. It knows nothing of privacy: raw data leaves any device the cloud is faster for."""
+    candidates = [c for c in (s.edge, *s.executors) if c.fits_memory]
+    if not candidates:
+        return Placement(Kind.SKIP, None, 0, 0.0, "out of memory everywhere")
+    best = min(candidates, key=lambda c: c.seconds(s.steps))
+    kind = Kind.EDGE if best is s.edge else Kind.OFFLOAD
+    return Placement(kind, best.target, s.steps, 1.0, "lowest predicted time")
+
+
 def fewer_steps(edge: Cost, deadline_s: float, steps: int) -> int:
     """The most local steps (at most ``steps``) the device finishes before the deadline; 0 if none."""
     if edge.per_step_s <= 0:

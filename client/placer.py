@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from fedge.client.placement import Cost, OffloadSetting, Placement, Situation, on_device, place
@@ -34,9 +35,14 @@ class ExecutorTarget:
 
 class Placer:
     def __init__(
-        self, setting: OffloadSetting, executors: tuple[ExecutorTarget, ...], train_memory: int
+        self,
+        setting: OffloadSetting,
+        executors: tuple[ExecutorTarget, ...],
+        train_memory: int,
+        policy: Callable[[Situation], Placement] = place,
     ) -> None:
         self.setting = setting
+        self.policy = policy  # fedge's; a simulation may compare a baseline (placement.fastest)
         self.executors = executors
         self.train_memory = train_memory  # bytes a training run needs on the device
         self.predictor = Predictor()
@@ -57,7 +63,7 @@ class Placer:
         executors = tuple(self._cost(e.id, info.task, steps, e.price, True) for e in candidates)
         deadline = info.deadline - now if info.deadline is not None else math.inf
         situation = Situation(self.setting, deadline, steps, edge, executors, previous=self.previous)
-        self.previous = placement = place(situation)
+        self.previous = placement = self.policy(situation)
         predicted = dict(self._predicted)
         log.info(
             "round %d: %s on %s, %d steps, weight %.3f (%s); free memory %d, deadline in %.1f s; "

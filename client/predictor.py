@@ -24,6 +24,8 @@ WINDOW = 20
 STARTUP_WINDOW = 10
 BANDWIDTH_QUANTILE = 0.1
 ERROR_QUANTILE = 0.9
+MIN_ERRORS = 3  # fewer, and one odd first run (a cold cache, a neighbour's burst) would set the margin
+MAX_MARGIN = 1.0  # at most double a prediction: more, and a device that would fit gives up its round
 
 
 @dataclass(frozen=True)
@@ -99,8 +101,11 @@ def low_bandwidth(samples: list[float]) -> float | None:
 
 
 def error_margin(errors: list[float]) -> float:
-    """The fraction to add on top of a prediction: a high quantile of recent under-predictions."""
-    return max(0.0, float(np.quantile(errors, ERROR_QUANTILE))) if errors else 0.0
+    """The fraction to add on top of a prediction: a high quantile of recent under-predictions, once there
+    are enough of them to have a quantile, and bounded."""
+    if len(errors) < MIN_ERRORS:
+        return 0.0
+    return min(MAX_MARGIN, max(0.0, float(np.quantile(errors, ERROR_QUANTILE))))
 
 
 @dataclass

@@ -48,6 +48,21 @@ class AttackSpec(BaseModel):
     scale: float = 4.0
 
 
+class SlowDevice(BaseModel):
+    """Simulation only: make this machine behave like a slower device (``fedge simulate --profile``).
+    The function really waits, so whoever times it (the predictor, the deadline) sees the device's time."""
+
+    slowdown: float = Field(1.0, ge=1.0)  # compute takes this many times as long
+    bandwidth: float | None = Field(None, gt=0)  # bytes per second of its link; None: as fast as it is
+
+    def computed(self, seconds: float) -> None:
+        time.sleep((self.slowdown - 1.0) * seconds)
+
+    def transferred(self, size: int) -> None:
+        if self.bandwidth is not None:
+            time.sleep(size / self.bandwidth)
+
+
 class LocalData(BaseModel):
     """A device's own examples: an ``.npz`` with arrays ``x`` (float32, the task's input shape) and ``y``."""
 
@@ -63,6 +78,7 @@ class TrainEvent(BaseModel):
     data: DataSpec | LocalData
     attack: AttackSpec | None = None
     delay: float = 0.0  # simulation only: a straggler's extra seconds before it sends its update
+    device: SlowDevice = SlowDevice()  # simulation only
     compression: str = "none"  # fedge.compression: none, float16 or int8
     outbox: Path | None = None  # keep the update here for the caller to send, instead of posting it
     model_sha256: str | None = None  # the round's model, as announced: a warm instance may hold it already
@@ -75,6 +91,7 @@ class CalibrateEvent(BaseModel):
     config: TrainConfig
     data: DataSpec | LocalData
     steps: tuple[int, int] = (2, 8)
+    device: SlowDevice = SlowDevice()  # simulation only
 
 
 class EvaluateEvent(BaseModel):
@@ -147,12 +164,15 @@ def train(event: dict, context: Context) -> dict:
     api = context.api(ev.server, ev.credentials.get())
     fetching = time.perf_counter()
     bytes_down = context.fetch_model(api, ev.model_sha256)
+    ev.device.transferred(bytes_down)
     download_seconds = time.perf_counter() - fetching  # with bytes_down: the device's bandwidth
     model = task.build_model()
     tasks.load_tensors(model, context.model)
     if isinstance(ev.data, DataSpec):
         torch.manual_seed(ev.data.seed * 1_000_003 + ev.round * 1009 + ev.data.index)
+    computing = time.perf_counter()
     loss = fit(model, x, y, ev.config, max_steps=ev.max_steps)
+    ev.device.computed(time.perf_counter() - computing)
     tensors = tasks.tensors_of(model)
     if ev.attack is not None and isinstance(ev.data, DataSpec):
         rng = np.random.default_rng([ev.data.seed, ev.round, ev.data.index])
@@ -163,6 +183,7 @@ def train(event: dict, context: Context) -> dict:
     metadata = {NUM_EXAMPLES: str(examples), TRAIN_LOSS: f"{loss:.6f}", BASE_SHA256: base, **how}
     body = encode(tensors, metadata)
     time.sleep(ev.delay)
+    ev.device.transferred(len(body))
     staleness = None
     if ev.outbox is None:
         staleness = api.post_update(ev.round, body).staleness
@@ -187,7 +208,7 @@ def calibrate(event: dict, context: Context) -> dict:
     ev = CalibrateEvent.model_validate(event)
     task = tasks.get(ev.task)
     x, y = context.partition(task, ev.data)
-    return {"points": timed_fits(task, x, y, ev.config, ev.steps)}
+    return {"points": timed_fits(task, x, y, ev.config, ev.steps, slow=ev.device)}
 
 
 def timed_fits(
@@ -197,15 +218,19 @@ def timed_fits(
     config: TrainConfig,
     steps: tuple[int, ...],
     device: torch.device | None = None,
+    slow: SlowDevice | None = None,
 ) -> list[tuple[int, float]]:
     """(steps, seconds) of a fresh model trained for each number of ``steps``, after one warm-up step:
-    first-call costs (allocation, kernel selection) are not per-step costs."""
+    first-call costs (allocation, kernel selection) are not per-step costs. ``slow``: a simulated device's
+    slow-down, applied to each timed run so the points are the device's."""
     fit(task.build_model(), x, y, config, device, max_steps=1)
     points = []
     for n in steps:
         model = task.build_model()
         started = time.perf_counter()
         fit(model, x, y, config, device, max_steps=n)
+        if slow is not None:
+            slow.computed(time.perf_counter() - started)
         points.append((n, time.perf_counter() - started))
     return points
 

@@ -88,6 +88,18 @@ def simulate(
     ] = None,
     stragglers: Annotated[float | None, typer.Option(help="share of clients that are slow [0]")] = None,
     straggler_delay: Annotated[float | None, typer.Option(help="seconds a straggler lags [5]")] = None,
+    profile: Annotated[
+        Path | None, typer.Option(help="device profiles (TOML): slowdown, memory, dropout, bandwidth")
+    ] = None,
+    placement: Annotated[
+        str | None,
+        typer.Option(
+            help="with --profile: fedge, or a baseline: edge-only, cloud-only, stoic, oracle [fedge]"
+        ),
+    ] = None,
+    train_memory_mb: Annotated[
+        float | None, typer.Option(help="with --profile: memory a training run needs on a device [256]")
+    ] = None,
 ) -> None:
     """Run a federation on this machine: real mTLS, a real server process, warm client functions."""
     from fedge.plots import accuracy_plot
@@ -103,7 +115,7 @@ def simulate(
             tau=tau, trim_fraction=trim_fraction, malicious=malicious, keep=keep, clip_norm=clip_norm,
             noise_multiplier=noise_multiplier, dp_delta=dp_delta, buffer=buffer, max_staleness=max_staleness,
             staleness_exponent=staleness_exponent, stragglers=stragglers, straggler_delay=straggler_delay,
-            compression=compression,
+            compression=compression, profile=profile, placement=placement, train_memory_mb=train_memory_mb,
         )  # fmt: skip
         strategy_of(settings)  # a bad strategy is refused here, not by the server it would start
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -140,6 +152,17 @@ def simulate(
     if "dp_epsilon" in report.model_metadata:
         meta = report.model_metadata
         console.print(f"privacy spent: epsilon {meta['dp_epsilon']} at delta {meta['dp_delta']}")
+    if report.completion_rate is not None:
+        where = ", ".join(f"{n} {place}" for place, n in sorted(report.placements.items()))
+        console.print(
+            f"updates arrived before the deadline: {report.arrived} of {report.asked} "
+            f"({report.completion_rate:.1%}); client-rounds: {where}"
+        )
+    if settings.profile is not None:
+        agreement = (
+            "" if report.oracle_agreement is None else f"; {report.oracle_agreement:.1%} as the oracle"
+        )
+        console.print(f"raw data offloaded: {report.raw_bytes_offloaded / 1e6:.2f} MB (sealed){agreement}")
     sent = sum(r.bytes_up for r in report.rounds)
     console.print(f"updates sent: {sent / 1e6:.2f} MB ({settings.compression} compression)")
     console.print(

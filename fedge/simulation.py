@@ -3,31 +3,42 @@
 A throwaway PKI, the aggregation service in its own process behind mutual TLS, and each simulated client
 an invocation of the edge ``train`` function on a warm worker pool, with its own certificate and its own
 share of real data. This process only orchestrates: it imports neither torch nor the server.
+
+With ``--profile`` the clients become devices (``fedge.fleet``): each has its own worker, slowed to its
+profile, decides its placement every round as an agent does, and may have the executor process that
+joins the run train for it. The report then says where every client-round ran, how many of the updates
+asked for arrived before the deadline, and how many bytes of raw data left devices.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import tempfile
+import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future, as_completed, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, as_completed, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from fedge import compression
+from fedge import compression, profiles
+from fedge.client.placement import OffloadSetting
+from fedge.client.placer import ExecutorTarget, Placer
 from fedge.codec import decode
 from fedge.console import UserError
 from fedge.edge_functions import attacks, datasets, partition
+from fedge.edge_functions.launcher import ExecutorProcess, launch_executor
 from fedge.edge_functions.runtime import Invocation, WarmPool
+from fedge.fleet import Device, Fleet, Outcome, Rule
 from fedge.security import pki
 from fedge.server.launcher import ServerProcess, launch
 from fedge.settings import SimulationSettings
 from fedge.transport import FedgeClient, ServerError
-from fedge.wire import RoundInfo, RoundState
+from fedge.wire import RoundInfo, RoundState, TrainConfig
 
 
 @dataclass
@@ -54,9 +65,32 @@ class Report:
     stragglers: list[str] = field(default_factory=list)
     refused: dict[str, int] = field(default_factory=dict)  # updates the server refused, by error code
     model_metadata: dict[str, str] = field(default_factory=dict)  # e.g. the privacy spent (dp-fedavg)
+    asked: int = 0  # updates asked for: the selected clients of every round
+    arrived: int = 0  # updates the server took before their round closed
+    placements: dict[str, int] = field(default_factory=dict)  # client-rounds by where they ran
+    raw_bytes_offloaded: int = 0  # raw training data that left devices, sealed to the executor
+    oracle_agreement: float | None = None  # share of placements the oracle would have made the same
+    agreements: list[bool] = field(default_factory=list, repr=False)
+
+    @property
+    def completion_rate(self) -> float | None:
+        return self.arrived / self.asked if self.asked else None
+
+    def count(self, outcome: Outcome) -> None:
+        self.asked += 1
+        self.arrived += outcome.accepted
+        self.placements[outcome.where] = self.placements.get(outcome.where, 0) + 1
+        self.raw_bytes_offloaded += outcome.raw_bytes
+        if outcome.refused is not None:
+            self.refused[outcome.refused] = self.refused.get(outcome.refused, 0) + 1
+        if outcome.agrees is not None:
+            self.agreements.append(outcome.agrees)
+            self.oracle_agreement = sum(self.agreements) / len(self.agreements)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, default=str)
+        fields = asdict(self)
+        del fields["agreements"]
+        return json.dumps({**fields, "completion_rate": self.completion_rate}, indent=2, default=str)
 
 
 def simulate(
@@ -76,6 +110,16 @@ def simulate(
         )
     if settings.attackers > 0 and settings.attack is None:
         raise UserError("--attackers needs --attack sign-flip|scale|noise")
+    if settings.placement not in tuple(Rule):
+        raise UserError(f"unknown placement {settings.placement!r}: choose from {', '.join(Rule)}")
+    devices = None
+    if settings.profile is not None:
+        if settings.buffer:
+            raise UserError("--profile needs synchronous rounds: it cannot be combined with --buffer")
+        try:
+            devices = profiles.assign(profiles.load(settings.profile), settings.clients, settings.seed)
+        except profiles.ProfileError as exc:
+            raise UserError(str(exc)) from None
     started = time.perf_counter()
     report = Report(settings=settings.model_dump(mode="json"))
     report.attackers = pick_clients(settings.clients, settings.attackers, settings.seed)
@@ -83,7 +127,8 @@ def simulate(
     with tempfile.TemporaryDirectory(prefix="fedge-sim-") as tmp:
         work = Path(tmp)
         observer = _make_pki(work / "pki", settings.clients)
-        pool = WarmPool(settings.workers)
+        # With profiles, each device has its own worker: a slowed device waits, and must wait alone.
+        pool = WarmPool(settings.workers if devices is None else settings.clients + 1)
         try:
             pool.warm()
             initial = pool.invoke("initial_model", {"task": settings.dataset, "seed": settings.seed}).result()
@@ -91,8 +136,13 @@ def simulate(
             server = _start_server(work, settings)
             try:
                 with FedgeClient(server.url, observer) as api:
-                    driver = _run_async if settings.buffer else _run_rounds
-                    driver(_Run(api, server.url, pool, work / "pki", observer, settings, report, on_round))
+                    run = _Run(api, server.url, pool, work / "pki", observer, settings, report, on_round)
+                    if devices is not None:
+                        _run_devices(run, devices, work)
+                    elif settings.buffer:
+                        _run_async(run)
+                    else:
+                        _run_rounds(run)
                     final = api.model()
                 assert final is not None
                 report.model_metadata = decode(final.body)[1]
@@ -130,12 +180,18 @@ def _start_server(work: Path, settings: SimulationSettings) -> ServerProcess:
         "--pki", str(work / "pki"), "--host", "127.0.0.1", "--port", "0",
         "--task", settings.dataset, "--init-model", str(work / "initial.safetensors"),
         "--rounds", str(settings.rounds), "--min-clients", str(settings.clients),
-        "--min-updates", str(math.ceil(settings.fraction * settings.clients)),
+        "--min-updates", str(_quorum(settings)),
         "--round-timeout", str(settings.round_timeout), "--local-epochs", str(settings.local_epochs),
         "--batch-size", str(settings.batch_size), "--lr", str(settings.lr), "--seed", str(settings.seed),
-        *settings.aggregation_flags(),
+        *settings.aggregation_flags(), *(["--manual-start"] if settings.profile is not None else []),
     ]  # fmt: skip
     return launch(args, work / "server", work / "server.log")
+
+
+def _quorum(settings: SimulationSettings) -> int:
+    """Every selected client, so a round waits for all; with profiles, whatever arrived by the deadline
+    (a slow or vanished device is the point of those runs, not a reason to throw a round away)."""
+    return 1 if settings.profile is not None else math.ceil(settings.fraction * settings.clients)
 
 
 @dataclass
@@ -169,9 +225,10 @@ class _Run:
             info = self.api.current_round(wait=5, etag=info.etag)
         return info
 
-    def record(self, round_: int | None, results: list[Invocation], since: float) -> int:
+    def record(self, round_: int | None, results: list[Invocation], since: float, offloaded: int = 0) -> int:
         """Evaluate the current model and add a row for it (labelled ``round_``, else the version
-        evaluated, which in asynchronous mode may be newer than the one that prompted it)."""
+        evaluated, which in asynchronous mode may be newer than the one that prompted it). ``offloaded``:
+        updates an executor trained, which ran on no worker of this pool."""
         seconds = time.perf_counter() - since
         evaluation = self.pool.invoke("evaluate", _evaluate_event(self.url, self.observer, self.settings))
         evaluated = evaluation.result()
@@ -183,7 +240,7 @@ class _Run:
             round=round_,
             accuracy=evaluated.result["accuracy"],
             loss=evaluated.result["loss"],
-            updates=len(results),
+            updates=len(results) + offloaded,
             seconds=seconds,
             bytes_up=sum(r.result["bytes_up"] for r in results),
             bytes_down=sum(r.result["bytes_down"] for r in results),
@@ -202,6 +259,9 @@ def _run_rounds(run: _Run) -> None:
         opened = time.perf_counter()
         invocations = [run.train(info, client) for client in info.selected]
         results = [r for r in map(run.outcome, as_completed(invocations)) if r is not None]
+        run.report.asked += len(invocations)
+        run.report.arrived += len(results)
+        run.report.placements["edge"] = run.report.placements.get("edge", 0) + len(invocations)
         next_info = run.api.current_round()
         while next_info.etag == info.etag:
             next_info = run.api.current_round(wait=30, etag=info.etag)
@@ -232,6 +292,92 @@ def _run_async(run: _Run) -> None:
         run.outcome(future)
 
 
+def _run_devices(run: _Run, profiled: list[profiles.DeviceProfile], work: Path) -> None:
+    """Synchronous rounds of profiled devices: each selected device plays its round in its own thread;
+    the next round starts when the server closes this one, whoever is still busy (a late device is
+    refused when it arrives, and starts its next round late)."""
+    settings = run.settings
+    rule = Rule(settings.placement)
+    executor = None
+    if any(rule.setting(p.offload) is not OffloadSetting.NEVER for p in profiled):
+        process = _start_executor(work, run.url)
+        executor = ExecutorTarget("executor-0", process.url)
+    try:
+        fleet = _fleet(run, profiled, rule, executor)
+        config = TrainConfig(
+            local_epochs=settings.local_epochs, batch_size=settings.batch_size, learning_rate=settings.lr
+        )
+        fleet.prepare(settings.dataset, config)
+        run.api.start()  # the server held round 1 (--manual-start) until the devices were ready
+        threads = ThreadPoolExecutor(settings.clients, thread_name_prefix="device")
+        recorder = ThreadPoolExecutor(1, thread_name_prefix="record")
+        playing: list[Future[Outcome]] = []
+        recorded: list[Future[int]] = []
+        info = run.wait_until_open()
+        while info.state is not RoundState.FINISHED:
+            opened = time.perf_counter()
+            fleet.new_round()
+            playing += [threads.submit(fleet.play, info, client) for client in info.selected]
+            closed = run.api.current_round()
+            while closed.etag == info.etag:
+                closed = run.api.current_round(wait=30, etag=info.etag)
+            finished = [f for f in playing if f.done()]
+            playing = [f for f in playing if not f.done()]
+            outcomes = [f.result() for f in finished]
+            for outcome in outcomes:
+                run.report.count(outcome)
+            arrived = [o for o in outcomes if o.accepted]
+            # Devices hear of the next round at once; this one's evaluation runs beside it, in order.
+            recorded.append(
+                recorder.submit(
+                    run.record, info.round, [o.invocation for o in arrived if o.invocation is not None],
+                    opened, sum(o.invocation is None for o in arrived),
+                )
+            )  # fmt: skip
+            info = run.wait_until_open(closed)
+        for outcome in map(Future.result, playing):  # still busy when the federation finished: late
+            run.report.count(outcome)
+        for future in recorded:
+            future.result()
+        threads.shutdown()
+        recorder.shutdown()
+    finally:
+        if executor is not None:
+            process.stop()
+
+
+def _start_executor(work: Path, server: str) -> ExecutorProcess:
+    pki.issue(work / "pki", pki.Role.EXECUTOR, "executor-0", hosts=("127.0.0.1", "localhost"))
+    return launch_executor(work / "pki", "executor-0", server, work / "executor.log")
+
+
+def _fleet(
+    run: _Run, profiled: list[profiles.DeviceProfile], rule: Rule, executor: ExecutorTarget | None
+) -> Fleet:
+    settings = run.settings
+    data = datasets.load(settings.dataset)
+    parts = partition.split(
+        data.y_train, settings.clients, settings.partition, settings.seed, data.groups_train
+    )
+    train_memory = int(settings.train_memory_mb * 1024 * 1024)
+    devices = []
+    for index, profile in enumerate(profiled):
+        client = client_id(index)
+        setting = rule.setting(profile.offload)
+        executors = (executor,) if executor is not None and setting is not OffloadSetting.NEVER else ()
+        devices.append(
+            Device(
+                client, index, profile, pki.credentials(run.pki_dir, pki.Role.CLIENT, client),
+                (data.x_train[parts[index]].astype(np.float32), data.y_train[parts[index]].astype(np.int64)),
+                Placer(setting, executors, train_memory, rule.policy), threading.Lock(),
+            )
+        )  # fmt: skip
+    return Fleet(
+        devices, rule, run.pool, run.url, executor, functools.partial(_train_event, run),
+        functools.partial(_data_event, settings), train_memory, settings.seed,
+    )  # fmt: skip
+
+
 def _credentials_event(creds: pki.Credentials) -> dict:
     return {"ca": str(creds.ca), "cert": str(creds.cert), "key": str(creds.key)}
 
@@ -244,18 +390,23 @@ def _train_event(run: _Run, info: RoundInfo, client: str) -> dict:
         "task": info.task,
         "round": info.round,
         "config": info.config.model_dump(),
-        "data": {
-            "num_clients": settings.clients,
-            "index": int(client.removeprefix("client-")),
-            "partition": settings.partition,
-            "seed": settings.seed,
-        },
+        "data": _data_event(settings, client),
         "attack": {"kind": settings.attack, "scale": settings.attack_scale}
         if client in report.attackers
         else None,
         "delay": settings.straggler_delay if client in report.stragglers else 0.0,
         "compression": settings.compression,
         "model_sha256": info.model_sha256,
+    }
+
+
+def _data_event(settings: SimulationSettings, client: str) -> dict:
+    """Which share of the data set ``client`` holds (``edge_functions.functions.DataSpec``)."""
+    return {
+        "num_clients": settings.clients,
+        "index": int(client.removeprefix("client-")),
+        "partition": settings.partition,
+        "seed": settings.seed,
     }
 
 

@@ -19,7 +19,7 @@ from fedge.codec import sha256
 from fedge.security import signing
 from fedge.security.pki import Credentials, Identity, identity_of
 from fedge.security.tls import client_context
-from fedge.wire import ErrorBody, ModelMeta, RoundInfo, UpdateReceipt
+from fedge.wire import ErrorBody, ModelMeta, RoundInfo, SkipNotice, SkipReceipt, UpdateReceipt
 
 
 class ServerError(Exception):
@@ -87,6 +87,12 @@ class FedgeClient:
         raise_for_error(response)
         return ModelMeta.model_validate_json(response.content)
 
+    def start(self) -> RoundInfo:
+        """Admin: let a federation served with ``--manual-start`` open round 1."""
+        response = self._http.post("/v1/admin/start")
+        raise_for_error(response)
+        return RoundInfo.model_validate_json(response.content)
+
     def current_round(self, wait: float | None = None, etag: str | None = None) -> RoundInfo:
         """The current round; with ``wait`` and the ``etag`` last seen, block until it changes (long poll)."""
         params = {"wait": wait} if wait else {}
@@ -107,6 +113,14 @@ class FedgeClient:
         response = self._http.post(f"/v1/rounds/{round_}/updates", content=body, headers=headers)
         raise_for_error(response)
         return UpdateReceipt.model_validate_json(response.content)
+
+    def skip(self, round_: int, reason: str) -> SkipReceipt:
+        """Tell the server early that this client sends no update for ``round_``, so the round need not wait
+        for it until the deadline. ``reason`` (at most 200 characters) is kept for the operators."""
+        notice = SkipNotice(reason=reason)
+        response = self._http.post(f"/v1/rounds/{round_}/skip", json=notice.model_dump())
+        raise_for_error(response)
+        return SkipReceipt.model_validate_json(response.content)
 
     def sign_update(self, round_: int, body: bytes, client: str | None = None) -> dict[str, str]:
         """The signature headers of an update in ``client``'s slot (default: our own)."""

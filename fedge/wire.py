@@ -51,6 +51,19 @@ class UpdateReceipt(BaseModel):
     staleness: int = Field(0, description="asynchronous mode: versions the update's base is behind")
 
 
+class SkipNotice(BaseModel):
+    """A selected client telling the server early that it sends no update this round, so that the round
+    need not wait for it until the deadline."""
+
+    reason: str = Field(min_length=1, max_length=200, description="why, e.g. out of memory")
+
+
+class SkipReceipt(BaseModel):
+    round: int
+    client: str
+    reason: str
+
+
 class ErrorBody(BaseModel):
     error: str = Field(description="stable machine-readable code")
     detail: str

@@ -32,6 +32,7 @@ class ClientStatus(BaseModel):
 class FederationStatus(BaseModel):
     federation: str
     round: RoundInfo
+    skipped: dict[str, str] = Field(description="the open round's skip notices: client -> reason")
     clients: list[ClientStatus]
 
 
@@ -40,6 +41,7 @@ class RoundStatus(BaseModel):
     state: str = Field(description="open, done or failed")
     selected: list[str]
     reported: list[str] = Field(description="clients whose update was stored")
+    skipped: dict[str, str] = Field(description="clients that sent a skip notice instead: client -> reason")
     base_sha256: str
     result_sha256: str | None
     deadline: float
@@ -78,27 +80,31 @@ def status(request: Request, _: Admin) -> FederationStatus:
     trust = _trust(request)
     revoked = pki.revoked(trust.pki_dir)
     now = dt.datetime.now(dt.UTC)
+    federation = request.app.state.federation
     return FederationStatus(
         federation=trust.federation,
-        round=request.app.state.federation.round_info(),
+        round=federation.round_info(),
+        skipped=federation.open_skips(),
         clients=[_client_status(c, revoked, now) for c in pki.certificates(trust.pki_dir, pki.Role.CLIENT)],
     )
 
 
 @router.get("/rounds", responses=_ERRORS)
 def rounds(request: Request, _: Admin) -> list[RoundStatus]:
-    """Every round so far: who was selected, who reported, which model it started from and produced."""
+    """Every round so far: who was selected, who reported, who skipped, which model it started from and
+    produced."""
     return [
         RoundStatus(
-            round=record.round,
-            state=record.state,
-            selected=record.selected,
-            reported=reported,
-            base_sha256=record.base_sha256,
-            result_sha256=record.result_sha256,
-            deadline=record.deadline,
+            round=past.record.round,
+            state=past.record.state,
+            selected=past.record.selected,
+            reported=past.reported,
+            skipped=past.skipped,
+            base_sha256=past.record.base_sha256,
+            result_sha256=past.record.result_sha256,
+            deadline=past.record.deadline,
         )
-        for record, reported in request.app.state.federation.history()
+        for past in request.app.state.federation.history()
     ]
 
 

@@ -16,11 +16,11 @@ from fedge.security.peer import peer_certificate
 from fedge.security.pki import Identity, Role
 from fedge.server import metrics
 from fedge.server.errors import Rejected
-from fedge.server.identity import Caller, Submitter
+from fedge.server.identity import Caller, Client, Submitter
 from fedge.server.rounds import Federation
 from fedge.server.store import Provenance
 from fedge.server.trust import Trust
-from fedge.wire import ErrorBody, ModelMeta, RoundInfo, UpdateReceipt
+from fedge.wire import ErrorBody, ModelMeta, RoundInfo, SkipNotice, SkipReceipt, UpdateReceipt
 
 router = APIRouter()
 _ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 403, 404, 409, 413, 422)}
@@ -147,6 +147,22 @@ async def post_update(
         raise
     metrics.updates_accepted.inc()
     metrics.update_seconds.observe(time.perf_counter() - started)
+    return receipt
+
+
+@router.post("/v1/rounds/{round_}/skip", responses=_ERRORS)
+def post_skip(round_: int, notice: SkipNotice, request: Request, identity: Client) -> SkipReceipt:
+    """Tell the server early that the caller sends no update for ``round_`` (it cannot fit the round), so
+    the round closes once every selected client has sent an update or skipped, not at its deadline.
+
+    Only a client, for itself (the certificate names it), in a round it was selected for, while it is open,
+    once, and never after its update; asynchronous rounds wait for no one and refuse it."""
+    try:
+        receipt = _federation(request).skip(round_, identity.id, notice.reason)
+    except Rejected as exc:
+        metrics.skips_rejected.labels(code=exc.code).inc()
+        raise
+    metrics.skips_accepted.inc()
     return receipt
 
 

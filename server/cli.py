@@ -68,7 +68,7 @@ def server(
     init_model: Annotated[Path | None, typer.Option(help="initial global model (safetensors)")] = None,
     rounds: Annotated[int | None, typer.Option(help="rounds to run [10]")] = None,
     min_clients: Annotated[int | None, typer.Option(help="registered clients before round 1 [1]")] = None,
-    min_updates: Annotated[int | None, typer.Option(help="updates a round needs at its deadline [1]")] = None,
+    min_updates: Annotated[int | None, typer.Option(help="updates a round needs to aggregate [1]")] = None,
     round_timeout: Annotated[float | None, typer.Option(help="seconds a round stays open [600]")] = None,
     max_update_norm: Annotated[
         float | None, typer.Option(help="refuse updates farther than this L2 distance from the model [off]")

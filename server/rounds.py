@@ -20,10 +20,10 @@ from fedge.codec import CodecError, Tensors, decode, encode, mapped, metadata_of
 from fedge.compression import COMPRESSION, INT8_SCALES, CompressionError, decompress
 from fedge.server import aggregation
 from fedge.server.errors import Rejected
-from fedge.server.store import DuplicateUpdate, Provenance, RoundRecord, Store
+from fedge.server.store import AlreadySkipped, DuplicateUpdate, Provenance, RoundHistory, RoundRecord, Store
 from fedge.server.strategies import FedAvg, Strategy, StrategyError, StrategyParams, create
 from fedge.server.validation import check_norm, validate_update
-from fedge.wire import BASE_SHA256, RoundInfo, RoundState, TrainConfig, UpdateReceipt
+from fedge.wire import BASE_SHA256, RoundInfo, RoundState, SkipReceipt, TrainConfig, UpdateReceipt
 
 
 @dataclass(frozen=True)
@@ -59,11 +59,16 @@ class Action(Enum):
     FAIL = "fail"
 
 
-def decide(updates: int, selected: int, min_updates: int, now: float, deadline: float) -> Action:
-    """Close a round as soon as every selected client has reported, or at the deadline with a quorum."""
+def decide(
+    updates: int, selected: int, min_updates: int, now: float, deadline: float, skipped: int = 0
+) -> Action:
+    """Close a round as soon as every selected client has reported, or at the deadline with a quorum.
+
+    A skip notice is a report: once every selected client has sent an update or skipped, nothing is left to
+    wait for, so the round closes then, aggregating with a quorum of updates and failing without one."""
     if updates >= selected:
         return Action.AGGREGATE
-    if now < deadline:
+    if updates + skipped < selected and now < deadline:
         return Action.WAIT
     return Action.AGGREGATE if updates >= max(min_updates, 1) else Action.FAIL
 
@@ -96,6 +101,7 @@ class Federation:
         self._open: RoundRecord | None = None
         self._sum: aggregation.RunningSum | None = None
         self._received = 0
+        self._skipped = 0
         self._finished = False
         self._pending: Strategy | None = None
         self._load(initial_model)
@@ -127,10 +133,16 @@ class Federation:
                 task=self.settings.task,
             )
 
-    def history(self) -> list[tuple[RoundRecord, list[str]]]:
-        """Every round with the clients that sent an update in it (never the updates themselves)."""
+    def history(self) -> list[RoundHistory]:
+        """Every round with the clients that sent an update in it (never the updates themselves) and those
+        that skipped it."""
         with self._lock:
             return self._store.history()
+
+    def open_skips(self) -> dict[str, str]:
+        """The open round's skip notices, client -> reason (none when no round is open)."""
+        with self._lock:
+            return self._store.skips(self._open.round) if self._open is not None else {}
 
     def tick(self, now: float | None = None) -> None:
         """Close an overdue round and open the next one when enough clients are registered."""
@@ -165,6 +177,8 @@ class Federation:
                 )
             except DuplicateUpdate:
                 raise Rejected(409, "duplicate_update", f"{client!r} already sent its update") from None
+            except AlreadySkipped:
+                raise Rejected(409, "already_skipped", f"{client!r} skipped round {round_}") from None
             self._fold(tensors, num_examples, staleness)
             changed = self._advance(time.time())
         if changed:
@@ -176,6 +190,32 @@ class Federation:
             num_examples=num_examples,
             staleness=staleness,
         )
+
+    def skip(self, round_: int, client: str, reason: str) -> SkipReceipt:
+        """Record a selected client's early notice that it sends no update in the open round, and close the
+        round at once if that leaves nobody to wait for. A refusal leaves the store untouched."""
+        if self.settings.buffer:
+            raise Rejected(
+                409, "asynchronous_mode", "asynchronous rounds wait for no client: there is no round to skip"
+            )
+        with self._lock:
+            current = self._open
+            self._refuse_late(round_, current)
+            if current is None or round_ > current.round:
+                raise Rejected(409, "round_not_open", f"round {round_} is not open")
+            if client not in current.selected:
+                raise Rejected(403, "not_selected", f"client {client!r} was not selected for round {round_}")
+            try:
+                self._store.add_skip(current.round, client, reason)
+            except DuplicateUpdate:
+                raise Rejected(409, "duplicate_update", f"{client!r} already sent its update") from None
+            except AlreadySkipped:
+                raise Rejected(409, "already_skipped", f"{client!r} already skipped round {round_}") from None
+            self._skipped += 1
+            changed = self._advance(time.time())
+        if changed:
+            self._notify()
+        return SkipReceipt(round=current.round, client=client, reason=reason)
 
     def _staleness(self, round_: int, current: RoundRecord, body: bytes) -> int:
         """How many versions behind the open round the update's base is: the round whose base model it
@@ -203,7 +243,7 @@ class Federation:
             wanted = len(self._open.selected)
             if self.settings.buffer:
                 wanted = min(self.settings.buffer, wanted)
-            action = decide(self._received, wanted, self._quorum(), now, self._open.deadline)
+            action = decide(self._received, wanted, self._quorum(), now, self._open.deadline, self._skipped)
             if action is Action.WAIT:
                 return False
             self._close(self._open, aggregated=action is Action.AGGREGATE)
@@ -352,6 +392,7 @@ class Federation:
     def _begin(self) -> None:
         self._sum = aggregation.start(self._model.tensors) if self.strategy.streaming else None
         self._received = 0
+        self._skipped = 0
 
     def _load(self, initial_model: bytes | None) -> None:
         """Start from the stored global model, resuming an open round with every update already accepted."""
@@ -382,6 +423,7 @@ class Federation:
             self._begin()
             for update in self._store.updates(last.round):
                 self._fold(decode(update.path.read_bytes())[0], update.num_examples, update.staleness)
+            self._skipped = len(self._store.skips(last.round))
         self._finished = self._open is None and last is not None and last.round >= self.settings.rounds
 
     def _notify(self) -> None:

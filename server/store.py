@@ -51,6 +51,13 @@ CREATE TABLE IF NOT EXISTS updates (
     restored INTEGER NOT NULL DEFAULT 0,   -- 1: a compressed body, restored beside it for aggregation
     PRIMARY KEY (round, client)
 );
+CREATE TABLE IF NOT EXISTS skips (
+    round INTEGER NOT NULL REFERENCES rounds(round),
+    client TEXT NOT NULL,
+    reason TEXT NOT NULL,           -- the client's, e.g. out of memory
+    received_at DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (round, client)
+);
 """
 
 
@@ -60,6 +67,10 @@ class StoreError(Exception):
 
 class DuplicateUpdate(Exception):
     """The client already has an update in this round."""
+
+
+class AlreadySkipped(Exception):
+    """The client already told the server it skips this round."""
 
 
 @dataclass(frozen=True)
@@ -92,6 +103,15 @@ class UpdateRecord:
     num_examples: int
     path: Path  # the full update that aggregation reads (restored, when the client sent it compressed)
     staleness: int = 0
+
+
+@dataclass(frozen=True)
+class RoundHistory:
+    """A round as operators see it: who sent an update, and who skipped it and why."""
+
+    record: RoundRecord
+    reported: list[str]
+    skipped: dict[str, str]  # client -> reason
 
 
 class Store:
@@ -207,8 +227,7 @@ class Store:
     ) -> UpdateRecord:
         """Store the body as sent (what its signature covers) and, for a compressed one, the full update it
         stands for (``restored``), which is what aggregation reads."""
-        if self._execute("SELECT 1 FROM updates WHERE round = ? AND client = ?", (round_, client)).fetchone():
-            raise DuplicateUpdate(client)
+        self._check_unreported(round_, client)
         path = self.dir / "updates" / str(round_) / f"{client}.safetensors"
         path.parent.mkdir(exist_ok=True)
         _write_durably(path, body)
@@ -226,10 +245,36 @@ class Store:
             client, digest, num_examples, _restored_path(path) if restored else path, staleness
         )
 
-    def history(self) -> list[tuple[RoundRecord, list[str]]]:
-        """Every round, oldest first, with the clients whose updates it stored (for operators)."""
+    def add_skip(self, round_: int, client: str, reason: str) -> None:
+        """Record that ``client`` sends no update in ``round_``: each client reports once, update or skip."""
+        self._check_unreported(round_, client)
+        self._execute(
+            "INSERT INTO skips (round, client, reason, received_at) VALUES (?, ?, ?, ?)",
+            (round_, client, reason, time.time()),
+        )
+
+    def skips(self, round_: int) -> dict[str, str]:
+        """The round's skip notices, client -> reason, in the order they came."""
+        rows = self._execute(
+            "SELECT client, reason FROM skips WHERE round = ? ORDER BY received_at, client", (round_,)
+        ).fetchall()
+        return dict(rows)
+
+    def _check_unreported(self, round_: int, client: str) -> None:
+        key = (round_, client)
+        if self._execute("SELECT 1 FROM updates WHERE round = ? AND client = ?", key).fetchone():
+            raise DuplicateUpdate(client)
+        if self._execute("SELECT 1 FROM skips WHERE round = ? AND client = ?", key).fetchone():
+            raise AlreadySkipped(client)
+
+    def history(self) -> list[RoundHistory]:
+        """Every round, oldest first, with the clients whose updates it stored and those that skipped it."""
         rounds = self._execute("SELECT round FROM rounds ORDER BY round").fetchall()
-        return [(record, [u.client for u in self.updates(r)]) for (r,) in rounds if (record := self.round(r))]
+        return [
+            RoundHistory(record, [u.client for u in self.updates(r)], self.skips(r))
+            for (r,) in rounds
+            if (record := self.round(r))
+        ]
 
     def updates(self, round_: int) -> list[UpdateRecord]:
         rows = self._execute(

@@ -27,6 +27,7 @@ import paho.mqtt.client as mqtt_client
 import pytest
 
 from fedge.codec import Tensors, encode
+from fedge.edge_functions.launcher import ExecutorProcess, launch_executor
 from fedge.mqtt import BrokerAddress
 from fedge.security import broker, pki
 from fedge.security.tls import client_context
@@ -402,51 +403,38 @@ def tls_for(pki_dir: Path, role: pki.Role, id_: str) -> ssl.SSLContext:
 
 
 @dataclass
-class ExecutorProcess:
-    process: subprocess.Popen
-    url: str
+class IsolatedExecutor:
+    running: ExecutorProcess
     cwd: Path
     tmp: Path
-    log: Path
+
+    @property
+    def url(self) -> str:
+        return self.running.url
+
+    @property
+    def process(self) -> subprocess.Popen:
+        return self.running.process
+
+    @property
+    def log(self) -> Path:
+        return self.running.log
 
 
 @pytest.fixture
-def start_executor(tmp_path: Path) -> Iterator[Callable[..., ExecutorProcess]]:
+def start_executor(tmp_path: Path) -> Iterator[Callable[..., IsolatedExecutor]]:
     """``fedge executor`` as its own process, in an empty working directory with an empty TMPDIR of its own,
     so a test can prove it leaves nothing behind."""
     started: list[ExecutorProcess] = []
 
-    def start(pki_dir: Path, id_: str, server: str) -> ExecutorProcess:
+    def start(pki_dir: Path, id_: str, server: str) -> IsolatedExecutor:
         cwd, tmp = tmp_path / f"{id_}-cwd", tmp_path / f"{id_}-tmp"
         cwd.mkdir()
         tmp.mkdir()
         log = tmp_path / f"{id_}.log"
-        args = ["executor", "--pki", str(pki_dir), "--id", id_, "--port", "0", "--server", server]
-        with log.open("ab") as out:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "fedge", *args],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=cwd,
-                env={**os.environ, "TMPDIR": str(tmp), "FEDGE_CONFIG": os.devnull, "PYTHONUNBUFFERED": "1"},
-            )
-        started.append(ExecutorProcess(process, "", cwd, tmp, log))
-
-        def listening() -> str | None:
-            assert process.poll() is None, log.read_text()
-            for line in log.read_text().splitlines():
-                if "listening on " in line:
-                    return line.rsplit(" ", 1)[-1]
-            return None
-
-        started[-1].url = str(wait_for(listening, 120, f"executor {id_} to listen"))
-        return started[-1]
+        started.append(launch_executor(pki_dir, id_, server, log, cwd=cwd, env={"TMPDIR": str(tmp)}))
+        return IsolatedExecutor(started[-1], cwd, tmp)
 
     yield start
     for executor in started:
-        executor.process.terminate()
-        try:
-            executor.process.wait(30)
-        except subprocess.TimeoutExpired:
-            executor.process.kill()
-            executor.process.wait()
+        executor.stop()

@@ -12,6 +12,7 @@ from fedge.client.placement import (
     OffloadSetting,
     Placement,
     Situation,
+    fastest,
     fewer_steps,
     offload_wait,
     on_device,
@@ -190,3 +191,24 @@ def test_a_round_cut_short_trains_exactly_its_steps() -> None:
         assert len(calls) == expected, max_steps
         assert np.isfinite(loss)
         assert loss > 0
+
+
+# STOIC's rule, the baseline: (edge, executors) -> target; owner setting and price play no part.
+FASTEST_CASES = {
+    "a fast device stays when no executor is faster": ((FAST_EDGE, (CHEAP_GPU, FAR_GPU)), "edge"),
+    "a fast device's data leaves for a faster executor": ((FAST_EDGE, (CHEAP_GPU, DEAR_GPU)), "gpu-dear"),
+    "a slow device goes to the fastest executor, however dear": (
+        (SLOW_EDGE, (CHEAP_GPU, DEAR_GPU)), "gpu-dear"),
+    "a starved device goes to an executor though it is the faster": (
+        (STARVED_EDGE, (CHEAP_GPU,)), "gpu-cheap"),
+    "nothing fits memory: skip": ((STARVED_EDGE, ()), None),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", FASTEST_CASES)
+def test_stoic_rule_picks_the_lowest_predicted_time(name: str) -> None:
+    (edge, executors), target = FASTEST_CASES[name]
+    for setting in (NEVER, SHORT, ALWAYS):  # STOIC knows nothing of the owner's consent
+        placement = fastest(Situation(setting, 60, 100, edge, executors))
+        assert placement.target == target, name
+        assert placement.steps == (0 if target is None else 100)

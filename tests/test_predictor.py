@@ -125,13 +125,12 @@ def test_the_placer_counts_uploads_in_both_places() -> None:
     placer.calibrated("edge", "t", (10, 4.0), (100, 40.0))  # 40 s for the round
     placer.calibrated("gpu", "t", (10, 0.1), (100, 1.0))
     assert placer.decide(info, 3200, 0, free=1).kind is Kind.EDGE  # no upload timed yet: 40 s fits 60 s
-    # The device's last update: 30 MB in 15 s, so 40 s + 15 s (+ a margin: the upload was not predicted)
-    # no longer fits 60 s.
-    placer.observe("edge", "t", Run(steps, 40.0, bytes_up=30_000_000, upload_s=15.0))
-    placer.shard_bytes = 1_000_000  # 0.5 s at the device's uplink
+    # The device's last update: 30 MB in 30 s, so 40 s + 30 s no longer fits 60 s.
+    placer.observe("edge", "t", Run(steps, 40.0, bytes_up=30_000_000, upload_s=30.0))
+    placer.shard_bytes = 1_000_000  # 1 s at the device's uplink
     offloaded = placer.decide(info, 3200, 0, free=1)
     assert (offloaded.kind, offloaded.target) == (Kind.OFFLOAD, "gpu")
-    placer.shard_bytes = 200_000_000  # 100 s: the executor cannot start in time
+    placer.shard_bytes = 100_000_000  # 100 s: the executor cannot start in time
     fewer = placer.decide(info, 3200, 0, free=1)
     assert fewer.kind is Kind.FEWER_STEPS
     assert 0 < fewer.steps < steps

@@ -41,6 +41,25 @@ def test_a_round_closes_when_all_report_or_at_the_deadline_with_a_quorum(
     assert decide(updates, selected=3, min_updates=1, now=now, deadline=5.0) is expected
 
 
+@pytest.mark.parametrize(
+    ("updates", "skipped", "min_updates", "now", "expected"),
+    [
+        (1, 2, 1, 0.0, Action.AGGREGATE),  # everyone reported, a quorum of updates: no need to wait
+        (0, 3, 1, 0.0, Action.FAIL),  # everyone skipped: nothing left to wait for
+        (1, 2, 2, 0.0, Action.FAIL),  # too few updates left to reach the quorum
+        (2, 1, 2, 0.0, Action.AGGREGATE),
+        (1, 1, 1, 0.0, Action.WAIT),  # one client still owes its report
+        (0, 2, 1, 0.0, Action.WAIT),
+        (1, 1, 1, 10.0, Action.AGGREGATE),  # the deadline rule is unchanged
+        (0, 2, 1, 10.0, Action.FAIL),
+    ],
+)
+def test_a_round_closes_once_every_selected_client_sent_an_update_or_skipped(
+    updates: int, skipped: int, min_updates: int, now: float, expected: Action
+) -> None:
+    assert decide(updates, 3, min_updates, now, deadline=5.0, skipped=skipped) is expected
+
+
 def test_a_round_averages_the_updates_weighted_by_examples(tmp_path: Path) -> None:
     fed = federation(tmp_path)
     fed.tick()
