@@ -35,11 +35,16 @@ def executor(
 
 
 def _serve(pki_dir: Path, id_: str, server: str, port: int, host: str) -> None:
+    import torch
     import uvicorn
 
     from fedge.edge_functions.executor import Executor, make_app
     from fedge.security.peer import MutualTLSProtocol
 
+    if not torch.cuda.is_available():
+        # Jobs run side by side, one per thread: torch's own intra-op threads on top of them only fight
+        # over the cores (a step took 50x as long on two loaded cores).
+        torch.set_num_threads(1)
     with user_errors(pki.PKIError, OSError):
         creds = pki.credentials(pki_dir, pki.Role.EXECUTOR, id_)
         federation = pki.federation_of(pki_dir)

@@ -27,7 +27,7 @@ from enum import StrEnum
 import httpx
 import numpy as np
 
-from fedge.client.offload import offload_round
+from fedge.client.offload import calibrate_executor, offload_round
 from fedge.client.placement import Cost, Kind, OffloadSetting, Placement, Situation, fastest, place
 from fedge.client.placer import ExecutorTarget, Placer, steps_of
 from fedge.client.predictor import Run
@@ -126,7 +126,7 @@ class Fleet:
         """Carry the last round's measured step costs into the oracle's actual times."""
         with self._lock:
             machine = float(np.median(self._machine_step_s)) if self._machine_step_s else self._truth[0]
-            remote = float(np.median(self._executor_step_s)) if self._executor_step_s else machine
+            remote = float(np.median(self._executor_step_s)) if self._executor_step_s else self._truth[1]
             self._truth = (machine, remote)
             self._machine_step_s, self._executor_step_s = [], []
 
@@ -177,11 +177,18 @@ class Fleet:
         devices = list(self.devices.values())
         with ThreadPoolExecutor(len(devices)) as threads:
             list(threads.map(lambda d: self._calibrate(d, task, config), devices))
-        with self._lock:
-            self._truth = (
-                (float(np.median(self._machine_step_s)), 0.0) if self._machine_step_s else (0.0, 0.0)
-            )
-        self.new_round()
+        machine = float(np.median(self._machine_step_s))
+        remote = machine
+        if self.executor is not None:
+            # The executor's line comes from its own two runs on synthetic data, as an agent asks for it.
+            first = devices[0]
+            target = (self.executor.id, self.executor.url)
+            small, large = calibrate_executor(first.creds, target, task, config, first.data, 120.0)
+            for device in devices:
+                device.placer.calibrated(self.executor.id, task, small, large)
+            remote = (large[1] - small[1]) / (large[0] - small[0])
+        self._truth = (machine, remote)
+        self._machine_step_s = []
 
     def _calibrate(self, device: Device, task: str, config: TrainConfig) -> None:
         event = {
