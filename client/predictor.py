@@ -13,6 +13,7 @@ under-predicted gets more slack.
 
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 
@@ -84,13 +85,17 @@ def robust_line(steps: list[float], seconds: list[float]) -> tuple[float, float]
     if len(x) < 4:
         slope, intercept = np.polyfit(x, y, 1)
         return float(intercept), float(slope)
+    from sklearn.exceptions import UndefinedMetricWarning
     from sklearn.linear_model import LinearRegression, RANSACRegressor
 
     mad = float(np.median(np.abs(y - np.median(y)))) or float(np.ptp(y)) or 1.0
     ransac = RANSACRegressor(
         LinearRegression(), min_samples=2, residual_threshold=0.25 * mad + 1e-9, random_state=0
     )
-    ransac.fit(x.reshape(-1, 1), y)
+    with warnings.catch_warnings():
+        # A trial whose consensus is a single run scores an undefined R^2 and simply loses: not news.
+        warnings.simplefilter("ignore", UndefinedMetricWarning)
+        ransac.fit(x.reshape(-1, 1), y)
     line = ransac.estimator_
     return float(line.intercept_), float(line.coef_[0])
 

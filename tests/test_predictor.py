@@ -134,3 +134,16 @@ def test_the_placer_counts_uploads_in_both_places() -> None:
     fewer = placer.decide(info, 3200, 0, free=1)
     assert fewer.kind is Kind.FEWER_STEPS
     assert 0 < fewer.steps < steps
+
+
+def test_one_odd_first_run_sets_no_margin_and_no_run_more_than_doubles_a_prediction() -> None:
+    predictor = Predictor()
+    predictor.calibrate("edge", "v1", (2, 0.02), (8, 0.08))
+    predicted = predictor.predict("edge", "v1", 12, 0, 0).total_s
+    predictor.observe("edge", "v1", Run(12, 40 * predicted, predicted_s=predicted))  # a cold first run
+    assert predictor.predict("edge", "v1", 12, 0, 0).margin_s == 0
+    for _ in range(5):  # then always ten times slower than predicted
+        predicted = predictor.predict("edge", "v1", 12, 0, 0)
+        predictor.observe("edge", "v1", Run(12, 10 * predicted.total_s, predicted_s=predicted.total_s))
+    p = predictor.predict("edge", "v1", 12, 0, 0)
+    assert p.margin_s == pytest.approx(p.total_s - p.margin_s)  # bounded at +100%
