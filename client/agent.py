@@ -272,12 +272,7 @@ class Agent:
         except (httpx.HTTPError, ServerError, OffloadError) as exc:
             self._fall_back(api, info, placement, len(data[1]), exc)
             return
-        result = done.result
-        run = Run(
-            placement.steps, result.compute_seconds, done.key_s, result.bytes_down, result.download_seconds,
-            result.bytes_up, result.upload_seconds, done.job_bytes, done.upload_s,
-        )  # fmt: skip
-        self.placer.observe(target.id, info.task, run)
+        self.placer.observe(target.id, info.task, done.run(placement.steps))
         self.placer.shard_bytes = done.job_bytes
         sent = self._status.raw_bytes_offloaded + done.raw_bytes
         self._status = self._status.model_copy(update={"raw_bytes_offloaded": sent})

@@ -16,6 +16,7 @@ import httpx
 import numpy as np
 from pydantic import BaseModel, Field, ValidationError
 
+from fedge.client.predictor import Run
 from fedge.security import offload
 from fedge.security.pki import Credentials
 from fedge.security.tls import client_context
@@ -54,6 +55,14 @@ class Offloaded:
     @property
     def upload_s(self) -> float:
         return max(0.0, self.post_s - self.result.seconds)
+
+    def run(self, steps: int) -> Run:
+        """What the round took on the executor, per component, as the predictor records it."""
+        r = self.result
+        return Run(
+            steps, r.compute_seconds, self.key_s, r.bytes_down, r.download_seconds, r.bytes_up,
+            r.upload_seconds, self.job_bytes, self.upload_s,
+        )  # fmt: skip
 
 
 def shard_bytes(data: tuple[np.ndarray, np.ndarray]) -> int:

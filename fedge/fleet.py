@@ -75,7 +75,7 @@ class Outcome:
     """What one device did in one round."""
 
     client: str
-    where: str  # edge, fewer-steps, offload:ID, skip, dropout; fallback:edge|skip when an offload failed
+    where: str  # edge, fewer-steps, offload:ID, skip, dropout; fallback:KIND when an offload failed
     accepted: bool  # the server took its update before the round closed
     invocation: Invocation | None = None  # a run on the device's own worker
     raw_bytes: int = 0  # raw data that left the device (its sealed shard's plaintext)
@@ -152,16 +152,12 @@ class Fleet:
                 outcome = self._offload(device, info, placement, agrees)
                 if outcome is not None:
                     return outcome
-                if free < self.train_memory:  # the executor failed, and the device cannot train
-                    return self._skip(
-                        device,
-                        info,
-                        replace(placement, reason="offload failed, no memory"),
-                        agrees,
-                        "fallback:skip",
-                    )
-                placement = replace(placement, kind=Kind.EDGE, target="edge", weight=1.0)
-                return self._train(device, info, placement, agrees, where="fallback:edge")
+                assert placement.target is not None
+                placement = device.placer.fallback(placement.target, info, examples, time.time(), free)
+                where = f"fallback:{placement.kind}"
+                if placement.kind is Kind.SKIP:
+                    return self._skip(device, info, placement, agrees, where)
+                return self._train(device, info, placement, agrees, where)
             return self._train(device, info, placement, agrees)
 
     def _may_offload(self, device: Device) -> bool:
@@ -262,10 +258,10 @@ class Fleet:
                 "%s: offload to %s failed, training on the device: %s", device.id, self.executor.id, exc
             )
             return None
-        seconds = done.result.seconds
-        device.placer.observe(self.executor.id, info.task, Run(placement.steps, seconds))
+        device.placer.observe(self.executor.id, info.task, done.run(placement.steps))
+        device.placer.shard_bytes = done.job_bytes
         with self._lock:
-            self._executor_step_s.append(seconds / max(placement.steps, 1))
+            self._executor_step_s.append(done.result.compute_seconds / max(placement.steps, 1))
         return Outcome(device.id, where, True, raw_bytes=done.raw_bytes, agrees=agrees)
 
     def _train(
