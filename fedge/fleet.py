@@ -66,7 +66,10 @@ def edge_only(s: Situation) -> Placement:
 
 
 def cloud_only(s: Situation) -> Placement:
-    """Every round on the (first) executor, however fast the device is."""
+    """Every round on the (first) executor, however fast the device is; on the device while the executor
+    sits out a failure."""
+    if not s.executors:
+        return Placement(Kind.EDGE, s.edge.target, s.steps, 1.0, "cloud only, but no executor now")
     return Placement(Kind.OFFLOAD, s.executors[0].target, s.steps, 1.0, "cloud only")
 
 
