@@ -52,7 +52,7 @@ class SlowDevice(BaseModel):
     """Simulation only: make this machine behave like a slower device (``fedge simulate --profile``).
     The function really waits, so whoever times it (the predictor, the deadline) sees the device's time."""
 
-    slowdown: float = Field(1.0, ge=1.0)  # compute takes this many times as long
+    slowdown: float = Field(1.0, ge=1.0)  # its own work (data, model, training) takes this many times as long
     bandwidth: float | None = Field(None, gt=0)  # bytes per second of its link; None: as fast as it is
 
     def computed(self, seconds: float) -> None:
@@ -170,9 +170,7 @@ def train(event: dict, context: Context) -> dict:
     tasks.load_tensors(model, context.model)
     if isinstance(ev.data, DataSpec):
         torch.manual_seed(ev.data.seed * 1_000_003 + ev.round * 1009 + ev.data.index)
-    computing = time.perf_counter()
     loss = fit(model, x, y, ev.config, max_steps=ev.max_steps)
-    ev.device.computed(time.perf_counter() - computing)
     tensors = tasks.tensors_of(model)
     if ev.attack is not None and isinstance(ev.data, DataSpec):
         rng = np.random.default_rng([ev.data.seed, ev.round, ev.data.index])
@@ -182,6 +180,7 @@ def train(event: dict, context: Context) -> dict:
     examples = max(1, round(len(y) * ev.weight))
     metadata = {NUM_EXAMPLES: str(examples), TRAIN_LOSS: f"{loss:.6f}", BASE_SHA256: base, **how}
     body = encode(tensors, metadata)
+    ev.device.computed(time.perf_counter() - started - download_seconds)  # all its own work, not the network
     time.sleep(ev.delay)
     ev.device.transferred(len(body))
     staleness = None

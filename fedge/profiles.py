@@ -9,14 +9,14 @@ The file is TOML: a ``[default]`` table for every client, then ``[[group]]`` tab
 
     [[group]]
     share = 0.3                # 30% of the clients
-    slowdown = 5.0             # compute takes 5x as long as on this machine
+    slowdown = 5.0             # its work takes 5x as long as on this machine
     memory_mb = 512            # free memory for training (training needs --train-memory-mb)
     dropout = 0.1              # chance, each round, that the device is gone without a word
     bandwidth_mbps = 10        # its link, both ways (omit for loopback speed)
 
-A slowed device really waits: its function sleeps ``slowdown - 1`` times its measured compute time (so
-a 5x device takes 5x as long under whatever load the machine has), and sleeps ``bytes / bandwidth`` for
-each transfer.
+A slowed device really waits: its function sleeps ``slowdown - 1`` times the time its own work took
+(loading data and model, training, encoding: all but the network), so a 5x device takes 5x as long under
+whatever load the machine has; and it sleeps ``bytes / bandwidth`` for each transfer.
 """
 
 from __future__ import annotations
