@@ -6,6 +6,7 @@ between invocations (the model last downloaded, the data partition), never anyth
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,9 +55,16 @@ class SlowDevice(BaseModel):
 
     slowdown: float = Field(1.0, ge=1.0)  # its own work (data, model, training) takes this many times as long
     bandwidth: float | None = Field(None, gt=0)  # bytes per second of its link; None: as fast as it is
+    deadline: float | None = None  # Unix time its round closes: it stops waiting there, as its agent would
 
-    def computed(self, seconds: float) -> None:
-        time.sleep((self.slowdown - 1.0) * seconds)
+    def computed(self, seconds: float) -> float:
+        """Wait as long as ``seconds`` of work take this device beyond this machine, but not past the
+        deadline; returns the seconds it would still have needed (0: it made it). Stopping at the deadline
+        keeps a late device in step with the next round instead of running it alone, and so too fast."""
+        extra = (self.slowdown - 1.0) * seconds
+        room = math.inf if self.deadline is None else max(0.0, self.deadline - time.time())
+        time.sleep(min(extra, room))
+        return max(0.0, extra - room)
 
     def transferred(self, size: int) -> None:
         if self.bandwidth is not None:
@@ -180,16 +188,20 @@ def train(event: dict, context: Context) -> dict:
     examples = max(1, round(len(y) * ev.weight))
     metadata = {NUM_EXAMPLES: str(examples), TRAIN_LOSS: f"{loss:.6f}", BASE_SHA256: base, **how}
     body = encode(tensors, metadata)
-    ev.device.computed(time.perf_counter() - started - download_seconds)  # all its own work, not the network
+    overrun = ev.device.computed(
+        time.perf_counter() - started - download_seconds
+    )  # its work, not the network
     time.sleep(ev.delay)
-    ev.device.transferred(len(body))
+    late = overrun > 0  # simulation: it would finish past the deadline, so its update would be refused
     staleness = None
-    if ev.outbox is None:
+    if not late and ev.outbox is None:
+        ev.device.transferred(len(body))
         staleness = api.post_update(ev.round, body).staleness
-    else:
+    elif not late:
         ev.outbox.mkdir(parents=True, exist_ok=True)
         write_file(ev.outbox / f"round-{ev.round}.safetensors", body)  # whole, or not at all
     return {
+        "late": late,
         "round": ev.round,
         "num_examples": examples,
         "staleness": staleness,
@@ -197,7 +209,7 @@ def train(event: dict, context: Context) -> dict:
         "bytes_up": len(body),
         "bytes_down": bytes_down,
         "download_seconds": download_seconds,
-        "seconds": time.perf_counter() - started,
+        "seconds": time.perf_counter() - started + overrun,  # what it took, or would have, on the device
     }
 
 

@@ -270,9 +270,14 @@ class Fleet:
     def _train(
         self, device: Device, info: RoundInfo, placement: Placement, agrees: bool | None, where: str = ""
     ) -> Outcome:
+        profile = device.profile
         event = {
             **self.train_event(info, device.id),
-            "device": {"slowdown": device.profile.slowdown, "bandwidth": device.profile.bandwidth},
+            "device": {
+                "slowdown": profile.slowdown,
+                "bandwidth": profile.bandwidth,
+                "deadline": info.deadline,
+            },
             "max_steps": placement.steps if placement.kind is Kind.FEWER_STEPS else None,
             "weight": placement.weight,
         }
@@ -283,12 +288,14 @@ class Fleet:
         except ServerError as exc:
             return Outcome(device.id, where, False, agrees=agrees, refused=exc.code)
         done = invocation.result
-        compute = invocation.seconds - done["download_seconds"]
+        compute = done["seconds"] - done["download_seconds"]  # a late device: what it would have taken
         run = Run(
             placement.steps, compute, invocation.startup_seconds, done["bytes_down"], done["download_seconds"]
         )
         device.placer.observe("edge", info.task, run)
         with self._lock:
             self._model_bytes = max(self._model_bytes, done["bytes_up"])
-            self._machine_step_s.append(compute / device.profile.slowdown / max(placement.steps, 1))
+            self._machine_step_s.append(compute / profile.slowdown / max(placement.steps, 1))
+        if done["late"]:
+            return Outcome(device.id, where, False, agrees=agrees, refused="past_deadline")
         return Outcome(device.id, where, True, invocation=invocation, agrees=agrees)
