@@ -94,6 +94,6 @@ def test_the_example_profile_in_the_readme_is_valid() -> None:
 def test_a_slowed_device_stops_at_the_deadline_and_says_how_much_it_lacked() -> None:
     started = time.time()
     overrun = SlowDevice(slowdown=11.0, deadline=started + 0.2).computed(0.1)  # needs 1 s more, has 0.2
-    assert 0.79 < overrun < 0.85  # what the work lacked: 1 s less the 0.2 s of room it had
+    assert 0.79 < overrun <= 1.0  # what the work lacked: 1 s less the (at most 0.2 s of) room it had
     assert 0.19 < time.time() - started < 0.8  # it waited for the deadline, not for the whole second
     assert SlowDevice(slowdown=2.0, deadline=time.time() + 60).computed(0.05) == 0
