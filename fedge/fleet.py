@@ -190,11 +190,16 @@ class Fleet:
         self._machine_step_s = []
 
     def _calibrate(self, device: Device, task: str, config: TrainConfig) -> None:
+        """A round's steps first, then a quarter of them: every device calibrates at once, so the first runs
+        share the machine as a round's do, and the line passes through that point. The agent's two short
+        runs would see a quieter machine than the simulated rounds will (half their time, measured)."""
+        steps = max(1, config.local_epochs) * math.ceil(len(device.data[1]) / config.batch_size)
         event = {
             "task": task,
             "config": config.model_dump(),
             "data": self.data_event(device.id),
             "device": {"slowdown": device.profile.slowdown},
+            "steps": (steps, max(1, steps // 4)),
         }
         small, large = self.pool.invoke("calibrate", event).result().result["points"]
         device.placer.calibrated("edge", task, tuple(small), tuple(large))
