@@ -201,11 +201,10 @@ class Fleet:
             "device": {"slowdown": device.profile.slowdown},
             "steps": (steps, max(1, steps // 4)),
         }
-        small, large = self.pool.invoke("calibrate", event).result().result["points"]
-        device.placer.calibrated("edge", task, tuple(small), tuple(large))
-        (s1, t1), (s2, t2) = small, large
-        with self._lock:
-            self._machine_step_s.append((t2 - t1) / (s2 - s1) / device.profile.slowdown)
+        round_sized, quarter = self.pool.invoke("calibrate", event).result().result["points"]
+        device.placer.calibrated("edge", task, tuple(round_sized), tuple(quarter))
+        with self._lock:  # the oracle's first step cost: the round-sized run, all in it, as rounds measure
+            self._machine_step_s.append(round_sized[1] / steps / device.profile.slowdown)
 
     def _agrees(
         self, device: Device, info: RoundInfo, examples: int, now: float, free: int, placement: Placement
