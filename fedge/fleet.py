@@ -163,16 +163,10 @@ class Fleet:
                 return self._train(device, info, placement, agrees, where)
             return self._train(device, info, placement, agrees)
 
-    def _may_offload(self, device: Device) -> bool:
-        return (
-            self.executor is not None
-            and self.rule.setting(device.profile.offload) is not OffloadSetting.NEVER
-        )
-
     def prepare(self, task: str, config: TrainConfig) -> None:
-        """Before round 1: every device times two short runs, as an agent does before its first decision
-        that could send data away (which also loads its data, so no rule starts colder than another); the
-        oracle's first actual step cost comes from them."""
+        """Before round 1: every device times two runs, as an agent does before its first decision that
+        could send data away (which also loads its data, so no rule starts colder than another), and the
+        executor times its own; the oracle's first actual step costs come from them."""
         devices = list(self.devices.values())
         with ThreadPoolExecutor(len(devices)) as threads:
             list(threads.map(lambda d: self._calibrate(d, task, config), devices))
