@@ -27,7 +27,7 @@ from enum import StrEnum
 import httpx
 import numpy as np
 
-from fedge.client.offload import calibrate_executor, offload_round
+from fedge.client.offload import calibrate_executor, offload_round, shard_bytes
 from fedge.client.placement import Cost, Kind, OffloadSetting, Placement, Situation, fastest, place
 from fedge.client.placer import ExecutorTarget, Placer, steps_of
 from fedge.client.predictor import Run
@@ -218,7 +218,7 @@ class Fleet:
         update = self._model_bytes  # an update is as large as the model
         edge = Cost("edge", (self._model_bytes + update) / link, machine * profile.slowdown)
         edge = replace(edge, fits_memory=free >= self.train_memory)
-        shard = device.data[0].nbytes + device.data[1].nbytes
+        shard = shard_bytes(device.data)
         executors = () if self.executor is None else (Cost(self.executor.id, shard / link, remote, 1.0),)
         deadline = info.deadline - now if info.deadline is not None else math.inf
         setting = self.rule.setting(profile.offload)
@@ -242,7 +242,7 @@ class Fleet:
         assert self.executor is not None
         x, y = device.data
         if device.profile.bandwidth is not None:  # the shard goes up the device's own link
-            time.sleep((x.nbytes + y.nbytes) / device.profile.bandwidth)
+            time.sleep(shard_bytes(device.data) / device.profile.bandwidth)
         timeout = max(1.0, info.deadline - time.time()) if info.deadline is not None else 600.0
         where = f"offload:{self.executor.id}"
         try:
