@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from fedge.client.placement import Kind, OffloadSetting, Situation, place
-from fedge.client.predictor import Predictor, Run, robust_line
+from fedge.client.predictor import PRIOR_MARGIN, Predictor, Run, robust_line
 
 TRUE_FIXED, TRUE_STEP = 0.5, 0.02  # ground truth of the synthetic trace: compute = 0.5 + 0.02 * steps
 TRUE_STARTUP, TRUE_BANDWIDTH = 0.2, 5e6
@@ -39,12 +39,12 @@ def test_robust_line_recovers_the_truth_despite_outliers() -> None:
     assert abs(naive_slope - TRUE_STEP) > 3 * abs(slope - TRUE_STEP)  # the outliers do mislead least squares
 
 
-def test_calibration_alone_gives_a_line() -> None:
+def test_calibration_alone_gives_a_line_padded_by_the_prior_margin() -> None:
     predictor = Predictor()
     predictor.calibrate("edge", "v1", (10, TRUE_FIXED + 10 * TRUE_STEP), (100, TRUE_FIXED + 100 * TRUE_STEP))
     prediction = predictor.predict("edge", "v1", 300, model_bytes=0, update_bytes=0)
     assert prediction.compute_s == pytest.approx(TRUE_FIXED + 300 * TRUE_STEP)
-    assert prediction.total_s == pytest.approx(prediction.compute_s)
+    assert prediction.total_s == pytest.approx(prediction.compute_s * (1 + PRIOR_MARGIN))
     with pytest.raises(ValueError, match="no runs"):
         predictor.predict("edge", "v2", 300, model_bytes=0, update_bytes=0)
 
@@ -59,7 +59,7 @@ def test_components_follow_the_trace_pessimistically() -> None:
     assert p.startup_s == pytest.approx(TRUE_STARTUP, rel=0.15)  # cold starts do not move the median
     assert 10_000_000 / (1.5 * TRUE_BANDWIDTH) < p.download_s < 10_000_000 / (0.9 * TRUE_BANDWIDTH)
     assert p.upload_s == pytest.approx(p.download_s / 10, rel=0.01)
-    assert p.margin_s == 0  # no predicted totals recorded yet: no error history
+    assert p.margin_s == pytest.approx(PRIOR_MARGIN * (p.total_s - p.margin_s))  # no errors recorded yet
     assert p.cost("edge").seconds(200) == pytest.approx(p.total_s)
 
 
@@ -100,14 +100,14 @@ def test_an_executor_is_predicted_with_the_device_uploading_the_shard_and_its_ow
     before = predictor.predict("gpu", "v1", 100, 10_000_000, 1_000_000, 50_000_000, uplink=device_uplink)
     assert before.shard_s == pytest.approx(50.0)
     assert (before.download_s, before.upload_s) == (0, 0)  # its link is not timed yet: no guess
-    assert before.total_s == pytest.approx(1.9 + 50.0)
+    assert before.total_s == pytest.approx((1.9 + 50.0) * (1 + PRIOR_MARGIN))  # no errors recorded yet
     for _ in range(5):  # the executor's link: 100 MB/s; the shard reached it at 2 MB/s
         predictor.observe("gpu", "v1", Run(100, 1.9, 0.1, 10_000_000, 0.1, 1_000_000, 0.01, 50_000_000, 25.0))
     after = predictor.predict("gpu", "v1", 100, 10_000_000, 1_000_000, 50_000_000, uplink=device_uplink)
     assert after.shard_s == pytest.approx(25.0)  # its own measurements now, not the device's other uploads
     assert after.download_s == pytest.approx(0.1)
     assert after.upload_s == pytest.approx(0.01)
-    assert after.total_s == pytest.approx(1.9 + 0.1 + 25.0 + 0.1 + 0.01)
+    assert after.total_s == pytest.approx((1.9 + 0.1 + 25.0 + 0.1 + 0.01) * (1 + PRIOR_MARGIN))
     assert predictor.predict("gpu", "v1", 100, 0, 0, 0).shard_s == 0  # nothing to send, nothing to wait for
 
 
@@ -118,14 +118,15 @@ def test_the_placer_counts_uploads_in_both_places() -> None:
     from fedge.wire import RoundInfo, RoundState, TrainConfig
 
     info = RoundInfo(
-        round=1, state=RoundState.OPEN, deadline=60.0, model_sha256="0" * 64, task="t", config=TrainConfig()
+        round=1, state=RoundState.OPEN, deadline=70.0, model_sha256="0" * 64, task="t", config=TrainConfig()
     )
     steps = steps_of(info, 3200)  # 100 a local epoch
     placer = Placer(OffloadSetting.WHEN_SHORT, (ExecutorTarget("gpu", "https://gpu"),), train_memory=0)
     placer.calibrated("edge", "t", (10, 4.0), (100, 40.0))  # 40 s for the round
     placer.calibrated("gpu", "t", (10, 0.1), (100, 1.0))
-    assert placer.decide(info, 3200, 0, free=1).kind is Kind.EDGE  # no upload timed yet: 40 s fits 60 s
-    # The device's last update: 30 MB in 30 s, so 40 s + 30 s no longer fits 60 s.
+    # No upload timed yet: 40 s, and half again for a line no real round has checked, fits 70 s.
+    assert placer.decide(info, 3200, 0, free=1).kind is Kind.EDGE
+    # The device's last update: 30 MB in 30 s, so 40 s + 30 s no longer fits 70 s.
     placer.observe("edge", "t", Run(steps, 40.0, bytes_up=30_000_000, upload_s=30.0))
     placer.shard_bytes = 1_000_000  # 1 s at the device's uplink
     offloaded = placer.decide(info, 3200, 0, free=1)
@@ -136,12 +137,13 @@ def test_the_placer_counts_uploads_in_both_places() -> None:
     assert 0 < fewer.steps < steps
 
 
-def test_one_odd_first_run_sets_no_margin_and_no_run_more_than_doubles_a_prediction() -> None:
+def test_one_odd_first_run_keeps_the_prior_margin_and_no_run_more_than_doubles_a_prediction() -> None:
     predictor = Predictor()
     predictor.calibrate("edge", "v1", (2, 0.02), (8, 0.08))
     predicted = predictor.predict("edge", "v1", 12, 0, 0).total_s
     predictor.observe("edge", "v1", Run(12, 40 * predicted, predicted_s=predicted))  # a cold first run
-    assert predictor.predict("edge", "v1", 12, 0, 0).margin_s == 0
+    p = predictor.predict("edge", "v1", 12, 0, 0)
+    assert p.margin_s == pytest.approx(PRIOR_MARGIN * (p.total_s - p.margin_s))
     for _ in range(5):  # then always ten times slower than predicted
         predicted = predictor.predict("edge", "v1", 12, 0, 0)
         predictor.observe("edge", "v1", Run(12, 10 * predicted.total_s, predicted_s=predicted.total_s))
