@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from fedge.client.placement import Kind, OffloadSetting, Situation, place
-from fedge.client.predictor import PRIOR_MARGIN, Predictor, Run, robust_line
+from fedge.client.predictor import PRIOR_MARGIN, Prediction, Predictor, Run, robust_line
 
 TRUE_FIXED, TRUE_STEP = 0.5, 0.02  # ground truth of the synthetic trace: compute = 0.5 + 0.02 * steps
 TRUE_STARTUP, TRUE_BANDWIDTH = 0.2, 5e6
@@ -149,3 +149,14 @@ def test_one_odd_first_run_keeps_the_prior_margin_and_no_run_more_than_doubles_a
         predictor.observe("edge", "v1", Run(12, 10 * predicted.total_s, predicted_s=predicted.total_s))
     p = predictor.predict("edge", "v1", 12, 0, 0)
     assert p.margin_s == pytest.approx(p.total_s - p.margin_s)  # bounded at +100%
+
+
+def test_the_margin_scales_with_the_steps_so_a_shorter_round_keeps_only_its_share() -> None:
+    """The margin is a fraction of the prediction: cutting a round to half its steps halves the steps' part
+    of the margin too, which a margin held in the fixed part would not (and fewer steps would not fit)."""
+    p = Prediction(compute_s=10.0, startup_s=1.0, download_s=0.5, upload_s=0.5, margin_s=6.0, per_step_s=0.1,
+                   steps=100)  # fmt: skip
+    cost = p.cost("edge")
+    assert cost.seconds(100) == pytest.approx(p.total_s)
+    base_at_50 = 12.0 - 0.1 * 50  # everything but 50 of the steps
+    assert cost.seconds(50) == pytest.approx(base_at_50 * 1.5)
