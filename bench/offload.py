@@ -180,7 +180,7 @@ def render(result: dict) -> str:
 
 
 def _spread(summary: dict, metric: str, form: str, scale: float = 1.0) -> str:
-    if summary[metric] is None:
-        return "never" if metric == "time_to_90" else "n/a"
+    if summary[metric] is None:  # a rule the oracle does not judge, or a seed that never reached 90%
+        return "not in every seed" if metric == "time_to_90" else "n/a"
     low, high = summary["spread"][metric]
     return f"{form.format(summary[metric] * scale)} [{form.format(low * scale)}, {form.format(high * scale)}]"
