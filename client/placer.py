@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from fedge.client.placement import Cost, OffloadSetting, Placement, Situation, on_device, place
 from fedge.client.predictor import Prediction, Predictor, Run
-from fedge.wire import RoundInfo
+from fedge.wire import RoundInfo, TrainConfig
 
 log = logging.getLogger("fedge.placement")
 
@@ -56,7 +56,7 @@ class Placer:
     def decide(self, info: RoundInfo, examples: int, now: float, free: int) -> Placement:
         """``free``: bytes of memory the device has now (``capacity.probe`` on a device, the profile's
         limit in a simulation)."""
-        steps = steps_of(info, examples)
+        steps = steps_of(info.config, examples)
         edge = self._cost("edge", info.task, steps, 0.0, free >= self.train_memory)
         candidates = [e for e in self.executors if e.id not in self._avoid]
         self._avoid = {id_: n - 1 for id_, n in self._avoid.items() if n > 1}
@@ -77,7 +77,7 @@ class Placer:
         """Executor ``failed`` did not train the round: what the device can still do before the deadline.
         The executor sits out the next ``AVOID_ROUNDS`` decisions."""
         self._avoid[failed] = AVOID_ROUNDS
-        steps = steps_of(info, examples)
+        steps = steps_of(info.config, examples)
         edge = self._cost("edge", info.task, steps, 0.0, free >= self.train_memory)
         deadline = info.deadline - now if info.deadline is not None else math.inf
         self.previous = placement = on_device(Situation(self.setting, deadline, steps, edge))
@@ -117,6 +117,6 @@ class Placer:
         return prediction.cost(target, price, fits_memory)
 
 
-def steps_of(info: RoundInfo, examples: int) -> int:
-    """Local SGD steps the round asks of a client with ``examples`` examples."""
-    return max(1, info.config.local_epochs * math.ceil(examples / info.config.batch_size))
+def steps_of(config: TrainConfig, examples: int) -> int:
+    """Local SGD steps a round with ``config`` asks of a client with ``examples`` examples."""
+    return max(1, config.local_epochs * math.ceil(examples / config.batch_size))

@@ -187,7 +187,7 @@ class Fleet:
         """A round's steps first, then a quarter of them: every device calibrates at once, so the first runs
         share the machine as a round's do, and the line passes through that point. The agent's two short
         runs would see a quieter machine than the simulated rounds will (half their time, measured)."""
-        steps = max(1, config.local_epochs) * math.ceil(len(device.data[1]) / config.batch_size)
+        steps = steps_of(config, len(device.data[1]))
         event = {
             "task": task,
             "config": config.model_dump(),
@@ -214,7 +214,7 @@ class Fleet:
         machine, remote = self._truth
         profile = device.profile
         link = profile.bandwidth or math.inf
-        steps = steps_of(info, examples)
+        steps = steps_of(info.config, examples)
         update = self._model_bytes  # an update is as large as the model
         edge = Cost("edge", (self._model_bytes + update) / link, machine * profile.slowdown)
         edge = replace(edge, fits_memory=free >= self.train_memory)

@@ -120,7 +120,7 @@ def test_the_placer_counts_uploads_in_both_places() -> None:
     info = RoundInfo(
         round=1, state=RoundState.OPEN, deadline=70.0, model_sha256="0" * 64, task="t", config=TrainConfig()
     )
-    steps = steps_of(info, 3200)  # 100 a local epoch
+    steps = steps_of(info.config, 3200)  # 100 a local epoch
     placer = Placer(OffloadSetting.WHEN_SHORT, (ExecutorTarget("gpu", "https://gpu"),), train_memory=0)
     placer.calibrated("edge", "t", (10, 4.0), (100, 40.0))  # 40 s for the round
     placer.calibrated("gpu", "t", (10, 0.1), (100, 1.0))
