@@ -24,7 +24,7 @@ from fedge.codec import encode
 from fedge.security import broker, pki
 from fedge.server.launcher import launch
 from fedge.transport import FedgeClient
-from fedge.wire import RoundInfo, RoundState
+from fedge.wire import RoundInfo, RoundState, rounds_topic
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -71,7 +71,7 @@ def _measure(url: str, port: int, ids: list[str], creds: list[pki.Credentials], 
     for id_, cred in zip(ids, creds, strict=True):
 
         def on_connect(client, id_=id_) -> None:
-            client.subscribe(mqtt.rounds_topic("bench"), qos=1)
+            client.subscribe(rounds_topic("bench"), qos=1)
             subscribed.release()
 
         def on_message(_c, _u, message, id_=id_) -> None:

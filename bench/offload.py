@@ -1,6 +1,6 @@
 """Capacity-aware offload: 30% of 20 clients slowed 5x, MNIST, one seed, five placements of the same runs.
 
-Each placement is a ``fedge simulate --profile`` run (``fedge.fleet.Rule``) with the same profile, data,
+Each placement is a ``fedge simulate --profile`` run (``fedge.sim.fleet.Rule``) with the same profile, data,
 partition and seed, and an executor process on this machine's CPU:
 
 - edge-only: every round on the device, in full (today's federated learning);
@@ -31,9 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
-from fedge.fleet import Rule
 from fedge.settings import SimulationSettings
-from fedge.simulation import Report, simulate
+from fedge.sim.fleet import Rule
+from fedge.sim.run import Report, simulate
 
 FULL = {"clients": 20, "rounds": 6, "epochs": 10, "slow_share": 0.3, "slowdown": 5.0, "target": 0.9}
 QUICK = {"clients": 3, "rounds": 1, "epochs": 1, "slow_share": 0.3, "slowdown": 5.0, "target": 0.9}

@@ -35,7 +35,7 @@ from fedge.security.offload import OffloadError
 from fedge.security.pki import Credentials, Identity, Role, write_file
 from fedge.security.tls import client_context
 from fedge.transport import FedgeClient, ServerError
-from fedge.wire import RoundInfo, RoundState
+from fedge.wire import RoundInfo, RoundState, rounds_topic, status_topic
 
 MQTT_GRACE_SECONDS = 5.0
 RETRY_SECONDS = 5.0
@@ -127,7 +127,7 @@ class Agent:
                 self._mqtt.loop_stop()
 
     def _topic(self) -> str:
-        return mqtt.rounds_topic(self.config.identity.federation)
+        return rounds_topic(self.config.identity.federation)
 
     def _on_connect(self, client: paho.Client) -> None:
         client.subscribe(self._topic(), qos=1)
@@ -400,5 +400,5 @@ class Agent:
         )
         status.write(self.config.state_dir, self._status)
         if self._mqtt is not None and self._connected.is_set():
-            topic = mqtt.status_topic(self.config.identity.federation, self.config.identity.id)
+            topic = status_topic(self.config.identity.federation, self.config.identity.id)
             self._mqtt.publish(topic, self._status.model_dump_json(), qos=1, retain=True)

@@ -102,9 +102,9 @@ def simulate(
     ] = None,
 ) -> None:
     """Run a federation on this machine: real mTLS, a real server process, warm client functions."""
-    from fedge.plots import accuracy_plot
     from fedge.server.cli import strategy_of
-    from fedge.simulation import simulate as run
+    from fedge.sim.plots import accuracy_plot
+    from fedge.sim.run import simulate as run
 
     with user_errors():
         settings = SimulationSettings.from_flags(

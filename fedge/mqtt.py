@@ -1,4 +1,4 @@
-"""MQTT on the federation's broker: the topic names of the contract, and a paho client over mutual TLS.
+"""MQTT on the federation's broker: a paho client over mutual TLS (the topic names are in ``fedge.wire``).
 
 Both ends use one recipe: MQTT v5, the federation's client certificate, a persistent session (so QoS 1
 messages sent while a device was offline wait for it), and paho's own reconnect loop with exponential
@@ -21,16 +21,6 @@ from fedge.security.tls import client_context
 SESSION_EXPIRY_SECONDS = 7 * 24 * 3600
 RECONNECT_MIN_SECONDS = 1
 RECONNECT_MAX_SECONDS = 30
-
-
-def rounds_topic(federation: str) -> str:
-    """Round announcements: QoS 1, retained, written by the aggregation server only."""
-    return f"fedge/{federation}/rounds"
-
-
-def status_topic(federation: str, client: str) -> str:
-    """One client's status (``+`` for all of them): written by that client only."""
-    return f"fedge/{federation}/clients/{client}/status"
 
 
 @dataclass(frozen=True)

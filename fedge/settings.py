@@ -118,6 +118,6 @@ class SimulationSettings(TrainingSettings):
     partition: str = "dirichlet:0.5"
     workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
     out: Path = Path("fedge-run")
-    profile: Path | None = None  # device profiles (fedge.profiles): slow, small, flaky, far devices
-    placement: str = "fedge"  # with a profile: fedge, or a baseline (fedge.fleet.Rule)
+    profile: Path | None = None  # device profiles (fedge.sim.profiles): slow, small, flaky, far devices
+    placement: str = "fedge"  # with a profile: fedge, or a baseline (fedge.sim.fleet.Rule)
     train_memory_mb: float = Field(256.0, gt=0)  # with a profile: what a training run needs on a device

@@ -7,6 +7,16 @@ from enum import StrEnum
 from pydantic import BaseModel, Field
 
 
+def rounds_topic(federation: str) -> str:
+    """Round announcements: QoS 1, retained, written by the aggregation server only."""
+    return f"fedge/{federation}/rounds"
+
+
+def status_topic(federation: str, client: str) -> str:
+    """One client's status (``+`` for all of them): written by that client only."""
+    return f"fedge/{federation}/clients/{client}/status"
+
+
 class RoundState(StrEnum):
     WAITING = "waiting"  # no round yet: too few clients registered
     OPEN = "open"  # accepting updates from the selected clients

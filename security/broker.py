@@ -20,8 +20,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedge.mqtt import rounds_topic, status_topic
 from fedge.security import pki
+from fedge.wire import rounds_topic, status_topic
 
 BROKER_ID = "broker"
 

@@ -11,7 +11,7 @@ from fedge import mqtt
 from fedge.security.broker import username
 from fedge.security.pki import Credentials, Role
 from fedge.server.rounds import Federation
-from fedge.wire import RoundInfo
+from fedge.wire import RoundInfo, rounds_topic
 
 
 def announcement(info: RoundInfo) -> bytes:
@@ -23,7 +23,7 @@ def announcement(info: RoundInfo) -> bytes:
 class Announcer:
     def __init__(self, federation: Federation, broker: mqtt.BrokerAddress, creds: Credentials) -> None:
         self._federation = federation
-        self._topic = mqtt.rounds_topic(federation.settings.federation)
+        self._topic = rounds_topic(federation.settings.federation)
         self._client = mqtt.client(broker, creds, username(Role.SERVER, "server"), lambda _: self.publish())
         federation.subscribe(self.publish)
 

@@ -11,10 +11,9 @@ from conftest import client_data, free_port, tls_for, wait_for
 from test_service import stored_updates
 from test_simulate import run_cli
 
-from fedge.mqtt import status_topic
 from fedge.security import pki
 from fedge.transport import FedgeClient
-from fedge.wire import RoundState
+from fedge.wire import RoundState, status_topic
 
 
 def finished(server, pki_dir: Path) -> bool:

@@ -7,9 +7,8 @@ from pathlib import Path
 
 from conftest import CLIENTS, tls_for, update_body, wait_for
 
-from fedge.mqtt import rounds_topic
 from fedge.security import pki
-from fedge.wire import RoundInfo, RoundState
+from fedge.wire import RoundInfo, RoundState, rounds_topic
 
 
 def announced(probe_, state: RoundState, round_: int) -> RoundInfo | None:

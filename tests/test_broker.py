@@ -8,8 +8,8 @@ from pathlib import Path
 from conftest import tls_for, wait_for
 from test_simulate import run_cli
 
-from fedge.mqtt import rounds_topic, status_topic
 from fedge.security import pki
+from fedge.wire import rounds_topic, status_topic
 
 
 def test_broker_config_writes_a_tls_only_config_and_an_acl_per_identity(tmp_path: Path, pki_dir) -> None:

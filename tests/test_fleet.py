@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from fedge.client.placement import Cost, Kind, OffloadSetting, Situation
-from fedge.fleet import Rule
+from fedge.sim.fleet import Rule
 
 SLOW_EDGE = Cost("edge", fixed_s=1, per_step_s=1.0)  # 100 steps: 101 s
 GPU = Cost("gpu", fixed_s=5, per_step_s=0.01)  # 6 s

@@ -9,7 +9,7 @@ import pytest
 
 from fedge.client.placement import OffloadSetting
 from fedge.edge_functions.functions import SlowDevice
-from fedge.profiles import ProfileError, assign, load
+from fedge.sim.profiles import ProfileError, assign, load
 
 
 def write(tmp_path: Path, text: str) -> Path:

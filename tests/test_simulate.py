@@ -10,8 +10,8 @@ from pathlib import Path
 from fedge.client.placement import OffloadSetting
 from fedge.codec import decode
 from fedge.edge_functions import datasets, partition
-from fedge.profiles import assign, load
 from fedge.security.offload import encode_shard
+from fedge.sim.profiles import assign, load
 
 
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:

@@ -32,13 +32,13 @@ from fedge.client.placement import Cost, Kind, OffloadSetting, Placement, Situat
 from fedge.client.placer import ExecutorTarget, Placer, steps_of
 from fedge.client.predictor import Run
 from fedge.edge_functions.runtime import Invocation, WarmPool
-from fedge.profiles import DeviceProfile
 from fedge.security.offload import OffloadError, encode_shard
 from fedge.security.pki import Credentials
+from fedge.sim.profiles import DeviceProfile
 from fedge.transport import FedgeClient, ServerError
 from fedge.wire import RoundInfo, TrainConfig
 
-log = logging.getLogger("fedge.fleet")
+log = logging.getLogger("fedge.sim.fleet")
 
 
 class Rule(StrEnum):

@@ -4,7 +4,7 @@ A throwaway PKI, the aggregation service in its own process behind mutual TLS, a
 an invocation of the edge ``train`` function on a warm worker pool, with its own certificate and its own
 share of real data. This process only orchestrates: it imports neither torch nor the server.
 
-With ``--profile`` the clients become devices (``fedge.fleet``): each has its own worker, slowed to its
+With ``--profile`` the clients become devices (``fedge.sim.fleet``): each has its own worker, slowed to its
 profile, decides its placement every round as an agent does, and may have the executor process that
 joins the run train for it. The report then says where every client-round ran, how many of the updates
 asked for arrived before the deadline, and how many bytes of raw data left devices.
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedge import compression, profiles
+from fedge import compression
 from fedge.client.placement import OffloadSetting
 from fedge.client.placer import ExecutorTarget, Placer
 from fedge.codec import decode
@@ -33,10 +33,11 @@ from fedge.console import UserError
 from fedge.edge_functions import attacks, datasets, partition
 from fedge.edge_functions.launcher import ExecutorProcess, launch_executor
 from fedge.edge_functions.runtime import Invocation, WarmPool
-from fedge.fleet import Device, Fleet, Outcome, Rule
 from fedge.security import pki
 from fedge.server.launcher import ServerProcess, launch
 from fedge.settings import SimulationSettings
+from fedge.sim import profiles
+from fedge.sim.fleet import Device, Fleet, Outcome, Rule
 from fedge.transport import FedgeClient, ServerError
 from fedge.wire import RoundInfo, RoundState, TrainConfig
 
