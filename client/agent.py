@@ -24,18 +24,20 @@ import paho.mqtt.client as paho
 
 from fedge import mqtt
 from fedge.client import capacity, status
-from fedge.client.offload import calibrate_executor, offload_round, shard_bytes
-from fedge.client.placement import Kind, OffloadSetting, Placement
-from fedge.client.placer import ExecutorTarget, Placer
-from fedge.client.predictor import Run
+from fedge.client.planner import ExecutorTarget, Placer
+from fedge.client.policy import EDGE, Kind, OffloadSetting, Placement
+from fedge.client.round import Played, play
 from fedge.client.status import AgentState, AgentStatus, LastInvocation, Transport
+from fedge.client.targets import Target, TargetFailed
+from fedge.client.targets.device import DeviceTarget
+from fedge.client.targets.executor import HttpsExecutor, shard_bytes
+from fedge.edge_functions.events import CalibrateEvent, CredentialPaths, LocalData, TrainEvent
 from fedge.edge_functions.runtime import WarmPool
 from fedge.security.broker import username
-from fedge.security.offload import OffloadError
 from fedge.security.pki import Credentials, Identity, Role, write_file
 from fedge.security.tls import client_context
 from fedge.transport import FedgeClient, ServerError
-from fedge.wire import RoundInfo, RoundState, rounds_topic, status_topic
+from fedge.wire import RoundInfo, RoundState, TrainConfig, rounds_topic, status_topic
 
 MQTT_GRACE_SECONDS = 5.0
 RETRY_SECONDS = 5.0
@@ -55,7 +57,7 @@ def plan(info: RoundInfo, me: str, done_round: int, now: float) -> tuple[Step, s
         return Step.IGNORE, f"round {info.round} is {info.state}"
     if me not in info.selected:
         return Step.SKIP, f"not selected for round {info.round}"
-    if info.deadline is not None and now >= info.deadline:
+    if info.seconds_left(now) <= 0:
         return Step.SKIP, f"round {info.round} is past its deadline"
     return Step.TRAIN, f"training round {info.round}"
 
@@ -86,6 +88,7 @@ class Agent:
         self._connected = threading.Event()
         self._etag: str | None = None
         self._checked = time.monotonic()
+        self._counted = ""  # where this round's last attempt was counted
         self._mqtt: paho.Client | None = None
         self._status_lock = threading.Lock()
         self._status = AgentStatus(
@@ -186,62 +189,110 @@ class Agent:
         self.pool.warm(wait=False)
         with np.load(self.config.data, allow_pickle=False) as arrays:
             examples = len(arrays["y"])
+        targets = self._targets(api)
         if self.config.offload is not OffloadSetting.NEVER and not self.placer.predictor.knows(
-            "edge", info.task
+            EDGE, info.task
         ):
-            self._calibrate(info)
-        placement = self.placer.decide(info, examples, time.time(), capacity.probe().free_memory)
-        self._count(placement)
-        if placement.prewarm and placement.kind is not Kind.OFFLOAD:
-            threading.Thread(target=self._prewarm, daemon=True).start()
-        if placement.kind is Kind.SKIP:
-            self._skip(api, info.round, placement.reason, f"round {info.round}: {placement.reason}")
-        elif placement.kind is Kind.OFFLOAD:
-            self._offload(api, info, placement)
-        else:
-            self._train(api, info, placement)
+            self._calibrate(info, targets)
+        placement = self.placer.decide(info, examples, time.time(), capacity.free_memory())
+        told: list[str] = []
+        try:
+            played = play(
+                info, self.placer, targets, placement, examples, capacity.free_memory,
+                lambda reason: told.append(self._skip(api, info.round, reason)),
+                lambda p, where, fallback: self._placed(info.round, p, where, fallback),
+            )  # fmt: skip
+        except (
+            Exception
+        ) as exc:  # WorkerFailed (crash, hang), the server's refusal, bad data: all fail the round
+            self._finish(info.round, AgentState.ERROR, f"round {info.round} failed: {exc}")
+            return
+        self._played(info.round, played, told)
 
-    def _skip(self, api: FedgeClient, round_: int, reason: str, detail: str) -> None:
-        """Tell the server this round gets no update from here, so it need not wait for the deadline."""
+    def _targets(self, api: FedgeClient) -> dict[str, Target]:
+        """The device and each executor the owner allows, for this round."""
+        device = DeviceTarget(
+            self.pool, self._train_event, self._calibrate_event,
+            lambda r: self._send_outbox(api).get(r), calibrate_s=CALIBRATE_SECONDS,
+        )  # fmt: skip
+        executors = [
+            HttpsExecutor(spec, self.config.creds, api, self._shard, CALIBRATE_SECONDS)
+            for spec in self.config.executors
+        ]
+        return {EDGE: device, **{e.id: e for e in executors}}
+
+    def _skip(self, api: FedgeClient, round_: int, reason: str) -> str:
+        """Tell the server this round gets no update from here, so it need not wait for the deadline;
+        returns what became of the notice."""
         try:  # best effort: without the notice the round merely waits for its deadline
             api.skip(round_, reason)
-            told = "the server was told"
+            return "the server was told"
         except (httpx.HTTPError, ServerError) as exc:
-            told = f"the skip notice failed: {exc}"
-        self._finish(round_, AgentState.SKIPPED, f"{detail}; {told}")
+            return f"the skip notice failed: {exc}"
 
-    def _count(self, placement: Placement) -> None:
-        where = f"offload:{placement.target}" if placement.offloaded else str(placement.kind)
-        counts = {**self._status.placements, where: self._status.placements.get(where, 0) + 1}
-        self._status = self._status.model_copy(update={"placements": counts})
+    def _placed(self, round_: int, placement: Placement, where: str, fallback: str) -> None:
+        """Before each attempt: count it (a fallback replaces the offload it follows) and show it."""
+        counts = dict(self._status.placements)
+        if fallback:
+            counts[self._counted] -= 1
+            if not counts[self._counted]:
+                del counts[self._counted]
+        counts[where] = counts.get(where, 0) + 1
+        self._counted = where
+        update: dict[str, object] = {"placements": counts}
+        if fallback:
+            update["fallback"] = fallback
+        self._status = self._status.model_copy(update=update)
+        if placement.prewarm and placement.kind is not Kind.OFFLOAD and not fallback:
+            threading.Thread(target=self._prewarm, daemon=True).start()
+        if placement.offloaded:
+            self._report(AgentState.TRAINING, round_, f"round {round_} offloaded to {placement.target}")
+        elif placement.kind is not Kind.SKIP:
+            self._report(AgentState.TRAINING, round_, f"training round {round_}")
 
-    def _calibrate(self, info: RoundInfo) -> None:
+    def _played(self, round_: int, played: Played, told: list[str]) -> None:
+        """After the round: a skip or an executor's run is finished here; the device's update was sent
+        (and the round finished) from the outbox."""
+        trained = played.trained
+        if trained is None:
+            detail = played.fallback or f"round {round_}: {played.placement.reason}"
+            self._finish(round_, AgentState.SKIPPED, f"{detail}; {told[-1]}")
+        elif trained.invocation is None:
+            sent = self._status.raw_bytes_offloaded + trained.raw_bytes
+            self._status = self._status.model_copy(update={"raw_bytes_offloaded": sent})
+            detail = f"round {round_} trained by executor {played.placement.target}"
+            self._finish(round_, AgentState.IDLE, detail)
+        else:
+            invocation = trained.invocation
+            self._status.last_invocation = LastInvocation(
+                cold=invocation.cold, startup_seconds=invocation.startup_seconds, seconds=invocation.seconds
+            )
+
+    def _calibrate(self, info: RoundInfo, targets: dict[str, Target]) -> None:
         """Two short timed runs here and on each executor the owner allows, before the first decision that
         could send data away, so it rests on lines measured rather than on optimism (an executor that cannot
         be reached stays unknown, and is tried). Without offload the first round itself is the measurement."""
         log = logging.getLogger("fedge.placement")
-        data = self._shard()
-        self.placer.shard_bytes = shard_bytes(data)
-        event = {
-            "task": info.task,
-            "config": info.config.model_dump(),
-            "data": {"path": str(self.config.data)},
-        }
-        try:
-            small, large = self.pool.invoke("calibrate", event, CALIBRATE_SECONDS).result().result["points"]
-            self.placer.calibrated("edge", info.task, tuple(small), tuple(large))
-        except Exception as exc:  # a device too slow even for this: the first round decides without a line
-            log.warning("calibration failed: %s", exc)
-        for target in self.config.executors:
-            executor = (target.id, target.url)
+        self.placer.shard_bytes = shard_bytes(self._shard())
+        for target in targets.values():
+            # A device too slow even for this decides its first round without a line.
+            survivable = Exception if target.id == EDGE else TargetFailed
             try:
-                small, large = calibrate_executor(
-                    self.config.creds, executor, info.task, info.config, data, CALIBRATE_SECONDS
-                )
-            except (httpx.HTTPError, ServerError, OffloadError) as exc:
+                small, large = target.calibrate(info.task, info.config)
+            except survivable as exc:
                 log.warning("%s calibration failed (it stays unknown, so it is tried): %s", target.id, exc)
                 continue
             self.placer.calibrated(target.id, info.task, small, large)
+
+    def _calibrate_event(self, task: str, config: TrainConfig) -> CalibrateEvent:
+        return CalibrateEvent(task=task, config=config, data=LocalData(path=self.config.data))
+
+    def _train_event(self, info: RoundInfo) -> TrainEvent:
+        return TrainEvent(
+            server=self.config.server, credentials=CredentialPaths.of(self.config.creds), task=info.task,
+            round=info.round, config=info.config, data=LocalData(path=self.config.data), outbox=self._outbox,
+            model_sha256=info.model_sha256,
+        )  # fmt: skip
 
     def _shard(self) -> tuple[np.ndarray, np.ndarray]:
         """The device's examples as an offload sends them."""
@@ -256,86 +307,6 @@ class Agent:
                     http.get(f"{target.url}/healthz")
             except httpx.HTTPError:
                 pass  # a sleeping executor is the placement's problem next round, not this one's
-
-    def _offload(self, api: FedgeClient, info: RoundInfo, placement: Placement) -> None:
-        """Have the chosen executor train the round; only ever reached when the owner allowed offload."""
-        self._report(AgentState.TRAINING, info.round, f"round {info.round} offloaded to {placement.target}")
-        (target,) = (e for e in self.config.executors if e.id == placement.target)
-        data = self._shard()
-        left = info.deadline - time.time() if info.deadline is not None else 600.0
-        timeout = max(1.0, min(left, placement.wait_s))
-        try:
-            done = offload_round(
-                api, self.config.creds, (target.id, target.url), info.task, info.round, info.config, data,
-                placement.weight, timeout,
-            )  # fmt: skip
-        except (httpx.HTTPError, ServerError, OffloadError) as exc:
-            self._fall_back(api, info, placement, len(data[1]), exc)
-            return
-        self.placer.observe(target.id, info.task, done.run(placement.steps))
-        self.placer.shard_bytes = done.job_bytes
-        sent = self._status.raw_bytes_offloaded + done.raw_bytes
-        self._status = self._status.model_copy(update={"raw_bytes_offloaded": sent})
-        self._finish(info.round, AgentState.IDLE, f"round {info.round} trained by executor {target.id}")
-
-    def _fall_back(
-        self, api: FedgeClient, info: RoundInfo, failed: Placement, examples: int, exc: Exception
-    ) -> None:
-        """The executor did not train the round (unreachable, refused, failed, too slow): the device does
-        what it still can before the deadline, and the round is counted where it actually ran."""
-        assert failed.target is not None  # an offload placement always names its executor
-        free = capacity.probe().free_memory
-        placement = self.placer.fallback(failed.target, info, examples, time.time(), free)
-        why = f"round {info.round}: offload to {failed.target} failed ({exc}); device: {placement.reason}"
-        counts = dict(self._status.placements)
-        offloaded = f"offload:{failed.target}"
-        counts[offloaded] -= 1
-        if not counts[offloaded]:
-            del counts[offloaded]
-        counts[f"fallback:{placement.kind}"] = counts.get(f"fallback:{placement.kind}", 0) + 1
-        self._status = self._status.model_copy(update={"placements": counts, "fallback": why})
-        if placement.kind is Kind.SKIP:
-            self._skip(api, info.round, f"offload failed, then {placement.reason}", why)
-        else:
-            self._train(api, info, placement)
-
-    def _train(self, api: FedgeClient, info: RoundInfo, placement: Placement) -> None:
-        self._report(AgentState.TRAINING, info.round, f"training round {info.round}")
-        event = {
-            "server": self.config.server,
-            "credentials": {
-                "ca": str(self.config.creds.ca),
-                "cert": str(self.config.creds.cert),
-                "key": str(self.config.creds.key),
-            },
-            "task": info.task,
-            "round": info.round,
-            "config": info.config.model_dump(),
-            "data": {"path": str(self.config.data)},
-            "outbox": str(self._outbox),
-            "model_sha256": info.model_sha256,
-            "max_steps": placement.steps if placement.kind is Kind.FEWER_STEPS else None,
-            "weight": placement.weight,
-        }
-        timeout = max(1.0, info.deadline - time.time()) if info.deadline is not None else None
-        try:
-            invocation = self.pool.invoke("train", event, timeout).result()
-        except (
-            Exception
-        ) as exc:  # WorkerFailed (crash, hang), the server's refusal, bad data: all fail the round
-            self._finish(info.round, AgentState.ERROR, f"round {info.round} failed: {exc}")
-            return
-        self._status.last_invocation = LastInvocation(
-            cold=invocation.cold, startup_seconds=invocation.startup_seconds, seconds=invocation.seconds
-        )
-        done = invocation.result
-        compute = invocation.seconds - done["download_seconds"]
-        bytes_up, upload_s = self._send_outbox(api).get(info.round, (0, 0.0))
-        run = Run(
-            placement.steps, compute, invocation.startup_seconds,
-            done["bytes_down"], done["download_seconds"], bytes_up, upload_s,
-        )  # fmt: skip
-        self.placer.observe("edge", info.task, run)
 
     def _send_outbox(self, api: FedgeClient) -> dict[int, tuple[int, float]]:
         """Send every kept update; one the server already holds, or can no longer take, is dropped. Returns

@@ -72,7 +72,7 @@ def _config(settings: AgentSettings) -> AgentConfig:
     from cryptography.hazmat.primitives import serialization
 
     from fedge.client.agent import AgentConfig
-    from fedge.client.placer import ExecutorTarget
+    from fedge.client.planner import ExecutorTarget
     from fedge.mqtt import BrokerAddress
     from fedge.security import pki
 

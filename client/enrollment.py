@@ -40,7 +40,10 @@ class EnrollmentError(Exception):
 
 
 @dataclass(frozen=True)
-class AgentState:
+class Enrollment:
+    """Who this device is in which federation, as enrollment left it in the state directory (the agent's
+    activity is ``status.AgentState``)."""
+
     server: str
     federation: str
     client: str
@@ -57,7 +60,7 @@ def normalize_fingerprint(value: str) -> str:
 
 def enroll(
     server: str, token: str, ca_fingerprint: str, state_dir: Path, timeout: float = 30.0
-) -> AgentState:
+) -> Enrollment:
     pin = normalize_fingerprint(ca_fingerprint)
     creds = _credentials(state_dir)
     if creds.cert.exists():
@@ -71,7 +74,7 @@ def enroll(
     return _save(state_dir, server, ca_pem, key, response)
 
 
-def renew(state_dir: Path, timeout: float = 30.0) -> AgentState:
+def renew(state_dir: Path, timeout: float = 30.0) -> Enrollment:
     """Trade the still-valid certificate for a fresh one on a new key, replacing both on disk."""
     state = load_state(state_dir)
     key = ec.generate_private_key(ec.SECP256R1())
@@ -106,12 +109,12 @@ def fetch_pinned_ca(server: str, pin: str, timeout: float) -> bytes:
     return ca.public_bytes(serialization.Encoding.PEM)
 
 
-def load_state(state_dir: Path) -> AgentState:
+def load_state(state_dir: Path) -> Enrollment:
     try:
         meta = json.loads((state_dir / "agent.json").read_text())
     except FileNotFoundError:
         raise EnrollmentError(f"{state_dir} holds no enrollment: run `fedge agent enroll` first") from None
-    return AgentState(meta["server"], meta["federation"], meta["client"], _credentials(state_dir))
+    return Enrollment(meta["server"], meta["federation"], meta["client"], _credentials(state_dir))
 
 
 def _call(http: httpx.Client, path: str, payload: dict[str, str]) -> dict[str, str]:
@@ -128,7 +131,7 @@ def _call(http: httpx.Client, path: str, payload: dict[str, str]) -> dict[str, s
 
 def _save(
     state_dir: Path, server: str, ca_pem: bytes, key: ec.EllipticCurvePrivateKey, response: dict[str, str]
-) -> AgentState:
+) -> Enrollment:
     """Keep the certificate only if the pinned CA issued it, for our key, with a fedge client identity."""
     cert = x509.load_pem_x509_certificate(response["certificate"].encode())
     try:
@@ -145,7 +148,7 @@ def _save(
     pki.write_file(creds.cert, cert.public_bytes(serialization.Encoding.PEM))
     meta = {"server": server, "federation": identity.federation, "client": identity.id}
     pki.write_file(state_dir / "agent.json", json.dumps(meta).encode())
-    return AgentState(server, identity.federation, identity.id, creds)
+    return Enrollment(server, identity.federation, identity.id, creds)
 
 
 def _credentials(state_dir: Path) -> pki.Credentials:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fedge.client.placement import Cost
+from fedge.client.policy import Cost
 
 WINDOW = 20
 STARTUP_WINDOW = 10

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from fedge.client.placement import OffloadSetting
+from fedge.client.policy import OffloadSetting
 from fedge.settings import _CommandSettings
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,55 +27,20 @@ import httpx
 import numpy as np
 import torch
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import ValidationError
 
 from fedge.codec import decode, encode
 from fedge.edge_functions import tasks
 from fedge.edge_functions.adapters.http import Receive, Send, _error, _read, _respond
+from fedge.edge_functions.events import Calibrated, Calibration, Job, JobDone
 from fedge.edge_functions.functions import fit, timed_fits
 from fedge.security import offload, signing
 from fedge.security.peer import peer_certificate
 from fedge.security.pki import Credentials, Identity, PKIError, Role, identity_of
 from fedge.transport import FedgeClient, ServerError
-from fedge.wire import BASE_SHA256, NUM_EXAMPLES, TRAIN_LOSS, TrainConfig
+from fedge.wire import BASE_SHA256, NUM_EXAMPLES, TRAIN_LOSS
 
 MAX_JOB = 256 * 1024 * 1024
-
-
-class Job(BaseModel):
-    task: str
-    round: int
-    config: TrainConfig
-    shard: dict[str, str]  # security.offload.seal's output
-    grant: str
-    weight: float = Field(1.0, gt=0, le=1)  # scales num_examples when the client asked for less work
-
-
-MAX_CALIBRATION_STEPS = 64  # a calibration is a few seconds of work, not a way to rent the GPU
-
-
-class Calibration(BaseModel):
-    """Two short timed runs on synthetic inputs shaped like the client's (no client data leaves it)."""
-
-    task: str
-    config: TrainConfig
-    shape: list[int] = Field(min_length=1, max_length=4)  # one example's input shape
-    classes: int = Field(ge=2, le=100_000)
-    steps: tuple[int, int] = (2, 8)
-
-    @field_validator("shape")
-    @classmethod
-    def _small_inputs(cls, shape: list[int]) -> list[int]:
-        if any(n < 1 for n in shape) or math.prod(shape) > 1_000_000:
-            raise ValueError("each dimension at least 1, at most 1,000,000 values an example")
-        return shape
-
-    @field_validator("steps")
-    @classmethod
-    def _two_sizes(cls, steps: tuple[int, int]) -> tuple[int, int]:
-        if not 1 <= steps[0] < steps[1] <= MAX_CALIBRATION_STEPS:
-            raise ValueError(f"two sizes, 1 <= small < large <= {MAX_CALIBRATION_STEPS}")
-        return steps
 
 
 class JobRefused(Exception):
@@ -104,7 +68,7 @@ class Executor:
             "certificate": signing.encode_certificate(self.creds.cert.read_bytes()),
         }
 
-    def run(self, job: Job, caller: Identity) -> dict[str, Any]:
+    def run(self, job: Job, caller: Identity) -> JobDone:
         """Train ``job`` for ``caller`` (as TLS verified it), who must be the client the grant names."""
         started = time.perf_counter()
         try:
@@ -139,22 +103,22 @@ class Executor:
             receipt = api.post_update(job.round, body, grant=job.grant)
             done = time.perf_counter()
         # Seconds per component, so the client's predictor learns this executor's own link and compute.
-        return {
-            "client": grant.client,
-            "round": job.round,
-            "device": device.type,
-            "num_examples": examples,
-            "loss": loss,
-            "staleness": receipt.staleness,
-            "bytes_down": len(download.body),
-            "download_seconds": computing - downloading,
-            "compute_seconds": uploading - computing,
-            "bytes_up": len(body),
-            "upload_seconds": done - uploading,
-            "seconds": done - started,
-        }
+        return JobDone(
+            client=grant.client,
+            round=job.round,
+            device=device.type,
+            num_examples=examples,
+            loss=loss,
+            staleness=receipt.staleness,
+            bytes_down=len(download.body),
+            download_seconds=computing - downloading,
+            compute_seconds=uploading - computing,
+            bytes_up=len(body),
+            upload_seconds=done - uploading,
+            seconds=done - started,
+        )
 
-    def calibrate(self, calibration: Calibration) -> dict[str, Any]:
+    def calibrate(self, calibration: Calibration) -> Calibrated:
         """Time two short runs of ``calibration.task`` on this executor's device, so a client's first
         decision weighs this executor by a measured line and not by optimism."""
         try:
@@ -170,7 +134,8 @@ class Executor:
             raise JobRefused(
                 400, "bad_calibration", f"the task's model cannot train on them: {exc}"
             ) from None
-        return {"executor": self.id, "device": device.type, "points": points}
+        small, large = points
+        return Calibrated(executor=self.id, device=device.type, points=(small, large))
 
 
 def synthetic(shape: list[int], classes: int, examples: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -235,7 +200,7 @@ def _client_of(scope: dict[str, Any], federation: str, refusal: str) -> Identity
 
 def _calibrate(executor: Executor, body: bytes) -> tuple[int, Any]:
     try:
-        return 200, executor.calibrate(Calibration.model_validate_json(body))
+        return 200, executor.calibrate(Calibration.model_validate_json(body)).model_dump()
     except ValidationError as exc:
         first = exc.errors()[0]
         return 400, _error("bad_calibration", f"{'.'.join(map(str, first['loc']))}: {first['msg']}")
@@ -245,7 +210,7 @@ def _calibrate(executor: Executor, body: bytes) -> tuple[int, Any]:
 
 def _invoke(executor: Executor, body: bytes, caller: Identity) -> tuple[int, Any]:
     try:
-        return 200, executor.run(Job.model_validate(json.loads(body)), caller)
+        return 200, executor.run(Job.model_validate(json.loads(body)), caller).model_dump()
     except json.JSONDecodeError:
         return 400, _error("bad_job", "the job is not JSON")
     except ValidationError as exc:

@@ -6,106 +6,49 @@ between invocations (the model last downloaded, the data partition), never anyth
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from pydantic import BaseModel, Field
 from torch import nn
 
 from fedge import compression
 from fedge.codec import Tensors, decode, encode
-from fedge.edge_functions import attacks, partition, tasks
+from fedge.edge_functions import partition, tasks
+from fedge.edge_functions.events import (
+    CalibrateEvent,
+    CalibrateResult,
+    DataSpec,
+    EvaluateEvent,
+    EvaluateResult,
+    LocalData,
+    TrainEvent,
+    TrainResult,
+)
 from fedge.security.pki import Credentials, write_file
 from fedge.transport import FedgeClient
 from fedge.wire import BASE_SHA256, NUM_EXAMPLES, TRAIN_LOSS, TrainConfig
 
 
-class CredentialPaths(BaseModel):
-    ca: Path
-    cert: Path
-    key: Path
+class Hooks:
+    """Where a host may step into a training run; here, at each, nothing happens. (The simulation
+    emulates its slow devices, attackers and stragglers there: ``fedge.sim.emulation``.)"""
 
-    def get(self) -> Credentials:
-        return Credentials(self.ca, self.cert, self.key)
+    def downloaded(self, size: int) -> None:
+        """The model's ``size`` bytes arrived."""
 
+    def trained(self, tensors: Tensors, base: Tensors) -> Tensors:
+        """The update, once trained from ``base``: what is sent."""
+        return tensors
 
-class DataSpec(BaseModel):
-    """Which share of a task's data this client holds (simulation); an agent points at its own files."""
-
-    num_clients: int
-    index: int
-    partition: str = "iid"
-    seed: int = 0
+    def ready(self, work_seconds: float, size: int) -> bool:
+        """The update of ``size`` bytes is encoded after ``work_seconds`` of work: False holds it back."""
+        return True
 
 
-class AttackSpec(BaseModel):
-    """Simulation only: this client is malicious and poisons its update (``attacks.poison``)."""
-
-    kind: str
-    scale: float = 4.0
-
-
-class SlowDevice(BaseModel):
-    """Simulation only: make this machine behave like a slower device (``fedge simulate --profile``).
-    The function really waits, so whoever times it (the predictor, the deadline) sees the device's time."""
-
-    slowdown: float = Field(1.0, ge=1.0)  # its own work (data, model, training) takes this many times as long
-    bandwidth: float | None = Field(None, gt=0)  # bytes per second of its link; None: as fast as it is
-    deadline: float | None = None  # Unix time its round closes: it stops waiting there, as its agent would
-
-    def computed(self, seconds: float) -> float:
-        """Wait as long as ``seconds`` of work take this device beyond this machine, but not past the
-        deadline; returns the seconds it would still have needed (0: it made it). Stopping at the deadline
-        keeps a late device in step with the next round instead of running it alone, and so too fast."""
-        extra = (self.slowdown - 1.0) * seconds
-        room = math.inf if self.deadline is None else max(0.0, self.deadline - time.time())
-        time.sleep(min(extra, room))
-        return max(0.0, extra - room)
-
-    def transferred(self, size: int) -> None:
-        if self.bandwidth is not None:
-            time.sleep(size / self.bandwidth)
-
-
-class LocalData(BaseModel):
-    """A device's own examples: an ``.npz`` with arrays ``x`` (float32, the task's input shape) and ``y``."""
-
-    path: Path
-
-
-class TrainEvent(BaseModel):
-    server: str
-    credentials: CredentialPaths
-    task: str
-    round: int
-    config: TrainConfig
-    data: DataSpec | LocalData
-    attack: AttackSpec | None = None
-    delay: float = 0.0  # simulation only: a straggler's extra seconds before it sends its update
-    device: SlowDevice = SlowDevice()  # simulation only
-    compression: str = "none"  # fedge.compression: none, float16 or int8
-    outbox: Path | None = None  # keep the update here for the caller to send, instead of posting it
-    model_sha256: str | None = None  # the round's model, as announced: a warm instance may hold it already
-    max_steps: int | None = Field(None, ge=1)  # the placement cut the round short (client.placement)
-    weight: float = Field(1.0, gt=0, le=1)  # ...and num_examples counts only the share trained on
-
-
-class CalibrateEvent(BaseModel):
-    task: str
-    config: TrainConfig
-    data: DataSpec | LocalData
-    steps: tuple[int, int] = (2, 8)
-    device: SlowDevice = SlowDevice()  # simulation only
-
-
-class EvaluateEvent(BaseModel):
-    server: str
-    credentials: CredentialPaths
-    task: str
+NO_HOOKS = Hooks()
 
 
 @dataclass
@@ -163,8 +106,9 @@ class Context:
         return self.partitions[stamped]
 
 
-def train(event: dict, context: Context) -> dict:
-    """Train the current global model on this client's data and send the update; returns what happened."""
+def train(event: dict, context: Context, hooks: Hooks = NO_HOOKS) -> dict:
+    """Train the current global model on this client's data and send the update; returns what happened
+    (a ``TrainResult``)."""
     ev = TrainEvent.model_validate(event)
     started = time.perf_counter()
     task = tasks.get(ev.task)
@@ -172,45 +116,36 @@ def train(event: dict, context: Context) -> dict:
     api = context.api(ev.server, ev.credentials.get())
     fetching = time.perf_counter()
     bytes_down = context.fetch_model(api, ev.model_sha256)
-    ev.device.transferred(bytes_down)
+    hooks.downloaded(bytes_down)
     download_seconds = time.perf_counter() - fetching  # with bytes_down: the device's bandwidth
     model = task.build_model()
     tasks.load_tensors(model, context.model)
     if isinstance(ev.data, DataSpec):
         torch.manual_seed(ev.data.seed * 1_000_003 + ev.round * 1009 + ev.data.index)
     loss = fit(model, x, y, ev.config, max_steps=ev.max_steps)
-    tensors = tasks.tensors_of(model)
-    if ev.attack is not None and isinstance(ev.data, DataSpec):
-        rng = np.random.default_rng([ev.data.seed, ev.round, ev.data.index])
-        tensors = attacks.poison(ev.attack.kind, tensors, context.model, ev.attack.scale, rng)
+    tensors = hooks.trained(tasks.tensors_of(model), context.model)
     tensors, how = compression.compress(tensors, context.model, ev.compression)
     base = context.model_sha256 or ""
     examples = max(1, round(len(y) * ev.weight))
     metadata = {NUM_EXAMPLES: str(examples), TRAIN_LOSS: f"{loss:.6f}", BASE_SHA256: base, **how}
     body = encode(tensors, metadata)
-    overrun = ev.device.computed(
-        time.perf_counter() - started - download_seconds
-    )  # its work, not the network
-    time.sleep(ev.delay)
-    late = overrun > 0  # simulation: it would finish past the deadline, so its update would be refused
+    delivered = hooks.ready(time.perf_counter() - started - download_seconds, len(body))  # not the network
     staleness = None
-    if not late and ev.outbox is None:
-        ev.device.transferred(len(body))
+    if delivered and ev.outbox is None:
         staleness = api.post_update(ev.round, body).staleness
-    elif not late:
+    elif delivered:
         ev.outbox.mkdir(parents=True, exist_ok=True)
         write_file(ev.outbox / f"round-{ev.round}.safetensors", body)  # whole, or not at all
-    return {
-        "late": late,
-        "round": ev.round,
-        "num_examples": examples,
-        "staleness": staleness,
-        "loss": loss,
-        "bytes_up": len(body),
-        "bytes_down": bytes_down,
-        "download_seconds": download_seconds,
-        "seconds": time.perf_counter() - started + overrun,  # what it took, or would have, on the device
-    }
+    return TrainResult(
+        round=ev.round,
+        num_examples=examples,
+        staleness=staleness,
+        loss=loss,
+        bytes_up=len(body),
+        bytes_down=bytes_down,
+        download_seconds=download_seconds,
+        seconds=time.perf_counter() - started,
+    ).model_dump()
 
 
 def calibrate(event: dict, context: Context) -> dict:
@@ -219,7 +154,8 @@ def calibrate(event: dict, context: Context) -> dict:
     ev = CalibrateEvent.model_validate(event)
     task = tasks.get(ev.task)
     x, y = context.partition(task, ev.data)
-    return {"points": timed_fits(task, x, y, ev.config, ev.steps, slow=ev.device)}
+    small, large = timed_fits(task, x, y, ev.config, ev.steps)
+    return CalibrateResult(points=(small, large)).model_dump()
 
 
 def timed_fits(
@@ -229,12 +165,10 @@ def timed_fits(
     config: TrainConfig,
     steps: tuple[int, ...],
     device: torch.device | None = None,
-    slow: SlowDevice | None = None,
 ) -> list[tuple[int, float]]:
     """(steps, seconds) of a fresh model built, trained for each number of ``steps`` and encoded, after one
     warm-up step: first-call costs (allocation, kernel selection) are not per-step costs, but building and
-    encoding the model are part of every round, so the line's intercept holds them. ``slow``: a simulated
-    device's slow-down, applied to each timed run so the points are the device's."""
+    encoding the model are part of every round, so the line's intercept holds them."""
     fit(task.build_model(), x, y, config, device, max_steps=1)
     points = []
     for n in steps:
@@ -242,8 +176,6 @@ def timed_fits(
         model = task.build_model()
         fit(model, x, y, config, device, max_steps=n)
         encode(tasks.tensors_of(model))
-        if slow is not None:
-            slow.computed(time.perf_counter() - started)
         points.append((n, time.perf_counter() - started))
     return points
 
@@ -258,12 +190,9 @@ def evaluate(event: dict, context: Context) -> dict:
     model = task.build_model()
     tasks.load_tensors(model, context.model)
     loss, accuracy = score(model, data.x_test, data.y_test)
-    return {
-        "model_sha256": context.model_sha256,
-        "round": context.model_round,
-        "loss": loss,
-        "accuracy": accuracy,
-    }
+    return EvaluateResult(
+        model_sha256=context.model_sha256, round=context.model_round, loss=loss, accuracy=accuracy
+    ).model_dump()
 
 
 def initial_model(event: dict, _: Context) -> bytes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from enum import StrEnum
 
 from pydantic import BaseModel, Field
@@ -44,6 +45,11 @@ class RoundInfo(BaseModel):
     @property
     def etag(self) -> str:
         return f'"{self.round}-{self.state}"'
+
+    def seconds_left(self, now: float) -> float:
+        """Seconds until the deadline at Unix time ``now`` (negative once past); infinite without one.
+        The one place deadline arithmetic lives: whoever needs a finite bound caps this itself."""
+        return math.inf if self.deadline is None else self.deadline - now
 
 
 class ModelMeta(BaseModel):

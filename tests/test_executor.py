@@ -20,7 +20,7 @@ import torch
 from conftest import client_data
 from test_service import open_round
 
-from fedge.client.offload import calibrate_executor, offload_round
+from fedge.client.targets.executor import calibrate_executor, offload_round
 from fedge.security import offload, pki
 from fedge.security.tls import client_context
 from fedge.transport import FedgeClient, ServerError

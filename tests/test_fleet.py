@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from fedge.client.placement import Cost, Kind, OffloadSetting, Situation
+from fedge.client.policy import Cost, Kind, OffloadSetting, Situation
 from fedge.sim.fleet import Rule
 
 SLOW_EDGE = Cost("edge", fixed_s=1, per_step_s=1.0)  # 100 steps: 101 s

@@ -116,7 +116,7 @@ def test_the_wheel_lists_every_package_in_the_tree() -> None:
         ("fedge.client.agent", "fedge.server.rounds", False),
         ("fedge.codec", "fedge.security.pki", True),
         ("fedge.wire", "fedge.sim.run", False),
-        ("fedge.edge_functions.functions", "fedge.client.placement", False),
+        ("fedge.edge_functions.functions", "fedge.client.policy", False),
         ("fedge.sim.fleet", "fedge.server.launcher", True),
     ],
 )

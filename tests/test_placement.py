@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from fedge.client.placement import (
+from fedge.client.planner import AVOID_ROUNDS, ExecutorTarget, Placer
+from fedge.client.policy import (
     Cost,
     Kind,
     OffloadSetting,
@@ -18,7 +19,6 @@ from fedge.client.placement import (
     on_device,
     place,
 )
-from fedge.client.placer import AVOID_ROUNDS, ExecutorTarget, Placer
 from fedge.client.predictor import Run
 from fedge.wire import RoundInfo, RoundState, TrainConfig
 

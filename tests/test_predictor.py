@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedge.client.placement import Kind, OffloadSetting, Situation, place
+from fedge.client.policy import Kind, OffloadSetting, Situation, place
 from fedge.client.predictor import PRIOR_MARGIN, Prediction, Predictor, Run, robust_line
 
 TRUE_FIXED, TRUE_STEP = 0.5, 0.02  # ground truth of the synthetic trace: compute = 0.5 + 0.02 * steps
@@ -114,7 +114,7 @@ def test_an_executor_is_predicted_with_the_device_uploading_the_shard_and_its_ow
 def test_the_placer_counts_uploads_in_both_places() -> None:
     """A device whose compute alone fits the deadline, but not with its update's upload over a slow link,
     goes to the executor; a shard too large for that link keeps it on the device, with fewer steps."""
-    from fedge.client.placer import ExecutorTarget, Placer, steps_of
+    from fedge.client.planner import ExecutorTarget, Placer, steps_of
     from fedge.wire import RoundInfo, RoundState, TrainConfig
 
     info = RoundInfo(

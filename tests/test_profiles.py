@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from fedge.client.placement import OffloadSetting
-from fedge.edge_functions.functions import SlowDevice
+from fedge.client.policy import OffloadSetting
+from fedge.sim.emulation import SlowDevice
 from fedge.sim.profiles import ProfileError, assign, load
 
 

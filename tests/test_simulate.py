@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fedge.client.placement import OffloadSetting
+from fedge.client.policy import OffloadSetting
 from fedge.codec import decode
 from fedge.edge_functions import datasets, partition
 from fedge.security.offload import encode_shard

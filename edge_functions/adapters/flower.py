@@ -16,7 +16,8 @@ import numpy as np
 from pydantic import BaseModel
 
 from fedge.codec import encode
-from fedge.edge_functions.functions import Context, CredentialPaths
+from fedge.edge_functions.events import CredentialPaths
+from fedge.edge_functions.functions import Context
 from fedge.transport import FedgeClient
 from fedge.wire import NUM_EXAMPLES
 

@@ -1,5 +1,5 @@
 """The simulated devices of ``fedge simulate --profile``: each decides, every round, where its training runs,
-the way an agent does (``client.placer``), and acts on it. It trains on its own worker (slowed to its
+the way an agent does (``client.planner``), and acts on it. It trains on its own worker (slowed to its
 profile), has the executor process train for it (its shard sealed to the executor, under a one-round
 grant), trains fewer steps, sends the server a skip notice, or is simply gone (dropout).
 
@@ -20,20 +20,31 @@ import math
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
 import httpx
 import numpy as np
 
-from fedge.client.offload import calibrate_executor, offload_round, shard_bytes
-from fedge.client.placement import Cost, Kind, OffloadSetting, Placement, Situation, fastest, place
-from fedge.client.placer import ExecutorTarget, Placer, steps_of
-from fedge.client.predictor import Run
+from fedge.client.planner import ExecutorTarget, Placer, steps_of
+from fedge.client.policy import EDGE, Cost, Kind, OffloadSetting, Placement, Situation, fastest, place
+from fedge.client.round import Played, play
+from fedge.client.targets import Point, Target, TargetFailed, Trained
+from fedge.client.targets.device import DeviceTarget
+from fedge.client.targets.executor import HttpsExecutor, shard_bytes
+from fedge.edge_functions.events import DataSpec
 from fedge.edge_functions.runtime import Invocation, WarmPool
-from fedge.security.offload import OffloadError, encode_shard
+from fedge.security.offload import encode_shard
 from fedge.security.pki import Credentials
+from fedge.sim.emulation import (
+    EMULATED_CALIBRATE,
+    EMULATED_TRAIN,
+    EmulatedCalibrateEvent,
+    EmulatedTrainEvent,
+    EmulatedTrainResult,
+    SlowDevice,
+)
 from fedge.sim.profiles import DeviceProfile
 from fedge.transport import FedgeClient, ServerError
 from fedge.wire import RoundInfo, TrainConfig
@@ -105,8 +116,8 @@ class Fleet:
         pool: WarmPool,
         server: str,
         executor: ExecutorTarget | None,
-        train_event: Callable[[RoundInfo, str], dict],
-        data_event: Callable[[str], dict],
+        train_event: Callable[[RoundInfo, str], EmulatedTrainEvent],
+        data_event: Callable[[str], DataSpec],
         train_memory: int,
         seed: int,
     ) -> None:
@@ -149,19 +160,17 @@ class Fleet:
             else:
                 placement = device.placer.decide(info, examples, now, free)
             agrees = self._agrees(device, info, examples, now, free, placement)
-            if placement.kind is Kind.SKIP:
-                return self._skip(device, info, placement, agrees)
-            if placement.offloaded:
-                outcome = self._offload(device, info, placement, agrees)
-                if outcome is not None:
-                    return outcome
-                assert placement.target is not None
-                placement = device.placer.fallback(placement.target, info, examples, time.time(), free)
-                where = f"fallback:{placement.kind}"
-                if placement.kind is Kind.SKIP:
-                    return self._skip(device, info, placement, agrees, where)
-                return self._train(device, info, placement, agrees, where)
-            return self._train(device, info, placement, agrees)
+            tried: list[str] = []
+            with FedgeClient(self.server, device.creds) as api:
+                try:
+                    played = play(
+                        info, device.placer, self._targets(device, api), placement, examples, lambda: free,
+                        lambda reason: self._skip(api, device, info, reason),
+                        lambda _placement, where, _fallback: tried.append(where),
+                    )  # fmt: skip
+                except ServerError as exc:  # the device's own run, refused (late, or already sent)
+                    return Outcome(device.id, tried[-1], False, agrees=agrees, refused=exc.code)
+            return self._outcome(device, played, agrees)
 
     def prepare(self, task: str, config: TrainConfig) -> None:
         """Before round 1: every device times two runs, as an agent does before its first decision that
@@ -175,8 +184,8 @@ class Fleet:
         if self.executor is not None:
             # The executor's line comes from its own two runs on synthetic data, as an agent asks for it.
             first = devices[0]
-            target = (self.executor.id, self.executor.url)
-            small, large = calibrate_executor(first.creds, target, task, config, first.data, 120.0)
+            with FedgeClient(self.server, first.creds) as api:
+                small, large = self._targets(first, api)[self.executor.id].calibrate(task, config)
             for device in devices:
                 device.placer.calibrated(self.executor.id, task, small, large)
             remote = (large[1] - small[1]) / (large[0] - small[0])
@@ -188,17 +197,65 @@ class Fleet:
         share the machine as a round's do, and the line passes through that point. The agent's two short
         runs would see a quieter machine than the simulated rounds will (half their time, measured)."""
         steps = steps_of(config, len(device.data[1]))
-        event = {
-            "task": task,
-            "config": config.model_dump(),
-            "data": self.data_event(device.id),
-            "device": {"slowdown": device.profile.slowdown},
-            "steps": (steps, max(1, steps // 4)),
-        }
-        round_sized, quarter = self.pool.invoke("calibrate", event).result().result["points"]
-        device.placer.calibrated("edge", task, tuple(round_sized), tuple(quarter))
+        round_sized, quarter = self._device_target(device).calibrate(task, config)
+        device.placer.calibrated(EDGE, task, round_sized, quarter)
         with self._lock:  # the oracle's first step cost: the round-sized run, all in it, as rounds measure
             self._machine_step_s.append(round_sized[1] / steps / device.profile.slowdown)
+
+    def _device_target(self, device: Device) -> DeviceTarget:
+        """The device's worker, slowed to its profile; it stops at the deadline by itself."""
+        profile = device.profile
+
+        def train_event(info: RoundInfo) -> EmulatedTrainEvent:
+            slow = SlowDevice(slowdown=profile.slowdown, bandwidth=profile.bandwidth, deadline=info.deadline)
+            return self.train_event(info, device.id).model_copy(update={"device": slow})
+
+        def calibrate_event(task: str, config: TrainConfig) -> EmulatedCalibrateEvent:
+            steps = steps_of(config, len(device.data[1]))
+            return EmulatedCalibrateEvent(
+                task=task, config=config, data=self.data_event(device.id), steps=(steps, max(1, steps // 4)),
+                device=SlowDevice(slowdown=profile.slowdown),
+            )  # fmt: skip
+
+        functions = (EMULATED_TRAIN, EMULATED_CALIBRATE)
+        return DeviceTarget(
+            self.pool, train_event, calibrate_event, functions=functions, stop_at_deadline=False
+        )
+
+    def _targets(self, device: Device, api: FedgeClient) -> dict[str, Target]:
+        targets: dict[str, Target] = {EDGE: self._device_target(device)}
+        if self.executor is not None:
+            executor = HttpsExecutor(self.executor, device.creds, api, lambda: device.data, 120.0)
+            targets[executor.id] = DeviceLink(executor, device.profile.bandwidth)
+        return targets
+
+    def _outcome(self, device: Device, played: Played, agrees: bool | None) -> Outcome:
+        """What the round counts as, and the step costs it measured for the oracle's actual times."""
+        trained = played.trained
+        if trained is None:
+            return Outcome(device.id, played.where, False, agrees=agrees)
+        steps = max(played.placement.steps, 1)
+        if trained.invocation is not None:  # the device's own worker
+            assert trained.run is not None
+            done = EmulatedTrainResult.model_validate(trained.invocation.result)
+            with self._lock:
+                self._model_bytes = max(self._model_bytes, done.bytes_up)
+                self._machine_step_s.append(trained.run.compute_s / device.profile.slowdown / steps)
+            if done.late:
+                return Outcome(device.id, played.where, False, agrees=agrees, refused="past_deadline")
+            return Outcome(device.id, played.where, True, invocation=trained.invocation, agrees=agrees)
+        if trained.run is None:  # the executor trained, and the server refused its update
+            return Outcome(
+                device.id,
+                played.where,
+                False,
+                raw_bytes=trained.raw_bytes,
+                agrees=agrees,
+                refused=trained.refused,
+            )
+        with self._lock:
+            self._executor_step_s.append(trained.run.compute_s / steps)
+        return Outcome(device.id, played.where, True, raw_bytes=trained.raw_bytes, agrees=agrees)
 
     def _agrees(
         self, device: Device, info: RoundInfo, examples: int, now: float, free: int, placement: Placement
@@ -216,84 +273,49 @@ class Fleet:
         link = profile.bandwidth or math.inf
         steps = steps_of(info.config, examples)
         update = self._model_bytes  # an update is as large as the model
-        edge = Cost("edge", (self._model_bytes + update) / link, machine * profile.slowdown)
+        edge = Cost(EDGE, (self._model_bytes + update) / link, machine * profile.slowdown)
         edge = replace(edge, fits_memory=free >= self.train_memory)
         shard = shard_bytes(device.data)
         executors = () if self.executor is None else (Cost(self.executor.id, shard / link, remote, 1.0),)
-        deadline = info.deadline - now if info.deadline is not None else math.inf
+        deadline = info.seconds_left(now)
         setting = self.rule.setting(profile.offload)
         return Situation(setting, deadline, steps, edge, executors, previous=device.placer.previous)
 
-    def _skip(
-        self, device: Device, info: RoundInfo, placement: Placement, agrees: bool | None, where: str = "skip"
-    ) -> Outcome:
+    def _skip(self, api: FedgeClient, device: Device, info: RoundInfo, reason: str) -> None:
         """Tell the server now, so the round need not wait for this device until its deadline."""
         try:
-            with FedgeClient(self.server, device.creds) as api:
-                api.skip(info.round, placement.reason)
+            api.skip(info.round, reason)
         except (httpx.HTTPError, ServerError) as exc:  # the round closed meanwhile: nothing to tell
             log.warning("%s: the skip notice for round %d failed: %s", device.id, info.round, exc)
-        return Outcome(device.id, where, False, agrees=agrees)
 
-    def _offload(
-        self, device: Device, info: RoundInfo, placement: Placement, agrees: bool | None
-    ) -> Outcome | None:
-        """The executor trains the round; None when it could not, so the device trains it itself."""
-        assert self.executor is not None
-        x, y = device.data
-        if device.profile.bandwidth is not None:  # the shard goes up the device's own link
-            time.sleep(shard_bytes(device.data) / device.profile.bandwidth)
-        timeout = max(1.0, info.deadline - time.time()) if info.deadline is not None else 600.0
-        where = f"offload:{self.executor.id}"
-        try:
-            with FedgeClient(self.server, device.creds) as api:
-                done = offload_round(
-                    api, device.creds, (self.executor.id, self.executor.url), info.task, info.round,
-                    info.config, (x, y), placement.weight, timeout,
-                )  # fmt: skip
-        except ServerError as exc:  # 502: the executor trained, and relays the server's refusal (late)
-            sent = len(encode_shard(x, y)) if exc.status == 502 else 0
-            return Outcome(device.id, where, False, raw_bytes=sent, agrees=agrees, refused=exc.code)
-        except (httpx.HTTPError, OffloadError) as exc:
-            log.warning(
-                "%s: offload to %s failed, training on the device: %s", device.id, self.executor.id, exc
-            )
-            return None
-        device.placer.observe(self.executor.id, info.task, done.run(placement.steps))
-        device.placer.shard_bytes = done.job_bytes
-        with self._lock:
-            self._executor_step_s.append(done.result.compute_seconds / max(placement.steps, 1))
-        return Outcome(device.id, where, True, raw_bytes=done.raw_bytes, agrees=agrees)
 
-    def _train(
-        self, device: Device, info: RoundInfo, placement: Placement, agrees: bool | None, where: str = ""
-    ) -> Outcome:
-        profile = device.profile
-        event = {
-            **self.train_event(info, device.id),
-            "device": {
-                "slowdown": profile.slowdown,
-                "bandwidth": profile.bandwidth,
-                "deadline": info.deadline,
-            },
-            "max_steps": placement.steps if placement.kind is Kind.FEWER_STEPS else None,
-            "weight": placement.weight,
-        }
-        future: Future[Invocation] = self.pool.invoke("train", event)
-        where = where or str(placement.kind)
+@dataclass(frozen=True)
+class DeviceLink:
+    """The executor as a simulated device reaches it: the shard goes up the device's own link first, the
+    device waits for the executor until the deadline, and a refusal the executor relays is the server's
+    (counted as such), not a failure the device falls back from."""
+
+    executor: HttpsExecutor
+    bandwidth: float | None
+
+    @property
+    def id(self) -> str:
+        return self.executor.id
+
+    def calibrate(self, task: str, config: TrainConfig) -> tuple[Point, Point]:
+        return self.executor.calibrate(task, config)
+
+    def train(self, info: RoundInfo, placement: Placement) -> Trained:
+        data = self.executor.shard()
+        if self.bandwidth is not None:
+            time.sleep(shard_bytes(data) / self.bandwidth)
         try:
-            invocation = future.result()
-        except ServerError as exc:
-            return Outcome(device.id, where, False, agrees=agrees, refused=exc.code)
-        done = invocation.result
-        compute = done["seconds"] - done["download_seconds"]  # a late device: what it would have taken
-        run = Run(
-            placement.steps, compute, invocation.startup_seconds, done["bytes_down"], done["download_seconds"]
-        )
-        device.placer.observe("edge", info.task, run)
-        with self._lock:
-            self._model_bytes = max(self._model_bytes, done["bytes_up"])
-            self._machine_step_s.append(compute / profile.slowdown / max(placement.steps, 1))
-        if done["late"]:
-            return Outcome(device.id, where, False, agrees=agrees, refused="past_deadline")
-        return Outcome(device.id, where, True, invocation=invocation, agrees=agrees)
+            return self.executor.train(info, replace(placement, wait_s=math.inf))
+        except TargetFailed as exc:
+            if exc.refusal is None:
+                log.warning("offload to %s failed, training on the device: %s", self.id, exc)
+                raise
+            sent = (
+                len(encode_shard(*data)) if exc.refusal.status == 502 else 0
+            )  # 502: it trained, then refused
+            return Trained(None, False, raw_bytes=sent, refused=exc.refusal.code)

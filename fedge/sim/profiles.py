@@ -5,7 +5,7 @@ The file is TOML: a ``[default]`` table for every client, then ``[[group]]`` tab
 ``share`` of the clients (drawn by the seed, disjoint, in file order) and overriding what it names::
 
     [default]
-    offload = "when-short"     # the owner's setting (client.placement.OffloadSetting)
+    offload = "when-short"     # the owner's setting (client.policy.OffloadSetting)
 
     [[group]]
     share = 0.3                # 30% of the clients
@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from fedge.client.placement import OffloadSetting
+from fedge.client.policy import OffloadSetting
 
 
 class ProfileError(ValueError):

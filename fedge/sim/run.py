@@ -26,17 +26,19 @@ from pathlib import Path
 import numpy as np
 
 from fedge import compression
-from fedge.client.placement import OffloadSetting
-from fedge.client.placer import ExecutorTarget, Placer
+from fedge.client.planner import ExecutorTarget, Placer
+from fedge.client.policy import Kind, OffloadSetting
 from fedge.codec import decode
 from fedge.console import UserError
-from fedge.edge_functions import attacks, datasets, partition
+from fedge.edge_functions import datasets, partition
+from fedge.edge_functions.events import CredentialPaths, DataSpec, EvaluateEvent, EvaluateResult, TrainResult
 from fedge.edge_functions.launcher import ExecutorProcess, launch_executor
 from fedge.edge_functions.runtime import Invocation, WarmPool
 from fedge.security import pki
 from fedge.server.launcher import ServerProcess, launch
 from fedge.settings import SimulationSettings
-from fedge.sim import profiles
+from fedge.sim import attacks, profiles
+from fedge.sim.emulation import EMULATED_TRAIN, AttackSpec, EmulatedTrainEvent
 from fedge.sim.fleet import Device, Fleet, Outcome, Rule
 from fedge.transport import FedgeClient, ServerError
 from fedge.wire import RoundInfo, RoundState, TrainConfig
@@ -209,7 +211,7 @@ class _Run:
     on_round: Callable[[RoundMetrics], None]
 
     def train(self, info: RoundInfo, client: str) -> Future[Invocation]:
-        return self.pool.invoke("train", _train_event(self, info, client))
+        return self.pool.invoke(EMULATED_TRAIN, _train_event(self, info, client))
 
     def outcome(self, future: Future[Invocation]) -> Invocation | None:
         """A finished training invocation, or None when the server refused its update (a late straggler,
@@ -233,19 +235,21 @@ class _Run:
         seconds = time.perf_counter() - since
         evaluation = self.pool.invoke("evaluate", _evaluate_event(self.url, self.observer, self.settings))
         evaluated = evaluation.result()
-        round_ = evaluated.result["round"] if round_ is None else round_
+        score = EvaluateResult.model_validate(evaluated.result)
+        round_ = score.round if round_ is None else round_
         for invocation in [*results, evaluated]:
             self.report.cold_invocations += invocation.cold
             self.report.warm_invocations += not invocation.cold
+        trained = [TrainResult.model_validate(r.result) for r in results]
         metrics = RoundMetrics(
             round=round_,
-            accuracy=evaluated.result["accuracy"],
-            loss=evaluated.result["loss"],
+            accuracy=score.accuracy,
+            loss=score.loss,
             updates=len(results) + offloaded,
             seconds=seconds,
-            bytes_up=sum(r.result["bytes_up"] for r in results),
-            bytes_down=sum(r.result["bytes_down"] for r in results),
-            stale_updates=sum(r.result["staleness"] > 0 for r in results),
+            bytes_up=sum(t.bytes_up for t in trained),
+            bytes_down=sum(t.bytes_down for t in trained),
+            stale_updates=sum((t.staleness or 0) > 0 for t in trained),
             ended=time.time(),
         )
         self.report.rounds.append(metrics)
@@ -262,7 +266,7 @@ def _run_rounds(run: _Run) -> None:
         results = [r for r in map(run.outcome, as_completed(invocations)) if r is not None]
         run.report.asked += len(invocations)
         run.report.arrived += len(results)
-        run.report.placements["edge"] = run.report.placements.get("edge", 0) + len(invocations)
+        run.report.placements[Kind.EDGE] = run.report.placements.get(Kind.EDGE, 0) + len(invocations)
         next_info = run.api.current_round()
         while next_info.etag == info.etag:
             next_info = run.api.current_round(wait=30, etag=info.etag)
@@ -379,40 +383,37 @@ def _fleet(
     )  # fmt: skip
 
 
-def _credentials_event(creds: pki.Credentials) -> dict:
-    return {"ca": str(creds.ca), "cert": str(creds.cert), "key": str(creds.key)}
-
-
-def _train_event(run: _Run, info: RoundInfo, client: str) -> dict:
+def _train_event(run: _Run, info: RoundInfo, client: str) -> EmulatedTrainEvent:
     settings, report = run.settings, run.report
-    return {
-        "server": run.url,
-        "credentials": _credentials_event(pki.credentials(run.pki_dir, pki.Role.CLIENT, client)),
-        "task": info.task,
-        "round": info.round,
-        "config": info.config.model_dump(),
-        "data": _data_event(settings, client),
-        "attack": {"kind": settings.attack, "scale": settings.attack_scale}
-        if client in report.attackers
-        else None,
-        "delay": settings.straggler_delay if client in report.stragglers else 0.0,
-        "compression": settings.compression,
-        "model_sha256": info.model_sha256,
-    }
+    attack = (
+        AttackSpec(kind=settings.attack, scale=settings.attack_scale) if client in report.attackers else None
+    )
+    return EmulatedTrainEvent(
+        server=run.url,
+        credentials=CredentialPaths.of(pki.credentials(run.pki_dir, pki.Role.CLIENT, client)),
+        task=info.task,
+        round=info.round,
+        config=info.config,
+        data=_data_event(settings, client),
+        attack=attack,
+        delay=settings.straggler_delay if client in report.stragglers else 0.0,
+        compression=settings.compression,
+        model_sha256=info.model_sha256,
+    )
 
 
-def _data_event(settings: SimulationSettings, client: str) -> dict:
-    """Which share of the data set ``client`` holds (``edge_functions.functions.DataSpec``)."""
-    return {
-        "num_clients": settings.clients,
-        "index": int(client.removeprefix("client-")),
-        "partition": settings.partition,
-        "seed": settings.seed,
-    }
+def _data_event(settings: SimulationSettings, client: str) -> DataSpec:
+    """Which share of the data set ``client`` holds."""
+    return DataSpec(
+        num_clients=settings.clients,
+        index=int(client.removeprefix("client-")),
+        partition=settings.partition,
+        seed=settings.seed,
+    )
 
 
-def _evaluate_event(url: str, observer: pki.Credentials, settings: SimulationSettings) -> dict:
-    return {"server": url, "credentials": _credentials_event(observer), "task": settings.dataset}
+def _evaluate_event(url: str, observer: pki.Credentials, settings: SimulationSettings) -> EvaluateEvent:
+    return EvaluateEvent(server=url, credentials=CredentialPaths.of(observer), task=settings.dataset)
 
 
 def _write_atomically(path: Path, body: bytes) -> None:

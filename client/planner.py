@@ -8,7 +8,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from fedge.client.placement import Cost, OffloadSetting, Placement, Situation, on_device, place
+from fedge.client.policy import EDGE, Cost, OffloadSetting, Placement, Situation, on_device, place
 from fedge.client.predictor import Prediction, Predictor, Run
 from fedge.wire import RoundInfo, TrainConfig
 
@@ -42,7 +42,7 @@ class Placer:
         policy: Callable[[Situation], Placement] = place,
     ) -> None:
         self.setting = setting
-        self.policy = policy  # fedge's; a simulation may compare a baseline (placement.fastest)
+        self.policy = policy  # fedge's; a simulation may compare a baseline (policy.fastest)
         self.executors = executors
         self.train_memory = train_memory  # bytes a training run needs on the device
         self.predictor = Predictor()
@@ -54,14 +54,14 @@ class Placer:
         self._avoid: dict[str, int] = {}  # executor id -> decisions it still sits out
 
     def decide(self, info: RoundInfo, examples: int, now: float, free: int) -> Placement:
-        """``free``: bytes of memory the device has now (``capacity.probe`` on a device, the profile's
+        """``free``: bytes of memory the device has now (``capacity.free_memory`` on a device, the profile's
         limit in a simulation)."""
         steps = steps_of(info.config, examples)
-        edge = self._cost("edge", info.task, steps, 0.0, free >= self.train_memory)
+        edge = self._cost(EDGE, info.task, steps, 0.0, free >= self.train_memory)
         candidates = [e for e in self.executors if e.id not in self._avoid]
         self._avoid = {id_: n - 1 for id_, n in self._avoid.items() if n > 1}
         executors = tuple(self._cost(e.id, info.task, steps, e.price, True) for e in candidates)
-        deadline = info.deadline - now if info.deadline is not None else math.inf
+        deadline = info.seconds_left(now)
         situation = Situation(self.setting, deadline, steps, edge, executors, previous=self.previous)
         self.previous = placement = self.policy(situation)
         predicted = dict(self._predicted)
@@ -78,8 +78,8 @@ class Placer:
         The executor sits out the next ``AVOID_ROUNDS`` decisions."""
         self._avoid[failed] = AVOID_ROUNDS
         steps = steps_of(info.config, examples)
-        edge = self._cost("edge", info.task, steps, 0.0, free >= self.train_memory)
-        deadline = info.deadline - now if info.deadline is not None else math.inf
+        edge = self._cost(EDGE, info.task, steps, 0.0, free >= self.train_memory)
+        deadline = info.seconds_left(now)
         self.previous = placement = on_device(Situation(self.setting, deadline, steps, edge))
         log.info(
             "round %d: %s failed, fell back to %s on %s, %d steps, weight %.3f (%s); deadline in %.1f s",
@@ -108,7 +108,7 @@ class Placer:
         # Each target moves the model and the update over its own link (timed from its own runs); an
         # executor's job also waits for the device to upload the shard, at the device's uplink until timed.
         shard_bytes, uplink = (
-            (0, None) if target == "edge" else (self.shard_bytes, self.predictor.uplink("edge", task))
+            (0, None) if target == EDGE else (self.shard_bytes, self.predictor.uplink(EDGE, task))
         )
         prediction = self.predictor.predict(
             target, task, steps, self._model_bytes, self._update_bytes, shard_bytes, uplink

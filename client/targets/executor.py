@@ -1,5 +1,5 @@
-"""Sending a round to a cloud executor: check its key, seal the shard to it, grant it the round, post the job;
-and, before the first such decision, asking it to time a calibration.
+"""A cloud executor over HTTPS as a target: check its key, seal the shard to it, grant it the round, post
+the job; and, before the first such decision, ask it to time a calibration.
 
 Called only when the placement policy chose an executor, which it never does under ``--offload never``:
 the raw shard leaves the device only then, only encrypted, and only readable by the executor the grant
@@ -8,35 +8,28 @@ names. ``raw_bytes`` is what left, for the run's accounting.
 
 from __future__ import annotations
 
-import json
+import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import httpx
 import numpy as np
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import ValidationError
 
+from fedge.client.planner import ExecutorTarget
+from fedge.client.policy import Placement
 from fedge.client.predictor import Run
+from fedge.client.targets import Point, TargetFailed, Trained
+from fedge.edge_functions.events import Calibrated, Calibration, Job, JobDone
 from fedge.security import offload
 from fedge.security.pki import Credentials
 from fedge.security.tls import client_context
-from fedge.transport import FedgeClient, raise_for_error
-from fedge.wire import TrainConfig
+from fedge.transport import FedgeClient, ServerError, raise_for_error
+from fedge.wire import RoundInfo, TrainConfig
 
-
-class JobDone(BaseModel):
-    """The executor's answer to a job: its own seconds and bytes per component, for the predictor."""
-
-    client: str
-    round: int
-    device: str
-    num_examples: int
-    bytes_down: int = Field(ge=0)
-    download_seconds: float = Field(ge=0)
-    compute_seconds: float = Field(ge=0)
-    bytes_up: int = Field(ge=0)
-    upload_seconds: float = Field(ge=0)
-    seconds: float = Field(ge=0)
+UNBOUNDED_S = 600.0  # how long a job may take when nothing else bounds it (a round without a deadline)
+_FAILURES = (httpx.HTTPError, ServerError, offload.OffloadError)
 
 
 @dataclass(frozen=True)
@@ -95,15 +88,15 @@ def offload_round(
         )
         shard = offload.encode_shard(*data)
         context = offload.shard_context(me.federation, round_, me.id, executor_id)
-        job = {
-            "task": task,
-            "round": round_,
-            "config": config.model_dump(),
-            "shard": offload.seal(public, shard, context),
-            "grant": api.grant(round_, executor_id, ttl=timeout),
-            "weight": weight,
-        }
-        body = json.dumps(job).encode()
+        job = Job(
+            task=task,
+            round=round_,
+            config=config,
+            shard=offload.seal(public, shard, context),
+            grant=api.grant(round_, executor_id, ttl=timeout),
+            weight=weight,
+        )
+        body = job.model_dump_json().encode()
         started = time.perf_counter()
         response = http.post("/v1/jobs", content=body, headers={"content-type": "application/json"})
         post_s = time.perf_counter() - started
@@ -129,17 +122,58 @@ def calibrate_executor(
     first placement rests on. Only the shape of one example and the number of classes are sent."""
     executor_id, url = executor
     x, y = data
-    request = {
-        "task": task,
-        "config": config.model_dump(),
-        "shape": list(x.shape[1:]),
-        "classes": int(y.max()) + 1,
-    }
+    request = Calibration(task=task, config=config, shape=list(x.shape[1:]), classes=int(y.max()) + 1)
     with httpx.Client(base_url=url, verify=client_context(creds), timeout=timeout) as http:
-        response = http.post("/v1/calibrate", json=request)
+        response = http.post(
+            "/v1/calibrate", content=request.model_dump_json(), headers={"content-type": "application/json"}
+        )
         raise_for_error(response)
-    answer = response.json()
-    if answer.get("executor") != executor_id:
-        raise offload.OffloadError(f"{url} is executor {answer.get('executor')!r}, not {executor_id!r}")
-    (small_steps, small_s), (large_steps, large_s) = answer["points"]
-    return (int(small_steps), float(small_s)), (int(large_steps), float(large_s))
+    try:
+        answer = Calibrated.model_validate_json(response.content)
+    except ValidationError:  # a remote party's answer: never trusted to be well formed
+        raise offload.OffloadError(f"{url} answered the calibration with {response.text[:200]!r}") from None
+    if answer.executor != executor_id:
+        raise offload.OffloadError(f"{url} is executor {answer.executor!r}, not {executor_id!r}")
+    return answer.points
+
+
+@dataclass(frozen=True)
+class HttpsExecutor:
+    """``spec``'s executor, trained for by the client ``api`` speaks for; ``shard`` reads the device's
+    examples as an offload sends them (read when needed: a device's data may grow between rounds)."""
+
+    spec: ExecutorTarget
+    creds: Credentials
+    api: FedgeClient
+    shard: Callable[[], tuple[np.ndarray, np.ndarray]]
+    calibrate_s: float = 60.0
+
+    @property
+    def id(self) -> str:
+        return self.spec.id
+
+    def calibrate(self, task: str, config: TrainConfig) -> tuple[Point, Point]:
+        executor = (self.spec.id, self.spec.url)
+        try:
+            return calibrate_executor(self.creds, executor, task, config, self.shard(), self.calibrate_s)
+        except _FAILURES as exc:
+            raise _failed(exc) from exc
+
+    def train(self, info: RoundInfo, placement: Placement) -> Trained:
+        """Waits at most until the deadline, and no longer than ``placement.wait_s``."""
+        left = info.seconds_left(time.time())
+        timeout = max(1.0, min(left if math.isfinite(left) else UNBOUNDED_S, placement.wait_s))
+        executor = (self.spec.id, self.spec.url)
+        try:
+            done = offload_round(
+                self.api, self.creds, executor, info.task, info.round, info.config, self.shard(),
+                placement.weight, timeout,
+            )  # fmt: skip
+        except _FAILURES as exc:
+            raise _failed(exc) from exc
+        return Trained(done.run(placement.steps), raw_bytes=done.raw_bytes, job_bytes=done.job_bytes)
+
+
+def _failed(exc: Exception) -> TargetFailed:
+    """Whatever went wrong out there, the executor did not train the round: the device takes over."""
+    return TargetFailed(str(exc), exc if isinstance(exc, ServerError) else None)

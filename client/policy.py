@@ -25,6 +25,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Final
+
+EDGE: Final = "edge"  # the device's own target: its line in the predictor, a placement's target on it
 
 
 class OffloadSetting(StrEnum):
