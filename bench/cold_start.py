@@ -21,10 +21,12 @@ from pathlib import Path
 import numpy as np
 
 from fedge.edge_functions import datasets
+from fedge.edge_functions.events import CredentialPaths, LocalData, TrainEvent
 from fedge.edge_functions.runtime import WarmPool
 from fedge.security import pki
 from fedge.server.launcher import launch
 from fedge.transport import FedgeClient
+from fedge.wire import TrainConfig
 
 EXAMPLES = 400
 WARM_PER_WORKER = 5
@@ -50,7 +52,6 @@ class _BareFit:
 
     def __call__(self) -> float:
         from fedge.edge_functions import functions, tasks
-        from fedge.wire import TrainConfig
 
         model = tasks.get("mnist").build_model()
         tasks.load_tensors(model, self.tensors)
@@ -78,16 +79,16 @@ def run(quick: bool) -> dict:
         with FedgeClient(server.url, creds) as api:
             model = api.model()
         assert model is not None
-        event = {
-            "server": server.url,
-            "credentials": {"ca": str(creds.ca), "cert": str(creds.cert), "key": str(creds.key)},
-            "task": "mnist",
-            "round": 1,
-            "config": {},
-            "data": {"path": str(work / "data.npz")},
-            "outbox": str(work / "outbox"),  # keep the update: every repeat trains the same round
-            "model_sha256": model.sha256,  # as the agent passes it on from the round's announcement
-        }
+        event = TrainEvent(
+            server=server.url,
+            credentials=CredentialPaths.of(creds),
+            task="mnist",
+            round=1,
+            config=TrainConfig(),
+            data=LocalData(path=work / "data.npz"),
+            outbox=work / "outbox",  # keep the update: every repeat trains the same round
+            model_sha256=model.sha256,  # as the agent passes it on from the round's announcement
+        )
         try:
             bare_fit = _BareFit(x, y, model.body)
             baseline = [_import_torch() for _ in range(repeats)]

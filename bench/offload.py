@@ -33,7 +33,8 @@ import numpy as np
 
 from fedge.settings import SimulationSettings
 from fedge.sim.fleet import Rule
-from fedge.sim.run import Report, simulate
+from fedge.sim.report import Report
+from fedge.sim.run import simulate
 
 FULL = {"clients": 20, "rounds": 6, "epochs": 10, "slow_share": 0.3, "slowdown": 5.0, "target": 0.9}
 QUICK = {"clients": 3, "rounds": 1, "epochs": 1, "slow_share": 0.3, "slowdown": 5.0, "target": 0.9}

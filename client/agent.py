@@ -190,9 +190,8 @@ class Agent:
         with np.load(self.config.data, allow_pickle=False) as arrays:
             examples = len(arrays["y"])
         targets = self._targets(api)
-        if self.config.offload is not OffloadSetting.NEVER and not self.placer.predictor.knows(
-            EDGE, info.task
-        ):
+        offloads = self.config.offload is not OffloadSetting.NEVER
+        if offloads and not self.placer.predictor.knows(EDGE, info.task):
             self._calibrate(info, targets)
         placement = self.placer.decide(info, examples, time.time(), capacity.free_memory())
         told: list[str] = []
@@ -202,9 +201,7 @@ class Agent:
                 lambda reason: told.append(self._skip(api, info.round, reason)),
                 lambda p, where, fallback: self._placed(info.round, p, where, fallback),
             )  # fmt: skip
-        except (
-            Exception
-        ) as exc:  # WorkerFailed (crash, hang), the server's refusal, bad data: all fail the round
+        except Exception as exc:  # WorkerFailed (crash, hang), the server's refusal, bad data
             self._finish(info.round, AgentState.ERROR, f"round {info.round} failed: {exc}")
             return
         self._played(info.round, played, told)

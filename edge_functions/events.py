@@ -81,6 +81,11 @@ class CalibrateResult(BaseModel):
     points: tuple[tuple[int, float], tuple[int, float]]  # (steps, seconds) of each timed run
 
 
+class InitialModelEvent(BaseModel):
+    task: str
+    seed: int = 0
+
+
 class EvaluateEvent(BaseModel):
     server: str
     credentials: CredentialPaths

@@ -23,6 +23,7 @@ from fedge.edge_functions.events import (
     DataSpec,
     EvaluateEvent,
     EvaluateResult,
+    InitialModelEvent,
     LocalData,
     TrainEvent,
     TrainResult,
@@ -196,9 +197,10 @@ def evaluate(event: dict, context: Context) -> dict:
 
 
 def initial_model(event: dict, _: Context) -> bytes:
-    """A freshly initialized global model for ``event["task"]``, seeded, as a safetensors body."""
-    task = tasks.get(event["task"])
-    return encode(task.initial_tensors(int(event.get("seed", 0))), {"round": "0", "task": task.name})
+    """A freshly initialized global model for the event's task, seeded, as a safetensors body."""
+    ev = InitialModelEvent.model_validate(event)
+    task = tasks.get(ev.task)
+    return encode(task.initial_tensors(ev.seed), {"round": "0", "task": task.name})
 
 
 def fit(

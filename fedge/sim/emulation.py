@@ -12,7 +12,7 @@ import time
 
 from pydantic import BaseModel, Field
 
-from fedge.edge_functions.events import CalibrateEvent, TrainEvent, TrainResult
+from fedge.edge_functions.events import CalibrateEvent, TrainEvent
 
 EMULATED_TRAIN = "fedge.sim.worker:train"
 EMULATED_CALIBRATE = "fedge.sim.worker:calibrate"
@@ -51,10 +51,6 @@ class EmulatedTrainEvent(TrainEvent):
     attack: AttackSpec | None = None
     delay: float = 0.0  # a straggler's extra seconds before it sends its update
     device: SlowDevice = SlowDevice()
-
-
-class EmulatedTrainResult(TrainResult):
-    late: bool  # it would finish past the deadline, so its update was held back (the server would refuse it)
 
 
 class EmulatedCalibrateEvent(CalibrateEvent):

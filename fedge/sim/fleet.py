@@ -33,7 +33,7 @@ from fedge.client.round import Played, play
 from fedge.client.targets import Point, Target, TargetFailed, Trained
 from fedge.client.targets.device import DeviceTarget
 from fedge.client.targets.executor import HttpsExecutor, shard_bytes
-from fedge.edge_functions.events import DataSpec
+from fedge.edge_functions.events import DataSpec, TrainResult
 from fedge.edge_functions.runtime import Invocation, WarmPool
 from fedge.security.offload import encode_shard
 from fedge.security.pki import Credentials
@@ -42,7 +42,6 @@ from fedge.sim.emulation import (
     EMULATED_TRAIN,
     EmulatedCalibrateEvent,
     EmulatedTrainEvent,
-    EmulatedTrainResult,
     SlowDevice,
 )
 from fedge.sim.profiles import DeviceProfile
@@ -230,32 +229,24 @@ class Fleet:
         return targets
 
     def _outcome(self, device: Device, played: Played, agrees: bool | None) -> Outcome:
-        """What the round counts as, and the step costs it measured for the oracle's actual times."""
+        """What the round counts as (a device's run held back past its deadline: refused as late), and the
+        step costs it measured for the oracle's actual times."""
         trained = played.trained
         if trained is None:
             return Outcome(device.id, played.where, False, agrees=agrees)
         steps = max(played.placement.steps, 1)
-        if trained.invocation is not None:  # the device's own worker
-            assert trained.run is not None
-            done = EmulatedTrainResult.model_validate(trained.invocation.result)
-            with self._lock:
+        with self._lock:
+            if trained.invocation is not None and trained.run is not None:  # the device's own worker
+                done = TrainResult.model_validate(trained.invocation.result)
                 self._model_bytes = max(self._model_bytes, done.bytes_up)
                 self._machine_step_s.append(trained.run.compute_s / device.profile.slowdown / steps)
-            if done.late:
-                return Outcome(device.id, played.where, False, agrees=agrees, refused="past_deadline")
-            return Outcome(device.id, played.where, True, invocation=trained.invocation, agrees=agrees)
-        if trained.run is None:  # the executor trained, and the server refused its update
-            return Outcome(
-                device.id,
-                played.where,
-                False,
-                raw_bytes=trained.raw_bytes,
-                agrees=agrees,
-                refused=trained.refused,
-            )
-        with self._lock:
-            self._executor_step_s.append(trained.run.compute_s / steps)
-        return Outcome(device.id, played.where, True, raw_bytes=trained.raw_bytes, agrees=agrees)
+            elif trained.run is not None:
+                self._executor_step_s.append(trained.run.compute_s / steps)
+        refused = trained.refused or (None if trained.accepted else "past_deadline")
+        invocation = trained.invocation if trained.accepted else None
+        return Outcome(
+            device.id, played.where, trained.accepted, invocation, trained.raw_bytes, agrees, refused
+        )
 
     def _agrees(
         self, device: Device, info: RoundInfo, examples: int, now: float, free: int, placement: Placement

@@ -13,14 +13,13 @@ asked for arrived before the deadline, and how many bytes of raw data left devic
 from __future__ import annotations
 
 import functools
-import json
 import math
 import tempfile
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, as_completed, wait
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,8 +29,7 @@ from fedge.client.planner import ExecutorTarget, Placer
 from fedge.client.policy import Kind, OffloadSetting
 from fedge.codec import decode
 from fedge.console import UserError
-from fedge.edge_functions import datasets, partition
-from fedge.edge_functions.events import CredentialPaths, DataSpec, EvaluateEvent, EvaluateResult, TrainResult
+from fedge.edge_functions import datasets, events, partition
 from fedge.edge_functions.launcher import ExecutorProcess, launch_executor
 from fedge.edge_functions.runtime import Invocation, WarmPool
 from fedge.security import pki
@@ -40,60 +38,9 @@ from fedge.settings import SimulationSettings
 from fedge.sim import attacks, profiles
 from fedge.sim.emulation import EMULATED_TRAIN, AttackSpec, EmulatedTrainEvent
 from fedge.sim.fleet import Device, Fleet, Outcome, Rule
+from fedge.sim.report import Report, RoundMetrics
 from fedge.transport import FedgeClient, ServerError
 from fedge.wire import RoundInfo, RoundState, TrainConfig
-
-
-@dataclass
-class RoundMetrics:
-    round: int
-    accuracy: float
-    loss: float
-    updates: int
-    seconds: float
-    bytes_up: int
-    bytes_down: int
-    ended: float  # Unix time when the round's evaluation finished
-    stale_updates: int = 0  # asynchronous mode: updates folded from an older version
-
-
-@dataclass
-class Report:
-    settings: dict
-    rounds: list[RoundMetrics] = field(default_factory=list)
-    seconds: float = 0.0
-    cold_invocations: int = 0
-    warm_invocations: int = 0
-    attackers: list[str] = field(default_factory=list)
-    stragglers: list[str] = field(default_factory=list)
-    refused: dict[str, int] = field(default_factory=dict)  # updates the server refused, by error code
-    model_metadata: dict[str, str] = field(default_factory=dict)  # e.g. the privacy spent (dp-fedavg)
-    asked: int = 0  # updates asked for: the selected clients of every round
-    arrived: int = 0  # updates the server took before their round closed
-    placements: dict[str, int] = field(default_factory=dict)  # client-rounds by where they ran
-    raw_bytes_offloaded: int = 0  # raw training data that left devices, sealed to the executor
-    oracle_agreement: float | None = None  # share of placements the oracle would have made the same
-    agreements: list[bool] = field(default_factory=list, repr=False)
-
-    @property
-    def completion_rate(self) -> float | None:
-        return self.arrived / self.asked if self.asked else None
-
-    def count(self, outcome: Outcome) -> None:
-        self.asked += 1
-        self.arrived += outcome.accepted
-        self.placements[outcome.where] = self.placements.get(outcome.where, 0) + 1
-        self.raw_bytes_offloaded += outcome.raw_bytes
-        if outcome.refused is not None:
-            self.refused[outcome.refused] = self.refused.get(outcome.refused, 0) + 1
-        if outcome.agrees is not None:
-            self.agreements.append(outcome.agrees)
-            self.oracle_agreement = sum(self.agreements) / len(self.agreements)
-
-    def to_json(self) -> str:
-        fields = asdict(self)
-        del fields["agreements"]
-        return json.dumps({**fields, "completion_rate": self.completion_rate}, indent=2, default=str)
 
 
 def simulate(
@@ -134,7 +81,8 @@ def simulate(
         pool = WarmPool(settings.workers if devices is None else settings.clients + 1)
         try:
             pool.warm()
-            initial = pool.invoke("initial_model", {"task": settings.dataset, "seed": settings.seed}).result()
+            event = events.InitialModelEvent(task=settings.dataset, seed=settings.seed)
+            initial = pool.invoke("initial_model", event).result()
             (work / "initial.safetensors").write_bytes(initial.result)
             server = _start_server(work, settings)
             try:
@@ -235,12 +183,12 @@ class _Run:
         seconds = time.perf_counter() - since
         evaluation = self.pool.invoke("evaluate", _evaluate_event(self.url, self.observer, self.settings))
         evaluated = evaluation.result()
-        score = EvaluateResult.model_validate(evaluated.result)
+        score = events.EvaluateResult.model_validate(evaluated.result)
         round_ = score.round if round_ is None else round_
         for invocation in [*results, evaluated]:
             self.report.cold_invocations += invocation.cold
             self.report.warm_invocations += not invocation.cold
-        trained = [TrainResult.model_validate(r.result) for r in results]
+        trained = [events.TrainResult.model_validate(r.result) for r in results]
         metrics = RoundMetrics(
             round=round_,
             accuracy=score.accuracy,
@@ -390,7 +338,7 @@ def _train_event(run: _Run, info: RoundInfo, client: str) -> EmulatedTrainEvent:
     )
     return EmulatedTrainEvent(
         server=run.url,
-        credentials=CredentialPaths.of(pki.credentials(run.pki_dir, pki.Role.CLIENT, client)),
+        credentials=events.CredentialPaths.of(pki.credentials(run.pki_dir, pki.Role.CLIENT, client)),
         task=info.task,
         round=info.round,
         config=info.config,
@@ -402,9 +350,9 @@ def _train_event(run: _Run, info: RoundInfo, client: str) -> EmulatedTrainEvent:
     )
 
 
-def _data_event(settings: SimulationSettings, client: str) -> DataSpec:
+def _data_event(settings: SimulationSettings, client: str) -> events.DataSpec:
     """Which share of the data set ``client`` holds."""
-    return DataSpec(
+    return events.DataSpec(
         num_clients=settings.clients,
         index=int(client.removeprefix("client-")),
         partition=settings.partition,
@@ -412,8 +360,12 @@ def _data_event(settings: SimulationSettings, client: str) -> DataSpec:
     )
 
 
-def _evaluate_event(url: str, observer: pki.Credentials, settings: SimulationSettings) -> EvaluateEvent:
-    return EvaluateEvent(server=url, credentials=CredentialPaths.of(observer), task=settings.dataset)
+def _evaluate_event(
+    url: str, observer: pki.Credentials, settings: SimulationSettings
+) -> events.EvaluateEvent:
+    return events.EvaluateEvent(
+        server=url, credentials=events.CredentialPaths.of(observer), task=settings.dataset
+    )
 
 
 def _write_atomically(path: Path, body: bytes) -> None:

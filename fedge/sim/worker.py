@@ -11,7 +11,7 @@ from fedge.codec import Tensors
 from fedge.edge_functions import functions
 from fedge.edge_functions.events import CalibrateResult, DataSpec, TrainResult
 from fedge.sim import attacks
-from fedge.sim.emulation import EmulatedCalibrateEvent, EmulatedTrainEvent, EmulatedTrainResult
+from fedge.sim.emulation import EmulatedCalibrateEvent, EmulatedTrainEvent
 
 
 class _Emulation(functions.Hooks):
@@ -43,15 +43,12 @@ class _Emulation(functions.Hooks):
 
 
 def train(event: dict, context: functions.Context) -> dict:
-    """The production ``train``, as the emulated device runs it; ``seconds`` is what it took, or would
-    have, on the device."""
-    ev = EmulatedTrainEvent.model_validate(event)
-    emulation = _Emulation(ev)
+    """The production ``train``, as the emulated device runs it: ``seconds`` is what it took, or would
+    have, on the device; a device past its deadline holds its update back (``staleness`` None), since the
+    server would refuse it."""
+    emulation = _Emulation(EmulatedTrainEvent.model_validate(event))
     done = TrainResult.model_validate(functions.train(event, context, emulation))
-    seconds = done.seconds + emulation.overrun
-    return EmulatedTrainResult(
-        **{**done.model_dump(), "seconds": seconds, "late": emulation.overrun > 0}
-    ).model_dump()
+    return done.model_copy(update={"seconds": done.seconds + emulation.overrun}).model_dump()
 
 
 def calibrate(event: dict, context: functions.Context) -> dict:

@@ -1,0 +1,60 @@
+"""What a simulated federation reports: a row per round, and the run's totals (``metrics.json``)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+from fedge.sim.fleet import Outcome
+
+
+@dataclass
+class RoundMetrics:
+    round: int
+    accuracy: float
+    loss: float
+    updates: int
+    seconds: float
+    bytes_up: int
+    bytes_down: int
+    ended: float  # Unix time when the round's evaluation finished
+    stale_updates: int = 0  # asynchronous mode: updates folded from an older version
+
+
+@dataclass
+class Report:
+    settings: dict
+    rounds: list[RoundMetrics] = field(default_factory=list)
+    seconds: float = 0.0
+    cold_invocations: int = 0
+    warm_invocations: int = 0
+    attackers: list[str] = field(default_factory=list)
+    stragglers: list[str] = field(default_factory=list)
+    refused: dict[str, int] = field(default_factory=dict)  # updates the server refused, by error code
+    model_metadata: dict[str, str] = field(default_factory=dict)  # e.g. the privacy spent (dp-fedavg)
+    asked: int = 0  # updates asked for: the selected clients of every round
+    arrived: int = 0  # updates the server took before their round closed
+    placements: dict[str, int] = field(default_factory=dict)  # client-rounds by where they ran
+    raw_bytes_offloaded: int = 0  # raw training data that left devices, sealed to the executor
+    oracle_agreement: float | None = None  # share of placements the oracle would have made the same
+    agreements: list[bool] = field(default_factory=list, repr=False)
+
+    @property
+    def completion_rate(self) -> float | None:
+        return self.arrived / self.asked if self.asked else None
+
+    def count(self, outcome: Outcome) -> None:
+        self.asked += 1
+        self.arrived += outcome.accepted
+        self.placements[outcome.where] = self.placements.get(outcome.where, 0) + 1
+        self.raw_bytes_offloaded += outcome.raw_bytes
+        if outcome.refused is not None:
+            self.refused[outcome.refused] = self.refused.get(outcome.refused, 0) + 1
+        if outcome.agrees is not None:
+            self.agreements.append(outcome.agrees)
+            self.oracle_agreement = sum(self.agreements) / len(self.agreements)
+
+    def to_json(self) -> str:
+        fields = asdict(self)
+        del fields["agreements"]
+        return json.dumps({**fields, "completion_rate": self.completion_rate}, indent=2, default=str)
