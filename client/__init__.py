@@ -1,1 +1,1 @@
-"""The edge agent that device owners install: enrollment, MQTT, capacity probe, placement (to come)."""
+"""The edge agent that device owners install: enrollment, MQTT, capacity probe, placement, one round."""

@@ -34,8 +34,8 @@ from fedge.wire import BASE_SHA256, NUM_EXAMPLES, TRAIN_LOSS, TrainConfig
 
 
 class Hooks:
-    """Where a host may step into a training run; here, at each, nothing happens. (The simulation
-    emulates its slow devices, attackers and stragglers there: ``fedge.sim.emulation``.)"""
+    """Where a host may step into a training run, to make this machine act as another device would (a
+    simulation does: ``fedge.sim.worker``); here, at each, nothing happens."""
 
     def downloaded(self, size: int) -> None:
         """The model's ``size`` bytes arrived."""
