@@ -7,14 +7,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from conftest import free_port
+import pytest
+from conftest import client_data, free_port
 
 from fedge.client.planner import ExecutorTarget, Placer
 from fedge.client.policy import EDGE, Kind, OffloadSetting, Placement
 from fedge.client.predictor import Run
 from fedge.client.round import play
 from fedge.client.targets import Point, Trained
+from fedge.client.targets.device import DeviceTarget
 from fedge.client.targets.executor import HttpsExecutor
+from fedge.edge_functions.events import CalibrateEvent, LocalData
+from fedge.edge_functions.runtime import WarmPool
 from fedge.security import pki
 from fedge.transport import FedgeClient
 from fedge.wire import RoundInfo, RoundState, TrainConfig
@@ -91,3 +95,18 @@ def test_a_device_run_teaches_the_planner_what_the_next_round_costs() -> None:
     assert played.where == "edge"
     assert device.trained == [placement]
     assert placer.predictor.predict(EDGE, INFO.task, 10, 0, 0).total_s > 2 * before
+
+
+def test_the_device_target_times_two_runs_on_its_own_data_in_its_warm_pool(tmp_path: Path) -> None:
+    (data,) = client_data(tmp_path, 1)
+    pool = WarmPool(1)
+    try:
+        device = DeviceTarget(
+            pool, lambda _: pytest.fail("no round is trained"),
+            lambda task, config: CalibrateEvent(task=task, config=config, data=LocalData(path=data)),
+        )  # fmt: skip
+        (small, small_s), (large, large_s) = device.calibrate(INFO.task, INFO.config)
+    finally:
+        pool.close()
+    assert (small, large) == (2, 8)
+    assert 0 < small_s < large_s
