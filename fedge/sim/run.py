@@ -46,22 +46,7 @@ from fedge.wire import RoundInfo, RoundState, TrainConfig
 def simulate(
     settings: SimulationSettings, on_round: Callable[[RoundMetrics], None] = lambda _: None
 ) -> Report:
-    if settings.dataset not in datasets.NAMES:
-        raise UserError(f"unknown data set {settings.dataset!r}: choose from {', '.join(datasets.NAMES)}")
-    try:
-        partition.parse(settings.partition)
-    except partition.PartitionError as exc:
-        raise UserError(str(exc)) from None
-    if settings.attack is not None and settings.attack not in attacks.KINDS:
-        raise UserError(f"unknown attack {settings.attack!r}: choose from {', '.join(attacks.KINDS)}")
-    if settings.compression not in compression.KINDS:
-        raise UserError(
-            f"unknown compression {settings.compression!r}: choose from {', '.join(compression.KINDS)}"
-        )
-    if settings.attackers > 0 and settings.attack is None:
-        raise UserError("--attackers needs --attack sign-flip|scale|noise")
-    if settings.placement not in tuple(Rule):
-        raise UserError(f"unknown placement {settings.placement!r}: choose from {', '.join(Rule)}")
+    _check(settings)
     devices = None
     if settings.profile is not None:
         if settings.buffer:
@@ -106,6 +91,26 @@ def simulate(
     report.seconds = time.perf_counter() - started
     _write_atomically(settings.out / "metrics.json", report.to_json().encode())
     return report
+
+
+def _check(settings: SimulationSettings) -> None:
+    """Refuse settings no run can honour, with a one-line message, before anything starts."""
+    if settings.dataset not in datasets.NAMES:
+        raise UserError(f"unknown data set {settings.dataset!r}: choose from {', '.join(datasets.NAMES)}")
+    try:
+        partition.parse(settings.partition)
+    except partition.PartitionError as exc:
+        raise UserError(str(exc)) from None
+    if settings.attack is not None and settings.attack not in attacks.KINDS:
+        raise UserError(f"unknown attack {settings.attack!r}: choose from {', '.join(attacks.KINDS)}")
+    if settings.compression not in compression.KINDS:
+        raise UserError(
+            f"unknown compression {settings.compression!r}: choose from {', '.join(compression.KINDS)}"
+        )
+    if settings.attackers > 0 and settings.attack is None:
+        raise UserError("--attackers needs --attack sign-flip|scale|noise")
+    if settings.placement not in tuple(Rule):
+        raise UserError(f"unknown placement {settings.placement!r}: choose from {', '.join(Rule)}")
 
 
 def _make_pki(pki_dir: Path, clients: int) -> pki.Credentials:
