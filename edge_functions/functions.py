@@ -21,7 +21,7 @@ from fedge.codec import Tensors, decode, encode
 from fedge.edge_functions import attacks, partition, tasks
 from fedge.security.pki import Credentials, write_file
 from fedge.transport import FedgeClient
-from fedge.wire import BASE_SHA256, NUM_EXAMPLES, TRAIN_LOSS, TrainConfig
+from fedge.wire import TrainConfig, UpdateMeta
 
 
 class CredentialPaths(BaseModel):
@@ -184,10 +184,9 @@ def train(event: dict, context: Context) -> dict:
         rng = np.random.default_rng([ev.data.seed, ev.round, ev.data.index])
         tensors = attacks.poison(ev.attack.kind, tensors, context.model, ev.attack.scale, rng)
     tensors, how = compression.compress(tensors, context.model, ev.compression)
-    base = context.model_sha256 or ""
     examples = max(1, round(len(y) * ev.weight))
-    metadata = {NUM_EXAMPLES: str(examples), TRAIN_LOSS: f"{loss:.6f}", BASE_SHA256: base, **how}
-    body = encode(tensors, metadata)
+    meta = UpdateMeta(examples, loss, context.model_sha256 or "", how)
+    body = encode(tensors, meta.to_metadata())
     overrun = ev.device.computed(
         time.perf_counter() - started - download_seconds
     )  # its work, not the network

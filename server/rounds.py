@@ -17,13 +17,22 @@ from enum import Enum
 import numpy as np
 
 from fedge.codec import CodecError, Tensors, decode, encode, mapped, metadata_of, signature_of
-from fedge.compression import COMPRESSION, INT8_SCALES, CompressionError, decompress
+from fedge.compression import CompressionError, decompress
 from fedge.server import aggregation
 from fedge.server.errors import Rejected
 from fedge.server.store import AlreadySkipped, DuplicateUpdate, Provenance, RoundHistory, RoundRecord, Store
 from fedge.server.strategies import FedAvg, Strategy, StrategyError, StrategyParams, create
 from fedge.server.validation import check_norm, validate_update
-from fedge.wire import BASE_SHA256, RoundInfo, RoundState, SkipReceipt, TrainConfig, UpdateReceipt
+from fedge.wire import (
+    BASE_SHA256,
+    COMPRESSION,
+    INT8_SCALES,
+    RoundInfo,
+    RoundState,
+    SkipReceipt,
+    TrainConfig,
+    UpdateReceipt,
+)
 
 
 @dataclass(frozen=True)
