@@ -5,20 +5,18 @@ from __future__ import annotations
 import time
 from typing import Annotated
 
-from cryptography import x509
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from fedge.codec import sha256, signature_of
+from fedge.codec import signature_of
 from fedge.security import signing
 from fedge.security.peer import peer_certificate
 from fedge.security.pki import Identity, Role
-from fedge.server import metrics
+from fedge.server import intake, metrics
 from fedge.server.errors import Rejected
 from fedge.server.identity import Caller, Client, Submitter
 from fedge.server.rounds import Federation
-from fedge.server.store import Provenance
 from fedge.server.trust import Trust
 from fedge.wire import ErrorBody, ModelMeta, RoundInfo, SkipNotice, SkipReceipt, UpdateReceipt
 
@@ -132,16 +130,16 @@ async def post_update(
             raise Rejected(400, "missing_signature", "an update needs X-Fedge-Signature and X-Fedge-Nonce")
         owner = _slot_owner(identity, x_fedge_grant, round_, trust)
         body = await _read_capped(request, len(federation.model.body) + 64 * 1024)
-        digest = await run_in_threadpool(sha256, body)
-        claim = signing.UpdateClaim(trust.federation, round_, owner, digest, x_fedge_nonce)
-        _check_update_signature(peer_certificate(request.scope), claim, x_fedge_signature)  # type: ignore[arg-type]
-        provenance = Provenance(
+        signed = intake.Signed(
+            peer_der=peer_certificate(request.scope),  # type: ignore[arg-type]
+            federation=trust.federation,
             signature=x_fedge_signature,
             nonce=x_fedge_nonce,
-            body_sha256=digest,
             computed_by=identity.id if identity.role is Role.EXECUTOR else "",
         )
-        receipt = await run_in_threadpool(federation.submit, round_, owner, body, provenance)
+        limit = federation.settings.max_update_norm
+        checked = await run_in_threadpool(intake.check, round_, owner, body, federation, limit, signed)
+        receipt = await run_in_threadpool(federation.submit, checked)
     except Rejected as exc:
         metrics.updates_rejected.labels(code=exc.code).inc()
         raise
@@ -183,18 +181,6 @@ def _slot_owner(identity: Identity, grant_header: str | None, round_: int, trust
             403, "bad_grant", f"the grant is for executor {grant.executor!r} in round {grant.round}, not this"
         )
     return grant.client
-
-
-def _check_update_signature(peer_der: bytes, claim: signing.UpdateClaim, signature: str) -> None:
-    """The key that signed must be the one behind this connection's certificate: the client's own."""
-    try:
-        signing.check_nonce(claim.nonce)
-    except signing.SignatureError as exc:
-        raise Rejected(400, "bad_nonce", str(exc)) from None
-    try:
-        signing.verify(x509.load_der_x509_certificate(peer_der).public_key(), claim.message(), signature)
-    except signing.SignatureError as exc:
-        raise Rejected(403, "bad_signature", f"update signature: {exc}") from None
 
 
 async def _read_capped(request: Request, limit: int) -> bytes:

@@ -16,23 +16,13 @@ from enum import Enum
 
 import numpy as np
 
-from fedge.codec import CodecError, Tensors, decode, encode, mapped, metadata_of, signature_of
-from fedge.compression import CompressionError, decompress
+from fedge.codec import Tensors, decode, encode, mapped
 from fedge.server import aggregation
 from fedge.server.errors import Rejected
-from fedge.server.store import AlreadySkipped, DuplicateUpdate, Provenance, RoundHistory, RoundRecord, Store
+from fedge.server.intake import CheckedUpdate
+from fedge.server.store import AlreadySkipped, DuplicateUpdate, RoundHistory, RoundRecord, Store
 from fedge.server.strategies import FedAvg, Strategy, StrategyError, StrategyParams, create
-from fedge.server.validation import check_norm, validate_update
-from fedge.wire import (
-    BASE_SHA256,
-    COMPRESSION,
-    INT8_SCALES,
-    RoundInfo,
-    RoundState,
-    SkipReceipt,
-    TrainConfig,
-    UpdateReceipt,
-)
+from fedge.wire import RoundInfo, RoundState, SkipReceipt, TrainConfig, UpdateReceipt
 
 
 @dataclass(frozen=True)
@@ -160,45 +150,48 @@ class Federation:
         if changed:
             self._notify()
 
-    def submit(
-        self, round_: int, client: str, body: bytes, provenance: Provenance | None = None
-    ) -> UpdateReceipt:
-        """Authorize, validate, store durably, then fold; any refusal leaves store and aggregate untouched.
-
-        ``provenance`` (signature, nonce: checked by the API before this call) is stored with the update."""
+    def base_for(self, round_: int, client: str, base_sha256: str | None) -> Tensors:
+        """The model an update for ``round_`` trained from ``base_sha256`` (its metadata) starts from, for
+        intake to restore and bound it against; read-only. Refuses, as ``submit`` would, an update that this
+        round would not take now, so that who may send is answered before what was sent."""
         with self._lock:
-            current = self._open
-            late = current is not None and round_ < current.round
-            if not (late and self.settings.buffer):
-                self._refuse_late(round_, current)
-            if current is None or round_ > current.round:
-                raise Rejected(409, "round_not_open", f"round {round_} is not open for updates")
-            if client not in current.selected:
-                raise Rejected(403, "not_selected", f"client {client!r} was not selected for round {round_}")
-            staleness = self._staleness(round_, current, body) if self.settings.buffer else 0
-            restored = self._decompressed(body, staleness)
-            tensors, num_examples = validate_update(restored or body, signature_of(self._model.tensors))
-            if self.settings.max_update_norm is not None:
-                check_norm(tensors, self._base(staleness), self.settings.max_update_norm)
+            return self._base(self._authorize(round_, client, base_sha256))
+
+    def submit(self, update: CheckedUpdate) -> UpdateReceipt:
+        """Authorize a checked update (server.intake) for the round, store it durably, then fold it; any
+        refusal leaves store and aggregate untouched."""
+        client, examples = update.client, update.meta.num_examples
+        with self._lock:
+            staleness = self._authorize(update.round, client, update.meta.base_sha256)
+            assert self._open is not None
+            round_ = self._open.round
             try:
                 record = self._store.add_update(
-                    current.round, client, body, num_examples, provenance, staleness, restored
+                    round_, client, update.body, examples, update.provenance, staleness, update.restored
                 )
             except DuplicateUpdate:
                 raise Rejected(409, "duplicate_update", f"{client!r} already sent its update") from None
             except AlreadySkipped:
-                raise Rejected(409, "already_skipped", f"{client!r} skipped round {round_}") from None
-            self._fold(tensors, num_examples, staleness)
+                raise Rejected(409, "already_skipped", f"{client!r} skipped round {update.round}") from None
+            self._fold(update.tensors, examples, staleness)
             changed = self._advance(time.time())
         if changed:
             self._notify()
         return UpdateReceipt(
-            round=current.round,
-            client=client,
-            sha256=record.sha256,
-            num_examples=num_examples,
-            staleness=staleness,
+            round=round_, client=client, sha256=record.sha256, num_examples=examples, staleness=staleness
         )
+
+    def _authorize(self, round_: int, client: str, base_sha256: str | None) -> int:
+        """How stale an update from ``client`` for ``round_`` is, or why the open round refuses it."""
+        current = self._open
+        late = current is not None and round_ < current.round
+        if not (late and self.settings.buffer):
+            self._refuse_late(round_, current)
+        if current is None or round_ > current.round:
+            raise Rejected(409, "round_not_open", f"round {round_} is not open for updates")
+        if client not in current.selected:
+            raise Rejected(403, "not_selected", f"client {client!r} was not selected for round {round_}")
+        return self._staleness(round_, current, base_sha256) if self.settings.buffer else 0
 
     def skip(self, round_: int, client: str, reason: str) -> SkipReceipt:
         """Record a selected client's early notice that it sends no update in the open round, and close the
@@ -226,7 +219,7 @@ class Federation:
             self._notify()
         return SkipReceipt(round=current.round, client=client, reason=reason)
 
-    def _staleness(self, round_: int, current: RoundRecord, body: bytes) -> int:
+    def _staleness(self, round_: int, current: RoundRecord, base_sha: str | None) -> int:
         """How many versions behind the open round the update's base is: the round whose base model it
         names in its metadata (it may have fetched a newer model than the round it was asked to train
         for), else the round it was sent to. Too stale, or trained from no recent model: refused."""
@@ -234,10 +227,6 @@ class Federation:
         oldest = current.round - limit
         if round_ < oldest:
             raise Rejected(409, "too_stale", f"round {round_} is more than {limit} versions behind")
-        try:
-            base_sha = metadata_of(body).get(BASE_SHA256)
-        except CodecError:
-            base_sha = None  # validation refuses the body with the reason
         if base_sha is None:
             return current.round - round_
         for candidate in range(current.round, max(oldest, 1) - 1, -1):
@@ -281,21 +270,6 @@ class Federation:
         record = self._store.round(self._open.round - staleness)
         assert record is not None
         return mapped(self._store.model_path(record.base_sha256))
-
-    def _decompressed(self, body: bytes, staleness: int) -> bytes | None:
-        """For a compressed update (fedge.compression), the full-precision body it stands for, so that
-        validation and every strategy see only full updates; None for an uncompressed one."""
-        try:
-            if metadata_of(body).get(COMPRESSION, "none") == "none":
-                return None
-            tensors, metadata = decode(body)
-        except CodecError:
-            return None  # validation refuses it with the reason
-        try:
-            restored = decompress(tensors, metadata, self._base(staleness))
-        except CompressionError as exc:
-            raise Rejected(400, "bad_compression", str(exc)) from None
-        return encode(restored, {k: v for k, v in metadata.items() if k not in (COMPRESSION, INT8_SCALES)})
 
     def _quorum(self) -> int:
         return max(self.settings.min_updates, self.strategy.min_updates())
