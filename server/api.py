@@ -14,14 +14,13 @@ from fedge.security import signing
 from fedge.security.peer import peer_certificate
 from fedge.security.pki import Identity, Role
 from fedge.server import intake, metrics
-from fedge.server.errors import Rejected
+from fedge.server.errors import RESPONSES, Rejected
 from fedge.server.identity import Caller, Client, Submitter
 from fedge.server.rounds import Federation
 from fedge.server.trust import Trust
-from fedge.wire import ErrorBody, ModelMeta, RoundInfo, SkipNotice, SkipReceipt, UpdateReceipt
+from fedge.wire import ModelMeta, RoundInfo, SkipNotice, SkipReceipt, UpdateReceipt
 
 router = APIRouter()
-_ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 403, 404, 409, 413, 422)}
 _MAX_WAIT = 60.0
 
 
@@ -46,7 +45,7 @@ def prometheus(_: Caller) -> Response:
 @router.get(
     "/v1/model",
     response_class=Response,
-    responses={200: {"content": {"application/octet-stream": {}}}, 304: {}, **_ERRORS},
+    responses={200: {"content": {"application/octet-stream": {}}}, 304: {}, **RESPONSES},
 )
 def get_model(request: Request, _: Caller, if_none_match: Annotated[str | None, Header()] = None) -> Response:
     """The current global model (safetensors). ``If-None-Match`` with its ETag answers 304, no body.
@@ -69,7 +68,7 @@ def get_model(request: Request, _: Caller, if_none_match: Annotated[str | None, 
     return Response(model.body, media_type="application/octet-stream", headers=headers)
 
 
-@router.get("/v1/model/meta", responses=_ERRORS)
+@router.get("/v1/model/meta", responses=RESPONSES)
 def get_model_meta(request: Request, _: Caller) -> ModelMeta:
     federation = _federation(request)
     model = federation.model
@@ -81,7 +80,7 @@ def get_model_meta(request: Request, _: Caller) -> ModelMeta:
     )
 
 
-@router.get("/v1/rounds/current", responses=_ERRORS)
+@router.get("/v1/rounds/current", responses=RESPONSES)
 async def get_current_round(
     request: Request,
     response: Response,
@@ -108,7 +107,7 @@ _UPDATE_BODY = {
 }
 
 
-@router.post("/v1/rounds/{round_}/updates", status_code=202, responses=_ERRORS, openapi_extra=_UPDATE_BODY)
+@router.post("/v1/rounds/{round_}/updates", status_code=202, responses=RESPONSES, openapi_extra=_UPDATE_BODY)
 async def post_update(
     round_: int,
     request: Request,
@@ -127,7 +126,7 @@ async def post_update(
     started = time.perf_counter()
     try:
         if not x_fedge_signature or not x_fedge_nonce:
-            raise Rejected(400, "missing_signature", "an update needs X-Fedge-Signature and X-Fedge-Nonce")
+            raise Rejected("missing_signature", "an update needs X-Fedge-Signature and X-Fedge-Nonce")
         owner = _slot_owner(identity, x_fedge_grant, round_, trust)
         body = await _read_capped(request, len(federation.model.body) + 64 * 1024)
         signed = intake.Signed(
@@ -148,7 +147,7 @@ async def post_update(
     return receipt
 
 
-@router.post("/v1/rounds/{round_}/skip", responses=_ERRORS)
+@router.post("/v1/rounds/{round_}/skip", responses=RESPONSES)
 def post_skip(round_: int, notice: SkipNotice, request: Request, identity: Client) -> SkipReceipt:
     """Tell the server early that the caller sends no update for ``round_`` (it cannot fit the round), so
     the round closes once every selected client has sent an update or skipped, not at its deadline.
@@ -169,16 +168,16 @@ def _slot_owner(identity: Identity, grant_header: str | None, round_: int, trust
     if identity.role is Role.CLIENT:
         return identity.id
     if not grant_header:
-        raise Rejected(403, "missing_grant", "an executor submits only with a client's grant (X-Fedge-Grant)")
+        raise Rejected("missing_grant", "an executor submits only with a client's grant (X-Fedge-Grant)")
     try:
         grant, serial = signing.read_grant(trust.ca_pem, grant_header, time.time())
     except signing.SignatureError as exc:
-        raise Rejected(403, "bad_grant", str(exc)) from None
+        raise Rejected("bad_grant", str(exc)) from None
     if trust.revocations.is_revoked(serial):
-        raise Rejected(403, "bad_grant", "the certificate that signed the grant is revoked")
+        raise Rejected("bad_grant", "the certificate that signed the grant is revoked")
     if (grant.federation, grant.executor, grant.round) != (trust.federation, identity.id, round_):
         raise Rejected(
-            403, "bad_grant", f"the grant is for executor {grant.executor!r} in round {grant.round}, not this"
+            "bad_grant", f"the grant is for executor {grant.executor!r} in round {grant.round}, not this"
         )
     return grant.client
 
@@ -187,12 +186,12 @@ async def _read_capped(request: Request, limit: int) -> bytes:
     """Read the body, refusing it as soon as it exceeds what an update of this model can weigh."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise Rejected(413, "update_too_large", f"body of {declared} bytes exceeds the limit of {limit}")
+        raise Rejected("update_too_large", f"body of {declared} bytes exceeds the limit of {limit}")
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise Rejected(413, "update_too_large", f"body exceeds the limit of {limit} bytes")
+            raise Rejected("update_too_large", f"body exceeds the limit of {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)

@@ -73,7 +73,7 @@ def check(
         tensors, metadata = decode(body)
     except CodecError as exc:
         federation.base_for(round_, client, None)  # who may send comes first
-        raise Rejected(400, "malformed_update", str(exc)) from None
+        raise Rejected("malformed_update", str(exc)) from None
     base = federation.base_for(round_, client, metadata.get(BASE_SHA256))
     meta = _meta(metadata)
     full = _restore(tensors, meta.compression, base)
@@ -93,12 +93,12 @@ def _verify(signed: Signed, round_: int, client: str, digest: str) -> Provenance
     try:
         signing.check_nonce(claim.nonce)
     except signing.SignatureError as exc:
-        raise Rejected(400, "bad_nonce", str(exc)) from None
+        raise Rejected("bad_nonce", str(exc)) from None
     try:
         key = x509.load_der_x509_certificate(signed.peer_der).public_key()
         signing.verify(key, claim.message(), signed.signature)
     except signing.SignatureError as exc:
-        raise Rejected(403, "bad_signature", f"update signature: {exc}") from None
+        raise Rejected("bad_signature", f"update signature: {exc}") from None
     return Provenance(signed.signature, signed.nonce, digest, signed.computed_by)
 
 
@@ -106,9 +106,9 @@ def _meta(metadata: dict[str, str]) -> UpdateMeta:
     try:
         return UpdateMeta.from_metadata(metadata)
     except CompressionError as exc:
-        raise Rejected(400, "bad_compression", str(exc)) from None
+        raise Rejected("bad_compression", str(exc)) from None
     except MetadataError as exc:
-        raise Rejected(400, "bad_metadata", str(exc)) from None
+        raise Rejected("bad_metadata", str(exc)) from None
 
 
 def _restore(tensors: Tensors, how: Compression, base: Tensors) -> Tensors:
@@ -117,4 +117,4 @@ def _restore(tensors: Tensors, how: Compression, base: Tensors) -> Tensors:
     try:
         return restore(tensors, how, base)
     except CompressionError as exc:
-        raise Rejected(400, "bad_compression", str(exc)) from None
+        raise Rejected("bad_compression", str(exc)) from None

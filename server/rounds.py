@@ -170,9 +170,9 @@ class Federation:
                     round_, client, update.body, examples, update.provenance, staleness, update.restored
                 )
             except DuplicateUpdate:
-                raise Rejected(409, "duplicate_update", f"{client!r} already sent its update") from None
+                raise Rejected("duplicate_update", f"{client!r} already sent its update") from None
             except AlreadySkipped:
-                raise Rejected(409, "already_skipped", f"{client!r} skipped round {update.round}") from None
+                raise Rejected("already_skipped", f"{client!r} skipped round {update.round}") from None
             self._fold(update.tensors, examples, staleness)
             changed = self._advance(time.time())
         if changed:
@@ -188,9 +188,9 @@ class Federation:
         if not (late and self.settings.buffer):
             self._refuse_late(round_, current)
         if current is None or round_ > current.round:
-            raise Rejected(409, "round_not_open", f"round {round_} is not open for updates")
+            raise Rejected("round_not_open", f"round {round_} is not open for updates")
         if client not in current.selected:
-            raise Rejected(403, "not_selected", f"client {client!r} was not selected for round {round_}")
+            raise Rejected("not_selected", f"client {client!r} was not selected for round {round_}")
         return self._staleness(round_, current, base_sha256) if self.settings.buffer else 0
 
     def skip(self, round_: int, client: str, reason: str) -> SkipReceipt:
@@ -198,21 +198,21 @@ class Federation:
         round at once if that leaves nobody to wait for. A refusal leaves the store untouched."""
         if self.settings.buffer:
             raise Rejected(
-                409, "asynchronous_mode", "asynchronous rounds wait for no client: there is no round to skip"
+                "asynchronous_mode", "asynchronous rounds wait for no client: there is no round to skip"
             )
         with self._lock:
             current = self._open
             self._refuse_late(round_, current)
             if current is None or round_ > current.round:
-                raise Rejected(409, "round_not_open", f"round {round_} is not open")
+                raise Rejected("round_not_open", f"round {round_} is not open")
             if client not in current.selected:
-                raise Rejected(403, "not_selected", f"client {client!r} was not selected for round {round_}")
+                raise Rejected("not_selected", f"client {client!r} was not selected for round {round_}")
             try:
                 self._store.add_skip(current.round, client, reason)
             except DuplicateUpdate:
-                raise Rejected(409, "duplicate_update", f"{client!r} already sent its update") from None
+                raise Rejected("duplicate_update", f"{client!r} already sent its update") from None
             except AlreadySkipped:
-                raise Rejected(409, "already_skipped", f"{client!r} already skipped round {round_}") from None
+                raise Rejected("already_skipped", f"{client!r} already skipped round {round_}") from None
             self._skipped += 1
             changed = self._advance(time.time())
         if changed:
@@ -226,14 +226,14 @@ class Federation:
         limit = self.settings.max_staleness
         oldest = current.round - limit
         if round_ < oldest:
-            raise Rejected(409, "too_stale", f"round {round_} is more than {limit} versions behind")
+            raise Rejected("too_stale", f"round {round_} is more than {limit} versions behind")
         if base_sha is None:
             return current.round - round_
         for candidate in range(current.round, max(oldest, 1) - 1, -1):
             record = self._store.round(candidate)
             if record is not None and record.base_sha256 == base_sha:
                 return current.round - candidate
-        raise Rejected(409, "too_stale", f"model {base_sha[:12]} is not among the last {limit} versions")
+        raise Rejected("too_stale", f"model {base_sha[:12]} is not among the last {limit} versions")
 
     def _advance(self, now: float) -> bool:
         changed = False
@@ -255,12 +255,12 @@ class Federation:
         last = self._store.last_round()
         if current is None:
             if last is not None and round_ <= last.round:
-                raise Rejected(409, "round_closed", f"round {round_} is closed; no round is open now")
+                raise Rejected("round_closed", f"round {round_} is closed; no round is open now")
             return
         if round_ < current.round:
-            raise Rejected(409, "round_closed", f"round {round_} is closed; round {current.round} is open")
+            raise Rejected("round_closed", f"round {round_} is closed; round {current.round} is open")
         if round_ == current.round and time.time() >= current.deadline:
-            raise Rejected(409, "round_closed", f"round {round_} passed its deadline")
+            raise Rejected("round_closed", f"round {round_} passed its deadline")
 
     def _base(self, staleness: int) -> Tensors:
         """The model an update ``staleness`` versions behind the open round was trained from."""
@@ -317,7 +317,7 @@ class Federation:
         """Let a federation held by ``manual_start`` run: round 1 opens as soon as enough clients are in."""
         with self._lock:
             if self._started:
-                raise Rejected(409, "already_started", "the federation is already running")
+                raise Rejected("already_started", "the federation is already running")
             self._store.set_meta("started", "1")
             self._started = True
             changed = self._advance(time.time())
@@ -331,11 +331,9 @@ class Federation:
         try:
             strategy = create(name, params)
         except StrategyError as exc:
-            raise Rejected(422, "invalid_strategy", str(exc)) from None
+            raise Rejected("invalid_strategy", str(exc)) from None
         if self.settings.buffer and not strategy.streaming:
-            raise Rejected(
-                409, "invalid_strategy", f"asynchronous mode needs a streaming strategy, not {name}"
-            )
+            raise Rejected("asynchronous_mode", f"asynchronous mode needs a streaming strategy, not {name}")
         with self._lock:
             self._store.set_meta("strategy_next", json.dumps({"name": name, "params": asdict(params)}))
             self._pending = strategy

@@ -12,10 +12,10 @@ def check_tensors(tensors: Tensors, expected: dict[str, tuple[str, list[int]]]) 
     """Raise ``Rejected`` unless the tensors are the model's names, dtypes and shapes, all finite."""
     got = signature_of(tensors)
     if got != expected:
-        raise Rejected(422, "tensor_mismatch", _mismatch(got, expected))
+        raise Rejected("tensor_mismatch", _mismatch(got, expected))
     for name, t in tensors.items():
         if not np.isfinite(t).all():
-            raise Rejected(422, "non_finite", f"tensor {name!r} holds NaN or Inf")
+            raise Rejected("non_finite", f"tensor {name!r} holds NaN or Inf")
 
 
 def update_norm(tensors: Tensors, reference: Tensors) -> float:
@@ -28,7 +28,6 @@ def check_norm(tensors: Tensors, reference: Tensors, bound: float) -> None:
     distance = update_norm(tensors, reference)
     if distance > bound:
         raise Rejected(
-            422,
             "norm_too_large",
             f"the update is {distance:.4g} from the global model, over the bound {bound:g}",
         )
