@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import datetime as dt
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
 from fedge.security import pki, tokens
+from fedge.server.deps import FederationDep, TrustDep
 from fedge.server.errors import RESPONSES, Rejected
 from fedge.server.identity import Admin
 from fedge.server.strategies import StrategyParams
@@ -70,16 +71,10 @@ class MintedToken(BaseModel):
     expires_at: dt.datetime
 
 
-def _trust(request: Request) -> Trust:
-    return request.app.state.trust
-
-
 @router.get("/status", responses=RESPONSES)
-def status(request: Request, _: Admin) -> FederationStatus:
-    trust = _trust(request)
+def status(federation: FederationDep, trust: TrustDep, _: Admin) -> FederationStatus:
     revoked = pki.revoked(trust.pki_dir)
     now = dt.datetime.now(dt.UTC)
-    federation = request.app.state.federation
     return FederationStatus(
         federation=trust.federation,
         round=federation.round_info(),
@@ -89,7 +84,7 @@ def status(request: Request, _: Admin) -> FederationStatus:
 
 
 @router.get("/rounds", responses=RESPONSES)
-def rounds(request: Request, _: Admin) -> list[RoundStatus]:
+def rounds(federation: FederationDep, _: Admin) -> list[RoundStatus]:
     """Every round so far: who was selected, who reported, who skipped, which model it started from and
     produced."""
     return [
@@ -103,20 +98,19 @@ def rounds(request: Request, _: Admin) -> list[RoundStatus]:
             result_sha256=past.record.result_sha256,
             deadline=past.record.deadline,
         )
-        for past in request.app.state.federation.history()
+        for past in federation.history()
     ]
 
 
 @router.post("/start", responses=RESPONSES)
-def start(request: Request, _: Admin) -> RoundInfo:
+def start(federation: FederationDep, _: Admin) -> RoundInfo:
     """Start a federation served with ``--manual-start``: round 1 opens once enough clients are in."""
-    return request.app.state.federation.start()
+    return federation.start()
 
 
 @router.put("/strategy", responses=RESPONSES)
-def choose_strategy(body: StrategyChoice, request: Request, _: Admin) -> StrategyChange:
+def choose_strategy(body: StrategyChoice, federation: FederationDep, _: Admin) -> StrategyChange:
     """Aggregate with another strategy from the next round on; the choice survives a restart."""
-    federation = request.app.state.federation
     try:
         params = StrategyParams(**{"seed": federation.settings.seed, **body.params})  # type: ignore[arg-type]
     except TypeError as exc:
@@ -126,9 +120,8 @@ def choose_strategy(body: StrategyChoice, request: Request, _: Admin) -> Strateg
 
 
 @router.post("/clients/{client}/revoke", responses=RESPONSES)
-def revoke(client: str, request: Request, _: Admin) -> ClientStatus:
+def revoke(client: str, trust: TrustDep, _: Admin) -> ClientStatus:
     """Revoke the client's certificate: refused from its next request on, and no longer selected."""
-    trust = _trust(request)
     _known_client(trust, client)
     try:
         info = pki.revoke(trust.pki_dir, pki.Role.CLIENT, client)
@@ -138,8 +131,7 @@ def revoke(client: str, request: Request, _: Admin) -> ClientStatus:
 
 
 @router.post("/tokens", status_code=201, responses=RESPONSES)
-def mint_token(body: TokenRequest, request: Request, _: Admin) -> MintedToken:
-    trust = _trust(request)
+def mint_token(body: TokenRequest, trust: TrustDep, _: Admin) -> MintedToken:
     ttl = dt.timedelta(seconds=body.ttl_seconds)
     try:
         token = tokens.mint(trust.pki_dir, body.client, ttl)

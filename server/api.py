@@ -14,22 +14,14 @@ from fedge.security import signing
 from fedge.security.peer import peer_certificate
 from fedge.security.pki import Identity, Role
 from fedge.server import intake, metrics
+from fedge.server.deps import FederationDep, FeedDep, TrustDep
 from fedge.server.errors import RESPONSES, Rejected
 from fedge.server.identity import Caller, Client, Submitter
-from fedge.server.rounds import Federation
 from fedge.server.trust import Trust
 from fedge.wire import ModelMeta, RoundInfo, SkipNotice, SkipReceipt, UpdateReceipt
 
 router = APIRouter()
 _MAX_WAIT = 60.0
-
-
-def _federation(request: Request) -> Federation:
-    return request.app.state.federation
-
-
-def _trust(request: Request) -> Trust:
-    return request.app.state.trust
 
 
 @router.get("/healthz")
@@ -47,13 +39,17 @@ def prometheus(_: Caller) -> Response:
     response_class=Response,
     responses={200: {"content": {"application/octet-stream": {}}}, 304: {}, **RESPONSES},
 )
-def get_model(request: Request, _: Caller, if_none_match: Annotated[str | None, Header()] = None) -> Response:
+def get_model(
+    federation: FederationDep,
+    trust: TrustDep,
+    _: Caller,
+    if_none_match: Annotated[str | None, Header()] = None,
+) -> Response:
     """The current global model (safetensors). ``If-None-Match`` with its ETag answers 304, no body.
 
     ``X-Fedge-Signature`` is the server's signature over (federation, round, sha256 of the body) and
     ``X-Fedge-Signer`` the server's certificate, so a client checks the model against its pinned CA."""
-    model = _federation(request).model
-    trust = _trust(request)
+    model = federation.model
     etag = f'"{model.sha256}"'
     headers = {
         "ETag": etag,
@@ -69,8 +65,7 @@ def get_model(request: Request, _: Caller, if_none_match: Annotated[str | None, 
 
 
 @router.get("/v1/model/meta", responses=RESPONSES)
-def get_model_meta(request: Request, _: Caller) -> ModelMeta:
-    federation = _federation(request)
+def get_model_meta(federation: FederationDep, _: Caller) -> ModelMeta:
     model = federation.model
     return ModelMeta(
         round=model.round,
@@ -82,18 +77,18 @@ def get_model_meta(request: Request, _: Caller) -> ModelMeta:
 
 @router.get("/v1/rounds/current", responses=RESPONSES)
 async def get_current_round(
-    request: Request,
+    federation: FederationDep,
+    feed: FeedDep,
     response: Response,
     _: Caller,
     wait: Annotated[float, Query(ge=0, le=_MAX_WAIT, description="seconds to wait for a change")] = 0,
     if_none_match: Annotated[str | None, Header()] = None,
 ) -> RoundInfo:
     """With ``wait`` and the last ETag seen in ``If-None-Match``, answers at the next change (long poll)."""
-    federation = _federation(request)
     give_up = time.monotonic() + wait
     info = federation.round_info()
     while info.etag == if_none_match and (left := give_up - time.monotonic()) > 0:
-        await request.app.state.feed.wait(left)
+        await feed.wait(left)
         info = federation.round_info()
     response.headers["ETag"] = info.etag
     return info
@@ -111,6 +106,8 @@ _UPDATE_BODY = {
 async def post_update(
     round_: int,
     request: Request,
+    federation: FederationDep,
+    trust: TrustDep,
     identity: Submitter,
     x_fedge_signature: Annotated[str | None, Header(description="submitter's signature, base64")] = None,
     x_fedge_nonce: Annotated[str | None, Header(description="32-64 hex digits, fresh per update")] = None,
@@ -121,8 +118,6 @@ async def post_update(
     The update must be signed by the certificate's key over (federation, round, client id, sha256 of the
     body, nonce); the signature and nonce are stored with it. An executor submits in a client's slot only
     with that client's grant for this round and this executor; the update records where it was computed."""
-    federation = _federation(request)
-    trust = _trust(request)
     started = time.perf_counter()
     try:
         if not x_fedge_signature or not x_fedge_nonce:
@@ -148,14 +143,14 @@ async def post_update(
 
 
 @router.post("/v1/rounds/{round_}/skip", responses=RESPONSES)
-def post_skip(round_: int, notice: SkipNotice, request: Request, identity: Client) -> SkipReceipt:
+def post_skip(round_: int, notice: SkipNotice, federation: FederationDep, identity: Client) -> SkipReceipt:
     """Tell the server early that the caller sends no update for ``round_`` (it cannot fit the round), so
     the round closes once every selected client has sent an update or skipped, not at its deadline.
 
     Only a client, for itself (the certificate names it), in a round it was selected for, while it is open,
     once, and never after its update; asynchronous rounds wait for no one and refuse it."""
     try:
-        receipt = _federation(request).skip(round_, identity.id, notice.reason)
+        receipt = federation.skip(round_, identity.id, notice.reason)
     except Rejected as exc:
         metrics.skips_rejected.labels(code=exc.code).inc()
         raise

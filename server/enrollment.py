@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, Field
 
 from fedge.security import pki, tokens
+from fedge.server.deps import TrustDep
 from fedge.server.errors import RESPONSES, Rejected
 from fedge.server.identity import Client
 from fedge.server.trust import Trust
@@ -37,19 +38,14 @@ class Enrolled(BaseModel):
     ca: str = Field(description="PEM")
 
 
-def _trust(request: Request) -> Trust:
-    return request.app.state.trust
-
-
 @router.get("/v1/ca", response_class=PlainTextResponse)
-def get_ca(request: Request) -> str:
+def get_ca(trust: TrustDep) -> str:
     """The federation CA (PEM): an enrolling device compares its sha256 with the pinned fingerprint."""
-    return _trust(request).ca_pem.decode()
+    return trust.ca_pem.decode()
 
 
 @router.post("/v1/enroll", status_code=201, responses=RESPONSES)
-def enroll(body: EnrollRequest, request: Request) -> Enrolled:
-    trust = _trust(request)
+def enroll(body: EnrollRequest, trust: TrustDep) -> Enrolled:
     key = csr_public_key(body.csr)
     try:
         client = tokens.redeem(trust.pki_dir, body.token)
@@ -59,9 +55,9 @@ def enroll(body: EnrollRequest, request: Request) -> Enrolled:
 
 
 @router.post("/v1/enroll/renew", status_code=201, responses=RESPONSES)
-def renew(body: RenewRequest, request: Request, identity: Client) -> Enrolled:
+def renew(body: RenewRequest, trust: TrustDep, identity: Client) -> Enrolled:
     """A fresh short-lived certificate for the caller's own id (the new key may differ from the old)."""
-    return _issue(_trust(request), identity.id, csr_public_key(body.csr))
+    return _issue(trust, identity.id, csr_public_key(body.csr))
 
 
 def csr_public_key(pem: str) -> ec.EllipticCurvePublicKey:
