@@ -30,9 +30,10 @@ from fedge.client.placer import ExecutorTarget, Placer
 from fedge.client.predictor import Run
 from fedge.client.status import AgentState, AgentStatus, LastInvocation, Transport
 from fedge.edge_functions.runtime import WarmPool
+from fedge.files import write_file
 from fedge.security.broker import username
 from fedge.security.offload import OffloadError
-from fedge.security.pki import Credentials, Identity, Role, write_file
+from fedge.security.pki import Credentials, Identity, Role
 from fedge.security.tls import client_context
 from fedge.transport import FedgeClient, ServerError
 from fedge.wire import RoundInfo, RoundState

@@ -19,7 +19,8 @@ from torch import nn
 from fedge import compression
 from fedge.codec import Tensors, decode, encode
 from fedge.edge_functions import attacks, partition, tasks
-from fedge.security.pki import Credentials, write_file
+from fedge.files import write_file
+from fedge.security.pki import Credentials
 from fedge.transport import FedgeClient
 from fedge.wire import TrainConfig, UpdateMeta
 

@@ -33,6 +33,7 @@ from fedge.console import UserError
 from fedge.edge_functions import attacks, datasets, partition
 from fedge.edge_functions.launcher import ExecutorProcess, launch_executor
 from fedge.edge_functions.runtime import Invocation, WarmPool
+from fedge.files import write_file
 from fedge.fleet import Device, Fleet, Outcome, Rule
 from fedge.security import pki
 from fedge.server.launcher import ServerProcess, launch
@@ -147,13 +148,13 @@ def simulate(
                 assert final is not None
                 report.model_metadata = decode(final.body)[1]
                 settings.out.mkdir(parents=True, exist_ok=True)
-                _write_atomically(settings.out / "model.safetensors", final.body)
+                write_file(settings.out / "model.safetensors", final.body)
             finally:
                 server.stop()
         finally:
             pool.close()
     report.seconds = time.perf_counter() - started
-    _write_atomically(settings.out / "metrics.json", report.to_json().encode())
+    write_file(settings.out / "metrics.json", report.to_json().encode())
     return report
 
 
@@ -412,9 +413,3 @@ def _data_event(settings: SimulationSettings, client: str) -> dict:
 
 def _evaluate_event(url: str, observer: pki.Credentials, settings: SimulationSettings) -> dict:
     return {"server": url, "credentials": _credentials_event(observer), "task": settings.dataset}
-
-
-def _write_atomically(path: Path, body: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(body)
-    tmp.replace(path)
