@@ -1,25 +1,24 @@
 """The round state machine: open a round, take each selected client's update once, close it, repeat.
 
-Decisions are pure functions (``decide``); ``Federation`` is the thin shell that applies them to the store
-and the running aggregate under one lock, and tells listeners (long polls, announcements) about changes.
+Decisions are pure functions (server.schedule); ``Federation`` is the thin shell that applies them to the
+store and the running aggregate under one lock, and tells listeners (long polls, announcements) about
+changes. Updates reach it checked (server.intake): here they are only authorized for the round and folded.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from enum import Enum
-
-import numpy as np
 
 from fedge.codec import Tensors, decode, encode, mapped
 from fedge.server import aggregation
 from fedge.server.errors import Rejected
 from fedge.server.intake import CheckedUpdate
+from fedge.server.schedule import Action, decide, select
 from fedge.server.store import AlreadySkipped, DuplicateUpdate, RoundHistory, RoundRecord, Store
 from fedge.server.strategies import FedAvg, Strategy, StrategyError, StrategyParams, create
 from fedge.wire import RoundInfo, RoundState, SkipReceipt, TrainConfig, UpdateReceipt
@@ -50,34 +49,6 @@ class GlobalModel:
     sha256: str
     round: int
     tensors: Tensors
-
-
-class Action(Enum):
-    WAIT = "wait"
-    AGGREGATE = "aggregate"
-    FAIL = "fail"
-
-
-def decide(
-    updates: int, selected: int, min_updates: int, now: float, deadline: float, skipped: int = 0
-) -> Action:
-    """Close a round as soon as every selected client has reported, or at the deadline with a quorum.
-
-    A skip notice is a report: once every selected client has sent an update or skipped, nothing is left to
-    wait for, so the round closes then, aggregating with a quorum of updates and failing without one."""
-    if updates >= selected:
-        return Action.AGGREGATE
-    if updates + skipped < selected and now < deadline:
-        return Action.WAIT
-    return Action.AGGREGATE if updates >= max(min_updates, 1) else Action.FAIL
-
-
-def select(clients: list[str], round_: int, fraction: float, minimum: int, seed: int) -> list[str]:
-    """Flower's sample size, ``max(ceil(fraction * n), minimum)``, drawn at random but reproducibly per round
-    (a restarted server selects the same clients)."""
-    size = min(len(clients), max(math.ceil(fraction * len(clients)), minimum))
-    rng = np.random.default_rng([seed, round_])
-    return sorted(rng.choice(sorted(clients), size=size, replace=False).tolist())
 
 
 class Federation:
@@ -165,14 +136,10 @@ class Federation:
             staleness = self._authorize(update.round, client, update.meta.base_sha256)
             assert self._open is not None
             round_ = self._open.round
-            try:
+            with _once(client, round_):
                 record = self._store.add_update(
                     round_, client, update.body, examples, update.provenance, staleness, update.restored
                 )
-            except DuplicateUpdate:
-                raise Rejected("duplicate_update", f"{client!r} already sent its update") from None
-            except AlreadySkipped:
-                raise Rejected("already_skipped", f"{client!r} skipped round {update.round}") from None
             self._fold(update.tensors, examples, staleness)
             changed = self._advance(time.time())
         if changed:
@@ -201,18 +168,11 @@ class Federation:
                 "asynchronous_mode", "asynchronous rounds wait for no client: there is no round to skip"
             )
         with self._lock:
+            self._authorize(round_, client, None)
+            assert self._open is not None
             current = self._open
-            self._refuse_late(round_, current)
-            if current is None or round_ > current.round:
-                raise Rejected("round_not_open", f"round {round_} is not open")
-            if client not in current.selected:
-                raise Rejected("not_selected", f"client {client!r} was not selected for round {round_}")
-            try:
+            with _once(client, round_):
                 self._store.add_skip(current.round, client, reason)
-            except DuplicateUpdate:
-                raise Rejected("duplicate_update", f"{client!r} already sent its update") from None
-            except AlreadySkipped:
-                raise Rejected("already_skipped", f"{client!r} already skipped round {round_}") from None
             self._skipped += 1
             changed = self._advance(time.time())
         if changed:
@@ -410,6 +370,17 @@ class Federation:
     def _notify(self) -> None:
         for listener in self._listeners:
             listener()
+
+
+@contextlib.contextmanager
+def _once(client: str, round_: int) -> Iterator[None]:
+    """A client reports once a round, an update or a skip: the store refuses a second, and so does the API."""
+    try:
+        yield
+    except DuplicateUpdate:
+        raise Rejected("duplicate_update", f"{client!r} already sent its update") from None
+    except AlreadySkipped:
+        raise Rejected("already_skipped", f"{client!r} already skipped round {round_}") from None
 
 
 def _strategy_from(stored: str) -> Strategy:
