@@ -14,6 +14,7 @@ from fedge.server.errors import Rejected
 from fedge.server.intake import check
 from fedge.server.rounds import Federation, FederationSettings
 from fedge.server.store import Store
+from fedge.wire import UpdateMeta
 
 CLIENTS = ["alice", "bob"]
 
@@ -105,3 +106,23 @@ def test_the_round_refuses_a_checked_update_it_no_longer_takes(fed: Federation) 
     with pytest.raises(Rejected) as refused:
         fed.submit(late)
     assert refused.value.code == "round_closed"
+
+
+def test_a_stale_int8_update_is_restored_against_the_model_it_was_trained_from(tmp_path: Path) -> None:
+    """Asynchronous mode: the change is from the version the client fetched, not from the current one."""
+    fed = Federation(
+        Store(tmp_path),
+        FederationSettings(federation="test", task="toy", rounds=5, buffer=2),
+        registered_clients=lambda: ["alice", "bob", "carol"],
+        initial_model=encode(toy_model(1.0)),
+    )
+    fed.tick()
+    version0, sha0 = fed.model.tensors, fed.model.sha256
+    for client in ["alice", "bob"]:
+        fed.submit(check(1, client, update_body(3.0), fed, None))
+    assert fed.model.round == 1  # the current model is now 3.0 everywhere
+    sent, how = compress(toy_model(2.0), version0, "int8")
+    body = encode(sent, UpdateMeta(10, base_sha256=sha0, compression=how).to_metadata())
+    checked = check(1, "carol", body, fed, None)
+    np.testing.assert_allclose(checked.tensors["layer.weight"], 2.0, atol=1e-6)
+    assert fed.submit(checked).staleness == 1
