@@ -35,7 +35,7 @@ from fedge.security.tls import client_context
 from fedge.server.identity import gate
 from fedge.server.launcher import launch
 from fedge.transport import FedgeClient
-from fedge.wire import NUM_EXAMPLES, RoundState
+from fedge.wire import RoundState, UpdateMeta
 
 
 def _model(parameters: int) -> dict[str, np.ndarray]:
@@ -79,7 +79,7 @@ def run(quick: bool) -> dict:
             work / "server.log",
         )  # fmt: skip
         try:
-            body = encode(model, {NUM_EXAMPLES: "10"})
+            body = encode(model, UpdateMeta(10).to_metadata())
             with FedgeClient(server.url, clients[0]) as api:
                 info = api.current_round()
                 while info.state is not RoundState.OPEN:

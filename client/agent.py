@@ -33,8 +33,9 @@ from fedge.client.targets.device import DeviceTarget
 from fedge.client.targets.executor import HttpsExecutor, shard_bytes
 from fedge.edge_functions.events import CalibrateEvent, CredentialPaths, LocalData, TrainEvent
 from fedge.edge_functions.runtime import WarmPool
+from fedge.files import write_file
 from fedge.security.broker import username
-from fedge.security.pki import Credentials, Identity, Role, write_file
+from fedge.security.pki import Credentials, Identity, Role
 from fedge.security.tls import client_context
 from fedge.transport import FedgeClient, ServerError
 from fedge.wire import RoundInfo, RoundState, TrainConfig, rounds_topic, status_topic

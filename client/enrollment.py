@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from fedge.files import write_file
 from fedge.security import pki
 from fedge.security.tls import client_context, pinned_context
 from fedge.transport import ServerError, raise_for_error
@@ -68,7 +69,7 @@ def enroll(
     ca_pem = fetch_pinned_ca(server, pin, timeout)
     state_dir.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP256R1())
-    pki.write_file(creds.key, pki.key_pem(key), private=True)
+    write_file(creds.key, pki.key_pem(key), private=True)
     with httpx.Client(base_url=server, verify=pinned_context(ca_pem), timeout=timeout) as http:
         response = _call(http, "/v1/enroll", {"token": token, "csr": make_csr(key)})
     return _save(state_dir, server, ca_pem, key, response)
@@ -82,7 +83,7 @@ def renew(state_dir: Path, timeout: float = 30.0) -> Enrollment:
         base_url=state.server, verify=client_context(state.credentials), timeout=timeout
     ) as http:
         response = _call(http, "/v1/enroll/renew", {"csr": make_csr(key)})
-    pki.write_file(state.credentials.key.with_suffix(".key.new"), pki.key_pem(key), private=True)
+    write_file(state.credentials.key.with_suffix(".key.new"), pki.key_pem(key), private=True)
     renewed = _save(state_dir, state.server, state.credentials.ca.read_bytes(), key, response)
     state.credentials.key.with_suffix(".key.new").replace(state.credentials.key)
     return renewed
@@ -144,10 +145,10 @@ def _save(
     if identity.role is not pki.Role.CLIENT:
         raise EnrollmentError(f"the server issued a {identity.role} certificate, not a client one")
     creds = _credentials(state_dir)
-    pki.write_file(creds.ca, ca_pem)
-    pki.write_file(creds.cert, cert.public_bytes(serialization.Encoding.PEM))
+    write_file(creds.ca, ca_pem)
+    write_file(creds.cert, cert.public_bytes(serialization.Encoding.PEM))
     meta = {"server": server, "federation": identity.federation, "client": identity.id}
-    pki.write_file(state_dir / "agent.json", json.dumps(meta).encode())
+    write_file(state_dir / "agent.json", json.dumps(meta).encode())
     return Enrollment(server, identity.federation, identity.id, creds)
 
 

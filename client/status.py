@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from fedge.security.pki import write_file
+from fedge.files import write_file
 
 
 class AgentState(StrEnum):

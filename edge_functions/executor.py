@@ -38,7 +38,7 @@ from fedge.security import offload, signing
 from fedge.security.peer import peer_certificate
 from fedge.security.pki import Credentials, Identity, PKIError, Role, identity_of
 from fedge.transport import FedgeClient, ServerError
-from fedge.wire import BASE_SHA256, NUM_EXAMPLES, TRAIN_LOSS
+from fedge.wire import UpdateMeta
 
 MAX_JOB = 256 * 1024 * 1024
 
@@ -97,8 +97,8 @@ class Executor:
             tasks.load_tensors(model, decode(download.body)[0])
             loss = fit(model, x, y, job.config, device)
             examples = max(1, round(len(y) * job.weight))
-            metadata = {NUM_EXAMPLES: str(examples), TRAIN_LOSS: f"{loss:.6f}", BASE_SHA256: download.sha256}
-            body = encode(tasks.tensors_of(model), metadata)
+            meta = UpdateMeta(examples, loss, download.sha256)
+            body = encode(tasks.tensors_of(model), meta.to_metadata())
             uploading = time.perf_counter()
             receipt = api.post_update(job.round, body, grant=job.grant)
             done = time.perf_counter()

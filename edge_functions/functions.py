@@ -28,9 +28,10 @@ from fedge.edge_functions.events import (
     TrainEvent,
     TrainResult,
 )
-from fedge.security.pki import Credentials, write_file
+from fedge.files import write_file
+from fedge.security.pki import Credentials
 from fedge.transport import FedgeClient
-from fedge.wire import BASE_SHA256, NUM_EXAMPLES, TRAIN_LOSS, TrainConfig
+from fedge.wire import TrainConfig, UpdateMeta
 
 
 class Hooks:
@@ -126,10 +127,9 @@ def train(event: dict, context: Context, hooks: Hooks = NO_HOOKS) -> dict:
     loss = fit(model, x, y, ev.config, max_steps=ev.max_steps)
     tensors = hooks.trained(tasks.tensors_of(model), context.model)
     tensors, how = compression.compress(tensors, context.model, ev.compression)
-    base = context.model_sha256 or ""
     examples = max(1, round(len(y) * ev.weight))
-    metadata = {NUM_EXAMPLES: str(examples), TRAIN_LOSS: f"{loss:.6f}", BASE_SHA256: base, **how}
-    body = encode(tensors, metadata)
+    meta = UpdateMeta(examples, loss, context.model_sha256 or "", how)
+    body = encode(tensors, meta.to_metadata())
     delivered = hooks.ready(time.perf_counter() - started - download_seconds, len(body))  # not the network
     staleness = None
     if delivered and ev.outbox is None:

@@ -6,35 +6,28 @@
   to that model. Quantizing the change, not the weights, keeps the error proportional to what training
   moved (at most half a step of each tensor's scale).
 
-The body says what was done (``compression`` in its metadata, and for int8 the scales as JSON), so the
+The body says what was done (``fedge.wire.Compression`` in its metadata, and for int8 the scales), so the
 metadata a signature covers also covers how to decode it.
 """
 
 from __future__ import annotations
 
-import json
+from collections.abc import Mapping
 
 import numpy as np
 
 from fedge.codec import Tensors
+from fedge.wire import COMPRESSIONS, Compression, CompressionError
 
-KINDS = ("none", "float16", "int8")
-COMPRESSION = "compression"
-INT8_SCALES = "int8_scales"
-
-
-class CompressionError(ValueError):
-    """The body names an unknown compression, or its scales do not fit its tensors."""
+KINDS = COMPRESSIONS
 
 
-def compress(trained: Tensors, base: Tensors, kind: str) -> tuple[Tensors, dict[str, str]]:
-    """The tensors to send and the metadata that says how to restore them."""
+def compress(trained: Tensors, base: Tensors, kind: str) -> tuple[Tensors, Compression]:
+    """The tensors to send and how to restore them (``UpdateMeta.compression``)."""
     if kind == "none":
-        return trained, {}
+        return trained, Compression()
     if kind == "float16":
-        return {n: t.astype(np.float16) if _floating(t) else t for n, t in trained.items()}, {
-            COMPRESSION: kind
-        }
+        return {n: t.astype(np.float16) if _floating(t) else t for n, t in trained.items()}, Compression(kind)
     if kind == "int8":
         quantized, scales = {}, {}
         for name, t in trained.items():
@@ -45,23 +38,22 @@ def compress(trained: Tensors, base: Tensors, kind: str) -> tuple[Tensors, dict[
             scale = float(np.abs(change).max()) / 127 or 1.0
             quantized[name] = np.clip(np.rint(change / scale), -127, 127).astype(np.int8)
             scales[name] = scale
-        return quantized, {COMPRESSION: kind, INT8_SCALES: json.dumps(scales, sort_keys=True)}
+        return quantized, Compression(kind, scales)
     raise CompressionError(f"unknown compression {kind!r}: choose from {', '.join(KINDS)}")
 
 
-def decompress(tensors: Tensors, metadata: dict[str, str], base: Tensors) -> Tensors:
+def decompress(tensors: Tensors, metadata: Mapping[str, str], base: Tensors) -> Tensors:
+    """``restore`` from a body's raw metadata."""
+    return restore(tensors, Compression.from_metadata(metadata), base)
+
+
+def restore(tensors: Tensors, how: Compression, base: Tensors) -> Tensors:
     """Undo ``compress``: tensors in the dtypes of ``base`` (the model the update was trained from)."""
-    kind = metadata.get(COMPRESSION, "none")
-    if kind == "none":
+    if how.kind == "none":
         return tensors
-    if kind == "float16":
+    if how.kind == "float16":
         return {n: t.astype(base[n].dtype) if n in base else t for n, t in tensors.items()}
-    if kind != "int8":
-        raise CompressionError(f"unknown compression {kind!r}: choose from {', '.join(KINDS)}")
-    try:
-        scales = {str(k): float(v) for k, v in json.loads(metadata[INT8_SCALES]).items()}
-    except (KeyError, ValueError, TypeError, AttributeError):
-        raise CompressionError(f"int8 updates need {INT8_SCALES!r}: a JSON object of tensor scales") from None
+    scales = how.int8_scales
     restored = {}
     for name, t in tensors.items():
         if name not in scales or name not in base:

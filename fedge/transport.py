@@ -14,6 +14,7 @@ from types import TracebackType
 import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedge.codec import sha256
 from fedge.security import signing
@@ -51,6 +52,12 @@ class FedgeClient:
     def identity(self) -> Identity:
         cert = x509.load_pem_x509_certificate(self._creds.cert.read_bytes())
         return identity_of(cert.public_bytes(serialization.Encoding.DER))
+
+    @functools.cached_property
+    def _key(self) -> ec.EllipticCurvePrivateKey:
+        """The certificate's private key, read once: the TLS context above holds this same key for the
+        client's life, so a renewal on disk needs a new client either way."""
+        return signing.load_private_key(self._creds.key.read_bytes())
 
     def __enter__(self) -> FedgeClient:
         return self
@@ -127,14 +134,15 @@ class FedgeClient:
         nonce = signing.new_nonce()
         owner = client or self.identity.id
         claim = signing.UpdateClaim(self.identity.federation, round_, owner, sha256(body), nonce)
-        key = signing.load_private_key(self._creds.key.read_bytes())
-        return {signing.SIGNATURE_HEADER: signing.sign(key, claim.message()), signing.NONCE_HEADER: nonce}
+        return {
+            signing.SIGNATURE_HEADER: signing.sign(self._key, claim.message()),
+            signing.NONCE_HEADER: nonce,
+        }
 
     def grant(self, round_: int, executor: str, ttl: float = 3600.0) -> str:
         """Let ``executor`` submit this client's update for ``round_`` during the next ``ttl`` seconds."""
         grant = signing.Grant(self.identity.federation, round_, self.identity.id, executor, time.time() + ttl)
-        key = signing.load_private_key(self._creds.key.read_bytes())
-        return signing.make_grant(key, self._creds.cert.read_bytes(), grant)
+        return signing.make_grant(self._key, self._creds.cert.read_bytes(), grant)
 
 
 def raise_for_error(response: httpx.Response) -> None:

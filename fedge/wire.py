@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 from pydantic import BaseModel, Field
@@ -89,3 +93,111 @@ class ErrorBody(BaseModel):
 NUM_EXAMPLES = "num_examples"
 TRAIN_LOSS = "train_loss"
 BASE_SHA256 = "base_sha256"  # the global model the update was trained from (asynchronous mode)
+COMPRESSION = "compression"
+INT8_SCALES = "int8_scales"
+COMPRESSIONS = ("none", "float16", "int8")
+
+_MAX_SCALES_CHARS = 1 << 20
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+class MetadataError(ValueError):
+    """An update's metadata holds a missing or malformed value."""
+
+
+class CompressionError(MetadataError):
+    """The body names an unknown compression, or its scales do not fit its tensors."""
+
+
+@dataclass(frozen=True)
+class Compression:
+    """How an update's tensors were compressed (fedge.compression): the part of its metadata that says how
+    to restore them, so that the signature over the body covers that too."""
+
+    kind: str = "none"
+    int8_scales: Mapping[str, float] = field(default_factory=dict)
+
+    def to_metadata(self) -> dict[str, str]:
+        if self.kind == "none":
+            return {}
+        if self.kind == "int8":
+            return {COMPRESSION: self.kind, INT8_SCALES: json.dumps(dict(self.int8_scales), sort_keys=True)}
+        return {COMPRESSION: self.kind}
+
+    @classmethod
+    def from_metadata(cls, metadata: Mapping[str, str]) -> Compression:
+        kind = metadata.get(COMPRESSION, "none")
+        if kind not in COMPRESSIONS:
+            raise CompressionError(f"unknown compression {kind!r}: choose from {', '.join(COMPRESSIONS)}")
+        if kind != "int8":
+            return cls(kind)
+        return cls(kind, _scales(metadata.get(INT8_SCALES)))
+
+
+@dataclass(frozen=True)
+class UpdateMeta:
+    """What an update's safetensors ``__metadata__`` says: the one type every producer builds and the server
+    parses, so that no key is spelt by hand or left out by one producer."""
+
+    num_examples: int
+    train_loss: float | None = None
+    base_sha256: str | None = None  # "" from a producer that knew no model: refused in asynchronous mode
+    compression: Compression = field(default_factory=Compression)
+
+    def to_metadata(self) -> dict[str, str]:
+        metadata = {NUM_EXAMPLES: str(self.num_examples), **self.compression.to_metadata()}
+        if self.train_loss is not None:
+            metadata[TRAIN_LOSS] = f"{self.train_loss:.6f}"
+        if self.base_sha256 is not None:
+            metadata[BASE_SHA256] = self.base_sha256
+        return metadata
+
+    @classmethod
+    def from_metadata(cls, metadata: Mapping[str, str]) -> UpdateMeta:
+        """Parse a body's metadata; ``CompressionError`` (checked first) or ``MetadataError`` say what is
+        wrong. Keys this version does not know are ignored."""
+        compression = Compression.from_metadata(metadata)
+        try:
+            num_examples = int(metadata[NUM_EXAMPLES])
+        except (KeyError, ValueError):
+            raise MetadataError(f"metadata needs an integer {NUM_EXAMPLES!r}") from None
+        if not 0 < num_examples < 2**31:
+            raise MetadataError(f"{NUM_EXAMPLES} must be positive, got {num_examples}")
+        return cls(
+            num_examples, _loss(metadata.get(TRAIN_LOSS)), _base(metadata.get(BASE_SHA256)), compression
+        )
+
+
+def _scales(text: str | None) -> dict[str, float]:
+    """A flat JSON object of tensor name -> float, refused before parsing when it nests or is too long."""
+    problem = f"int8 updates need {INT8_SCALES!r}: a JSON object of tensor scales"
+    if text is None or len(text) > _MAX_SCALES_CHARS:
+        raise CompressionError(problem)
+    outside_strings = _JSON_STRING.sub("", text)
+    if outside_strings.count("{") != 1 or "[" in outside_strings:
+        raise CompressionError(problem)
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        raise CompressionError(problem) from None
+    if not isinstance(parsed, dict) or not all(
+        isinstance(v, int | float) and not isinstance(v, bool) for v in parsed.values()
+    ):
+        raise CompressionError(problem)
+    return {str(k): float(v) for k, v in parsed.items()}
+
+
+def _loss(text: str | None) -> float | None:
+    if text is None:
+        return None
+    try:
+        return float(text)  # NaN allowed: a diverged client may say so; its tensors are checked anyway
+    except ValueError:
+        raise MetadataError(f"{TRAIN_LOSS} must be a number, got {text[:20]!r}") from None
+
+
+def _base(text: str | None) -> str | None:
+    if text is None or text == "" or _SHA256.fullmatch(text):
+        return text
+    raise MetadataError(f"{BASE_SHA256} must be a sha256 in hex, got {text[:20]!r}")

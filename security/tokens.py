@@ -14,6 +14,7 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedge.files import write_file
 from fedge.security import pki
 
 DEFAULT_TTL = dt.timedelta(hours=24)
@@ -92,4 +93,4 @@ def _load(pki_dir: Path) -> dict[str, TokenRecord]:
 
 def _save(pki_dir: Path, records: dict[str, TokenRecord]) -> None:
     data = {key: vars(record) for key, record in records.items()}
-    pki.write_file(pki_dir / _FILE, json.dumps(data, indent=1).encode(), private=True)
+    write_file(pki_dir / _FILE, json.dumps(data, indent=1).encode(), private=True)

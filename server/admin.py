@@ -8,18 +8,18 @@ from __future__ import annotations
 
 import datetime as dt
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
 from fedge.security import pki, tokens
-from fedge.server.errors import Rejected
+from fedge.server.deps import FederationDep, TrustDep
+from fedge.server.errors import RESPONSES, Rejected
 from fedge.server.identity import Admin
 from fedge.server.strategies import StrategyParams
 from fedge.server.trust import Trust
-from fedge.wire import ErrorBody, RoundInfo
+from fedge.wire import RoundInfo
 
 router = APIRouter(prefix="/v1/admin")
-_ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 403, 404, 409, 422)}
 
 
 class ClientStatus(BaseModel):
@@ -71,16 +71,10 @@ class MintedToken(BaseModel):
     expires_at: dt.datetime
 
 
-def _trust(request: Request) -> Trust:
-    return request.app.state.trust
-
-
-@router.get("/status", responses=_ERRORS)
-def status(request: Request, _: Admin) -> FederationStatus:
-    trust = _trust(request)
+@router.get("/status", responses=RESPONSES)
+def status(federation: FederationDep, trust: TrustDep, _: Admin) -> FederationStatus:
     revoked = pki.revoked(trust.pki_dir)
     now = dt.datetime.now(dt.UTC)
-    federation = request.app.state.federation
     return FederationStatus(
         federation=trust.federation,
         round=federation.round_info(),
@@ -89,8 +83,8 @@ def status(request: Request, _: Admin) -> FederationStatus:
     )
 
 
-@router.get("/rounds", responses=_ERRORS)
-def rounds(request: Request, _: Admin) -> list[RoundStatus]:
+@router.get("/rounds", responses=RESPONSES)
+def rounds(federation: FederationDep, _: Admin) -> list[RoundStatus]:
     """Every round so far: who was selected, who reported, who skipped, which model it started from and
     produced."""
     return [
@@ -104,50 +98,47 @@ def rounds(request: Request, _: Admin) -> list[RoundStatus]:
             result_sha256=past.record.result_sha256,
             deadline=past.record.deadline,
         )
-        for past in request.app.state.federation.history()
+        for past in federation.history()
     ]
 
 
-@router.post("/start", responses=_ERRORS)
-def start(request: Request, _: Admin) -> RoundInfo:
+@router.post("/start", responses=RESPONSES)
+def start(federation: FederationDep, _: Admin) -> RoundInfo:
     """Start a federation served with ``--manual-start``: round 1 opens once enough clients are in."""
-    return request.app.state.federation.start()
+    return federation.start()
 
 
-@router.put("/strategy", responses=_ERRORS)
-def choose_strategy(body: StrategyChoice, request: Request, _: Admin) -> StrategyChange:
+@router.put("/strategy", responses=RESPONSES)
+def choose_strategy(body: StrategyChoice, federation: FederationDep, _: Admin) -> StrategyChange:
     """Aggregate with another strategy from the next round on; the choice survives a restart."""
-    federation = request.app.state.federation
     try:
         params = StrategyParams(**{"seed": federation.settings.seed, **body.params})  # type: ignore[arg-type]
     except TypeError as exc:
-        raise Rejected(422, "invalid_strategy", str(exc)) from None
+        raise Rejected("invalid_strategy", str(exc)) from None
     first = federation.choose_strategy(body.name, params)
     return StrategyChange(name=body.name, applies_from_round=first)
 
 
-@router.post("/clients/{client}/revoke", responses=_ERRORS)
-def revoke(client: str, request: Request, _: Admin) -> ClientStatus:
+@router.post("/clients/{client}/revoke", responses=RESPONSES)
+def revoke(client: str, trust: TrustDep, _: Admin) -> ClientStatus:
     """Revoke the client's certificate: refused from its next request on, and no longer selected."""
-    trust = _trust(request)
     _known_client(trust, client)
     try:
         info = pki.revoke(trust.pki_dir, pki.Role.CLIENT, client)
     except pki.PKIError as exc:
-        raise Rejected(409, "already_revoked", str(exc)) from None
+        raise Rejected("already_revoked", str(exc)) from None
     return _client_status(info, pki.revoked(trust.pki_dir), dt.datetime.now(dt.UTC))
 
 
-@router.post("/tokens", status_code=201, responses=_ERRORS)
-def mint_token(body: TokenRequest, request: Request, _: Admin) -> MintedToken:
-    trust = _trust(request)
+@router.post("/tokens", status_code=201, responses=RESPONSES)
+def mint_token(body: TokenRequest, trust: TrustDep, _: Admin) -> MintedToken:
     ttl = dt.timedelta(seconds=body.ttl_seconds)
     try:
         token = tokens.mint(trust.pki_dir, body.client, ttl)
     except tokens.TokenError as exc:
-        raise Rejected(409, exc.code, exc.detail) from None
+        raise Rejected(exc.code, exc.detail) from None
     except pki.PKIError as exc:
-        raise Rejected(400, "invalid_id", str(exc)) from None
+        raise Rejected("invalid_id", str(exc)) from None
     return MintedToken(client=body.client, token=token, expires_at=dt.datetime.now(dt.UTC) + ttl)
 
 
@@ -155,9 +146,9 @@ def _known_client(trust: Trust, client: str) -> None:
     try:
         pki.check_id(client, "client id")
     except pki.PKIError as exc:
-        raise Rejected(400, "invalid_id", str(exc)) from None
+        raise Rejected("invalid_id", str(exc)) from None
     if client not in pki.issued(trust.pki_dir, pki.Role.CLIENT):
-        raise Rejected(404, "unknown_client", f"no client {client!r} in this federation")
+        raise Rejected("unknown_client", f"no client {client!r} in this federation")
 
 
 def _client_status(

@@ -5,34 +5,23 @@ from __future__ import annotations
 import time
 from typing import Annotated
 
-from cryptography import x509
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from fedge.codec import sha256, signature_of
+from fedge.codec import signature_of
 from fedge.security import signing
 from fedge.security.peer import peer_certificate
 from fedge.security.pki import Identity, Role
-from fedge.server import metrics
-from fedge.server.errors import Rejected
+from fedge.server import intake, metrics
+from fedge.server.deps import FederationDep, FeedDep, TrustDep
+from fedge.server.errors import RESPONSES, Rejected
 from fedge.server.identity import Caller, Client, Submitter
-from fedge.server.rounds import Federation
-from fedge.server.store import Provenance
 from fedge.server.trust import Trust
-from fedge.wire import ErrorBody, ModelMeta, RoundInfo, SkipNotice, SkipReceipt, UpdateReceipt
+from fedge.wire import ModelMeta, RoundInfo, SkipNotice, SkipReceipt, UpdateReceipt
 
 router = APIRouter()
-_ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 403, 404, 409, 413, 422)}
 _MAX_WAIT = 60.0
-
-
-def _federation(request: Request) -> Federation:
-    return request.app.state.federation
-
-
-def _trust(request: Request) -> Trust:
-    return request.app.state.trust
 
 
 @router.get("/healthz")
@@ -48,15 +37,19 @@ def prometheus(_: Caller) -> Response:
 @router.get(
     "/v1/model",
     response_class=Response,
-    responses={200: {"content": {"application/octet-stream": {}}}, 304: {}, **_ERRORS},
+    responses={200: {"content": {"application/octet-stream": {}}}, 304: {}, **RESPONSES},
 )
-def get_model(request: Request, _: Caller, if_none_match: Annotated[str | None, Header()] = None) -> Response:
+def get_model(
+    federation: FederationDep,
+    trust: TrustDep,
+    _: Caller,
+    if_none_match: Annotated[str | None, Header()] = None,
+) -> Response:
     """The current global model (safetensors). ``If-None-Match`` with its ETag answers 304, no body.
 
     ``X-Fedge-Signature`` is the server's signature over (federation, round, sha256 of the body) and
     ``X-Fedge-Signer`` the server's certificate, so a client checks the model against its pinned CA."""
-    model = _federation(request).model
-    trust = _trust(request)
+    model = federation.model
     etag = f'"{model.sha256}"'
     headers = {
         "ETag": etag,
@@ -71,9 +64,8 @@ def get_model(request: Request, _: Caller, if_none_match: Annotated[str | None, 
     return Response(model.body, media_type="application/octet-stream", headers=headers)
 
 
-@router.get("/v1/model/meta", responses=_ERRORS)
-def get_model_meta(request: Request, _: Caller) -> ModelMeta:
-    federation = _federation(request)
+@router.get("/v1/model/meta", responses=RESPONSES)
+def get_model_meta(federation: FederationDep, _: Caller) -> ModelMeta:
     model = federation.model
     return ModelMeta(
         round=model.round,
@@ -83,20 +75,20 @@ def get_model_meta(request: Request, _: Caller) -> ModelMeta:
     )
 
 
-@router.get("/v1/rounds/current", responses=_ERRORS)
+@router.get("/v1/rounds/current", responses=RESPONSES)
 async def get_current_round(
-    request: Request,
+    federation: FederationDep,
+    feed: FeedDep,
     response: Response,
     _: Caller,
     wait: Annotated[float, Query(ge=0, le=_MAX_WAIT, description="seconds to wait for a change")] = 0,
     if_none_match: Annotated[str | None, Header()] = None,
 ) -> RoundInfo:
     """With ``wait`` and the last ETag seen in ``If-None-Match``, answers at the next change (long poll)."""
-    federation = _federation(request)
     give_up = time.monotonic() + wait
     info = federation.round_info()
     while info.etag == if_none_match and (left := give_up - time.monotonic()) > 0:
-        await request.app.state.feed.wait(left)
+        await feed.wait(left)
         info = federation.round_info()
     response.headers["ETag"] = info.etag
     return info
@@ -110,10 +102,12 @@ _UPDATE_BODY = {
 }
 
 
-@router.post("/v1/rounds/{round_}/updates", status_code=202, responses=_ERRORS, openapi_extra=_UPDATE_BODY)
+@router.post("/v1/rounds/{round_}/updates", status_code=202, responses=RESPONSES, openapi_extra=_UPDATE_BODY)
 async def post_update(
     round_: int,
     request: Request,
+    federation: FederationDep,
+    trust: TrustDep,
     identity: Submitter,
     x_fedge_signature: Annotated[str | None, Header(description="submitter's signature, base64")] = None,
     x_fedge_nonce: Annotated[str | None, Header(description="32-64 hex digits, fresh per update")] = None,
@@ -124,24 +118,22 @@ async def post_update(
     The update must be signed by the certificate's key over (federation, round, client id, sha256 of the
     body, nonce); the signature and nonce are stored with it. An executor submits in a client's slot only
     with that client's grant for this round and this executor; the update records where it was computed."""
-    federation = _federation(request)
-    trust = _trust(request)
     started = time.perf_counter()
     try:
         if not x_fedge_signature or not x_fedge_nonce:
-            raise Rejected(400, "missing_signature", "an update needs X-Fedge-Signature and X-Fedge-Nonce")
+            raise Rejected("missing_signature", "an update needs X-Fedge-Signature and X-Fedge-Nonce")
         owner = _slot_owner(identity, x_fedge_grant, round_, trust)
         body = await _read_capped(request, len(federation.model.body) + 64 * 1024)
-        digest = await run_in_threadpool(sha256, body)
-        claim = signing.UpdateClaim(trust.federation, round_, owner, digest, x_fedge_nonce)
-        _check_update_signature(peer_certificate(request.scope), claim, x_fedge_signature)  # type: ignore[arg-type]
-        provenance = Provenance(
+        signed = intake.Signed(
+            peer_der=peer_certificate(request.scope),  # type: ignore[arg-type]
+            federation=trust.federation,
             signature=x_fedge_signature,
             nonce=x_fedge_nonce,
-            body_sha256=digest,
             computed_by=identity.id if identity.role is Role.EXECUTOR else "",
         )
-        receipt = await run_in_threadpool(federation.submit, round_, owner, body, provenance)
+        limit = federation.settings.max_update_norm
+        checked = await run_in_threadpool(intake.check, round_, owner, body, federation, limit, signed)
+        receipt = await run_in_threadpool(federation.submit, checked)
     except Rejected as exc:
         metrics.updates_rejected.labels(code=exc.code).inc()
         raise
@@ -150,15 +142,15 @@ async def post_update(
     return receipt
 
 
-@router.post("/v1/rounds/{round_}/skip", responses=_ERRORS)
-def post_skip(round_: int, notice: SkipNotice, request: Request, identity: Client) -> SkipReceipt:
+@router.post("/v1/rounds/{round_}/skip", responses=RESPONSES)
+def post_skip(round_: int, notice: SkipNotice, federation: FederationDep, identity: Client) -> SkipReceipt:
     """Tell the server early that the caller sends no update for ``round_`` (it cannot fit the round), so
     the round closes once every selected client has sent an update or skipped, not at its deadline.
 
     Only a client, for itself (the certificate names it), in a round it was selected for, while it is open,
     once, and never after its update; asynchronous rounds wait for no one and refuse it."""
     try:
-        receipt = _federation(request).skip(round_, identity.id, notice.reason)
+        receipt = federation.skip(round_, identity.id, notice.reason)
     except Rejected as exc:
         metrics.skips_rejected.labels(code=exc.code).inc()
         raise
@@ -171,42 +163,30 @@ def _slot_owner(identity: Identity, grant_header: str | None, round_: int, trust
     if identity.role is Role.CLIENT:
         return identity.id
     if not grant_header:
-        raise Rejected(403, "missing_grant", "an executor submits only with a client's grant (X-Fedge-Grant)")
+        raise Rejected("missing_grant", "an executor submits only with a client's grant (X-Fedge-Grant)")
     try:
         grant, serial = signing.read_grant(trust.ca_pem, grant_header, time.time())
     except signing.SignatureError as exc:
-        raise Rejected(403, "bad_grant", str(exc)) from None
+        raise Rejected("bad_grant", str(exc)) from None
     if trust.revocations.is_revoked(serial):
-        raise Rejected(403, "bad_grant", "the certificate that signed the grant is revoked")
+        raise Rejected("bad_grant", "the certificate that signed the grant is revoked")
     if (grant.federation, grant.executor, grant.round) != (trust.federation, identity.id, round_):
         raise Rejected(
-            403, "bad_grant", f"the grant is for executor {grant.executor!r} in round {grant.round}, not this"
+            "bad_grant", f"the grant is for executor {grant.executor!r} in round {grant.round}, not this"
         )
     return grant.client
-
-
-def _check_update_signature(peer_der: bytes, claim: signing.UpdateClaim, signature: str) -> None:
-    """The key that signed must be the one behind this connection's certificate: the client's own."""
-    try:
-        signing.check_nonce(claim.nonce)
-    except signing.SignatureError as exc:
-        raise Rejected(400, "bad_nonce", str(exc)) from None
-    try:
-        signing.verify(x509.load_der_x509_certificate(peer_der).public_key(), claim.message(), signature)
-    except signing.SignatureError as exc:
-        raise Rejected(403, "bad_signature", f"update signature: {exc}") from None
 
 
 async def _read_capped(request: Request, limit: int) -> bytes:
     """Read the body, refusing it as soon as it exceeds what an update of this model can weigh."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise Rejected(413, "update_too_large", f"body of {declared} bytes exceeds the limit of {limit}")
+        raise Rejected("update_too_large", f"body of {declared} bytes exceeds the limit of {limit}")
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise Rejected(413, "update_too_large", f"body exceeds the limit of {limit} bytes")
+            raise Rejected("update_too_large", f"body exceeds the limit of {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from fedge import __version__
-from fedge.server import admin, api, enrollment
+from fedge.server import admin, api, enrollment, errors
 from fedge.server.errors import Rejected
 from fedge.server.feed import ChangeFeed
 from fedge.server.identity import CertificateGate
@@ -38,9 +38,8 @@ def create_app(federation: Federation, trust: Trust) -> FastAPI:
     app.add_middleware(CertificateGate, trust=trust)  # type: ignore[arg-type]
     for part in (api, enrollment, admin):
         app.include_router(part.router)
-    app.add_exception_handler(Rejected, _rejected)  # type: ignore[arg-type]
-    app.add_exception_handler(HTTPException, _http_error)  # type: ignore[arg-type]
-    app.add_exception_handler(RequestValidationError, _invalid_request)  # type: ignore[arg-type]
+    for refusal in (Rejected, HTTPException, RequestValidationError):
+        app.add_exception_handler(refusal, _error)
     return app
 
 
@@ -51,20 +50,5 @@ async def _round_clock(federation: Federation) -> None:
         await asyncio.sleep(TICK_SECONDS)
 
 
-def _error(status: int, code: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
-
-
-async def _rejected(_: Request, exc: Rejected) -> JSONResponse:
-    return _error(exc.status, exc.code, exc.detail)
-
-
-async def _http_error(_: Request, exc: HTTPException) -> JSONResponse:
-    codes = {404: "not_found", 405: "method_not_allowed"}
-    return _error(exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail), exc.headers)
-
-
-async def _invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
-    first = exc.errors()[0] if exc.errors() else {}
-    where = ".".join(str(p) for p in first.get("loc", ()))
-    return _error(422, "invalid_request", f"{where}: {first.get('msg', 'invalid request')}")
+async def _error(_: Request, exc: Exception) -> JSONResponse:
+    return errors.response(exc)

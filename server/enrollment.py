@@ -10,18 +10,17 @@ from __future__ import annotations
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, Field
 
 from fedge.security import pki, tokens
-from fedge.server.errors import Rejected
+from fedge.server.deps import TrustDep
+from fedge.server.errors import RESPONSES, Rejected
 from fedge.server.identity import Client
 from fedge.server.trust import Trust
-from fedge.wire import ErrorBody
 
 router = APIRouter()
-_ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 403, 422)}
 
 
 class EnrollRequest(BaseModel):
@@ -39,31 +38,26 @@ class Enrolled(BaseModel):
     ca: str = Field(description="PEM")
 
 
-def _trust(request: Request) -> Trust:
-    return request.app.state.trust
-
-
 @router.get("/v1/ca", response_class=PlainTextResponse)
-def get_ca(request: Request) -> str:
+def get_ca(trust: TrustDep) -> str:
     """The federation CA (PEM): an enrolling device compares its sha256 with the pinned fingerprint."""
-    return _trust(request).ca_pem.decode()
+    return trust.ca_pem.decode()
 
 
-@router.post("/v1/enroll", status_code=201, responses=_ERRORS)
-def enroll(body: EnrollRequest, request: Request) -> Enrolled:
-    trust = _trust(request)
+@router.post("/v1/enroll", status_code=201, responses=RESPONSES)
+def enroll(body: EnrollRequest, trust: TrustDep) -> Enrolled:
     key = csr_public_key(body.csr)
     try:
         client = tokens.redeem(trust.pki_dir, body.token)
     except tokens.TokenError as exc:
-        raise Rejected(401, exc.code, exc.detail) from None
+        raise Rejected(exc.code, exc.detail) from None
     return _issue(trust, client, key)
 
 
-@router.post("/v1/enroll/renew", status_code=201, responses=_ERRORS)
-def renew(body: RenewRequest, request: Request, identity: Client) -> Enrolled:
+@router.post("/v1/enroll/renew", status_code=201, responses=RESPONSES)
+def renew(body: RenewRequest, trust: TrustDep, identity: Client) -> Enrolled:
     """A fresh short-lived certificate for the caller's own id (the new key may differ from the old)."""
-    return _issue(_trust(request), identity.id, csr_public_key(body.csr))
+    return _issue(trust, identity.id, csr_public_key(body.csr))
 
 
 def csr_public_key(pem: str) -> ec.EllipticCurvePublicKey:
@@ -71,12 +65,12 @@ def csr_public_key(pem: str) -> ec.EllipticCurvePublicKey:
     try:
         csr = x509.load_pem_x509_csr(pem.encode())
     except ValueError:
-        raise Rejected(400, "bad_csr", "csr is not a PEM certificate signing request") from None
+        raise Rejected("bad_csr", "csr is not a PEM certificate signing request") from None
     if not csr.is_signature_valid:
-        raise Rejected(400, "bad_csr", "the csr is not signed by its own key")
+        raise Rejected("bad_csr", "the csr is not signed by its own key")
     key = csr.public_key()
     if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
-        raise Rejected(400, "bad_csr", "fedge certificates are for EC P-256 keys")
+        raise Rejected("bad_csr", "fedge certificates are for EC P-256 keys")
     return key
 
 

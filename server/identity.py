@@ -18,12 +18,11 @@ from typing import Annotated
 
 from cryptography import x509
 from fastapi import Depends, Request
-from fastapi.responses import JSONResponse
 from uvicorn._types import ASGI3Application, ASGIReceiveCallable, ASGISendCallable, Scope
 
 from fedge.security.peer import peer_certificate
 from fedge.security.pki import Identity, PKIError, Role, identity_of
-from fedge.server.errors import Rejected
+from fedge.server.errors import Rejected, response
 from fedge.server.trust import Trust
 
 PUBLIC_PATHS = frozenset({"/healthz", "/v1/ca", "/v1/enroll"})
@@ -41,23 +40,23 @@ def gate(
     if peer_der is None:
         if path in PUBLIC_PATHS:
             return None
-        return Rejected(401, "no_client_certificate", "a client certificate is required")
+        return Rejected("no_client_certificate", "a client certificate is required")
     cert = x509.load_der_x509_certificate(peer_der)
     if is_revoked(cert.serial_number):
-        return Rejected(401, "certificate_revoked", "this certificate has been revoked")
+        return Rejected("certificate_revoked", "this certificate has been revoked")
     if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
-        return Rejected(401, "certificate_expired", "this certificate is not valid now")
+        return Rejected("certificate_expired", "this certificate is not valid now")
     try:
         identity = identity_of(peer_der)
     except PKIError as exc:
-        return Rejected(401, "bad_client_certificate", str(exc))
+        return Rejected("bad_client_certificate", str(exc))
     if identity.federation != federation:
-        return Rejected(403, "wrong_federation", f"certificate is for federation {identity.federation!r}")
+        return Rejected("wrong_federation", f"certificate is for federation {identity.federation!r}")
     current = current_serial(identity.role, identity.id)
     if current is None:
-        return Rejected(401, "unknown_certificate", f"no certificate is on record for {identity.uri}")
+        return Rejected("unknown_certificate", f"no certificate is on record for {identity.uri}")
     if current != cert.serial_number:
-        return Rejected(401, "certificate_superseded", f"{identity.uri} holds a newer certificate than this")
+        return Rejected("certificate_superseded", f"{identity.uri} holds a newer certificate than this")
     return None
 
 
@@ -79,8 +78,7 @@ class CertificateGate:
                 dt.datetime.now(dt.UTC),
             )
             if refusal is not None:
-                body = {"error": refusal.code, "detail": refusal.detail}
-                await JSONResponse(body, status_code=refusal.status)(scope, receive, send)  # type: ignore[arg-type]
+                await response(refusal)(scope, receive, send)  # type: ignore[arg-type]
                 return
         await self.app(scope, receive, send)
 
@@ -90,29 +88,29 @@ def caller(request: Request) -> Identity:
     of this federation, so only a route that needs no certificate can get here without one)."""
     peer = peer_certificate(request.scope)  # type: ignore[arg-type]
     if peer is None:
-        raise Rejected(401, "no_client_certificate", "a client certificate is required")
+        raise Rejected("no_client_certificate", "a client certificate is required")
     try:
         return identity_of(peer)
     except PKIError as exc:
-        raise Rejected(401, "bad_client_certificate", str(exc)) from None
+        raise Rejected("bad_client_certificate", str(exc)) from None
 
 
 def client(identity: Annotated[Identity, Depends(caller)]) -> Identity:
     if identity.role is not Role.CLIENT:
-        raise Rejected(403, "wrong_role", f"this route is for clients, not {identity.role}")
+        raise Rejected("wrong_role", f"this route is for clients, not {identity.role}")
     return identity
 
 
 def submitter(identity: Annotated[Identity, Depends(caller)]) -> Identity:
     """A client, or an executor (which must then show a client's grant: checked by the route)."""
     if identity.role not in (Role.CLIENT, Role.EXECUTOR):
-        raise Rejected(403, "wrong_role", f"this route is for clients and executors, not {identity.role}")
+        raise Rejected("wrong_role", f"this route is for clients and executors, not {identity.role}")
     return identity
 
 
 def admin(identity: Annotated[Identity, Depends(caller)]) -> Identity:
     if identity.role is not Role.ADMIN:
-        raise Rejected(403, "wrong_role", f"this route is for admins, not {identity.role}")
+        raise Rejected("wrong_role", f"this route is for admins, not {identity.role}")
     return identity
 
 

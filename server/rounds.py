@@ -1,29 +1,27 @@
 """The round state machine: open a round, take each selected client's update once, close it, repeat.
 
-Decisions are pure functions (``decide``); ``Federation`` is the thin shell that applies them to the store
-and the running aggregate under one lock, and tells listeners (long polls, announcements) about changes.
+Decisions are pure functions (server.schedule); ``Federation`` is the thin shell that applies them to the
+store and the running aggregate under one lock, and tells listeners (long polls, announcements) about
+changes. Updates reach it checked (server.intake): here they are only authorized for the round and folded.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from enum import Enum
 
-import numpy as np
-
-from fedge.codec import CodecError, Tensors, decode, encode, mapped, metadata_of, signature_of
-from fedge.compression import COMPRESSION, INT8_SCALES, CompressionError, decompress
+from fedge.codec import Tensors, decode, encode, mapped
 from fedge.server import aggregation
 from fedge.server.errors import Rejected
-from fedge.server.store import AlreadySkipped, DuplicateUpdate, Provenance, RoundHistory, RoundRecord, Store
+from fedge.server.intake import CheckedUpdate
+from fedge.server.schedule import Action, decide, select
+from fedge.server.store import AlreadySkipped, DuplicateUpdate, RoundHistory, RoundRecord, Store
 from fedge.server.strategies import FedAvg, Strategy, StrategyError, StrategyParams, create
-from fedge.server.validation import check_norm, validate_update
-from fedge.wire import BASE_SHA256, RoundInfo, RoundState, SkipReceipt, TrainConfig, UpdateReceipt
+from fedge.wire import RoundInfo, RoundState, SkipReceipt, TrainConfig, UpdateReceipt
 
 
 @dataclass(frozen=True)
@@ -51,34 +49,6 @@ class GlobalModel:
     sha256: str
     round: int
     tensors: Tensors
-
-
-class Action(Enum):
-    WAIT = "wait"
-    AGGREGATE = "aggregate"
-    FAIL = "fail"
-
-
-def decide(
-    updates: int, selected: int, min_updates: int, now: float, deadline: float, skipped: int = 0
-) -> Action:
-    """Close a round as soon as every selected client has reported, or at the deadline with a quorum.
-
-    A skip notice is a report: once every selected client has sent an update or skipped, nothing is left to
-    wait for, so the round closes then, aggregating with a quorum of updates and failing without one."""
-    if updates >= selected:
-        return Action.AGGREGATE
-    if updates + skipped < selected and now < deadline:
-        return Action.WAIT
-    return Action.AGGREGATE if updates >= max(min_updates, 1) else Action.FAIL
-
-
-def select(clients: list[str], round_: int, fraction: float, minimum: int, seed: int) -> list[str]:
-    """Flower's sample size, ``max(ceil(fraction * n), minimum)``, drawn at random but reproducibly per round
-    (a restarted server selects the same clients)."""
-    size = min(len(clients), max(math.ceil(fraction * len(clients)), minimum))
-    rng = np.random.default_rng([seed, round_])
-    return sorted(rng.choice(sorted(clients), size=size, replace=False).tolist())
 
 
 class Federation:
@@ -151,91 +121,79 @@ class Federation:
         if changed:
             self._notify()
 
-    def submit(
-        self, round_: int, client: str, body: bytes, provenance: Provenance | None = None
-    ) -> UpdateReceipt:
-        """Authorize, validate, store durably, then fold; any refusal leaves store and aggregate untouched.
-
-        ``provenance`` (signature, nonce: checked by the API before this call) is stored with the update."""
+    def base_for(self, round_: int, client: str, base_sha256: str | None) -> Tensors:
+        """The model an update for ``round_`` trained from ``base_sha256`` (its metadata) starts from, for
+        intake to restore and bound it against; read-only. Refuses, as ``submit`` would, an update that this
+        round would not take now, so that who may send is answered before what was sent."""
         with self._lock:
-            current = self._open
-            late = current is not None and round_ < current.round
-            if not (late and self.settings.buffer):
-                self._refuse_late(round_, current)
-            if current is None or round_ > current.round:
-                raise Rejected(409, "round_not_open", f"round {round_} is not open for updates")
-            if client not in current.selected:
-                raise Rejected(403, "not_selected", f"client {client!r} was not selected for round {round_}")
-            staleness = self._staleness(round_, current, body) if self.settings.buffer else 0
-            restored = self._decompressed(body, staleness)
-            tensors, num_examples = validate_update(restored or body, signature_of(self._model.tensors))
-            if self.settings.max_update_norm is not None:
-                check_norm(tensors, self._base(staleness), self.settings.max_update_norm)
-            try:
+            return self._base(self._authorize(round_, client, base_sha256))
+
+    def submit(self, update: CheckedUpdate) -> UpdateReceipt:
+        """Authorize a checked update (server.intake) for the round, store it durably, then fold it; any
+        refusal leaves store and aggregate untouched."""
+        client, examples = update.client, update.meta.num_examples
+        with self._lock:
+            staleness = self._authorize(update.round, client, update.meta.base_sha256)
+            assert self._open is not None
+            round_ = self._open.round
+            with _once(client, round_):
                 record = self._store.add_update(
-                    current.round, client, body, num_examples, provenance, staleness, restored
+                    round_, client, update.body, examples, update.provenance, staleness, update.restored
                 )
-            except DuplicateUpdate:
-                raise Rejected(409, "duplicate_update", f"{client!r} already sent its update") from None
-            except AlreadySkipped:
-                raise Rejected(409, "already_skipped", f"{client!r} skipped round {round_}") from None
-            self._fold(tensors, num_examples, staleness)
+            self._fold(update.tensors, examples, staleness)
             changed = self._advance(time.time())
         if changed:
             self._notify()
         return UpdateReceipt(
-            round=current.round,
-            client=client,
-            sha256=record.sha256,
-            num_examples=num_examples,
-            staleness=staleness,
+            round=round_, client=client, sha256=record.sha256, num_examples=examples, staleness=staleness
         )
+
+    def _authorize(self, round_: int, client: str, base_sha256: str | None) -> int:
+        """How stale an update from ``client`` for ``round_`` is, or why the open round refuses it."""
+        current = self._open
+        late = current is not None and round_ < current.round
+        if not (late and self.settings.buffer):
+            self._refuse_late(round_, current)
+        if current is None or round_ > current.round:
+            raise Rejected("round_not_open", f"round {round_} is not open for updates")
+        if client not in current.selected:
+            raise Rejected("not_selected", f"client {client!r} was not selected for round {round_}")
+        return self._staleness(round_, current, base_sha256) if self.settings.buffer else 0
 
     def skip(self, round_: int, client: str, reason: str) -> SkipReceipt:
         """Record a selected client's early notice that it sends no update in the open round, and close the
         round at once if that leaves nobody to wait for. A refusal leaves the store untouched."""
         if self.settings.buffer:
             raise Rejected(
-                409, "asynchronous_mode", "asynchronous rounds wait for no client: there is no round to skip"
+                "asynchronous_mode", "asynchronous rounds wait for no client: there is no round to skip"
             )
         with self._lock:
+            self._authorize(round_, client, None)
+            assert self._open is not None
             current = self._open
-            self._refuse_late(round_, current)
-            if current is None or round_ > current.round:
-                raise Rejected(409, "round_not_open", f"round {round_} is not open")
-            if client not in current.selected:
-                raise Rejected(403, "not_selected", f"client {client!r} was not selected for round {round_}")
-            try:
+            with _once(client, round_):
                 self._store.add_skip(current.round, client, reason)
-            except DuplicateUpdate:
-                raise Rejected(409, "duplicate_update", f"{client!r} already sent its update") from None
-            except AlreadySkipped:
-                raise Rejected(409, "already_skipped", f"{client!r} already skipped round {round_}") from None
             self._skipped += 1
             changed = self._advance(time.time())
         if changed:
             self._notify()
         return SkipReceipt(round=current.round, client=client, reason=reason)
 
-    def _staleness(self, round_: int, current: RoundRecord, body: bytes) -> int:
+    def _staleness(self, round_: int, current: RoundRecord, base_sha: str | None) -> int:
         """How many versions behind the open round the update's base is: the round whose base model it
         names in its metadata (it may have fetched a newer model than the round it was asked to train
         for), else the round it was sent to. Too stale, or trained from no recent model: refused."""
         limit = self.settings.max_staleness
         oldest = current.round - limit
         if round_ < oldest:
-            raise Rejected(409, "too_stale", f"round {round_} is more than {limit} versions behind")
-        try:
-            base_sha = metadata_of(body).get(BASE_SHA256)
-        except CodecError:
-            base_sha = None  # validation refuses the body with the reason
+            raise Rejected("too_stale", f"round {round_} is more than {limit} versions behind")
         if base_sha is None:
             return current.round - round_
         for candidate in range(current.round, max(oldest, 1) - 1, -1):
             record = self._store.round(candidate)
             if record is not None and record.base_sha256 == base_sha:
                 return current.round - candidate
-        raise Rejected(409, "too_stale", f"model {base_sha[:12]} is not among the last {limit} versions")
+        raise Rejected("too_stale", f"model {base_sha[:12]} is not among the last {limit} versions")
 
     def _advance(self, now: float) -> bool:
         changed = False
@@ -257,12 +215,12 @@ class Federation:
         last = self._store.last_round()
         if current is None:
             if last is not None and round_ <= last.round:
-                raise Rejected(409, "round_closed", f"round {round_} is closed; no round is open now")
+                raise Rejected("round_closed", f"round {round_} is closed; no round is open now")
             return
         if round_ < current.round:
-            raise Rejected(409, "round_closed", f"round {round_} is closed; round {current.round} is open")
+            raise Rejected("round_closed", f"round {round_} is closed; round {current.round} is open")
         if round_ == current.round and time.time() >= current.deadline:
-            raise Rejected(409, "round_closed", f"round {round_} passed its deadline")
+            raise Rejected("round_closed", f"round {round_} passed its deadline")
 
     def _base(self, staleness: int) -> Tensors:
         """The model an update ``staleness`` versions behind the open round was trained from."""
@@ -272,21 +230,6 @@ class Federation:
         record = self._store.round(self._open.round - staleness)
         assert record is not None
         return mapped(self._store.model_path(record.base_sha256))
-
-    def _decompressed(self, body: bytes, staleness: int) -> bytes | None:
-        """For a compressed update (fedge.compression), the full-precision body it stands for, so that
-        validation and every strategy see only full updates; None for an uncompressed one."""
-        try:
-            if metadata_of(body).get(COMPRESSION, "none") == "none":
-                return None
-            tensors, metadata = decode(body)
-        except CodecError:
-            return None  # validation refuses it with the reason
-        try:
-            restored = decompress(tensors, metadata, self._base(staleness))
-        except CompressionError as exc:
-            raise Rejected(400, "bad_compression", str(exc)) from None
-        return encode(restored, {k: v for k, v in metadata.items() if k not in (COMPRESSION, INT8_SCALES)})
 
     def _quorum(self) -> int:
         return max(self.settings.min_updates, self.strategy.min_updates())
@@ -334,7 +277,7 @@ class Federation:
         """Let a federation held by ``manual_start`` run: round 1 opens as soon as enough clients are in."""
         with self._lock:
             if self._started:
-                raise Rejected(409, "already_started", "the federation is already running")
+                raise Rejected("already_started", "the federation is already running")
             self._store.set_meta("started", "1")
             self._started = True
             changed = self._advance(time.time())
@@ -348,11 +291,9 @@ class Federation:
         try:
             strategy = create(name, params)
         except StrategyError as exc:
-            raise Rejected(422, "invalid_strategy", str(exc)) from None
+            raise Rejected("invalid_strategy", str(exc)) from None
         if self.settings.buffer and not strategy.streaming:
-            raise Rejected(
-                409, "invalid_strategy", f"asynchronous mode needs a streaming strategy, not {name}"
-            )
+            raise Rejected("asynchronous_mode", f"asynchronous mode needs a streaming strategy, not {name}")
         with self._lock:
             self._store.set_meta("strategy_next", json.dumps({"name": name, "params": asdict(params)}))
             self._pending = strategy
@@ -429,6 +370,17 @@ class Federation:
     def _notify(self) -> None:
         for listener in self._listeners:
             listener()
+
+
+@contextlib.contextmanager
+def _once(client: str, round_: int) -> Iterator[None]:
+    """A client reports once a round, an update or a skip: the store refuses a second, and so does the API."""
+    try:
+        yield
+    except DuplicateUpdate:
+        raise Rejected("duplicate_update", f"{client!r} already sent its update") from None
+    except AlreadySkipped:
+        raise Rejected("already_skipped", f"{client!r} already skipped round {round_}") from None
 
 
 def _strategy_from(stored: str) -> Strategy:

@@ -17,6 +17,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from fedge.console import UserError
+from fedge.files import write_file
 from fedge.security.peer import MutualTLSProtocol
 from fedge.security.pki import Credentials
 from fedge.security.tls import server_context
@@ -54,9 +55,7 @@ def serve(app: FastAPI, creds: Credentials, sock: socket.socket, endpoint_file: 
         while not server.started and not task.done():
             await asyncio.sleep(0.02)
         if server.started:
-            tmp = endpoint_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"url": url, "pid": os.getpid()}))
-            tmp.replace(endpoint_file)
+            write_file(endpoint_file, json.dumps({"url": url, "pid": os.getpid()}).encode())
         await task
 
     try:

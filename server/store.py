@@ -12,7 +12,6 @@ statements (``ON CONFLICT``, ``DOUBLE PRECISION``) that both understand.
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from fedge.codec import sha256
+from fedge.files import write_file
 from fedge.wire import TrainConfig
 
 _SCHEMA = """
@@ -163,7 +163,7 @@ class Store:
         digest = sha256(body)
         path = path_of(digest)
         if not path.exists():
-            _write_durably(path, body)
+            write_file(path, body)
         return digest
 
     def open_round(
@@ -230,9 +230,9 @@ class Store:
         self._check_unreported(round_, client)
         path = self.dir / "updates" / str(round_) / f"{client}.safetensors"
         path.parent.mkdir(exist_ok=True)
-        _write_durably(path, body)
+        write_file(path, body)
         if restored is not None:
-            _write_durably(_restored_path(path), restored)
+            write_file(_restored_path(path), restored)
         proof = provenance or Provenance()
         digest = proof.body_sha256 or sha256(body)
         self._execute(
@@ -331,18 +331,3 @@ def _postgres(url: str) -> Any:
 
 def _restored_path(path: Path) -> Path:
     return path.with_name(path.name.replace(".safetensors", ".restored.safetensors"))
-
-
-def _write_durably(path: Path, body: bytes) -> None:
-    """Write, fsync, rename, fsync the directory: the file is either whole on disk or absent."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(body)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)

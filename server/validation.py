@@ -4,30 +4,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedge.codec import CodecError, Tensors, decode, signature_of
+from fedge.codec import Tensors, signature_of
 from fedge.server.errors import Rejected
-from fedge.wire import NUM_EXAMPLES
 
 
-def validate_update(body: bytes, expected: dict[str, tuple[str, list[int]]]) -> tuple[Tensors, int]:
-    """Return the update's tensors and example count, or raise ``Rejected`` with the reason."""
-    try:
-        tensors, metadata = decode(body)
-    except CodecError as exc:
-        raise Rejected(400, "malformed_update", str(exc)) from None
-    try:
-        num_examples = int(metadata[NUM_EXAMPLES])
-    except (KeyError, ValueError):
-        raise Rejected(400, "bad_metadata", f"metadata needs an integer {NUM_EXAMPLES!r}") from None
-    if not 0 < num_examples < 2**31:
-        raise Rejected(400, "bad_metadata", f"{NUM_EXAMPLES} must be positive, got {num_examples}")
+def check_tensors(tensors: Tensors, expected: dict[str, tuple[str, list[int]]]) -> None:
+    """Raise ``Rejected`` unless the tensors are the model's names, dtypes and shapes, all finite."""
     got = signature_of(tensors)
     if got != expected:
-        raise Rejected(422, "tensor_mismatch", _mismatch(got, expected))
+        raise Rejected("tensor_mismatch", _mismatch(got, expected))
     for name, t in tensors.items():
         if not np.isfinite(t).all():
-            raise Rejected(422, "non_finite", f"tensor {name!r} holds NaN or Inf")
-    return tensors, num_examples
+            raise Rejected("non_finite", f"tensor {name!r} holds NaN or Inf")
 
 
 def update_norm(tensors: Tensors, reference: Tensors) -> float:
@@ -40,7 +28,6 @@ def check_norm(tensors: Tensors, reference: Tensors, bound: float) -> None:
     distance = update_norm(tensors, reference)
     if distance > bound:
         raise Rejected(
-            422,
             "norm_too_large",
             f"the update is {distance:.4g} from the global model, over the bound {bound:g}",
         )

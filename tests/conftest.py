@@ -31,8 +31,11 @@ from fedge.edge_functions.launcher import ExecutorProcess, launch_executor
 from fedge.mqtt import BrokerAddress
 from fedge.security import broker, pki
 from fedge.security.tls import client_context
+from fedge.server import intake
 from fedge.server.launcher import ServerProcess, launch
+from fedge.server.rounds import Federation
 from fedge.transport import FedgeClient
+from fedge.wire import UpdateReceipt
 
 CLIENTS = ("alice", "bob", "carol")
 
@@ -115,6 +118,12 @@ def connect(pki_dir: Path) -> Iterator[Callable[..., FedgeClient]]:
     yield open_client
     for client in opened:
         client.close()
+
+
+def submit(federation: Federation, round_: int, client: str, body: bytes) -> UpdateReceipt:
+    """An update through intake and the round, as the API takes it, without a signature to check."""
+    checked = intake.check(round_, client, body, federation, federation.settings.max_update_norm)
+    return federation.submit(checked)
 
 
 def update_body(value: float, num_examples: int = 10, model: Tensors | None = None) -> bytes:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import toy_model
+from conftest import submit, toy_model
 from test_simulate import run_cli
 
 from fedge import compression
@@ -28,7 +28,8 @@ def model_and_update(seed: int = 0) -> tuple[dict, dict]:
 @pytest.mark.parametrize(("kind", "ratio"), [("float16", 0.5), ("int8", 0.25)])
 def test_compression_shrinks_an_update_and_restores_it_within_its_precision(kind: str, ratio: float) -> None:
     base, trained = model_and_update()
-    sent, metadata = compress(trained, base, kind)
+    sent, how = compress(trained, base, kind)
+    metadata = how.to_metadata()
     full = len(encode(trained))
     assert len(encode(sent, metadata)) < full * ratio * 1.05
     restored = decompress(sent, metadata, base)
@@ -42,7 +43,8 @@ def test_compression_shrinks_an_update_and_restores_it_within_its_precision(kind
 
 def test_a_body_with_broken_scales_is_refused() -> None:
     base, trained = model_and_update()
-    sent, metadata = compress(trained, base, "int8")
+    sent, how = compress(trained, base, "int8")
+    metadata = how.to_metadata()
     with pytest.raises(CompressionError, match="int8_scales"):
         decompress(sent, {**metadata, "int8_scales": "not json"}, base)
     with pytest.raises(CompressionError, match="unknown compression"):
@@ -62,12 +64,12 @@ def test_the_server_restores_compressed_updates_before_validating_storing_and_fo
     quantized, _ = compress(toy_model(2.0), base, "int8")
     broken = encode(quantized, {"num_examples": "10", "compression": "int8"})  # without its scales
     with pytest.raises(Rejected) as refused:
-        fed.submit(1, "alice", broken)
+        submit(fed, 1, "alice", broken)
     assert refused.value.code == "bad_compression"
     assert Store(tmp_path).updates(1) == []
     for client, kind, value in [("alice", "int8", 2.0), ("bob", "float16", 3.0), ("carol", "none", 4.0)]:
         sent, how = compress(toy_model(value), base, kind)
-        fed.submit(1, client, encode(sent, {"num_examples": "10", **how}))
+        submit(fed, 1, client, encode(sent, {"num_examples": "10", **how.to_metadata()}))
     np.testing.assert_allclose(fed.model.tensors["layer.weight"], 3.0, rtol=1e-3)
     stored = Store(tmp_path).updates(1)
     assert {u.path.stat().st_size for u in stored} == {len(encode(toy_model(), {"num_examples": "10"}))}

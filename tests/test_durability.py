@@ -13,7 +13,7 @@ import httpx
 import numpy as np
 import psycopg
 import pytest
-from conftest import toy_model, update_body
+from conftest import submit, toy_model, update_body
 
 from fedge.codec import decode, encode
 from fedge.server.rounds import Federation, FederationSettings
@@ -58,7 +58,7 @@ def test_a_federation_on_postgresql_resumes_and_matches_one_on_sqlite(
             feds[1] = federation(tmp_path / "pg", postgres_url)  # restart mid round 2
             assert feds[1].round_info().round == 2
         for fed in feds:
-            fed.submit(round_, client, update_body(value, examples))
+            submit(fed, round_, client, update_body(value, examples))
     assert feds[1].round_info().state is RoundState.FINISHED
     assert feds[1].model.sha256 == feds[0].model.sha256
     assert rows(postgres_url, tmp_path, "SELECT round, state FROM rounds ORDER BY round") == [

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import toy_model, update_body
+from conftest import submit, toy_model, update_body
 
 from fedge.codec import decode, encode
 from fedge.server.errors import Rejected
@@ -65,7 +65,7 @@ def test_a_round_averages_the_updates_weighted_by_examples(tmp_path: Path) -> No
     fed.tick()
     assert fed.round_info().state is RoundState.OPEN
     for client, value, examples in [("alice", 1.0, 10), ("bob", 2.0, 30), ("carol", 4.0, 60)]:
-        fed.submit(1, client, update_body(value, examples))
+        submit(fed, 1, client, update_body(value, examples))
     expected = (1.0 * 10 + 2.0 * 30 + 4.0 * 60) / 100
     np.testing.assert_allclose(fed.model.tensors["layer.weight"], expected, rtol=1e-6)
     assert fed.model.round == 1
@@ -96,12 +96,12 @@ def test_a_refused_update_leaves_store_and_aggregate_untouched(
     fed.tick()
     before = fed.model.sha256
     with pytest.raises(Rejected) as refused:
-        fed.submit(round_, client, body)
+        submit(fed, round_, client, body)
     assert (refused.value.status, refused.value.code) == (status, code)
     assert Store(tmp_path).updates(1) == []
     # The refused update must not have been folded in: the round's result is the clean average.
     for name in SELECTED:
-        fed.submit(1, name, update_body(2.0))
+        submit(fed, 1, name, update_body(2.0))
     assert fed.model.sha256 != before
     np.testing.assert_allclose(fed.model.tensors["layer.bias"], 2.0)
 
@@ -109,12 +109,12 @@ def test_a_refused_update_leaves_store_and_aggregate_untouched(
 def test_a_second_update_from_the_same_client_is_refused(tmp_path: Path) -> None:
     fed = federation(tmp_path)
     fed.tick()
-    fed.submit(1, "alice", update_body(1.0))
+    submit(fed, 1, "alice", update_body(1.0))
     with pytest.raises(Rejected) as refused:
-        fed.submit(1, "alice", update_body(100.0))
+        submit(fed, 1, "alice", update_body(100.0))
     assert refused.value.code == "duplicate_update"
-    fed.submit(1, "bob", update_body(1.0))
-    fed.submit(1, "carol", update_body(1.0))
+    submit(fed, 1, "bob", update_body(1.0))
+    submit(fed, 1, "carol", update_body(1.0))
     np.testing.assert_allclose(fed.model.tensors["layer.bias"], 1.0)
 
 
@@ -124,17 +124,17 @@ def test_a_restarted_federation_resumes_the_open_round_with_every_accepted_updat
     crashed = federation(tmp_path / "b")
     crashed.tick()
     for fed in (uninterrupted, crashed):
-        fed.submit(1, "alice", update_body(1.0, 10))
-        fed.submit(1, "bob", update_body(3.0, 20))
+        submit(fed, 1, "alice", update_body(1.0, 10))
+        submit(fed, 1, "bob", update_body(3.0, 20))
     del crashed  # the process dies here; only what is on disk survives
     resumed = federation(tmp_path / "b")
     assert resumed.round_info().round == 1
     assert resumed.round_info().state is RoundState.OPEN
     for fed in (uninterrupted, resumed):
-        fed.submit(1, "carol", update_body(5.0, 30))
+        submit(fed, 1, "carol", update_body(5.0, 30))
     assert resumed.model.sha256 == uninterrupted.model.sha256
     with pytest.raises(Rejected):
-        resumed.submit(1, "alice", update_body(1.0))
+        submit(resumed, 1, "alice", update_body(1.0))
 
 
 def test_an_overdue_round_without_quorum_fails_and_the_next_keeps_the_model(tmp_path: Path) -> None:
@@ -152,11 +152,11 @@ def test_the_federation_finishes_after_its_rounds(tmp_path: Path) -> None:
     fed.tick()
     for round_ in (1, 2):
         for client in SELECTED:
-            fed.submit(round_, client, update_body(float(round_)))
+            submit(fed, round_, client, update_body(float(round_)))
     assert fed.round_info().state is RoundState.FINISHED
     assert decode(fed.model.body)[1]["round"] == "2"
     with pytest.raises(Rejected, match="round_not_open"):
-        fed.submit(3, "alice", update_body(1.0))
+        submit(fed, 3, "alice", update_body(1.0))
 
 
 def strategy_federation(data: Path, name: str, clients: list[str], **params: object) -> Federation:
@@ -178,7 +178,7 @@ def test_a_server_optimizer_keeps_its_moments_across_a_restart(tmp_path: Path) -
         for fed in (uninterrupted, restarted):
             fed.tick()
             for value, client in enumerate(SELECTED):
-                fed.submit(round_, client, update_body(value + round_, 10 * (value + 1)))
+                submit(fed, round_, client, update_body(value + round_, 10 * (value + 1)))
     assert restarted.model.round == 2
     assert restarted.model.sha256 == uninterrupted.model.sha256
 
@@ -188,7 +188,7 @@ def test_trimmed_mean_reads_the_stored_updates_and_ignores_an_outlier(tmp_path: 
     fed = strategy_federation(tmp_path, "trimmed-mean", clients, trim_fraction=0.2)
     fed.tick()
     for client, value in zip(clients, [1.0, 2.0, 3.0, 4.0, 1000.0], strict=True):
-        fed.submit(1, client, update_body(value))
+        submit(fed, 1, client, update_body(value))
     np.testing.assert_allclose(fed.model.tensors["layer.weight"], 3.0)  # mean of 2, 3, 4
     assert fed.model.round == 1
 
@@ -208,7 +208,7 @@ def test_dp_fedavg_writes_the_privacy_spent_into_the_model(tmp_path: Path) -> No
     fed = strategy_federation(tmp_path, "dp-fedavg", SELECTED, clip_norm=1.0, noise_multiplier=2.0)
     fed.tick()
     for client in SELECTED:
-        fed.submit(1, client, update_body(100.0))
+        submit(fed, 1, client, update_body(100.0))
     metadata = decode(fed.model.body)[1]
     assert float(metadata["dp_epsilon"]) == pytest.approx(gaussian_epsilon(2.0, 1, 1e-5), rel=1e-5)
     # Every change was clipped to norm 1 before the mean: the model moved about 1 plus noise, not 100.
@@ -231,7 +231,7 @@ def test_a_fraction_of_clients_is_selected_reproducibly_and_only_they_may_send(t
     assert len(picks[0]) == 3
     outsider = next(c for c in clients if c not in picks[0])
     with pytest.raises(Rejected) as refused:
-        fed.submit(1, outsider, update_body(1.0))
+        submit(fed, 1, outsider, update_body(1.0))
     assert refused.value.code == "not_selected"
     assert len(select(clients, 1, 0.1, minimum=4, seed=0)) == 4
     assert len({tuple(select(clients, r, 0.3, 1, 0)) for r in range(1, 8)}) > 1  # rounds differ
@@ -241,13 +241,13 @@ def test_a_late_update_is_refused_as_round_closed(tmp_path: Path) -> None:
     fed = federation(tmp_path, round_timeout=5.0)
     fed.tick(now=time.time())
     for client in SELECTED:
-        fed.submit(1, client, update_body(1.0))
+        submit(fed, 1, client, update_body(1.0))
     with pytest.raises(Rejected) as refused:
-        fed.submit(1, "alice", update_body(1.0))
+        submit(fed, 1, "alice", update_body(1.0))
     assert (refused.value.status, refused.value.code) == (409, "round_closed")
     fed.tick(now=time.time() + 3600)  # round 2 passes its deadline without a quorum; round 3 opens
     with pytest.raises(Rejected) as refused:
-        fed.submit(2, "bob", update_body(1.0))
+        submit(fed, 2, "bob", update_body(1.0))
     assert refused.value.code == "round_closed"
 
 
@@ -255,7 +255,7 @@ def test_an_update_after_the_deadline_of_the_open_round_is_refused(tmp_path: Pat
     fed = federation(tmp_path, round_timeout=5.0)
     fed.tick(now=time.time() - 60)  # the round opened a minute ago; its deadline has passed
     with pytest.raises(Rejected) as refused:
-        fed.submit(1, "alice", update_body(1.0))
+        submit(fed, 1, "alice", update_body(1.0))
     assert (refused.value.code, refused.value.detail) == ("round_closed", "round 1 passed its deadline")
     assert Store(tmp_path).updates(1) == []
 
@@ -273,16 +273,16 @@ def test_async_mode_makes_a_version_every_k_updates_and_folds_stragglers_discoun
     clients = ["alice", "bob", "carol"]
     fed = async_federation(tmp_path, clients)
     fed.tick()
-    fed.submit(1, "alice", update_body(1.0, 10))
+    submit(fed, 1, "alice", update_body(1.0, 10))
     assert fed.model.round == 0
-    fed.submit(1, "bob", update_body(3.0, 30))
+    submit(fed, 1, "bob", update_body(3.0, 30))
     assert fed.model.round == 1  # two updates made version 1, without waiting for carol
     version1 = fed.model.tensors["layer.weight"].copy()
     np.testing.assert_allclose(version1, 2.5)
 
-    straggler = fed.submit(1, "carol", update_body(9.0, 20))  # trained from version 0
+    straggler = submit(fed, 1, "carol", update_body(9.0, 20))  # trained from version 0
     assert (straggler.round, straggler.staleness) == (2, 1)
-    fresh = fed.submit(2, "alice", update_body(4.0, 20))
+    fresh = submit(fed, 2, "alice", update_body(4.0, 20))
     assert fresh.staleness == 0
     # FedBuff: carol's change from her base (9 - 0), discounted by (1 + 1) ** -0.5, applied to version 1.
     carol = 2.5 + 2**-0.5 * (9.0 - 0.0)
@@ -293,14 +293,14 @@ def test_async_mode_makes_a_version_every_k_updates_and_folds_stragglers_discoun
 def test_async_mode_uses_the_base_model_an_update_names(tmp_path: Path) -> None:
     fed = async_federation(tmp_path, ["alice", "bob", "carol"])
     fed.tick()
-    fed.submit(1, "alice", update_body(1.0))
-    fed.submit(1, "bob", update_body(1.0))
+    submit(fed, 1, "alice", update_body(1.0))
+    submit(fed, 1, "bob", update_body(1.0))
     base = fed.model.sha256  # version 1, the base of round 2
     body = encode(toy_model(5.0), {"num_examples": "10", "base_sha256": base})
-    assert fed.submit(1, "carol", body).staleness == 0  # asked for round 1, but trained from version 1
+    assert submit(fed, 1, "carol", body).staleness == 0  # asked for round 1, but trained from version 1
     unknown = encode(toy_model(5.0), {"num_examples": "10", "base_sha256": "0" * 64})
     with pytest.raises(Rejected) as refused:
-        fed.submit(2, "alice", unknown)
+        submit(fed, 2, "alice", unknown)
     assert refused.value.code == "too_stale"
 
 
@@ -308,10 +308,10 @@ def test_async_mode_refuses_updates_staler_than_the_limit(tmp_path: Path) -> Non
     fed = async_federation(tmp_path, ["alice", "bob", "carol"], max_staleness=1)
     fed.tick()
     for round_ in (1, 2):
-        fed.submit(round_, "alice", update_body(1.0))
-        fed.submit(round_, "bob", update_body(1.0))
+        submit(fed, round_, "alice", update_body(1.0))
+        submit(fed, round_, "bob", update_body(1.0))
     with pytest.raises(Rejected) as refused:
-        fed.submit(1, "carol", update_body(1.0))
+        submit(fed, 1, "carol", update_body(1.0))
     assert (refused.value.status, refused.value.code) == (409, "too_stale")
     assert Store(tmp_path).updates(3) == []
 
@@ -321,12 +321,12 @@ def test_a_restarted_async_federation_refolds_stale_updates_identically(tmp_path
     feds = [async_federation(tmp_path / name, clients) for name in ("a", "b")]
     for fed in feds:
         fed.tick()
-        fed.submit(1, "alice", update_body(1.0))
-        fed.submit(1, "bob", update_body(2.0))
-        fed.submit(1, "carol", update_body(7.0, 30))  # stale, into round 2
+        submit(fed, 1, "alice", update_body(1.0))
+        submit(fed, 1, "bob", update_body(2.0))
+        submit(fed, 1, "carol", update_body(7.0, 30))  # stale, into round 2
     feds[1] = async_federation(tmp_path / "b", clients)  # crash and restart
     for fed in feds:
-        fed.submit(2, "bob", update_body(3.0))
+        submit(fed, 2, "bob", update_body(3.0))
     assert feds[0].model.round == feds[1].model.round == 2
     assert feds[1].model.sha256 == feds[0].model.sha256
 

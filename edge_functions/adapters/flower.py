@@ -19,7 +19,7 @@ from fedge.codec import encode
 from fedge.edge_functions.events import CredentialPaths
 from fedge.edge_functions.functions import Context
 from fedge.transport import FedgeClient
-from fedge.wire import NUM_EXAMPLES
+from fedge.wire import UpdateMeta
 
 Scalar = bool | int | float | str | bytes
 
@@ -54,7 +54,8 @@ def train_function(
             parameters = [context.model[name] for name in names]
             fitted, num_examples, metrics = client_fn().fit(parameters, {**ev.config, "round": ev.round})
             tensors = dict(zip(names, _check(parameters, fitted), strict=True))
-            body = encode(tensors, {NUM_EXAMPLES: str(num_examples)})
+            meta = UpdateMeta(num_examples, _train_loss(metrics), context.model_sha256)
+            body = encode(tensors, meta.to_metadata())
             api.post_update(ev.round, body)
         return {
             "round": ev.round,
@@ -78,3 +79,9 @@ def _check(expected: list[np.ndarray], fitted: list[np.ndarray]) -> list[np.ndar
             raise ShapeMismatch(f"the client returned shape {after.shape} for a tensor of {before.shape}")
         out.append(after.astype(before.dtype, copy=False))
     return out
+
+
+def _train_loss(metrics: dict[str, Scalar]) -> float | None:
+    """The training loss a Flower client reports among its fit metrics (``train_loss``), when it does."""
+    loss = metrics.get("train_loss")
+    return float(loss) if isinstance(loss, int | float) and not isinstance(loss, bool) else None

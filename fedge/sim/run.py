@@ -32,6 +32,7 @@ from fedge.console import UserError
 from fedge.edge_functions import datasets, events, partition
 from fedge.edge_functions.launcher import ExecutorProcess, launch_executor
 from fedge.edge_functions.runtime import Invocation, WarmPool
+from fedge.files import write_file
 from fedge.security import pki
 from fedge.server.launcher import ServerProcess, launch
 from fedge.settings import SimulationSettings
@@ -83,13 +84,13 @@ def simulate(
                 assert final is not None
                 report.model_metadata = decode(final.body)[1]
                 settings.out.mkdir(parents=True, exist_ok=True)
-                _write_atomically(settings.out / "model.safetensors", final.body)
+                write_file(settings.out / "model.safetensors", final.body)
             finally:
                 server.stop()
         finally:
             pool.close()
     report.seconds = time.perf_counter() - started
-    _write_atomically(settings.out / "metrics.json", report.to_json().encode())
+    write_file(settings.out / "metrics.json", report.to_json().encode())
     return report
 
 
@@ -371,9 +372,3 @@ def _evaluate_event(
     return events.EvaluateEvent(
         server=url, credentials=events.CredentialPaths.of(observer), task=settings.dataset
     )
-
-
-def _write_atomically(path: Path, body: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(body)
-    tmp.replace(path)

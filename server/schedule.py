@@ -1,0 +1,36 @@
+"""When a round closes and who takes part in it: pure decisions, applied by ``Federation`` (rounds.py)."""
+
+from __future__ import annotations
+
+import math
+from enum import Enum
+
+import numpy as np
+
+
+class Action(Enum):
+    WAIT = "wait"
+    AGGREGATE = "aggregate"
+    FAIL = "fail"
+
+
+def decide(
+    updates: int, selected: int, min_updates: int, now: float, deadline: float, skipped: int = 0
+) -> Action:
+    """Close a round as soon as every selected client has reported, or at the deadline with a quorum.
+
+    A skip notice is a report: once every selected client has sent an update or skipped, nothing is left to
+    wait for, so the round closes then, aggregating with a quorum of updates and failing without one."""
+    if updates >= selected:
+        return Action.AGGREGATE
+    if updates + skipped < selected and now < deadline:
+        return Action.WAIT
+    return Action.AGGREGATE if updates >= max(min_updates, 1) else Action.FAIL
+
+
+def select(clients: list[str], round_: int, fraction: float, minimum: int, seed: int) -> list[str]:
+    """Flower's sample size, ``max(ceil(fraction * n), minimum)``, drawn at random but reproducibly per round
+    (a restarted server selects the same clients)."""
+    size = min(len(clients), max(math.ceil(fraction * len(clients)), minimum))
+    rng = np.random.default_rng([seed, round_])
+    return sorted(rng.choice(sorted(clients), size=size, replace=False).tolist())
