@@ -10,7 +10,7 @@ import json
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 
@@ -21,7 +21,8 @@ from fedge.compression import COMPRESSION, INT8_SCALES, CompressionError, decomp
 from fedge.server import aggregation
 from fedge.server.errors import Rejected
 from fedge.server.store import AlreadySkipped, DuplicateUpdate, Provenance, RoundHistory, RoundRecord, Store
-from fedge.server.strategies import FedAvg, Strategy, StrategyError, StrategyParams, create
+from fedge.server.strategies import Strategy, StrategyError, create, pick
+from fedge.server.strategies.fedavg import FedAvg
 from fedge.server.validation import check_norm, validate_update
 from fedge.wire import BASE_SHA256, RoundInfo, RoundState, SkipReceipt, TrainConfig, UpdateReceipt
 
@@ -326,7 +327,8 @@ class Federation:
             assert self._sum is not None
             mean = aggregation.average(self._sum, self._model.tensors)
         try:
-            return self.strategy.aggregate(round_, self._model.tensors, mean, self._store.updates(round_))
+            updates = self._store.update_tensors(round_)
+            return self.strategy.aggregate(round_, self._model.tensors, mean, updates)
         except StrategyError:
             return None
 
@@ -342,11 +344,12 @@ class Federation:
             self._notify()
         return self.round_info()
 
-    def choose_strategy(self, name: str, params: StrategyParams) -> int:
+    def choose_strategy(self, name: str, params: Mapping[str, object]) -> int:
         """Switch strategy from the next round on (an open round finishes with the one it began with); the
-        choice is stored, so a restarted server keeps it. Returns the first round it applies to."""
+        choice is stored, so a restarted server keeps it. Returns the first round it applies to. ``params``
+        are checked against the strategy's declaration."""
         try:
-            strategy = create(name, params)
+            strategy = create(name, params, self.settings.seed)
         except StrategyError as exc:
             raise Rejected(422, "invalid_strategy", str(exc)) from None
         if self.settings.buffer and not strategy.streaming:
@@ -354,7 +357,9 @@ class Federation:
                 409, "invalid_strategy", f"asynchronous mode needs a streaming strategy, not {name}"
             )
         with self._lock:
-            self._store.set_meta("strategy_next", json.dumps({"name": name, "params": asdict(params)}))
+            self._store.set_meta(
+                "strategy_next", json.dumps({"name": name, "params": asdict(strategy.params)})
+            )
             self._pending = strategy
             if self._open is None:
                 self._switch_strategy()
@@ -412,9 +417,9 @@ class Federation:
         self._model = GlobalModel(body, sha, int(self._store.get_meta("global_round") or 0), decode(body)[0])
         self._started = not self.settings.manual_start or self._store.get_meta("started") == "1"
         if chosen := self._store.get_meta("strategy"):
-            self.strategy = _strategy_from(chosen)
+            self.strategy = _strategy_from(chosen, self.settings.seed)
         if pending := self._store.get_meta("strategy_next"):
-            self._pending = _strategy_from(pending)
+            self._pending = _strategy_from(pending, self.settings.seed)
         if state_sha := self._store.get_meta("strategy_state"):
             self.strategy.load_state(decode(self._store.strategy_state_path(state_sha).read_bytes())[0])
         last = self._store.last_round()
@@ -431,6 +436,8 @@ class Federation:
             listener()
 
 
-def _strategy_from(stored: str) -> Strategy:
+def _strategy_from(stored: str, seed: int) -> Strategy:
+    """A stored choice; one stored before strategies declared their own parameters held every strategy's,
+    so only the chosen one's are taken."""
     spec = json.loads(stored)
-    return create(spec["name"], StrategyParams(**spec["params"]))
+    return pick(spec["name"], spec["params"], seed)

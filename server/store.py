@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedge.codec import sha256
+from fedge.codec import Tensors, mapped, sha256
 from fedge.wire import TrainConfig
 
 _SCHEMA = """
@@ -291,6 +291,11 @@ class Store:
                 )
             )
         return updates
+
+    def update_tensors(self, round_: int) -> list[tuple[Tensors, int]]:
+        """The round's full updates with their examples, memory-mapped: strategies that need every update
+        at once read them slice by slice from the page cache, not from RAM."""
+        return [(mapped(u.path), u.num_examples) for u in self.updates(round_)]
 
     @contextmanager
     def _transaction(self) -> Iterator[None]:

@@ -13,7 +13,8 @@ from fedge.codec import decode, encode
 from fedge.server.errors import Rejected
 from fedge.server.rounds import Action, Federation, FederationSettings, decide, select
 from fedge.server.store import Store
-from fedge.server.strategies import StrategyParams, create, gaussian_epsilon
+from fedge.server.strategies import create
+from fedge.server.strategies.dp import gaussian_epsilon
 from fedge.wire import RoundState
 
 SELECTED = ["alice", "bob", "carol"]
@@ -165,7 +166,7 @@ def strategy_federation(data: Path, name: str, clients: list[str], **params: obj
         FederationSettings(federation="test", task="toy", rounds=3),
         registered_clients=lambda: clients,
         initial_model=encode(toy_model()),
-        strategy=create(name, StrategyParams(**params)),  # type: ignore[arg-type]
+        strategy=create(name, params),
     )
 
 
@@ -338,5 +339,5 @@ def test_async_mode_refuses_a_strategy_that_needs_every_update(tmp_path: Path) -
             FederationSettings(federation="test", task="toy", buffer=2),
             registered_clients=lambda: SELECTED,
             initial_model=encode(toy_model()),
-            strategy=create("fedmedian", StrategyParams()),
+            strategy=create("fedmedian"),
         )
