@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -341,3 +342,17 @@ def test_async_mode_refuses_a_strategy_that_needs_every_update(tmp_path: Path) -
             initial_model=encode(toy_model()),
             strategy=create("fedmedian"),
         )
+
+
+def test_a_choice_stored_with_every_strategys_knobs_still_loads(tmp_path: Path) -> None:
+    """Before strategies declared their own parameters, a stored choice held all of them and the seed."""
+    store = Store(tmp_path)
+    every = {"proximal_mu": 0.0, "trim_fraction": 0.3, "malicious": 0, "keep": 0, "clip_norm": 1.0, "seed": 0}
+    store.set_meta("strategy", json.dumps({"name": "trimmed-mean", "params": every}))
+    fed = Federation(
+        store,
+        FederationSettings(federation="test", task="toy"),
+        registered_clients=lambda: SELECTED,
+        initial_model=encode(toy_model()),
+    )
+    assert (fed.strategy.name, fed.strategy.params.trim_fraction) == ("trimmed-mean", 0.3)
