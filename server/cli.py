@@ -37,7 +37,7 @@ def strategy_options(command: Command) -> Command:
     type and help their declarations give; the command takes them as ``**knobs``. Each defaults to None
     (not given), so that ``FEDGE_*`` and ``fedge.toml`` apply."""
     keyword = inspect.Parameter.KEYWORD_ONLY
-    choices = f"{', '.join(registry.STRATEGIES)} [{registry.DEFAULT}]"
+    choices = f"{', '.join(registry.STRATEGIES)} [{TrainingSettings.model_fields['strategy'].default}]"
     added = [
         inspect.Parameter(
             "strategy", keyword, default=None, annotation=Annotated[str | None, typer.Option(help=choices)]

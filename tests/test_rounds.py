@@ -16,7 +16,7 @@ from fedge.server.rounds import Action, Federation, FederationSettings, decide, 
 from fedge.server.store import Store
 from fedge.server.strategies import create
 from fedge.server.strategies.dp import gaussian_epsilon
-from fedge.wire import RoundState
+from fedge.wire import RoundState, TrainConfig
 
 SELECTED = ["alice", "bob", "carol"]
 WRONG_SHAPE = {**toy_model(), "layer.weight": np.zeros((3, 4), np.float32)}
@@ -356,3 +356,17 @@ def test_a_choice_stored_with_every_strategys_knobs_still_loads(tmp_path: Path) 
         initial_model=encode(toy_model()),
     )
     assert (fed.strategy.name, fed.strategy.params.trim_fraction) == ("trimmed-mean", 0.3)
+
+
+def test_the_store_hands_strategies_updates_memory_mapped_with_their_examples(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    store.open_round(1, "base", ["alice", "bob"], TrainConfig(), time.time() + 60)
+    store.add_update(1, "alice", update_body(1.0, 10), 10)
+    store.add_update(1, "bob", update_body(2.0, 30), 30)
+    updates = store.update_tensors(1)
+    assert len(updates) == 2
+    (_, alice_examples), (bob, bob_examples) = updates[0], updates[1]
+    assert (alice_examples, bob_examples) == (10, 30)
+    assert isinstance(bob["layer.weight"].base, np.memmap)
+    np.testing.assert_allclose(bob["layer.weight"], 2.0)
+    assert [n for _, n in updates[:1]] == [10]

@@ -39,8 +39,9 @@ class Strategy(ABC, Generic[P]):
     Params: ClassVar[type] = NoParams
     streaming: ClassVar[bool] = True
 
-    def __init__(self, params: P, seed: int = 0) -> None:
-        self.params = params
+    def __init__(self, params: P | None = None, seed: int = 0) -> None:
+        """``params`` default to the declared defaults; ``seed`` seeds what the strategy draws (DP noise)."""
+        self.params: P = params if params is not None else self.Params()
         self.seed = seed
 
     def min_updates(self) -> int:

@@ -9,7 +9,7 @@ from typing import Annotated
 from pydantic import Field
 
 from fedge.codec import Tensors
-from fedge.server.strategies.base import NoParams, Strategy, StrategyError, Weighted
+from fedge.server.strategies.base import Strategy, StrategyError, Weighted
 from fedge.server.strategies.registry import register
 from fedge.wire import TrainConfig
 
@@ -17,9 +17,6 @@ from fedge.wire import TrainConfig
 @register
 class FedAvg(Strategy):
     name = "fedavg"
-
-    def __init__(self, params: NoParams | None = None, seed: int = 0) -> None:
-        super().__init__(params or NoParams(), seed)
 
     def aggregate(
         self, round_: int, model: Tensors, mean: Tensors | None, updates: Sequence[Weighted]
@@ -42,10 +39,10 @@ class FedProx(FedAvg):
     name = "fedprox"
     Params = FedProxParams
 
-    def __init__(self, params: FedProxParams, seed: int = 0) -> None:
-        if params.proximal_mu <= 0:
+    def __init__(self, params: FedProxParams | None = None, seed: int = 0) -> None:
+        super().__init__(params, seed)
+        if self.params.proximal_mu <= 0:
             raise StrategyError("fedprox needs --proximal-mu > 0")
-        Strategy.__init__(self, params, seed)
 
     def configure(self, train: TrainConfig) -> TrainConfig:
         return train.model_copy(update={"proximal_mu": self.params.proximal_mu})

@@ -71,13 +71,14 @@ class FedOpt(Strategy[FedAdagradParams]):
     defaults: ClassVar[tuple[float, float]]  # Flower's (eta, tau)
     Params = FedAdamParams
 
-    def __init__(self, params: FedAdagradParams, seed: int = 0) -> None:
+    def __init__(self, params: FedAdagradParams | None = None, seed: int = 0) -> None:
         super().__init__(params, seed)
         eta, tau = self.defaults
-        self.eta = eta if params.server_lr is None else params.server_lr
-        self.tau = tau if params.tau is None else params.tau
-        adam_like = isinstance(params, FedAdamParams)
-        self.beta1, self.beta2 = (params.beta1, params.beta2) if adam_like else (0.0, 0.0)
+        given = self.params
+        self.eta = eta if given.server_lr is None else given.server_lr
+        self.tau = tau if given.tau is None else given.tau
+        adam_like = isinstance(given, FedAdamParams)
+        self.beta1, self.beta2 = (given.beta1, given.beta2) if adam_like else (0.0, 0.0)
         if self.eta <= 0 or self.tau <= 0 or not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise StrategyError("server optimizers need --server-lr > 0, --tau > 0 and betas in [0, 1)")
         self.m: Tensors = {}

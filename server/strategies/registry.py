@@ -19,7 +19,6 @@ from pydantic import TypeAdapter, ValidationError
 from fedge.server.strategies.base import Strategy, StrategyError
 
 STRATEGIES: dict[str, type[Strategy]] = {}
-DEFAULT = "fedavg"
 
 S = TypeVar("S", bound=type[Strategy])
 
