@@ -61,6 +61,8 @@ def options() -> dict[str, Option]:
     for name, cls in STRATEGIES.items():
         hints = typing.get_type_hints(cls.Params, include_extras=True)
         for f in fields(cls.Params):
+            if "help" not in f.metadata:
+                raise TypeError(f"{name} declares {f.name} without help")
             known = found.get(f.name)
             text = f.metadata.get("default_text", str(f.default))
             option = Option(f.name, hints[f.name], f.default, f.metadata["help"], text, (name,))
