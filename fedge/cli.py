@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -15,24 +15,15 @@ from fedge.edge_functions.cli import executor
 from fedge.security.broker_cli import app as broker_app
 from fedge.security.cli import app as pki_app
 from fedge.server.cli import (
-    Beta1,
-    Beta2,
     Buffer,
-    ClipNorm,
-    DpDelta,
     Fraction,
-    Keep,
-    Malicious,
     MaxStaleness,
-    NoiseMultiplier,
-    ProximalMu,
-    ServerLr,
     StalenessExponent,
-    StrategyName,
-    Tau,
-    TrimFraction,
     server,
+    strategy_of,
+    strategy_options,
 )
+from fedge.server.strategies.registry import settings_fields
 from fedge.settings import SimulationSettings
 
 app = typer.Typer(
@@ -48,6 +39,7 @@ app.command()(executor)
 
 
 @app.command()
+@strategy_options
 def simulate(
     clients: Annotated[int | None, typer.Option(help="simulated clients [10]")] = None,
     rounds: Annotated[int | None, typer.Option(help="rounds of FedAvg [10]")] = None,
@@ -68,18 +60,6 @@ def simulate(
     attackers: Annotated[float | None, typer.Option(help="share of clients that attack [0]")] = None,
     attack_scale: Annotated[float | None, typer.Option(help="how far attackers push [4.0]")] = None,
     fraction: Fraction = None,
-    strategy: StrategyName = None,
-    proximal_mu: ProximalMu = None,
-    server_lr: ServerLr = None,
-    beta1: Beta1 = None,
-    beta2: Beta2 = None,
-    tau: Tau = None,
-    trim_fraction: TrimFraction = None,
-    malicious: Malicious = None,
-    keep: Keep = None,
-    clip_norm: ClipNorm = None,
-    noise_multiplier: NoiseMultiplier = None,
-    dp_delta: DpDelta = None,
     buffer: Buffer = None,
     max_staleness: MaxStaleness = None,
     staleness_exponent: StalenessExponent = None,
@@ -100,22 +80,20 @@ def simulate(
     train_memory_mb: Annotated[
         float | None, typer.Option(help="with --profile: memory a training run needs on a device [256]")
     ] = None,
+    **knobs: Any,
 ) -> None:
     """Run a federation on this machine: real mTLS, a real server process, warm client functions."""
-    from fedge.server.cli import strategy_of
     from fedge.sim.plots import accuracy_plot
     from fedge.sim.run import simulate as run
 
     with user_errors():
-        settings = SimulationSettings.from_flags(
+        settings = SimulationSettings.with_knobs(settings_fields()).from_flags(
             clients=clients, rounds=rounds, local_epochs=local_epochs, dataset=dataset, partition=partition,
             seed=seed, out=out, workers=workers, batch_size=batch_size, lr=lr, round_timeout=round_timeout,
-            attack=attack, attackers=attackers, attack_scale=attack_scale, fraction=fraction,
-            strategy=strategy, proximal_mu=proximal_mu, server_lr=server_lr, beta1=beta1, beta2=beta2,
-            tau=tau, trim_fraction=trim_fraction, malicious=malicious, keep=keep, clip_norm=clip_norm,
-            noise_multiplier=noise_multiplier, dp_delta=dp_delta, buffer=buffer, max_staleness=max_staleness,
-            staleness_exponent=staleness_exponent, stragglers=stragglers, straggler_delay=straggler_delay,
-            compression=compression, profile=profile, placement=placement, train_memory_mb=train_memory_mb,
+            attack=attack, attackers=attackers, attack_scale=attack_scale, fraction=fraction, buffer=buffer,
+            max_staleness=max_staleness, staleness_exponent=staleness_exponent, stragglers=stragglers,
+            straggler_delay=straggler_delay, compression=compression, profile=profile, placement=placement,
+            train_memory_mb=train_memory_mb, **knobs,
         )  # fmt: skip
         strategy_of(settings)  # a bad strategy is refused here, not by the server it would start
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())

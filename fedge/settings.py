@@ -9,9 +9,9 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
-from pydantic import Field
+from pydantic import Field, create_model
 from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 
@@ -46,16 +46,16 @@ def _toml_table(section: str) -> dict[str, Any]:
 
 # Who is selected and when a version is made (``fedge.server.rounds.FederationSettings``).
 ROUND_CONTROL = ("fraction", "buffer", "max_staleness", "staleness_exponent")
-# The aggregation strategy's settings, named as ``fedge.server.strategies.StrategyParams`` names them.
-STRATEGY_PARAMS = (
-    "proximal_mu", "server_lr", "beta1", "beta2", "tau", "trim_fraction", "malicious", "keep", "clip_norm",
-    "noise_multiplier", "dp_delta",
-)  # fmt: skip
 
 
 class TrainingSettings(_CommandSettings):
     """How the federation trains, shared by ``server`` and ``simulate``: what clients are handed each
-    round, who is selected, and how their updates are aggregated."""
+    round, who is selected, and how their updates are aggregated.
+
+    The strategies' own parameters are declared by the strategies (``fedge.server.strategies.registry``),
+    which the kernel does not import: a command adds them as fields with ``with_knobs``."""
+
+    knobs: ClassVar[tuple[str, ...]] = ()
 
     rounds: int = Field(10, ge=1)
     local_epochs: int = Field(1, ge=0)
@@ -65,25 +65,22 @@ class TrainingSettings(_CommandSettings):
     seed: int = 0
     fraction: float = Field(1.0, gt=0, le=1)
     strategy: str = "fedavg"
-    proximal_mu: float = Field(0.0, ge=0)
-    server_lr: float | None = Field(None, gt=0)
-    beta1: float = Field(0.9, ge=0, lt=1)
-    beta2: float = Field(0.99, ge=0, lt=1)
-    tau: float | None = Field(None, gt=0)
-    trim_fraction: float = Field(0.2, ge=0, lt=0.5)
-    malicious: int = Field(0, ge=0)
-    keep: int = Field(0, ge=0)
-    clip_norm: float = Field(1.0, gt=0)
-    noise_multiplier: float = Field(1.0, ge=0)
-    dp_delta: float = Field(1e-5, gt=0, lt=1)
     buffer: int = Field(0, ge=0)
     max_staleness: int = Field(5, ge=0)
     staleness_exponent: float = Field(0.5, ge=0)
 
+    @classmethod
+    def with_knobs(cls, knobs: dict[str, tuple[Any, Any]]) -> type[Self]:
+        """These settings plus the strategies' parameters (name: (type with constraints, default)), read
+        from flags, ``FEDGE_*`` and ``fedge.toml`` like every other field."""
+        extended = create_model(cls.__name__, __base__=cls, **knobs)  # type: ignore[call-overload]
+        extended.knobs = tuple(knobs)
+        return extended
+
     def aggregation_flags(self) -> list[str]:
         """Selection, mode and strategy as ``fedge server`` flags, for a server this command starts."""
         flags = ["--strategy", self.strategy]
-        for name in (*ROUND_CONTROL, *STRATEGY_PARAMS):
+        for name in (*ROUND_CONTROL, *self.knobs):
             if (value := getattr(self, name)) is not None:
                 flags += [f"--{name.replace('_', '-')}", str(value)]
         return flags

@@ -2,40 +2,25 @@
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
+from dataclasses import fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
 from fedge.console import UserError, console, user_errors
 from fedge.security import pki
-from fedge.settings import STRATEGY_PARAMS, ServerSettings, TrainingSettings
+from fedge.server.strategies import Strategy, StrategyError, registry
+from fedge.settings import ServerSettings, TrainingSettings
 
 if TYPE_CHECKING:
     from fedge.server.announce import Announcer
-    from fedge.server.rounds import Federation
-    from fedge.server.strategies import Strategy
+    from fedge.server.rounds import Federation, FederationSettings
 
-# The strategy's options, shared with ``fedge simulate``.
-StrategyName = Annotated[
-    str | None,
-    typer.Option(
-        help="fedavg, fedprox, fedadam, fedyogi, fedadagrad, dp-fedavg, fedmedian, trimmed-mean, krum or"
-        " bulyan [fedavg]"
-    ),
-]
+# Selection and mode, shared with ``fedge simulate`` (the strategies' own options come from the registry).
 Fraction = Annotated[float | None, typer.Option(help="share of clients selected per round [1.0]")]
-ProximalMu = Annotated[float | None, typer.Option(help="fedprox: proximal term weight mu [0]")]
-ServerLr = Annotated[float | None, typer.Option(help="fedadam/fedyogi/fedadagrad: server step [Flower's]")]
-Beta1 = Annotated[float | None, typer.Option(help="fedadam/fedyogi: first-moment decay [0.9]")]
-Beta2 = Annotated[float | None, typer.Option(help="fedadam/fedyogi: second-moment decay [0.99]")]
-Tau = Annotated[float | None, typer.Option(help="fedadam/fedyogi/fedadagrad: adaptivity [Flower's]")]
-TrimFraction = Annotated[float | None, typer.Option(help="trimmed-mean: share cut at each end [0.2]")]
-Malicious = Annotated[int | None, typer.Option(help="krum/bulyan: malicious clients tolerated [0]")]
-Keep = Annotated[int | None, typer.Option(help="krum: average the KEEP best (Multi-Krum); 0 = Krum [0]")]
-ClipNorm = Annotated[float | None, typer.Option(help="dp-fedavg: L2 bound of each update's change [1.0]")]
-NoiseMultiplier = Annotated[float | None, typer.Option(help="dp-fedavg: noise std / clip norm [1.0]")]
-DpDelta = Annotated[float | None, typer.Option(help="dp-fedavg: delta of the privacy spent [1e-5]")]
 Buffer = Annotated[
     int | None, typer.Option(help="asynchronous (FedBuff): a version every K updates; 0 = rounds [0]")
 ]
@@ -44,18 +29,56 @@ StalenessExponent = Annotated[
     float | None, typer.Option(help="asynchronous: weight (1 + staleness) ** -exponent [0.5]")
 ]
 
+Command = TypeVar("Command", bound=Callable[..., None])
+
+
+def strategy_options(command: Command) -> Command:
+    """Give a command ``--strategy`` and one option per parameter of the registered strategies, with the
+    type and help their declarations give; the command takes them as ``**knobs``. Each defaults to None
+    (not given), so that ``FEDGE_*`` and ``fedge.toml`` apply."""
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    choices = f"{', '.join(registry.STRATEGIES)} [{TrainingSettings.model_fields['strategy'].default}]"
+    added = [
+        inspect.Parameter(
+            "strategy", keyword, default=None, annotation=Annotated[str | None, typer.Option(help=choices)]
+        )
+    ]
+    for option in registry.options().values():
+        kind = Annotated[option.flag_type | None, typer.Option(help=option.help_text)]
+        added.append(inspect.Parameter(option.name, keyword, default=None, annotation=kind))
+    signature = inspect.signature(command, eval_str=True)
+    kept = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    command.__signature__ = signature.replace(parameters=[*kept, *added])  # type: ignore[attr-defined]
+    return command
+
 
 def strategy_of(settings: TrainingSettings) -> Strategy:
     """The configured strategy; a bad name or parameter is a ``UserError``."""
-    from fedge.server.strategies import StrategyError, StrategyParams, create
-
-    params = {name: getattr(settings, name) for name in STRATEGY_PARAMS}
     try:
-        return create(settings.strategy, StrategyParams(seed=settings.seed, **params))
+        return registry.pick(
+            settings.strategy, settings.model_dump(include=set(settings.knobs)), settings.seed
+        )
     except StrategyError as exc:
         raise UserError(str(exc)) from None
 
 
+def federation_settings(settings: ServerSettings, federation: str) -> FederationSettings:
+    """The round control's settings: every field they share with the server's, copied by name."""
+    from fedge.server.rounds import FederationSettings
+    from fedge.wire import TrainConfig
+
+    shared = {
+        f.name: getattr(settings, f.name)
+        for f in fields(FederationSettings)
+        if f.name in ServerSettings.model_fields
+    }
+    train = TrainConfig(
+        local_epochs=settings.local_epochs, batch_size=settings.batch_size, learning_rate=settings.lr
+    )
+    return FederationSettings(federation=federation, train=train, **shared)
+
+
+@strategy_options
 def server(
     pki_dir: Annotated[Path | None, typer.Option("--pki", help="PKI directory (fedge pki init)")] = None,
     data: Annotated[Path | None, typer.Option(help="where models, updates and round state are kept")] = None,
@@ -80,18 +103,6 @@ def server(
         int | None, typer.Option(help="seed of the initial model, selection and noise [0]")
     ] = None,
     fraction: Fraction = None,
-    strategy: StrategyName = None,
-    proximal_mu: ProximalMu = None,
-    server_lr: ServerLr = None,
-    beta1: Beta1 = None,
-    beta2: Beta2 = None,
-    tau: Tau = None,
-    trim_fraction: TrimFraction = None,
-    malicious: Malicious = None,
-    keep: Keep = None,
-    clip_norm: ClipNorm = None,
-    noise_multiplier: NoiseMultiplier = None,
-    dp_delta: DpDelta = None,
     buffer: Buffer = None,
     max_staleness: MaxStaleness = None,
     staleness_exponent: StalenessExponent = None,
@@ -99,54 +110,34 @@ def server(
     manual_start: Annotated[
         bool | None, typer.Option("--manual-start", help="hold round 1 until an admin starts the federation")
     ] = None,
+    **knobs: Any,
 ) -> None:
     """Serve the global model read-only and aggregate each selected client's update, round after round."""
     from fedge.server.store import Store, StoreError
 
     with user_errors(pki.PKIError, ValueError, OSError, StoreError):
-        settings = ServerSettings.from_flags(
+        settings = ServerSettings.with_knobs(registry.settings_fields()).from_flags(
             pki=pki_dir, data=data, store=store, host=host, port=port, task=task, init_model=init_model,
             rounds=rounds, min_clients=min_clients, min_updates=min_updates, round_timeout=round_timeout,
             max_update_norm=max_update_norm,
             local_epochs=local_epochs, batch_size=batch_size, lr=lr, seed=seed, fraction=fraction,
-            strategy=strategy, proximal_mu=proximal_mu, server_lr=server_lr, beta1=beta1, beta2=beta2,
-            tau=tau, trim_fraction=trim_fraction, malicious=malicious, keep=keep, clip_norm=clip_norm,
-            noise_multiplier=noise_multiplier, dp_delta=dp_delta, buffer=buffer, max_staleness=max_staleness,
-            staleness_exponent=staleness_exponent, mqtt=mqtt, manual_start=manual_start,
+            buffer=buffer, max_staleness=max_staleness, staleness_exponent=staleness_exponent, mqtt=mqtt,
+            manual_start=manual_start, **knobs,
         )  # fmt: skip
         chosen = strategy_of(settings)
         from fedge.server import service
         from fedge.server.app import create_app
-        from fedge.server.rounds import Federation, FederationSettings
+        from fedge.server.rounds import Federation
         from fedge.server.trust import Trust
-        from fedge.wire import TrainConfig
 
         creds = pki.credentials(settings.pki, pki.Role.SERVER, "server")
         trust = Trust.load(settings.pki)
-        fed_settings = FederationSettings(
-            federation=pki.federation_of(settings.pki),
-            task=settings.task,
-            rounds=settings.rounds,
-            min_clients=settings.min_clients,
-            min_updates=settings.min_updates,
-            round_timeout=settings.round_timeout,
-            max_update_norm=settings.max_update_norm,
-            fraction=settings.fraction,
-            seed=settings.seed,
-            buffer=settings.buffer,
-            max_staleness=settings.max_staleness,
-            staleness_exponent=settings.staleness_exponent,
-            manual_start=settings.manual_start,
-            train=TrainConfig(
-                local_epochs=settings.local_epochs, batch_size=settings.batch_size, learning_rate=settings.lr
-            ),
-        )
         sock = service.bind(settings.host, settings.port)
         settings.data.mkdir(parents=True, exist_ok=True)
         store = Store(settings.data, settings.store)
         federation = Federation(
             store,
-            fed_settings,
+            federation_settings(settings, pki.federation_of(settings.pki)),
             registered_clients=lambda: pki.active(settings.pki, pki.Role.CLIENT),
             initial_model=_initial_model(settings) if store.get_meta("global_sha256") is None else None,
             strategy=chosen,

@@ -11,7 +11,7 @@ import contextlib
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 
 from fedge.codec import Tensors, decode, encode, mapped
@@ -20,7 +20,8 @@ from fedge.server.errors import Rejected
 from fedge.server.intake import CheckedUpdate
 from fedge.server.schedule import Action, decide, select
 from fedge.server.store import AlreadySkipped, DuplicateUpdate, RoundHistory, RoundRecord, Store
-from fedge.server.strategies import FedAvg, Strategy, StrategyError, StrategyParams, create
+from fedge.server.strategies import Strategy, StrategyError, create, pick
+from fedge.server.strategies.fedavg import FedAvg
 from fedge.wire import RoundInfo, RoundState, SkipReceipt, TrainConfig, UpdateReceipt
 
 
@@ -269,7 +270,8 @@ class Federation:
             assert self._sum is not None
             mean = aggregation.average(self._sum, self._model.tensors)
         try:
-            return self.strategy.aggregate(round_, self._model.tensors, mean, self._store.updates(round_))
+            updates = self._store.update_tensors(round_)
+            return self.strategy.aggregate(round_, self._model.tensors, mean, updates)
         except StrategyError:
             return None
 
@@ -285,17 +287,20 @@ class Federation:
             self._notify()
         return self.round_info()
 
-    def choose_strategy(self, name: str, params: StrategyParams) -> int:
+    def choose_strategy(self, name: str, params: Mapping[str, object]) -> int:
         """Switch strategy from the next round on (an open round finishes with the one it began with); the
-        choice is stored, so a restarted server keeps it. Returns the first round it applies to."""
+        choice is stored, so a restarted server keeps it. Returns the first round it applies to. ``params``
+        are checked against the strategy's declaration."""
         try:
-            strategy = create(name, params)
+            strategy = create(name, params, self.settings.seed)
         except StrategyError as exc:
             raise Rejected("invalid_strategy", str(exc)) from None
         if self.settings.buffer and not strategy.streaming:
             raise Rejected("asynchronous_mode", f"asynchronous mode needs a streaming strategy, not {name}")
         with self._lock:
-            self._store.set_meta("strategy_next", json.dumps({"name": name, "params": asdict(params)}))
+            self._store.set_meta(
+                "strategy_next", json.dumps({"name": name, "params": asdict(strategy.params)})
+            )
             self._pending = strategy
             if self._open is None:
                 self._switch_strategy()
@@ -353,9 +358,9 @@ class Federation:
         self._model = GlobalModel(body, sha, int(self._store.get_meta("global_round") or 0), decode(body)[0])
         self._started = not self.settings.manual_start or self._store.get_meta("started") == "1"
         if chosen := self._store.get_meta("strategy"):
-            self.strategy = _strategy_from(chosen)
+            self.strategy = _strategy_from(chosen, self.settings.seed)
         if pending := self._store.get_meta("strategy_next"):
-            self._pending = _strategy_from(pending)
+            self._pending = _strategy_from(pending, self.settings.seed)
         if state_sha := self._store.get_meta("strategy_state"):
             self.strategy.load_state(decode(self._store.strategy_state_path(state_sha).read_bytes())[0])
         last = self._store.last_round()
@@ -383,6 +388,8 @@ def _once(client: str, round_: int) -> Iterator[None]:
         raise Rejected("already_skipped", f"{client!r} already skipped round {round_}") from None
 
 
-def _strategy_from(stored: str) -> Strategy:
+def _strategy_from(stored: str, seed: int) -> Strategy:
+    """A stored choice; one stored before strategies declared their own parameters held every strategy's,
+    so only the chosen one's are taken."""
     spec = json.loads(stored)
-    return create(spec["name"], StrategyParams(**spec["params"]))
+    return pick(spec["name"], spec["params"], seed)

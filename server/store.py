@@ -18,9 +18,9 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
-from fedge.codec import sha256
+from fedge.codec import Tensors, mapped, sha256
 from fedge.files import write_file
 from fedge.wire import TrainConfig
 
@@ -103,6 +103,27 @@ class UpdateRecord:
     num_examples: int
     path: Path  # the full update that aggregation reads (restored, when the client sent it compressed)
     staleness: int = 0
+
+
+class MappedUpdates(Sequence[tuple[Tensors, int]]):
+    """Stored updates as (tensors, num_examples), each memory-mapped when read: a strategy that only counts
+    them (DP's noise) maps no file, and one that reads them all holds no copy."""
+
+    def __init__(self, records: list[UpdateRecord]) -> None:
+        self._records = records
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    @overload
+    def __getitem__(self, index: int) -> tuple[Tensors, int]: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[tuple[Tensors, int]]: ...
+    def __getitem__(self, index: int | slice) -> tuple[Tensors, int] | list[tuple[Tensors, int]]:
+        if isinstance(index, slice):
+            return [(mapped(u.path), u.num_examples) for u in self._records[index]]
+        record = self._records[index]
+        return mapped(record.path), record.num_examples
 
 
 @dataclass(frozen=True)
@@ -291,6 +312,11 @@ class Store:
                 )
             )
         return updates
+
+    def update_tensors(self, round_: int) -> MappedUpdates:
+        """The round's full updates with their examples, memory-mapped: strategies that need every update
+        at once read them slice by slice from the page cache, not from RAM."""
+        return MappedUpdates(self.updates(round_))
 
     @contextmanager
     def _transaction(self) -> Iterator[None]:

@@ -83,3 +83,21 @@ def test_strategy_parameters_out_of_range_are_refused(start_server, pki_dir, par
             json={"name": "trimmed-mean" if "trim_fraction" in params else "krum", "params": params},
         )
     assert (refused.status_code, refused.json()["error"]) == (422, "invalid_strategy")
+
+
+@pytest.mark.parametrize(
+    ("params", "fragment"),
+    [
+        ({"malicious": 1}, "trimmed-mean takes no parameter malicious"),
+        ({"trim_fraction": "a"}, "--trim-fraction"),
+    ],
+    ids=["another-strategys-parameter", "wrong-type"],
+)
+def test_parameters_the_chosen_strategy_does_not_declare_are_refused_with_the_reason(
+    start_server, pki_dir, params, fragment
+) -> None:
+    server = start_server()
+    with admin_http(server, pki_dir) as admin:
+        refused = admin.put("/v1/admin/strategy", json={"name": "trimmed-mean", "params": params})
+    assert (refused.status_code, refused.json()["error"]) == (422, "invalid_strategy")
+    assert fragment in refused.json()["detail"]

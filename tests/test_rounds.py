@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -13,8 +14,9 @@ from fedge.codec import decode, encode
 from fedge.server.errors import Rejected
 from fedge.server.rounds import Action, Federation, FederationSettings, decide, select
 from fedge.server.store import Store
-from fedge.server.strategies import StrategyParams, create, gaussian_epsilon
-from fedge.wire import RoundState
+from fedge.server.strategies import create
+from fedge.server.strategies.dp import gaussian_epsilon
+from fedge.wire import RoundState, TrainConfig
 
 SELECTED = ["alice", "bob", "carol"]
 WRONG_SHAPE = {**toy_model(), "layer.weight": np.zeros((3, 4), np.float32)}
@@ -165,7 +167,7 @@ def strategy_federation(data: Path, name: str, clients: list[str], **params: obj
         FederationSettings(federation="test", task="toy", rounds=3),
         registered_clients=lambda: clients,
         initial_model=encode(toy_model()),
-        strategy=create(name, StrategyParams(**params)),  # type: ignore[arg-type]
+        strategy=create(name, params),
     )
 
 
@@ -338,5 +340,33 @@ def test_async_mode_refuses_a_strategy_that_needs_every_update(tmp_path: Path) -
             FederationSettings(federation="test", task="toy", buffer=2),
             registered_clients=lambda: SELECTED,
             initial_model=encode(toy_model()),
-            strategy=create("fedmedian", StrategyParams()),
+            strategy=create("fedmedian"),
         )
+
+
+def test_a_choice_stored_with_every_strategys_knobs_still_loads(tmp_path: Path) -> None:
+    """Before strategies declared their own parameters, a stored choice held all of them and the seed."""
+    store = Store(tmp_path)
+    every = {"proximal_mu": 0.0, "trim_fraction": 0.3, "malicious": 0, "keep": 0, "clip_norm": 1.0, "seed": 0}
+    store.set_meta("strategy", json.dumps({"name": "trimmed-mean", "params": every}))
+    fed = Federation(
+        store,
+        FederationSettings(federation="test", task="toy"),
+        registered_clients=lambda: SELECTED,
+        initial_model=encode(toy_model()),
+    )
+    assert (fed.strategy.name, fed.strategy.params.trim_fraction) == ("trimmed-mean", 0.3)
+
+
+def test_the_store_hands_strategies_updates_memory_mapped_with_their_examples(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    store.open_round(1, "base", ["alice", "bob"], TrainConfig(), time.time() + 60)
+    store.add_update(1, "alice", update_body(1.0, 10), 10)
+    store.add_update(1, "bob", update_body(2.0, 30), 30)
+    updates = store.update_tensors(1)
+    assert len(updates) == 2
+    (_, alice_examples), (bob, bob_examples) = updates[0], updates[1]
+    assert (alice_examples, bob_examples) == (10, 30)
+    assert isinstance(bob["layer.weight"].base, np.memmap)
+    np.testing.assert_allclose(bob["layer.weight"], 2.0)
+    assert [n for _, n in updates[:1]] == [10]

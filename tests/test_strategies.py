@@ -23,10 +23,9 @@ from flwr.server.strategy.aggregate import (
     aggregate_trimmed_avg,
 )
 
-from fedge.codec import Tensors, encode
-from fedge.server import aggregation, strategies
-from fedge.server.store import UpdateRecord
-from fedge.server.strategies import StrategyError, StrategyParams, create
+from fedge.codec import Tensors, encode, mapped
+from fedge.server import aggregation
+from fedge.server.strategies import StrategyError, Weighted, create, dp, robust
 from fedge.wire import TrainConfig
 
 NAMES = ("conv.weight", "fc.bias", "fc.weight")
@@ -44,13 +43,13 @@ def layers(tensors: Tensors) -> list[np.ndarray]:
     return [tensors[n] for n in NAMES]
 
 
-def stored(tmp_path: Path, updates: list[Tensors], weights: list[int]) -> list[UpdateRecord]:
-    """Updates as the store keeps them: one safetensors file each."""
+def stored(tmp_path: Path, updates: list[Tensors], weights: list[int]) -> list[Weighted]:
+    """Updates as the store hands them to strategies: one safetensors file each, memory-mapped."""
     records = []
     for i, (update, weight) in enumerate(zip(updates, weights, strict=True)):
         path = tmp_path / f"client-{i}.safetensors"
         path.write_bytes(encode(update, {"num_examples": str(weight)}))
-        records.append(UpdateRecord(f"client-{i}", "", weight, path))
+        records.append((mapped(path), weight))
     return records
 
 
@@ -59,8 +58,8 @@ def run_round(strategy, round_, model, updates, records):
     mean = None
     if strategy.streaming:
         acc = aggregation.start(model)
-        for update, record in zip(updates, records, strict=True):
-            aggregation.fold(acc, strategy.prepare(update, model), float(record.num_examples))
+        for update, (_, num_examples) in zip(updates, records, strict=True):
+            aggregation.fold(acc, strategy.prepare(update, model), float(num_examples))
         mean = aggregation.average(acc, model)
     return strategy.aggregate(round_, model, mean, records)
 
@@ -81,7 +80,7 @@ def assert_same(ours: Tensors, reference: list[np.ndarray], rtol: float = 1e-5, 
 @pytest.fixture(autouse=True)
 def small_slices(monkeypatch) -> None:
     """Force every tensor of the robust strategies through several memory-mapped slices."""
-    monkeypatch.setattr(strategies, "SLICE_BYTES", 1)
+    monkeypatch.setattr(robust, "SLICE_BYTES", 1)
 
 
 @pytest.mark.parametrize(
@@ -92,7 +91,7 @@ def test_server_optimizers_match_flower_over_rounds(tmp_path: Path, name: str, f
     rng = np.random.default_rng(1)
     model = random_model(rng)
     reference = flower(initial_parameters=ndarrays_to_parameters(layers(model)))
-    ours = create(name, StrategyParams())
+    ours = create(name)
     for round_ in (1, 2, 3):
         weights = [int(w) for w in rng.integers(1, 100, 5)]
         updates = [
@@ -110,16 +109,16 @@ def test_a_server_optimizer_restored_from_its_state_continues_identically(tmp_pa
     model = random_model(rng)
     updates = [random_model(rng) for _ in range(3)]
     records = stored(tmp_path, updates, [1, 2, 3])
-    first = create("fedadam", StrategyParams())
+    first = create("fedadam")
     after_one = run_round(first, 1, model, updates, records)
-    restarted = create("fedadam", StrategyParams())
+    restarted = create("fedadam")
     restarted.load_state(first.state())
     continued = run_round(first, 2, after_one, updates, records)
     np.testing.assert_array_equal(
         run_round(restarted, 2, after_one, updates, records)["fc.weight"], continued["fc.weight"]
     )
     # Without its moments, a fresh optimizer takes a different step: the state matters.
-    fresh = run_round(create("fedadam", StrategyParams()), 2, after_one, updates, records)
+    fresh = run_round(create("fedadam"), 2, after_one, updates, records)
     assert not np.array_equal(fresh["fc.weight"], continued["fc.weight"])
 
 
@@ -128,12 +127,12 @@ def test_fedprox_averages_like_fedavg_and_hands_clients_the_proximal_term(tmp_pa
     model = random_model(rng)
     updates, weights = [random_model(rng) for _ in range(4)], [5, 1, 9, 2]
     records = stored(tmp_path, updates, weights)
-    prox = create("fedprox", StrategyParams(proximal_mu=0.1))
+    prox = create("fedprox", {"proximal_mu": 0.1})
     assert prox.configure(TrainConfig()).proximal_mu == 0.1
     theirs, _ = FedAvg().aggregate_fit(1, fit_results(updates, weights), [])
     assert_same(run_round(prox, 1, model, updates, records), parameters_to_ndarrays(theirs))
     with pytest.raises(StrategyError, match="proximal-mu"):
-        create("fedprox", StrategyParams())
+        create("fedprox")
 
 
 def test_dp_fedavg_clips_like_flower_and_adds_noise_of_flowers_deviation(tmp_path: Path) -> None:
@@ -145,7 +144,7 @@ def test_dp_fedavg_clips_like_flower_and_adds_noise_of_flowers_deviation(tmp_pat
     weights = [10, 10, 10]
     records = stored(tmp_path, updates, weights)
 
-    noiseless = create("dp-fedavg", StrategyParams(clip_norm=2.0, noise_multiplier=0.0))
+    noiseless = create("dp-fedavg", {"clip_norm": 2.0, "noise_multiplier": 0.0})
     reference = DifferentialPrivacyServerSideFixedClipping(
         FedAvg(), noise_multiplier=0.0, clipping_norm=2.0, num_sampled_clients=3
     )
@@ -154,7 +153,7 @@ def test_dp_fedavg_clips_like_flower_and_adds_noise_of_flowers_deviation(tmp_pat
     clean = run_round(noiseless, 1, model, updates, records)
     assert_same(clean, parameters_to_ndarrays(theirs))
 
-    noisy = create("dp-fedavg", StrategyParams(clip_norm=2.0, noise_multiplier=1.5, seed=7))
+    noisy = create("dp-fedavg", {"clip_norm": 2.0, "noise_multiplier": 1.5}, seed=7)
     first = run_round(noisy, 1, model, updates, records)
     noise = np.concatenate([(first[n] - clean[n]).ravel() for n in NAMES])
     expected = 1.5 * 2.0 / 3  # flwr's compute_stdv(noise_multiplier, clipping_norm, clients)
@@ -170,28 +169,26 @@ def test_privacy_spent_follows_the_gaussian_mechanisms_rdp_bound() -> None:
     for sigma, rounds, delta in [(1.0, 1, 1e-5), (2.0, 10, 1e-5), (0.8, 50, 1e-6)]:
         # Closed form of the same bound with alpha unrestricted.
         closed = rounds / (2 * sigma**2) + math.sqrt(2 * rounds * math.log(1 / delta)) / sigma
-        assert strategies.gaussian_epsilon(sigma, rounds, delta) == pytest.approx(closed, rel=2e-3)
-    assert strategies.gaussian_epsilon(1.0, 20, 1e-5) > strategies.gaussian_epsilon(1.0, 10, 1e-5)
-    dp = create("dp-fedavg", StrategyParams(noise_multiplier=1.0))
-    assert float(dp.metadata(3)["dp_epsilon"]) == pytest.approx(
-        strategies.gaussian_epsilon(1.0, 3, 1e-5), 1e-5
-    )
+        assert dp.gaussian_epsilon(sigma, rounds, delta) == pytest.approx(closed, rel=2e-3)
+    assert dp.gaussian_epsilon(1.0, 20, 1e-5) > dp.gaussian_epsilon(1.0, 10, 1e-5)
+    private = create("dp-fedavg", {"noise_multiplier": 1.0})
+    assert float(private.metadata(3)["dp_epsilon"]) == pytest.approx(dp.gaussian_epsilon(1.0, 3, 1e-5), 1e-5)
 
 
 @pytest.mark.parametrize(
     ("name", "params", "reference"),
     [
-        ("fedmedian", StrategyParams(), aggregate_median),
-        ("trimmed-mean", StrategyParams(trim_fraction=0.2), lambda r: aggregate_trimmed_avg(r, 0.2)),
-        ("trimmed-mean", StrategyParams(trim_fraction=0.0), lambda r: aggregate_trimmed_avg(r, 0.0)),
-        ("krum", StrategyParams(malicious=2), lambda r: aggregate_krum(r, 2, 0)),
-        ("krum", StrategyParams(malicious=1, keep=4), lambda r: aggregate_krum(r, 1, 4)),
-        ("bulyan", StrategyParams(malicious=2), lambda r: aggregate_bulyan(r, 2, aggregate_krum, to_keep=0)),
+        ("fedmedian", {}, aggregate_median),
+        ("trimmed-mean", {"trim_fraction": 0.2}, lambda r: aggregate_trimmed_avg(r, 0.2)),
+        ("trimmed-mean", {"trim_fraction": 0.0}, lambda r: aggregate_trimmed_avg(r, 0.0)),
+        ("krum", {"malicious": 2}, lambda r: aggregate_krum(r, 2, 0)),
+        ("krum", {"malicious": 1, "keep": 4}, lambda r: aggregate_krum(r, 1, 4)),
+        ("bulyan", {"malicious": 2}, lambda r: aggregate_bulyan(r, 2, aggregate_krum, to_keep=0)),
     ],
     ids=["median", "trimmed-mean", "trimmed-nothing", "krum", "multi-krum", "bulyan"],
 )
 def test_robust_strategies_match_flower_reading_updates_from_disk(
-    tmp_path: Path, name: str, params: StrategyParams, reference
+    tmp_path: Path, name: str, params: dict[str, float], reference
 ) -> None:
     rng = np.random.default_rng(5)
     model = random_model(rng)
@@ -210,7 +207,7 @@ def test_robust_strategies_match_flower_reading_updates_from_disk(
 
 def test_bulyan_refuses_fewer_updates_than_its_assumption_allows(tmp_path: Path) -> None:
     rng = np.random.default_rng(6)
-    bulyan = create("bulyan", StrategyParams(malicious=1))
+    bulyan = create("bulyan", {"malicious": 1})
     assert bulyan.min_updates() == 7
     updates = [random_model(rng) for _ in range(6)]
     with pytest.raises(StrategyError, match="at least 7"):
@@ -218,7 +215,7 @@ def test_bulyan_refuses_fewer_updates_than_its_assumption_allows(tmp_path: Path)
 
 
 def test_robust_strategies_hold_a_slice_not_every_update_in_memory(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(strategies, "SLICE_BYTES", 2 * 2**20)
+    monkeypatch.setattr(robust, "SLICE_BYTES", 2 * 2**20)
     size = 500_000  # 2 MB per update, 40 MB for 20
     model = {"w": np.zeros(size, np.float32)}
     rng = np.random.default_rng(7)
@@ -226,7 +223,7 @@ def test_robust_strategies_hold_a_slice_not_every_update_in_memory(tmp_path: Pat
     records = stored(tmp_path, updates, [1] * 20)
     del updates
     tracemalloc.start()
-    result = create("trimmed-mean", StrategyParams()).aggregate(1, model, None, records)
+    result = create("trimmed-mean").aggregate(1, model, None, records)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert peak < 15 * 2**20, f"peak {peak / 2**20:.1f} MiB for 40 MiB of updates"
@@ -236,14 +233,14 @@ def test_robust_strategies_hold_a_slice_not_every_update_in_memory(tmp_path: Pat
 @pytest.mark.parametrize(
     ("name", "params", "fragment"),
     [
-        ("fedsgd", StrategyParams(), "unknown strategy 'fedsgd'"),
-        ("trimmed-mean", StrategyParams(trim_fraction=0.5), "trim-fraction"),
-        ("dp-fedavg", StrategyParams(clip_norm=0.0), "clip-norm"),
-        ("krum", StrategyParams(malicious=-1), "malicious"),
+        ("fedsgd", {}, "unknown strategy 'fedsgd'"),
+        ("trimmed-mean", {"trim_fraction": 0.5}, "trim-fraction"),
+        ("dp-fedavg", {"clip_norm": 0.0}, "clip-norm"),
+        ("krum", {"malicious": -1}, "malicious"),
     ],
 )
 def test_bad_strategy_settings_are_refused_with_the_reason(
-    name: str, params: StrategyParams, fragment: str
+    name: str, params: dict[str, float], fragment: str
 ) -> None:
     with pytest.raises(StrategyError, match=fragment):
         create(name, params)
