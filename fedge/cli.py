@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -25,6 +25,9 @@ from fedge.server.cli import (
 )
 from fedge.server.strategies.registry import settings_fields
 from fedge.settings import SimulationSettings
+
+if TYPE_CHECKING:
+    from fedge.sim.report import Report
 
 app = typer.Typer(
     help="fedge: federated learning across edge devices, the serverless way.",
@@ -83,7 +86,6 @@ def simulate(
     **knobs: Any,
 ) -> None:
     """Run a federation on this machine: real mTLS, a real server process, warm client functions."""
-    from fedge.sim.plots import accuracy_plot
     from fedge.sim.run import simulate as run
 
     with user_errors():
@@ -108,6 +110,13 @@ def simulate(
                 )
 
             report = run(settings, on_round=advance)
+    _show(report, settings)
+
+
+def _show(report: Report, settings: SimulationSettings) -> None:
+    """What a person reads after a simulation: a table per round, the plot, and the run's totals."""
+    from fedge.sim.plots import accuracy_plot
+
     attacked = f", {len(report.attackers)} attacking ({settings.attack})" if report.attackers else ""
     table = Table(
         title=f"fedge simulate: {settings.clients} clients{attacked}, {settings.dataset}, "
