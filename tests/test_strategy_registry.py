@@ -123,3 +123,8 @@ def test_strategy_parameters_come_from_the_environment_and_fedge_toml(tmp_path: 
     assert {"--malicious": "2", "--keep": "4", "--trim-fraction": "0.1"}.items() <= dict(
         zip(flags[::2], flags[1::2], strict=True)
     ).items()
+
+
+def test_the_choices_list_the_plain_mean_first_as_they_always_have() -> None:
+    assert list(STRATEGIES)[:2] == ["fedavg", "fedprox"]
+    assert list(STRATEGIES)[-2:] == ["krum", "bulyan"]

@@ -9,7 +9,11 @@ parameters, imported below so that it is registered; the CLI, the settings and t
 the registry.
 """
 
-from fedge.server.strategies import dp, fedavg, fedopt, robust
+# isort: off
+# The order of registration is the order of the --strategy choices: the plain mean first.
+from fedge.server.strategies import fedavg, fedopt, dp, robust
+
+# isort: on
 from fedge.server.strategies.base import Strategy, StrategyError, Weighted
 from fedge.server.strategies.registry import STRATEGIES, create, pick
 
