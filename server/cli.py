@@ -164,9 +164,11 @@ def _initial_model(settings: ServerSettings) -> bytes:
             raise UserError(f"initial model {settings.init_model} does not exist")
         return settings.init_model.read_bytes()
     try:
+        from fedge.edge_functions.events import InitialModelEvent
         from fedge.edge_functions.functions import initial_model
     except ImportError:
         raise UserError(
             "no --init-model given, and torch is not installed to build one from the task"
         ) from None
-    return initial_model({"task": settings.task, "seed": settings.seed}, None)  # type: ignore[arg-type]
+    event = InitialModelEvent(task=settings.task, seed=settings.seed)
+    return initial_model(event.model_dump(mode="json"), None)  # type: ignore[arg-type]
