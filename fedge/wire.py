@@ -22,6 +22,12 @@ def status_topic(federation: str, client: str) -> str:
     return f"fedge/{federation}/clients/{client}/status"
 
 
+def seconds_until(deadline: float | None, now: float) -> float:
+    """Seconds from Unix time ``now`` to ``deadline`` (negative once past); infinite without one. The one
+    place deadline arithmetic lives: whoever needs a finite bound caps this itself."""
+    return math.inf if deadline is None else deadline - now
+
+
 class RoundState(StrEnum):
     WAITING = "waiting"  # no round yet: too few clients registered
     OPEN = "open"  # accepting updates from the selected clients
@@ -51,9 +57,8 @@ class RoundInfo(BaseModel):
         return f'"{self.round}-{self.state}"'
 
     def seconds_left(self, now: float) -> float:
-        """Seconds until the deadline at Unix time ``now`` (negative once past); infinite without one.
-        The one place deadline arithmetic lives: whoever needs a finite bound caps this itself."""
-        return math.inf if self.deadline is None else self.deadline - now
+        """Seconds until the round's deadline at Unix time ``now`` (``seconds_until``)."""
+        return seconds_until(self.deadline, now)
 
 
 class ModelMeta(BaseModel):

@@ -7,12 +7,12 @@ This module imports no torch, so the simulation's orchestrating process can buil
 
 from __future__ import annotations
 
-import math
 import time
 
 from pydantic import BaseModel, Field
 
 from fedge.edge_functions.events import CalibrateEvent, TrainEvent
+from fedge.wire import seconds_until
 
 EMULATED_TRAIN = "fedge.sim.worker:train"
 EMULATED_CALIBRATE = "fedge.sim.worker:calibrate"
@@ -38,7 +38,7 @@ class SlowDevice(BaseModel):
         deadline; returns the seconds it would still have needed (0: it made it). Stopping at the deadline
         keeps a late device in step with the next round instead of running it alone, and so too fast."""
         extra = (self.slowdown - 1.0) * seconds
-        room = math.inf if self.deadline is None else max(0.0, self.deadline - time.time())
+        room = max(0.0, seconds_until(self.deadline, time.time()))
         time.sleep(min(extra, room))
         return max(0.0, extra - room)
 
