@@ -18,7 +18,6 @@ before anything runs, so nobody but the owner of the data can spend its grant.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +33,7 @@ from fedge.edge_functions import tasks
 from fedge.edge_functions.adapters.http import Receive, Send, _error, _read, _respond
 from fedge.edge_functions.events import Calibrated, Calibration, Job, JobDone
 from fedge.edge_functions.functions import fit, timed_fits
+from fedge.jsonlimits import JSONError, loads
 from fedge.security import offload, signing
 from fedge.security.peer import peer_certificate
 from fedge.security.pki import Credentials, Identity, PKIError, Role, identity_of
@@ -210,9 +210,9 @@ def _calibrate(executor: Executor, body: bytes) -> tuple[int, Any]:
 
 def _invoke(executor: Executor, body: bytes, caller: Identity) -> tuple[int, Any]:
     try:
-        return 200, executor.run(Job.model_validate(json.loads(body)), caller).model_dump()
-    except json.JSONDecodeError:
-        return 400, _error("bad_job", "the job is not JSON")
+        return 200, executor.run(Job.model_validate(loads(body, max_bytes=MAX_JOB)), caller).model_dump()
+    except JSONError as exc:
+        return 400, _error("bad_job", f"the job is not JSON: {exc}")
     except ValidationError as exc:
         first = exc.errors()[0]
         return 400, _error("bad_job", f"{'.'.join(map(str, first['loc']))}: {first['msg']}")

@@ -20,6 +20,8 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load
 
+from fedge.jsonlimits import JSONError, loads
+
 Tensors = dict[str, np.ndarray]
 
 _MAX_HEADER = 16 * 1024 * 1024
@@ -75,9 +77,9 @@ def metadata_of(body: bytes) -> dict[str, str]:
     if size > min(_MAX_HEADER, len(body) - 8):
         raise CodecError("safetensors header length is out of range")
     try:
-        header = json.loads(body[8 : 8 + size])
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise CodecError("safetensors header is not JSON") from None
+        header = loads(body[8 : 8 + size], max_bytes=_MAX_HEADER)
+    except JSONError as exc:
+        raise CodecError(f"safetensors header is not JSON: {exc}") from None
     if not isinstance(header, dict):
         raise CodecError("safetensors header is not an object")
     metadata = header.get("__metadata__") or {}
@@ -93,7 +95,7 @@ def mapped(path: Path) -> Tensors:
     """
     raw = np.memmap(path, dtype=np.uint8, mode="r")
     size = int.from_bytes(raw[:8].tobytes(), "little")
-    header = json.loads(raw[8 : 8 + size].tobytes())
+    header = loads(raw[8 : 8 + size].tobytes(), max_bytes=_MAX_HEADER)
     dtypes = {code: np.dtype(name).newbyteorder("<") for name, code in _DTYPES.items()}
     tensors: Tensors = {}
     for name, entry in header.items():

@@ -11,6 +11,8 @@ from enum import StrEnum
 
 from pydantic import BaseModel, Field
 
+from fedge.jsonlimits import JSONError, loads
+
 
 def rounds_topic(federation: str) -> str:
     """Round announcements: QoS 1, retained, written by the aggregation server only."""
@@ -102,8 +104,7 @@ COMPRESSION = "compression"
 INT8_SCALES = "int8_scales"
 COMPRESSIONS = ("none", "float16", "int8")
 
-_MAX_SCALES_CHARS = 1 << 20
-_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_MAX_SCALES_BYTES = 1 << 20
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -175,22 +176,22 @@ class UpdateMeta:
 
 
 def _scales(text: str | None) -> dict[str, float]:
-    """A flat JSON object of tensor name -> float, refused before parsing when it nests or is too long."""
+    """A JSON object of tensor name -> number, within ``jsonlimits``' bounds."""
     problem = f"int8 updates need {INT8_SCALES!r}: a JSON object of tensor scales"
-    if text is None or len(text) > _MAX_SCALES_CHARS:
-        raise CompressionError(problem)
-    outside_strings = _JSON_STRING.sub("", text)
-    if outside_strings.count("{") != 1 or "[" in outside_strings:
+    if text is None:
         raise CompressionError(problem)
     try:
-        parsed = json.loads(text)
-    except ValueError:
-        raise CompressionError(problem) from None
+        parsed = loads(text, max_bytes=_MAX_SCALES_BYTES)
+    except JSONError as exc:
+        raise CompressionError(f"{problem} ({exc})") from None
     if not isinstance(parsed, dict) or not all(
         isinstance(v, int | float) and not isinstance(v, bool) for v in parsed.values()
     ):
         raise CompressionError(problem)
-    return {str(k): float(v) for k, v in parsed.items()}
+    try:
+        return {str(k): float(v) for k, v in parsed.items()}
+    except OverflowError:  # an integer literal past the float range
+        raise CompressionError(f"{problem}: a scale is out of range") from None
 
 
 def _loss(text: str | None) -> float | None:

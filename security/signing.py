@@ -25,6 +25,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from fedge.jsonlimits import loads
 from fedge.security.pki import Identity, PKIError, Role, identity_of
 
 SIGNATURE_HEADER = "X-Fedge-Signature"
@@ -32,6 +33,7 @@ NONCE_HEADER = "X-Fedge-Nonce"
 SIGNER_HEADER = "X-Fedge-Signer"
 GRANT_HEADER = "X-Fedge-Grant"
 _NONCE = re.compile(r"[0-9a-f]{32,64}")
+_MAX_GRANT = 16 * 1024  # a grant is about 1.5 KiB, most of it the signer's certificate
 
 
 class SignatureError(Exception):
@@ -194,8 +196,10 @@ def read_grant(ca_pem: bytes, header: str, now: float) -> tuple[Grant, int]:
 
 
 def _decode_grant(header: str) -> tuple[Grant, str, str]:
+    if len(header) > _MAX_GRANT:
+        raise SignatureError(f"the grant is over {_MAX_GRANT} characters")
     try:
-        payload = json.loads(base64.urlsafe_b64decode(header.encode("ascii")))
+        payload = loads(base64.urlsafe_b64decode(header.encode("ascii")), max_bytes=_MAX_GRANT)
         grant = Grant(
             federation=str(payload["federation"]),
             round=int(payload["round"]),
@@ -204,5 +208,5 @@ def _decode_grant(header: str) -> tuple[Grant, str, str]:
             expires_at=float(payload["expires_at"]),
         )
         return grant, str(payload["signature"]), str(payload["certificate"])
-    except (binascii.Error, ValueError, UnicodeEncodeError, KeyError, TypeError):
+    except (binascii.Error, ValueError, OverflowError, UnicodeEncodeError, KeyError, TypeError):
         raise SignatureError("the grant cannot be read") from None

@@ -16,10 +16,11 @@ from fedge.security import pki, tokens
 from fedge.server.deps import FederationDep, TrustDep
 from fedge.server.errors import RESPONSES, Rejected
 from fedge.server.identity import Admin
+from fedge.server.jsonbody import BoundedJSONRoute
 from fedge.server.trust import Trust
 from fedge.wire import RoundInfo
 
-router = APIRouter(prefix="/v1/admin")
+router = APIRouter(prefix="/v1/admin", route_class=BoundedJSONRoute)
 
 
 class ClientStatus(BaseModel):

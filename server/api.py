@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BeforeValidator
 
 from fedge.codec import signature_of
 from fedge.security import signing
@@ -17,11 +19,24 @@ from fedge.server import intake, metrics
 from fedge.server.deps import FederationDep, FeedDep, TrustDep
 from fedge.server.errors import RESPONSES, Rejected
 from fedge.server.identity import Caller, Client, Submitter
+from fedge.server.jsonbody import BoundedJSONRoute
 from fedge.server.trust import Trust
 from fedge.wire import ModelMeta, RoundInfo, SkipNotice, SkipReceipt, UpdateReceipt
 
-router = APIRouter()
+router = APIRouter(route_class=BoundedJSONRoute)
 _MAX_WAIT = 60.0
+_PLAIN_ROUND = re.compile(r"0|[1-9][0-9]{0,9}")
+
+
+def plain_round(text: object) -> object:
+    """A round in a path is spelt one way only, in decimal digits without sign, point, spaces or leading
+    zeros: ``1.0``, ``+1``, `` 1`` and ``01`` are refused (422), not read as round 1 under another name."""
+    if isinstance(text, str) and not _PLAIN_ROUND.fullmatch(text):
+        raise ValueError("a round is written in plain decimal digits, e.g. 3")
+    return text
+
+
+RoundNumber = Annotated[int, BeforeValidator(plain_round), Path(ge=0, le=2**31 - 1)]
 
 
 @router.get("/healthz")
@@ -104,7 +119,7 @@ _UPDATE_BODY = {
 
 @router.post("/v1/rounds/{round_}/updates", status_code=202, responses=RESPONSES, openapi_extra=_UPDATE_BODY)
 async def post_update(
-    round_: int,
+    round_: RoundNumber,
     request: Request,
     federation: FederationDep,
     trust: TrustDep,
@@ -143,7 +158,9 @@ async def post_update(
 
 
 @router.post("/v1/rounds/{round_}/skip", responses=RESPONSES)
-def post_skip(round_: int, notice: SkipNotice, federation: FederationDep, identity: Client) -> SkipReceipt:
+def post_skip(
+    round_: RoundNumber, notice: SkipNotice, federation: FederationDep, identity: Client
+) -> SkipReceipt:
     """Tell the server early that the caller sends no update for ``round_`` (it cannot fit the round), so
     the round closes once every selected client has sent an update or skipped, not at its deadline.
 

@@ -18,9 +18,10 @@ from fedge.security import pki, tokens
 from fedge.server.deps import TrustDep
 from fedge.server.errors import RESPONSES, Rejected
 from fedge.server.identity import Client
+from fedge.server.jsonbody import BoundedJSONRoute
 from fedge.server.trust import Trust
 
-router = APIRouter()
+router = APIRouter(route_class=BoundedJSONRoute)
 
 
 class EnrollRequest(BaseModel):

@@ -8,6 +8,8 @@ requests alike, in the routes and in the certificate gate before them.
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
@@ -63,16 +65,19 @@ def describe(exc: Exception) -> tuple[int, str, str, dict[str, str] | None]:
         return exc.status, exc.code, exc.detail, None
     if isinstance(exc, RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ()))
-        return (
-            STATUS["invalid_request"],
-            "invalid_request",
-            f"{where}: {first.get('msg', 'invalid request')}",
-            None,
-        )
+        return STATUS["invalid_request"], "invalid_request", _invalid(first), None
     if isinstance(exc, HTTPException):
         return exc.status_code, _HTTP_CODES.get(exc.status_code, "http_error"), str(exc.detail), exc.headers
     raise TypeError(f"no error body for {type(exc).__name__}")
+
+
+def _invalid(error: dict[str, Any]) -> str:
+    """Where a request breaks its schema and how; for a body that is not JSON (or is, past the bounds of
+    ``fedge.jsonlimits``), the parser's reason rather than its byte offset."""
+    if error.get("type") == "json_invalid":
+        return f"body: {error.get('ctx', {}).get('error', 'not JSON')}"
+    where = ".".join(str(p) for p in error.get("loc", ()))
+    return f"{where}: {error.get('msg', 'invalid request')}"
 
 
 def response(exc: Exception) -> JSONResponse:

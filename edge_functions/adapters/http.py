@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from fedge.edge_functions.adapters.instance import Instance, UnknownFunction
+from fedge.jsonlimits import JSONError, loads
 from fedge.transport import ServerError
 
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -47,12 +48,12 @@ async def app(scope: dict[str, Any], receive: Receive, send: Send) -> None:
 
 def _invoke(function: str, body: bytes) -> tuple[int, Any, dict[str, str]]:
     try:
-        event = json.loads(body)
+        event = loads(body, max_bytes=_MAX_EVENT)
         invocation = instance.invoke(function, event)
     except UnknownFunction as exc:
         return 404, _error("unknown_function", str(exc)), {}
-    except json.JSONDecodeError:
-        return 400, _error("bad_event", "the event is not JSON"), {}
+    except JSONError as exc:
+        return 400, _error("bad_event", f"the event is not JSON: {exc}"), {}
     except ValidationError as exc:
         first = exc.errors()[0]
         return 400, _error("bad_event", f"{'.'.join(map(str, first['loc']))}: {first['msg']}"), {}
