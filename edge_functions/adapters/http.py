@@ -59,8 +59,19 @@ def _invoke(function: str, body: bytes) -> tuple[int, Any, dict[str, str]]:
         return 400, _error("bad_event", f"{'.'.join(map(str, first['loc']))}: {first['msg']}"), {}
     except ServerError as exc:
         return 502, _error(exc.code, exc.detail), {}
+    except _unknown_task() as exc:
+        return 400, _error("unknown_task", str(exc)), {}
     headers = {"x-fedge-cold": str(invocation.cold).lower(), "x-fedge-seconds": f"{invocation.seconds:.6f}"}
     return 200, invocation.result, headers
+
+
+def _unknown_task() -> type[Exception]:
+    """The functions' refusal of a task they do not know. Python evaluates an ``except`` clause only when an
+    exception reaches it, so this imports the task registry (and torch) only once a function has run, and
+    an instance's cold start still measures the whole import."""
+    from fedge.edge_functions.tasks import UnknownTask
+
+    return UnknownTask
 
 
 def _error(code: str, detail: str) -> dict[str, str]:
