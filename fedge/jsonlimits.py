@@ -53,11 +53,16 @@ def loads(text: bytes | str, *, max_bytes: int) -> Any:
     if _depth(raw) > MAX_DEPTH:
         raise JSONError(f"JSON nests deeper than {MAX_DEPTH} levels")
     try:
-        return json.loads(decoded)
+        return json.loads(decoded, parse_constant=_refuse_constant)
     except json.JSONDecodeError as exc:
         raise JSONError(exc.msg, exc.doc, exc.pos) from None
-    except ValueError as exc:  # an integer of more digits than sys.get_int_max_str_digits()
-        raise JSONError(f"JSON text cannot be read: {exc}") from None
+    except ValueError:  # an integer of more digits than sys.get_int_max_str_digits()
+        raise JSONError("JSON text holds a number of too many digits") from None
+
+
+def _refuse_constant(name: str) -> float:
+    """``NaN`` and ``Infinity`` are Python's extension, not JSON (RFC 8259): no fedge message holds them."""
+    raise JSONError(f"{name} is not a JSON value")
 
 
 def _depth(raw: bytes) -> int:

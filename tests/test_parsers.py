@@ -38,9 +38,17 @@ from fedge.wire import (
     UpdateMeta,
 )
 
+# hypothesis notes that these strategies' reprs are long (they hold the hostile texts' recipes): harmless
+pytestmark = pytest.mark.filterwarnings("ignore:Generating overly large repr")
 FUZZ = settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 
-scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20)
+scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20)
+)
 json_values = st.recursive(
     scalars,
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
@@ -121,6 +129,12 @@ def test_bounded_json_refuses_a_text_over_its_size_before_reading_it() -> None:
     assert loads("[1, 2]", max_bytes=6) == [1, 2]
     with pytest.raises(JSONError, match="over the limit of 5"):
         loads("[1, 2]", max_bytes=5)
+
+
+@pytest.mark.parametrize("text", ["NaN", "[Infinity]", '{"scale": -Infinity}'])
+def test_bounded_json_is_json_not_pythons_extension_of_it(text: str) -> None:
+    with pytest.raises(JSONError, match="is not a JSON value"):
+        loads(text, max_bytes=1 << 20)
 
 
 def test_bounded_json_survives_a_hundred_thousand_levels() -> None:
@@ -336,5 +350,22 @@ def test_the_executor_answers_any_job_body_with_a_client_error(grant_pki: Path, 
     gpu = Executor("gpu", "test", "https://127.0.0.1:1", pki.credentials(grant_pki, pki.Role.EXECUTOR, "gpu"))
     alice = pki.Identity("test", pki.Role.CLIENT, "alice")
     status, payload = _invoke(gpu, body, alice)
+    assert 400 <= status < 500, payload
+    assert set(payload) == {"error", "detail"}
+
+
+calibration_fields = st.fixed_dictionaries(
+    {"task": st.sampled_from(["toy", "nope"]), "config": st.just({})},
+    optional={"shape": json_values, "classes": json_values, "steps": json_values},
+)
+
+
+@settings(FUZZ, max_examples=60)
+@given(body=event_bodies | calibration_fields.map(lambda fields: json.dumps(fields).encode()))
+def test_the_executor_answers_any_calibration_body_with_a_client_error(grant_pki: Path, body: bytes) -> None:
+    from fedge.edge_functions.executor import Executor, _calibrate
+
+    gpu = Executor("gpu", "test", "https://127.0.0.1:1", pki.credentials(grant_pki, pki.Role.EXECUTOR, "gpu"))
+    status, payload = _calibrate(gpu, body)
     assert 400 <= status < 500, payload
     assert set(payload) == {"error", "detail"}
