@@ -2,26 +2,23 @@
 text goes through (safetensors headers, update metadata, grants, request bodies, executor jobs).
 
 ``json.loads`` recurses once per level, so a few thousand ``[`` end in a ``RecursionError`` that nothing
-upstream expects (a 500), and a long enough text holds any amount of memory. ``loads`` measures both
-before it parses: the size from the length, the depth from one pass over the text with its strings
-blanked out, in bounded chunks, so neither check can itself be made to recurse or to grow with the input.
-Whatever is wrong, the caller gets ``JSONError``, a ``json.JSONDecodeError``, so code (and FastAPI) that
-already handles malformed JSON handles an over-deep or over-long text the same way.
+upstream expects (a 500), a few hundred reach code that recurses over the value itself, and a long enough
+text holds any amount of memory. ``loads`` refuses a text over its caller's size before reading it, turns
+the parser's own ``RecursionError`` into a refusal, and walks what it parsed (without recursing) to refuse
+anything nested deeper than ``MAX_DEPTH``. The walk costs no more than the parse: scanning the text for
+brackets outside strings first would need either a regular expression (quadratic on a text of escaped
+quotes) or a tokenizer of our own. Whatever is wrong, the caller gets ``JSONError``, a
+``json.JSONDecodeError``, so code (and FastAPI) that already handles malformed JSON handles an over-deep or
+over-long text the same way.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
-import numpy as np
-
 MAX_DEPTH = 32  # nesting of arrays and objects together; no fedge message nests deeper than 4
-_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
-_STEPS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")  # opening +1, closing -1 as int8
-_OTHERS = bytes(set(range(256)) - set(b"[{]}"))
-_CHUNK = 1 << 20
+_TOO_DEEP = f"JSON nests deeper than {MAX_DEPTH} levels"
 
 
 class JSONError(json.JSONDecodeError):
@@ -50,14 +47,17 @@ def loads(text: bytes | str, *, max_bytes: int) -> Any:
         decoded = raw.decode() if isinstance(text, bytes) else text
     except UnicodeDecodeError:
         raise JSONError("JSON text is not UTF-8") from None
-    if _depth(raw) > MAX_DEPTH:
-        raise JSONError(f"JSON nests deeper than {MAX_DEPTH} levels")
     try:
-        return json.loads(decoded, parse_constant=_refuse_constant)
+        value = json.loads(decoded, parse_constant=_refuse_constant)
     except json.JSONDecodeError as exc:
         raise JSONError(exc.msg, exc.doc, exc.pos) from None
+    except RecursionError:
+        raise JSONError(_TOO_DEEP) from None
     except ValueError:  # an integer of more digits than sys.get_int_max_str_digits()
         raise JSONError("JSON text holds a number of too many digits") from None
+    if _deeper_than(value, MAX_DEPTH):
+        raise JSONError(_TOO_DEEP)
+    return value
 
 
 def _refuse_constant(name: str) -> float:
@@ -65,14 +65,14 @@ def _refuse_constant(name: str) -> float:
     raise JSONError(f"{name} is not a JSON value")
 
 
-def _depth(raw: bytes) -> int:
-    """How deep ``raw`` nests arrays and objects, not counting brackets inside strings. Only meaningful
-    for well-formed JSON; for anything else it is some number that ``json.loads`` then refuses anyway."""
-    steps = _STRING.sub(b"", raw).translate(_STEPS, _OTHERS)
-    level, deepest = 0, 0
-    for start in range(0, len(steps), _CHUNK):
-        chunk = np.frombuffer(steps, np.int8, min(_CHUNK, len(steps) - start), start)
-        levels = np.cumsum(chunk, dtype=np.int64)
-        deepest = max(deepest, level + int(levels.max()))
-        level += int(levels[-1])
-    return deepest
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether ``value`` nests arrays and objects more than ``limit`` levels, walked with a stack of its
+    own so that the check cannot itself run out of recursion."""
+    stack = [(value, 1)] if isinstance(value, list | dict) else []
+    while stack:
+        item, level = stack.pop()
+        children = item.values() if isinstance(item, dict) else item
+        if level > limit:
+            return True
+        stack.extend((child, level + 1) for child in children if isinstance(child, list | dict))
+    return False

@@ -137,6 +137,15 @@ def test_bounded_json_is_json_not_pythons_extension_of_it(text: str) -> None:
         loads(text, max_bytes=1 << 20)
 
 
+def test_bounded_json_takes_linear_time_on_escaped_quotes() -> None:
+    """A megabyte of backslashes and quotes (quadratic for a regular expression that looks for strings)."""
+    started = time.perf_counter()
+    for text in (b'"' + b'\\"' * 500_000, b'["' + b'\\\\"' * 300_000 + b"]"):
+        with pytest.raises(JSONError):
+            loads(text, max_bytes=1 << 21)
+    assert time.perf_counter() - started < 10
+
+
 def test_bounded_json_survives_a_hundred_thousand_levels() -> None:
     with pytest.raises(JSONError, match="nests deeper"):
         loads(b"[" * 100_000 + b"]" * 100_000, max_bytes=1 << 20)
