@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import CLIENTS, federation_pki, toy_model, toy_server_args, update_body
+from cryptography.hazmat.primitives.asymmetric import ec
 from test_attacks import raw_client, refusal, running, state_of
 from test_service import open_round
 
@@ -182,8 +183,6 @@ def test_a_deeply_nested_json_body_is_refused_before_any_route_sees_it(
 def test_a_well_formed_body_still_reaches_its_route(target: ServerProcess, limits_pki: Path) -> None:
     """The bounded parser refuses only what it must: an enrollment with a bad token gets the route's own
     answer, after the CSR and the JSON around it were read."""
-    from cryptography.hazmat.primitives.asymmetric import ec
-
     csr = make_csr(ec.generate_private_key(ec.SECP256R1()))
     with no_certificate(target, limits_pki / "ca.pem") as http:
         response = http.post("/v1/enroll", json={"token": "not-a-token", "csr": csr})
