@@ -29,6 +29,7 @@ _DTYPES = {
     "float64": "F64", "float32": "F32", "float16": "F16", "int64": "I64", "int32": "I32", "int16": "I16",
     "int8": "I8", "uint64": "U64", "uint32": "U32", "uint16": "U16", "uint8": "U8", "bool": "BOOL",
 }  # fmt: skip
+_CODES = frozenset(_DTYPES.values())
 
 
 class CodecError(ValueError):
@@ -61,7 +62,13 @@ def encode(tensors: Tensors, metadata: dict[str, str] | None = None) -> bytes:
 
 def decode(body: bytes) -> tuple[Tensors, dict[str, str]]:
     """Parse a body, checking the header ourselves so that garbage gives a clear error, not a crash."""
-    metadata = metadata_of(body)
+    header = _header(body)
+    metadata = _metadata(header)
+    for name, entry in header.items():
+        dtype = entry.get("dtype") if isinstance(entry, dict) else None
+        if name != "__metadata__" and isinstance(dtype, str) and dtype not in _CODES:
+            # bfloat16 and the float8s have no numpy dtype: the library would fail with a KeyError
+            raise CodecError(f"tensor {name[:64]!r} has dtype {dtype[:16]!r}, which fedge does not take")
     try:
         tensors = load(body)
     except (SafetensorError, ValueError, TypeError) as exc:
@@ -71,6 +78,10 @@ def decode(body: bytes) -> tuple[Tensors, dict[str, str]]:
 
 def metadata_of(body: bytes) -> dict[str, str]:
     """The ``__metadata__`` of a body, reading only its header."""
+    return _metadata(_header(body))
+
+
+def _header(body: bytes) -> dict[str, object]:
     if len(body) < 8:
         raise CodecError("body is too short to be safetensors")
     size = int.from_bytes(body[:8], "little")
@@ -82,6 +93,10 @@ def metadata_of(body: bytes) -> dict[str, str]:
         raise CodecError(f"safetensors header is not JSON: {exc}") from None
     if not isinstance(header, dict):
         raise CodecError("safetensors header is not an object")
+    return header
+
+
+def _metadata(header: dict[str, object]) -> dict[str, str]:
     metadata = header.get("__metadata__") or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise CodecError("safetensors metadata must map strings to strings")

@@ -83,6 +83,7 @@ def round_spelt(spelling: str, route: str = "updates") -> Build:
     return lambda alice, _gpu, r: (f"/v1/rounds/{spelling}/{route}", body, alice.sign_update(r, good))
 
 
+BF16 = {"dtype": "BF16", "shape": [32], "data_offsets": [0, 64]}  # the 64 bytes framed_header appends
 HOSTILE: dict[str, tuple[Build, int, str]] = {
     "safetensors header nested 20000 deep": (by_alice(framed_header(nested(DEEP))), 400, "malformed_update"),
     "safetensors header nested 500 deep": (
@@ -90,6 +91,10 @@ HOSTILE: dict[str, tuple[Build, int, str]] = {
     ),
     "metadata nested 20000 deep": (
         by_alice(framed_header('{"__metadata__":' + nested(DEEP) + "}")), 400, "malformed_update"
+    ),
+    "a bfloat16 tensor, which numpy cannot hold": (
+        by_alice(framed_header(json.dumps({"__metadata__": {"num_examples": "10"}, "layer.bias": BF16}))),
+        400, "malformed_update",
     ),
     "int8 scales nested 20000 deep": (
         by_alice(int8_body('{"a":' + nested(DEEP) + "}")), 400, "bad_compression"

@@ -169,11 +169,18 @@ safetensors_bodies = st.one_of(
         lambda dtype, shape, offsets: framed(
             header_of({"t": {"dtype": dtype, "shape": shape, "data_offsets": offsets}}, {}), bytes(64)
         ),
-        st.sampled_from(["F32", "I8", "BOOL", "X", 3]) | json_values,
+        st.sampled_from(["F32", "I8", "BOOL", "BF16", "F8_E4M3", "C64", "X", 3]) | json_values,
         st.lists(st.integers(-2, 2**40), max_size=3) | json_values,
         st.lists(st.integers(-2, 2**66), max_size=3) | json_values,
     ),
 )
+
+
+@pytest.mark.parametrize("dtype", ["BF16", "F8_E5M2", "F8_E4M3", "F8_E8M0"])
+def test_a_dtype_numpy_cannot_hold_is_a_codec_error(dtype: str) -> None:
+    body = framed(header_of({"t": {"dtype": dtype, "shape": [8], "data_offsets": [0, 16]}}, {}), bytes(16))
+    with pytest.raises(CodecError, match="which fedge does not take"):
+        decode(body)
 
 
 @FUZZ
@@ -188,7 +195,7 @@ def test_the_safetensors_codec_decodes_or_raises_codec_error(body: bytes) -> Non
         assert again == metadata
         assert all(isinstance(t, np.ndarray) for t in tensors.values())
         return
-    assert refusal.startswith(("body", "safetensors", "malformed"))
+    assert refusal.startswith(("body", "safetensors", "malformed", "tensor"))
 
 
 metadata_texts = st.text(max_size=30) | json_texts
