@@ -12,8 +12,6 @@ import threading
 
 from fedge.server.schedule import live
 
-WINDOW_SECONDS = 180.0
-
 
 class Presence:
     """Last sighting per client, kept only while it may still count: selection costs what the live cost."""
