@@ -9,8 +9,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import toy_server_args, update_body, wait_for
-from test_service import open_round
+from conftest import client_data, toy_server_args, update_body, wait_for
+from test_service import open_round, stored_updates
 
 from fedge.client.status import AgentState, AgentStatus, Transport
 from fedge.security import pki
@@ -149,3 +149,21 @@ def test_a_status_on_mqtt_makes_a_client_live_before_it_sends_any_request(
         lambda: (r := round_state(server, fresh_pki))["state"] == RoundState.OPEN and r, 30, "round 1"
     )
     assert info["selected"] == ["alice"]
+
+
+def test_agents_are_live_before_round_1_and_an_enrolled_device_that_never_runs_is_not_waited_for(
+    make_pki, start_broker, start_task_server, start_agent, tmp_path: Path
+) -> None:
+    pki_dir = make_pki("dev-1", "dev-2", "dev-3")  # dev-3 is enrolled and never runs
+    broker = start_broker(pki_dir)
+    flags = ("--mqtt", str(broker.address), "--presence-window", "180", "--min-clients", "2")
+    server = start_task_server(pki_dir, *flags, "--rounds", "1", "--round-timeout", "600")
+    time.sleep(1.0)
+    assert round_state(server, pki_dir)["state"] == RoundState.WAITING  # three certificates, nobody live
+    data = client_data(tmp_path, 2)
+    started = time.monotonic()
+    for i in range(2):
+        start_agent(pki_dir, f"dev-{i + 1}", data[i], server.url, "--broker", str(broker.address))
+    wait_for(lambda: round_state(server, pki_dir)["state"] == RoundState.FINISHED, 300, "round 1")
+    assert time.monotonic() - started < 300  # a round waiting for dev-3 would take its 600 s
+    assert stored_updates(server.data) == [(1, "dev-1"), (1, "dev-2")]
