@@ -350,7 +350,11 @@ def locked(pki_dir: Path) -> Iterator[None]:
 
 def identity_of(cert_der: bytes) -> Identity:
     """Read the fedge identity from a certificate the TLS layer has already verified."""
-    cert = x509.load_der_x509_certificate(cert_der)
+    return identity_in(x509.load_der_x509_certificate(cert_der))
+
+
+def identity_in(cert: x509.Certificate) -> Identity:
+    """The fedge identity a verified certificate carries in its SAN URI."""
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:

@@ -19,9 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
-from fedge.security.pki import Identity, PKIError, Role, federation_of, identity_of, load_crl
+from fedge.security.pki import Identity, PKIError, Role, federation_of, identity_in, load_crl
 
 RECHECK_SECONDS = 1.0
 log = logging.getLogger(__name__)
@@ -49,7 +48,7 @@ def standing(
     if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
         raise NotStanding("certificate_expired", "this certificate is not valid now")
     try:
-        identity = identity_of(cert.public_bytes(serialization.Encoding.DER))
+        identity = identity_in(cert)
     except PKIError as exc:
         raise NotStanding("bad_client_certificate", str(exc)) from None
     if identity.federation != federation:

@@ -62,13 +62,13 @@ class CertificateGate:
     async def __call__(self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
         if scope["type"] == "http":
             peer = peer_certificate(scope)
-            standing_ = self.trust.standing
+            rule = self.trust.standing
             refusal = gate(
                 peer,
                 scope["path"],
                 self.trust.federation,
-                standing_.revocations.is_revoked,
-                standing_.current.serial_of,
+                rule.revocations.is_revoked,
+                rule.current.serial_of,
                 dt.datetime.now(dt.UTC),
             )
             if refusal is not None:
