@@ -40,6 +40,7 @@ def _serve(pki_dir: Path, id_: str, server: str, port: int, host: str) -> None:
 
     from fedge.edge_functions.executor import Executor, make_app
     from fedge.security.peer import MutualTLSProtocol
+    from fedge.security.revocation import Standing
 
     if not torch.cuda.is_available():
         # Jobs run side by side, one per thread: torch's own intra-op threads on top of them only fight
@@ -48,9 +49,10 @@ def _serve(pki_dir: Path, id_: str, server: str, port: int, host: str) -> None:
     with user_errors(pki.PKIError, OSError):
         creds = pki.credentials(pki_dir, pki.Role.EXECUTOR, id_)
         federation = pki.federation_of(pki_dir)
+        standing = Standing(pki_dir)
         listener = socket.create_server((host, port))
     config = uvicorn.Config(
-        make_app(Executor(id_, federation, server, creds)),
+        make_app(Executor(id_, federation, server, creds, standing)),
         http=MutualTLSProtocol,
         ssl_certfile=str(creds.cert),
         ssl_keyfile=str(creds.key),

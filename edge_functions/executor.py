@@ -25,6 +25,7 @@ from typing import Any
 import httpx
 import numpy as np
 import torch
+from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from pydantic import ValidationError
 
@@ -36,7 +37,8 @@ from fedge.edge_functions.functions import fit, timed_fits
 from fedge.jsonlimits import JSONError, loads
 from fedge.security import offload, signing
 from fedge.security.peer import peer_certificate
-from fedge.security.pki import Credentials, Identity, PKIError, Role, identity_of
+from fedge.security.pki import Credentials, Identity, Role
+from fedge.security.revocation import NotStanding, Standing
 from fedge.transport import FedgeClient, ServerError
 from fedge.wire import UpdateMeta
 
@@ -55,6 +57,7 @@ class Executor:
     federation: str
     server: str
     creds: Credentials
+    standing: Standing  # the federation's CRL and current certificates (the executor's --pki directory)
     key: X25519PrivateKey = field(default_factory=X25519PrivateKey.generate)
 
     def key_statement(self) -> dict[str, str]:
@@ -72,9 +75,14 @@ class Executor:
         """Train ``job`` for ``caller`` (as TLS verified it), who must be the client the grant names."""
         started = time.perf_counter()
         try:
-            grant, _ = signing.read_grant(self.creds.ca.read_bytes(), job.grant, time.time())
+            grant, signer = signing.read_grant(self.creds.ca.read_bytes(), job.grant, time.time())
+            self.standing.check(signer)
         except signing.SignatureError as exc:
             raise JobRefused(403, "bad_grant", str(exc)) from None
+        except NotStanding as exc:
+            raise JobRefused(
+                403, "bad_grant", f"the certificate that signed the grant: {exc.detail}"
+            ) from None
         if (grant.federation, grant.executor, grant.round) != (self.federation, self.id, job.round):
             raise JobRefused(
                 403, "bad_grant", f"the grant is not for executor {self.id!r} in round {job.round}"
@@ -155,7 +163,7 @@ def make_app(executor: Executor) -> Any:
         elif route == ("GET", "/v1/key"):
             await _respond(send, 200, executor.key_statement())
         elif route == ("POST", "/v1/jobs"):
-            caller = _client_of(scope, executor.federation, "not_grant_holder")
+            caller = _client_of(scope, executor.standing, "not_grant_holder")
             if isinstance(caller, JobRefused):
                 await _respond(send, caller.status, _error(caller.code, caller.detail))
                 return
@@ -166,7 +174,7 @@ def make_app(executor: Executor) -> Any:
             status, payload = await asyncio.to_thread(_invoke, executor, body, caller)
             await _respond(send, status, payload)
         elif route == ("POST", "/v1/calibrate"):
-            caller = _client_of(scope, executor.federation, "wrong_role")
+            caller = _client_of(scope, executor.standing, "wrong_role")
             if isinstance(caller, JobRefused):
                 await _respond(send, caller.status, _error(caller.code, caller.detail))
                 return
@@ -183,18 +191,21 @@ def make_app(executor: Executor) -> Any:
     return app
 
 
-def _client_of(scope: dict[str, Any], federation: str, refusal: str) -> Identity | JobRefused:
-    """The calling client of ``federation``, as TLS verified it; anyone else is refused (``refusal``) before
-    the body is read (TLS already refused a caller without a certificate of the federation's CA)."""
+def _client_of(scope: dict[str, Any], standing: Standing, refusal: str) -> Identity | JobRefused:
+    """The calling client of the federation, as TLS verified it, with a certificate that counts (the one
+    rule the server applies too: current, unrevoked, unexpired); anyone else is refused (``refusal`` for
+    another role) before the body is read (TLS already refused a certificate of another CA)."""
     peer = peer_certificate(scope)  # type: ignore[arg-type]
     if peer is None:
         return JobRefused(401, "no_client_certificate", "a client certificate is required")
     try:
-        caller = identity_of(peer)
-    except PKIError as exc:
-        return JobRefused(401, "bad_client_certificate", str(exc))
-    if caller.role is not Role.CLIENT or caller.federation != federation:
-        return JobRefused(403, refusal, f"only a client of {federation!r} may call this, not {caller.uri}")
+        caller = standing.check(x509.load_der_x509_certificate(peer))
+    except NotStanding as exc:
+        return JobRefused(403 if exc.code == "wrong_federation" else 401, exc.code, exc.detail)
+    if caller.role is not Role.CLIENT:
+        return JobRefused(
+            403, refusal, f"only a client of {standing.federation!r} may call this, not {caller.uri}"
+        )
     return caller
 
 

@@ -100,6 +100,8 @@ class ServerSettings(TrainingSettings):
     store: str | None = None  # postgresql://... for round state in PostgreSQL; none: SQLite under data
     mqtt: str | None = None  # HOST:PORT of the broker that carries round announcements
     manual_start: bool = False  # hold round 1 until an admin's POST /v1/admin/start
+    # A client is selected only if seen (a request, or its MQTT status) this many seconds before; 0: all.
+    presence_window: float = Field(180.0, ge=0)
 
 
 class SimulationSettings(TrainingSettings):

@@ -51,7 +51,8 @@ def client_cert(
 ) -> None:
     """Issue a client's certificate (its id goes in the SAN: spiffe://<federation>/client/<id>).
 
-    Running it again for the same id renews it: a new key and certificate (revoke the old one if lost)."""
+    Running it again for the same id renews it: a new key and certificate; the old one is superseded at once
+    (put on the CRL), so it counts nowhere."""
     with user_errors(pki.PKIError):
         creds = pki.issue(directory, pki.Role.CLIENT, client, lifetime=dt.timedelta(days=days))
     console.print(f"client certificate written to {creds.cert} (key {creds.key})")
@@ -104,7 +105,8 @@ def revoke(
     admin: Annotated[str | None, typer.Option(help="admin id to revoke")] = None,
     executor: Annotated[str | None, typer.Option(help="executor id to revoke")] = None,
 ) -> None:
-    """Revoke a certificate: a running server on this PKI refuses it within seconds; crl.pem is rewritten."""
+    """Revoke an id: its certificate and every one it held before; crl.pem is rewritten, and a running
+    server or executor on this PKI refuses them within seconds (the broker once its config is regenerated)."""
     chosen = [(role, id_) for role, id_ in ((pki.Role.CLIENT, client), (pki.Role.ADMIN, admin),
                                             (pki.Role.EXECUTOR, executor)) if id_ is not None]  # fmt: skip
     if len(chosen) != 1:

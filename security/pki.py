@@ -10,7 +10,8 @@ Layout of a PKI directory::
     ca.pem, ca.key           the CA (key readable by its owner only)
     <role>/<id>.pem, .key    issued certificates, role in {server, client, admin, executor}; an enrolled
                              device's certificate comes without a key (the key never left the device)
-    crl.pem                  the revocation list, a standard X.509 CRL signed by the CA (mosquitto's crlfile)
+    crl.pem                  the revocation list, a standard X.509 CRL signed by the CA (mosquitto's crlfile):
+                             revoked certificates, and every certificate a newer one of its id superseded
     tokens.json              enrollment tokens, by sha256 only (security/tokens.py)
 """
 
@@ -245,15 +246,30 @@ def sign_certificate(
     )
     pem = cert.public_bytes(serialization.Encoding.PEM)
     (pki_dir / role).mkdir(exist_ok=True)
-    write_file(pki_dir / role / f"{id_}.pem", pem)
+    path = pki_dir / role / f"{id_}.pem"
+    with locked(pki_dir):
+        replaced = _serial_in(path)
+        write_file(path, pem)
+        if replaced is not None:
+            _add_to_crl(pki_dir, {replaced: x509.ReasonFlags.superseded})
     return pem
+
+
+def _serial_in(path: Path) -> int | None:
+    """The serial of the certificate in ``path``, None when there is none (or it cannot be read)."""
+    try:
+        return x509.load_pem_x509_certificate(path.read_bytes()).serial_number
+    except (FileNotFoundError, ValueError):
+        return None
 
 
 def revoke(pki_dir: Path, role: Role, id_: str) -> CertificateInfo:
     """Put the current certificate of ``role``/``id_`` on the CRL (``crl.pem``), re-signed by the CA.
 
-    The certificate file stays, so ``fedge pki list`` still shows it (as revoked); issuing or enrolling
-    the same id again gives a new serial, which the list does not name.
+    Every certificate the id held before is on the CRL already, as superseded (``sign_certificate``), so
+    revoking an id revokes every certificate it ever had: a stolen older key does not come back through
+    the broker, a grant or an executor. The certificate file stays, so ``fedge pki list`` still shows it
+    (as revoked); issuing or enrolling the same id again gives a new serial, which the list does not name.
     """
     check_id(id_, f"{role} id")
     federation_of(pki_dir)
@@ -262,11 +278,9 @@ def revoke(pki_dir: Path, role: Role, id_: str) -> CertificateInfo:
         raise PKIError(f"no {role} certificate {id_!r} in {pki_dir}")
     cert = x509.load_pem_x509_certificate(path.read_bytes())
     with locked(pki_dir):
-        entries = revoked(pki_dir)
-        if cert.serial_number in entries:
+        if cert.serial_number in revoked(pki_dir):
             raise PKIError(f"the certificate of {role} {id_!r} is already revoked")
-        entries[cert.serial_number] = dt.datetime.now(dt.UTC)
-        _write_crl(pki_dir, sorted(entries.items()))
+        _add_to_crl(pki_dir, {cert.serial_number: x509.ReasonFlags.unspecified})
     return CertificateInfo(role, id_, cert.serial_number, cert.not_valid_after_utc)
 
 
@@ -276,15 +290,38 @@ def revoked(pki_dir: Path) -> dict[int, dt.datetime]:
 
 
 def load_crl(path: Path, ca: x509.Certificate) -> dict[int, dt.datetime]:
+    return {entry.serial_number: entry.revocation_date_utc for entry in _verified_crl(path, ca)}
+
+
+def _verified_crl(path: Path, ca: x509.Certificate) -> list[x509.RevokedCertificate]:
+    """The entries of the CRL at ``path`` (none without one), once its signature checks against the CA."""
     if not path.exists():
-        return {}
+        return []
     crl = x509.load_pem_x509_crl(path.read_bytes())
     if not crl.is_signature_valid(ca.public_key()):  # type: ignore[arg-type]
         raise PKIError(f"{path} is not signed by the federation CA")
-    return {entry.serial_number: entry.revocation_date_utc for entry in crl}
+    return list(crl)
 
 
-def _write_crl(pki_dir: Path, entries: list[tuple[int, dt.datetime]]) -> None:
+def _add_to_crl(pki_dir: Path, additions: dict[int, x509.ReasonFlags]) -> None:
+    """Re-sign the CRL with ``additions`` (serial -> reason) added to its entries (under ``locked``)."""
+    ca = x509.load_pem_x509_certificate((pki_dir / "ca.pem").read_bytes())
+    kept = _verified_crl(pki_dir / "crl.pem", ca)
+    listed = {entry.serial_number for entry in kept}
+    now = dt.datetime.now(dt.UTC)
+    added = [
+        x509.RevokedCertificateBuilder()
+        .serial_number(serial)
+        .revocation_date(now)
+        .add_extension(x509.CRLReason(reason), critical=False)
+        .build()
+        for serial, reason in sorted(additions.items())
+        if serial not in listed
+    ]
+    _write_crl(pki_dir, [*kept, *added])
+
+
+def _write_crl(pki_dir: Path, entries: list[x509.RevokedCertificate]) -> None:
     ca_key = serialization.load_pem_private_key((pki_dir / "ca.key").read_bytes(), password=None)
     ca_cert = x509.load_pem_x509_certificate((pki_dir / "ca.pem").read_bytes())
     now = dt.datetime.now(dt.UTC)
@@ -294,10 +331,8 @@ def _write_crl(pki_dir: Path, entries: list[tuple[int, dt.datetime]]) -> None:
         .last_update(now - dt.timedelta(minutes=5))
         .next_update(now + CRL_LIFETIME)
     )
-    for serial, when in entries:
-        builder = builder.add_revoked_certificate(
-            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when).build()
-        )
+    for entry in entries:
+        builder = builder.add_revoked_certificate(entry)
     crl = builder.sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
     write_file(pki_dir / "crl.pem", crl.public_bytes(serialization.Encoding.PEM))
 
@@ -315,7 +350,11 @@ def locked(pki_dir: Path) -> Iterator[None]:
 
 def identity_of(cert_der: bytes) -> Identity:
     """Read the fedge identity from a certificate the TLS layer has already verified."""
-    cert = x509.load_der_x509_certificate(cert_der)
+    return identity_in(x509.load_der_x509_certificate(cert_der))
+
+
+def identity_in(cert: x509.Certificate) -> Identity:
+    """The fedge identity a verified certificate carries in its SAN URI."""
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:

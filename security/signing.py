@@ -183,8 +183,9 @@ def grant_client(header: str) -> str:
     return _decode_grant(header)[0].client
 
 
-def read_grant(ca_pem: bytes, header: str, now: float) -> tuple[Grant, int]:
-    """Check a grant's signature, signer and expiry; return it with its signer's certificate serial."""
+def read_grant(ca_pem: bytes, header: str, now: float) -> tuple[Grant, x509.Certificate]:
+    """Check a grant's signature, signer and expiry; return it with its signer's certificate, for the
+    caller to check that it still counts (``security.revocation.standing``)."""
     grant, signature, certificate = _decode_grant(header)
     identity, cert = signer_identity(ca_pem, certificate, Role.CLIENT)
     if (identity.federation, identity.id) != (grant.federation, grant.client):
@@ -192,7 +193,7 @@ def read_grant(ca_pem: bytes, header: str, now: float) -> tuple[Grant, int]:
     verify(cert.public_key(), grant.message(), signature)
     if now >= grant.expires_at:
         raise SignatureError("the grant has expired")
-    return grant, cert.serial_number
+    return grant, cert
 
 
 def _decode_grant(header: str) -> tuple[Grant, str, str]:

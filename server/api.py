@@ -15,6 +15,7 @@ from fedge.codec import signature_of
 from fedge.security import signing
 from fedge.security.peer import peer_certificate
 from fedge.security.pki import Identity, Role
+from fedge.security.revocation import NotStanding
 from fedge.server import intake, metrics
 from fedge.server.deps import FederationDep, FeedDep, TrustDep
 from fedge.server.errors import RESPONSES, Rejected
@@ -182,11 +183,12 @@ def _slot_owner(identity: Identity, grant_header: str | None, round_: int, trust
     if not grant_header:
         raise Rejected("missing_grant", "an executor submits only with a client's grant (X-Fedge-Grant)")
     try:
-        grant, serial = signing.read_grant(trust.ca_pem, grant_header, time.time())
+        grant, signer = signing.read_grant(trust.ca_pem, grant_header, time.time())
+        trust.standing.check(signer)
     except signing.SignatureError as exc:
         raise Rejected("bad_grant", str(exc)) from None
-    if trust.revocations.is_revoked(serial):
-        raise Rejected("bad_grant", "the certificate that signed the grant is revoked")
+    except NotStanding as exc:
+        raise Rejected("bad_grant", f"the certificate that signed the grant: {exc.detail}") from None
     if (grant.federation, grant.executor, grant.round) != (trust.federation, identity.id, round_):
         raise Rejected(
             "bad_grant", f"the grant is for executor {grant.executor!r} in round {grant.round}, not this"

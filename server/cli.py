@@ -18,6 +18,7 @@ from fedge.settings import ServerSettings, TrainingSettings
 if TYPE_CHECKING:
     from fedge.server.announce import Announcer
     from fedge.server.rounds import Federation, FederationSettings
+    from fedge.server.trust import Trust
 
 # Selection and mode, shared with ``fedge simulate`` (the strategies' own options come from the registry).
 Fraction = Annotated[float | None, typer.Option(help="share of clients selected per round [1.0]")]
@@ -90,7 +91,9 @@ def server(
     task: Annotated[str | None, typer.Option(help="task the federation trains [mnist]")] = None,
     init_model: Annotated[Path | None, typer.Option(help="initial global model (safetensors)")] = None,
     rounds: Annotated[int | None, typer.Option(help="rounds to run [10]")] = None,
-    min_clients: Annotated[int | None, typer.Option(help="registered clients before round 1 [1]")] = None,
+    min_clients: Annotated[
+        int | None, typer.Option(help="live clients (seen within --presence-window) a round needs [1]")
+    ] = None,
     min_updates: Annotated[int | None, typer.Option(help="updates a round needs to aggregate [1]")] = None,
     round_timeout: Annotated[float | None, typer.Option(help="seconds a round stays open [600]")] = None,
     max_update_norm: Annotated[
@@ -110,6 +113,12 @@ def server(
     manual_start: Annotated[
         bool | None, typer.Option("--manual-start", help="hold round 1 until an admin starts the federation")
     ] = None,
+    presence_window: Annotated[
+        float | None,
+        typer.Option(
+            help="seconds since a client was last seen for it to be selected; 0: every enrolled [180]"
+        ),
+    ] = None,
     **knobs: Any,
 ) -> None:
     """Serve the global model read-only and aggregate each selected client's update, round after round."""
@@ -122,7 +131,7 @@ def server(
             max_update_norm=max_update_norm,
             local_epochs=local_epochs, batch_size=batch_size, lr=lr, seed=seed, fraction=fraction,
             buffer=buffer, max_staleness=max_staleness, staleness_exponent=staleness_exponent, mqtt=mqtt,
-            manual_start=manual_start, **knobs,
+            manual_start=manual_start, presence_window=presence_window, **knobs,
         )  # fmt: skip
         chosen = strategy_of(settings)
         from fedge.server import service
@@ -138,11 +147,11 @@ def server(
         federation = Federation(
             store,
             federation_settings(settings, pki.federation_of(settings.pki)),
-            registered_clients=lambda: pki.active(settings.pki, pki.Role.CLIENT),
+            registered_clients=lambda: trust.eligible(settings.presence_window),
             initial_model=_initial_model(settings) if store.get_meta("global_sha256") is None else None,
             strategy=chosen,
         )
-        announcer = _announcer(federation, settings.mqtt, creds) if settings.mqtt else None
+        announcer = _announcer(federation, settings.mqtt, creds, trust) if settings.mqtt else None
         console.print(f"fedge aggregation service on https://{settings.host}:{sock.getsockname()[1]}")
     try:
         service.serve(create_app(federation, trust), creds, sock, settings.data / "endpoint.json")
@@ -151,11 +160,11 @@ def server(
             announcer.close()
 
 
-def _announcer(federation: Federation, broker: str, creds: pki.Credentials) -> Announcer:
+def _announcer(federation: Federation, broker: str, creds: pki.Credentials, trust: Trust) -> Announcer:
     from fedge.mqtt import BrokerAddress
     from fedge.server.announce import Announcer
 
-    return Announcer(federation, BrokerAddress.parse(broker), creds)
+    return Announcer(federation, BrokerAddress.parse(broker), creds, trust.presence)
 
 
 def _initial_model(settings: ServerSettings) -> bytes:

@@ -6,13 +6,14 @@ scope, so the identity comes from the handshake and never from a header a client
 TLS asks for a client certificate but lets a connection without one through (``CERT_OPTIONAL``), because a
 device that is enrolling has none yet; a certificate that is presented must still verify against the CA.
 ``CertificateGate`` then refuses, on every request, a connection without a certificate on any route but
-``PUBLIC_PATHS``, and on any route at all a certificate that is revoked, expired, or superseded by a newer
-one issued for the same id.
+``PUBLIC_PATHS``, and on any route at all a certificate that does not count: revoked, expired, or
+superseded by a newer one issued for the same id (``security.revocation.standing``).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import time
 from collections.abc import Callable
 from typing import Annotated
 
@@ -22,6 +23,7 @@ from uvicorn._types import ASGI3Application, ASGIReceiveCallable, ASGISendCallab
 
 from fedge.security.peer import peer_certificate
 from fedge.security.pki import Identity, PKIError, Role, identity_of
+from fedge.security.revocation import NotStanding, standing
 from fedge.server.errors import Rejected, response
 from fedge.server.trust import Trust
 
@@ -36,32 +38,22 @@ def gate(
     current_serial: Callable[[str, str], int | None],
     now: dt.datetime,
 ) -> Rejected | None:
-    """Why a request may not reach any route, or None when it may."""
+    """Why a request may not reach any route, or None when it may: a certificate must count
+    (``security.revocation.standing``, the one rule every check applies)."""
     if peer_der is None:
         if path in PUBLIC_PATHS:
             return None
         return Rejected("no_client_certificate", "a client certificate is required")
-    cert = x509.load_der_x509_certificate(peer_der)
-    if is_revoked(cert.serial_number):
-        return Rejected("certificate_revoked", "this certificate has been revoked")
-    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
-        return Rejected("certificate_expired", "this certificate is not valid now")
     try:
-        identity = identity_of(peer_der)
-    except PKIError as exc:
-        return Rejected("bad_client_certificate", str(exc))
-    if identity.federation != federation:
-        return Rejected("wrong_federation", f"certificate is for federation {identity.federation!r}")
-    current = current_serial(identity.role, identity.id)
-    if current is None:
-        return Rejected("unknown_certificate", f"no certificate is on record for {identity.uri}")
-    if current != cert.serial_number:
-        return Rejected("certificate_superseded", f"{identity.uri} holds a newer certificate than this")
+        standing(x509.load_der_x509_certificate(peer_der), federation, is_revoked, current_serial, now)
+    except NotStanding as exc:
+        return Rejected(exc.code, exc.detail)
     return None
 
 
 class CertificateGate:
-    """ASGI middleware: applies ``gate`` to every HTTP request before routing."""
+    """ASGI middleware: applies ``gate`` to every HTTP request before routing, and counts a client that
+    passes it as seen (``server.presence``): any request says the device is alive."""
 
     def __init__(self, app: ASGI3Application, trust: Trust) -> None:
         self.app = app
@@ -69,17 +61,21 @@ class CertificateGate:
 
     async def __call__(self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
         if scope["type"] == "http":
+            peer = peer_certificate(scope)
+            rule = self.trust.standing
             refusal = gate(
-                peer_certificate(scope),
+                peer,
                 scope["path"],
                 self.trust.federation,
-                self.trust.revocations.is_revoked,
-                self.trust.current.serial_of,
+                rule.revocations.is_revoked,
+                rule.current.serial_of,
                 dt.datetime.now(dt.UTC),
             )
             if refusal is not None:
                 await response(refusal)(scope, receive, send)  # type: ignore[arg-type]
                 return
+            if peer is not None and (identity := identity_of(peer)).role is Role.CLIENT:
+                self.trust.presence.seen(identity.id, time.time())
         await self.app(scope, receive, send)
 
 

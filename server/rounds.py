@@ -34,7 +34,7 @@ class FederationSettings:
     min_updates: int = 1
     round_timeout: float = 600.0
     max_update_norm: float | None = None
-    fraction: float = 1.0  # share of registered clients selected each round (at least the quorum)
+    fraction: float = 1.0  # share of live clients selected each round (at least the quorum)
     seed: int = 0
     # Asynchronous mode (FedBuff) when > 0: a new version every ``buffer`` updates, late updates welcome.
     buffer: int = 0
@@ -57,7 +57,7 @@ class Federation:
         self,
         store: Store,
         settings: FederationSettings,
-        registered_clients: Callable[[], list[str]],
+        registered_clients: Callable[[], list[str]],  # who may be selected now: the live (server.trust)
         initial_model: bytes | None = None,
         strategy: Strategy | None = None,
     ) -> None:
@@ -116,7 +116,7 @@ class Federation:
             return self._store.skips(self._open.round) if self._open is not None else {}
 
     def tick(self, now: float | None = None) -> None:
-        """Close an overdue round and open the next one when enough clients are registered."""
+        """Close an overdue round and open the next one when enough clients are live."""
         with self._lock:
             changed = self._advance(time.time() if now is None else now)
         if changed:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from enum import Enum
 
 import numpy as np
@@ -29,8 +30,14 @@ def decide(
 
 
 def select(clients: list[str], round_: int, fraction: float, minimum: int, seed: int) -> list[str]:
-    """Flower's sample size, ``max(ceil(fraction * n), minimum)``, drawn at random but reproducibly per round
-    (a restarted server selects the same clients)."""
+    """Flower's sample size of the live ``clients`` (``live``), ``max(ceil(fraction * n), minimum)``, drawn
+    at random but reproducibly per round and set of clients."""
     size = min(len(clients), max(math.ceil(fraction * len(clients)), minimum))
     rng = np.random.default_rng([seed, round_])
     return sorted(rng.choice(sorted(clients), size=size, replace=False).tolist())
+
+
+def live(last_seen: Mapping[str, float], now: float, window: float) -> list[str]:
+    """Who may be selected at ``now``: the clients seen within the last ``window`` seconds, sorted. A
+    sighting stamped after ``now`` (another thread's clock read) counts as seen now."""
+    return sorted(client for client, at in last_seen.items() if now - at <= window)

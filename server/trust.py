@@ -1,18 +1,22 @@
-"""What the service trusts and signs with: the federation's CA, its revocation list, the server's key.
+"""What the service trusts and signs with: the federation's CA, the one rule of which certificates still
+count (``security.revocation.Standing``), the server's key, and when each client last showed a certificate
+that counts (``server.presence``).
 
-Loaded once at start from the PKI directory; the revocation list inside re-reads ``crl.pem`` as it changes.
+Loaded once at start from the PKI directory; the standing inside re-reads ``crl.pem`` and the certificates
+as they change.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedge.security import pki, signing
-from fedge.security.revocation import CurrentCertificates, RevocationList
+from fedge.security.revocation import Standing
+from fedge.server.presence import Presence
 
 
 @dataclass
@@ -20,10 +24,10 @@ class Trust:
     pki_dir: Path
     federation: str
     ca_pem: bytes
-    revocations: RevocationList
-    current: CurrentCertificates
+    standing: Standing
     signing_key: ec.EllipticCurvePrivateKey
     signer: str
+    presence: Presence = field(default_factory=Presence)
     _model_signatures: dict[tuple[int, str], str] = field(default_factory=dict)
 
     @classmethod
@@ -34,11 +38,19 @@ class Trust:
             pki_dir=pki_dir,
             federation=pki.federation_of(pki_dir),
             ca_pem=ca_pem,
-            revocations=RevocationList(pki_dir / "crl.pem", x509.load_pem_x509_certificate(ca_pem)),
-            current=CurrentCertificates(pki_dir),
+            standing=Standing(pki_dir),
             signing_key=signing.load_private_key(creds.key.read_bytes()),
             signer=signing.encode_certificate(creds.cert.read_bytes()),
         )
+
+    def eligible(self, window: float, now: float | None = None) -> list[str]:
+        """The clients selection may pick: seen within ``window`` seconds (``server.presence``) and holding
+        a certificate that counts now; with a window of 0, every client whose certificate counts, seen or
+        not (a fleet known to be always on, or one whose clients speak only when asked)."""
+        moment = time.time() if now is None else now
+        if window == 0:
+            return pki.active(self.pki_dir, pki.Role.CLIENT)
+        return [c for c in self.presence.live(moment, window) if self.standing.counts(pki.Role.CLIENT, c)]
 
     def model_signature(self, round_: int, sha256: str) -> str:
         """The server's signature on a global model, made once per model version."""

@@ -49,9 +49,15 @@ def toy_model(value: float = 0.0) -> Tensors:
 
 
 def toy_server_args(pki_root: Path, initial: Path) -> list[str]:
-    """``fedge server`` flags for the toy task on a free port; the toy model is written to ``initial``."""
+    """``fedge server`` flags for the toy task on a free port; the toy model is written to ``initial``.
+
+    Every enrolled client counts for selection (``--presence-window 0``): these tests drive clients that
+    speak when the test says so; tests/test_presence.py runs the default, live clients only."""
     initial.write_bytes(encode(toy_model()))
-    return ["--pki", str(pki_root), "--port", "0", "--task", "toy", "--init-model", str(initial)]
+    return [
+        "--pki", str(pki_root), "--port", "0", "--task", "toy", "--init-model", str(initial),
+        "--presence-window", "0",
+    ]  # fmt: skip
 
 
 def federation_pki(directory: Path, federation: str, clients: tuple[str, ...]) -> Path:
@@ -319,11 +325,12 @@ def make_pki(tmp_path: Path) -> Callable[..., Path]:
 
 @pytest.fixture
 def start_task_server(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
-    """``fedge server`` training a real task (default ``digits``, its model built by the server)."""
+    """``fedge server`` training a real task (default ``digits``, its model built by the server); every
+    enrolled client counts for selection, as in ``toy_server_args``."""
     started: list[ServerProcess] = []
 
     def start(pki_dir: Path, *flags: str, task: str = "digits") -> ServerProcess:
-        args = ["--pki", str(pki_dir), "--port", "0", "--task", task, *flags]
+        args = ["--pki", str(pki_dir), "--port", "0", "--task", task, "--presence-window", "0", *flags]
         server = launch(args, tmp_path / "task-server", tmp_path / "task-server.log", timeout=120)
         started.append(server)
         return server

@@ -141,6 +141,7 @@ def _start_server(work: Path, settings: SimulationSettings) -> ServerProcess:
         "--round-timeout", str(settings.round_timeout), "--local-epochs", str(settings.local_epochs),
         "--batch-size", str(settings.batch_size), "--lr", str(settings.lr), "--seed", str(settings.seed),
         *settings.aggregation_flags(), *(["--manual-start"] if settings.profile is not None else []),
+        "--presence-window", "0",  # the simulated clients speak only when a round asks them: all count
     ]  # fmt: skip
     return launch(args, work / "server", work / "server.log")
 
