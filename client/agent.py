@@ -44,6 +44,8 @@ from fedge.security.tls import client_context
 from fedge.transport import FedgeClient, ServerError
 from fedge.wire import RoundInfo, RoundState, TrainConfig, rounds_topic, status_topic
 
+log = logging.getLogger("fedge.agent")  # retries and failed rounds, one line each, on the agent's stderr
+
 MQTT_GRACE_SECONDS = 5.0
 RETRY_SECONDS = 5.0
 CHECK_SECONDS = 60.0
@@ -211,6 +213,7 @@ class Agent:
             if self._stop.is_set():  # not done: the next start takes the round up again if it is still open
                 self._report(AgentState.ERROR, info.round, f"round {info.round} stopped: {exc}")
             else:
+                log.warning("round %d failed: %s", info.round, exc)
                 self._finish(info.round, AgentState.ERROR, f"round {info.round} failed: {exc}")
             return
         self._played(info.round, played, told)
@@ -220,6 +223,7 @@ class Agent:
 
         def retried(exc: BaseException, seconds: float) -> None:
             detail = f"round {round_}: {exc}; trying again in {seconds:.1f} s"
+            log.warning("%s", detail)
             self._report(self._status.state, round_, detail)
 
         return Retrying(self._stop.wait, retried)

@@ -122,8 +122,8 @@ def test_retrying_stops_at_a_refusal_at_the_deadline_and_when_the_caller_stops()
     started = time.monotonic()
     with pytest.raises(httpx.ConnectError):
         Retrying().call(failing(down), time.time() + 2.0)  # real sleeps, until the deadline's margin
-    assert 1.0 <= time.monotonic() - started <= 2.0
-    assert len(calls) >= 3
+    assert time.monotonic() - started < 2.0  # it gave up before the deadline, not after it
+    assert len(calls) >= 2  # the first wait (0.25 to 0.5 s) fits well before it
     calls.clear()
     with pytest.raises(httpx.ConnectError):
         Retrying(lambda _s: True).call(failing(down), time.time() + 60)  # a SIGTERM during the wait
