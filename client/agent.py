@@ -44,7 +44,7 @@ from fedge.security.tls import client_context
 from fedge.transport import FedgeClient, ServerError
 from fedge.wire import RoundInfo, RoundState, TrainConfig, rounds_topic, status_topic
 
-log = logging.getLogger("fedge.agent")  # retries and failed rounds, one line each, on the agent's stderr
+rounds_log = logging.getLogger("fedge.agent")  # retries and failed rounds, one line each, on stderr
 
 MQTT_GRACE_SECONDS = 5.0
 RETRY_SECONDS = 5.0
@@ -213,7 +213,7 @@ class Agent:
             if self._stop.is_set():  # not done: the next start takes the round up again if it is still open
                 self._report(AgentState.ERROR, info.round, f"round {info.round} stopped: {exc}")
             else:
-                log.warning("round %d failed: %s", info.round, exc)
+                rounds_log.warning("round %d failed: %s", info.round, exc)
                 self._finish(info.round, AgentState.ERROR, f"round {info.round} failed: {exc}")
             return
         self._played(info.round, played, told)
@@ -222,8 +222,8 @@ class Agent:
         """How this round's requests wait out a transient failure: stopped by SIGTERM, and shown."""
 
         def retried(exc: BaseException, seconds: float) -> None:
-            detail = f"round {round_}: {exc}; trying again in {seconds:.1f} s"
-            log.warning("%s", detail)
+            detail = f"round {round_}: {str(exc).rstrip('.')}; trying again in {seconds:.1f} s"
+            rounds_log.warning("%s", detail)
             self._report(self._status.state, round_, detail)
 
         return Retrying(self._stop.wait, retried)
@@ -360,6 +360,7 @@ class Agent:
                 if not (isinstance(exc, ServerError) and exc.code == "duplicate_update"):
                     path.unlink()
                     refused = f"round {round_}: the server refused the update: {exc}"
+                    rounds_log.warning("%s", refused)
                     self._finish(round_, AgentState.ERROR, refused)
                     continue
                 detail = f"sent the update of round {round_} (the server already held it)"

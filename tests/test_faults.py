@@ -10,6 +10,7 @@ looks, right after it)."""
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 from collections.abc import Callable
@@ -17,13 +18,14 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import AgentProcess, client_data, free_port, wait_for
+from conftest import AgentProcess, client_data, free_port, tls_for, wait_for
 from test_service import stored_updates
 
+from fedge.codec import decode, encode
 from fedge.security import pki
 from fedge.security.tls import client_context
 from fedge.transport import FedgeClient
-from fedge.wire import RoundState
+from fedge.wire import RoundState, status_topic
 
 DEVICES = ("dev-1", "dev-2")
 ROUNDS = 4
@@ -88,10 +90,12 @@ def finished(server_url: str, pki_dir: Path) -> bool:
 
 @pytest.mark.parametrize("victim", ["server", "broker", "agent"])
 def test_a_part_killed_at_round_start_mid_training_and_mid_upload_loses_no_update_and_doubles_none(
-    victim: str, make_pki, start_broker, start_task_server, start_agent, tmp_path: Path
+    victim: str, make_pki, start_broker, start_task_server, start_agent, probe, tmp_path: Path
 ) -> None:
     pki_dir = make_pki(*DEVICES)
     broker = start_broker(pki_dir)
+    ops = probe(broker, tls_for(pki_dir, pki.Role.ADMIN, "ops"), (status_topic("edge", "+"),))
+    assert ops.admitted()
     port = free_port()  # fixed, so that the restarted server is where the agents look for it
     flags = (
         "--port", str(port), "--mqtt", str(broker.address), "--rounds", str(ROUNDS),
@@ -133,3 +137,38 @@ def test_a_part_killed_at_round_start_mid_training_and_mid_upload_loses_no_updat
         assert " failed: " not in logs[device], logs[device]
     if victim == "server":  # the kills met requests in flight, and the agents waited the outage out
         assert any("trying again" in text for text in logs.values())
+    # As published live: a retained copy may be an older one the restarted broker restored from disk.
+    published = [json.loads(m.payload) for m in list(ops.messages) if not m.retain]
+    for device in DEVICES:
+        shown = [s["round"] for s in published if s["client"] == device and s["round"] is not None]
+        assert shown == sorted(shown), f"{device}'s status went back a round: {shown}"
+
+
+def test_an_agent_resending_an_update_the_closed_round_already_counted_reports_it_delivered(
+    make_pki, start_task_server, start_agent, tmp_path: Path
+) -> None:
+    """The server took the update but its answer was lost, and the round closed meanwhile: the resend is
+    answered as a duplicate (not as late), and the agent shows the update as delivered."""
+    pki_dir = make_pki("dev-1")
+    server = start_task_server(pki_dir, "--rounds", "1")
+    (data,) = client_data(tmp_path, 1)
+    with FedgeClient(server.url, pki.credentials(pki_dir, pki.Role.CLIENT, "dev-1")) as api:
+        wait_for(lambda: api.current_round().state is RoundState.OPEN, 60, "round 1 to open")
+        model = api.model()
+        assert model is not None
+        body = encode(decode(model.body)[0], {"num_examples": "10"})
+        api.post_update(1, body)
+        assert api.current_round().state is RoundState.FINISHED
+    outbox = tmp_path / "agent-dev-1" / "outbox"
+    outbox.mkdir(parents=True)
+    (outbox / "round-1.safetensors").write_bytes(body)
+    agent = start_agent(pki_dir, "dev-1", data, server.url)
+    shown = wait_for(
+        lambda: (s := agent.status()).get("round") == 1 and s.get("state") != "uploading" and s,
+        60,
+        "the resend's answer",
+    )
+    assert shown["state"] == "idle"
+    assert shown["detail"] == "sent the update of round 1 (the server already held it)"
+    assert not any(outbox.iterdir())
+    assert stored_updates(server.data) == [(1, "dev-1")]
