@@ -3,10 +3,9 @@ middle of training and in the middle of an upload, then restarted; every round s
 selected device's update stored exactly once, before its deadline.
 
 Round 1 warms the agents' workers (a cold one is still starting when its round begins); rounds 2, 3 and 4
-each meet one kill. The moments are read from the
-agents' own status files: a round has started when an agent shows it, training once an agent has shown
-"training" for a while, uploading when an agent shows "uploading" (or, if that came and went between two
-looks, right after it)."""
+each meet one kill. The moments are read from the agents' own status files: a round has started when an
+agent shows it, training once an agent has shown "training" for a while, uploading when an agent shows
+"uploading" (or, if that came and went between two looks, right after it)."""
 
 from __future__ import annotations
 
