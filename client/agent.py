@@ -4,13 +4,17 @@ It hears rounds on MQTT (the retained announcement also brings a round it missed
 the broker cannot be reached, by long-polling the server. Each round runs the stateless ``train`` function
 in a warm worker, which leaves the trained update in ``<state>/outbox`` before the agent sends it: an
 update, once trained, survives a crash, a SIGTERM or a lost network and is sent on the next start. The
-server refuses a second update for the same round (``duplicate_update``), so resending never doubles it.
+server refuses a second update for the same round (``duplicate_update``), so resending never doubles it,
+and that answer means the update was delivered. A transient failure of any request of a round (the model's
+download, the upload, a skip notice) is tried again with backoff until the round's deadline
+(``client.retry``); only a refusal, the deadline or a stop ends the round early.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import queue
 import threading
 import time
@@ -23,10 +27,10 @@ import numpy as np
 import paho.mqtt.client as paho
 
 from fedge import mqtt
-from fedge.client import capacity, status
+from fedge.client import capacity, retry, status
 from fedge.client.planner import ExecutorTarget, Placer
 from fedge.client.policy import EDGE, Kind, OffloadSetting, Placement
-from fedge.client.round import Played, play
+from fedge.client.round import Played, Retrying, play
 from fedge.client.status import AgentState, AgentStatus, LastInvocation, Transport
 from fedge.client.targets import Target, TargetFailed
 from fedge.client.targets.device import DeviceTarget
@@ -39,6 +43,8 @@ from fedge.security.pki import Credentials, Identity, Role
 from fedge.security.tls import client_context
 from fedge.transport import FedgeClient, ServerError
 from fedge.wire import RoundInfo, RoundState, TrainConfig, rounds_topic, status_topic
+
+rounds_log = logging.getLogger("fedge.agent")  # retries and failed rounds, one line each, on stderr
 
 MQTT_GRACE_SECONDS = 5.0
 RETRY_SECONDS = 5.0
@@ -190,7 +196,7 @@ class Agent:
         self.pool.warm(wait=False)
         with np.load(self.config.data, allow_pickle=False) as arrays:
             examples = len(arrays["y"])
-        targets = self._targets(api)
+        targets = self._targets(api, info)
         offloads = self.config.offload is not OffloadSetting.NEVER
         if offloads and not self.placer.predictor.knows(EDGE, info.task):
             self._calibrate(info, targets)
@@ -199,19 +205,35 @@ class Agent:
         try:
             played = play(
                 info, self.placer, targets, placement, examples, capacity.free_memory,
-                lambda reason: told.append(self._skip(api, info.round, reason)),
+                lambda reason: told.append(self._skip(api, info, reason)),
                 lambda p, where, fallback: self._placed(info.round, p, where, fallback),
+                self._retrying(info.round),
             )  # fmt: skip
-        except Exception as exc:  # WorkerFailed (crash, hang), the server's refusal, bad data
-            self._finish(info.round, AgentState.ERROR, f"round {info.round} failed: {exc}")
+        except Exception as exc:  # WorkerFailed (crash, hang), the server's refusal, bad data, the deadline
+            if self._stop.is_set():  # not done: the next start takes the round up again if it is still open
+                self._report(AgentState.ERROR, info.round, f"round {info.round} stopped: {exc}")
+            else:
+                rounds_log.warning("round %d failed: %s", info.round, exc)
+                self._finish(info.round, AgentState.ERROR, f"round {info.round} failed: {exc}")
             return
         self._played(info.round, played, told)
 
-    def _targets(self, api: FedgeClient) -> dict[str, Target]:
+    def _retrying(self, round_: int) -> Retrying:
+        """How this round's requests wait out a transient failure: stopped by SIGTERM, and shown."""
+
+        def retried(exc: BaseException, seconds: float) -> None:
+            detail = f"round {round_}: {str(exc).rstrip('.')}; trying again in {seconds:.1f} s"
+            rounds_log.warning("%s", detail)
+            self._report(self._status.state, round_, detail)
+
+        return Retrying(self._stop.wait, retried)
+
+    def _targets(self, api: FedgeClient, info: RoundInfo) -> dict[str, Target]:
         """The device and each executor the owner allows, for this round."""
+        until = math.inf if info.deadline is None else info.deadline
         device = DeviceTarget(
             self.pool, self._train_event, self._calibrate_event,
-            lambda r: self._send_outbox(api).get(r), calibrate_s=CALIBRATE_SECONDS,
+            lambda r: self._send_outbox(api, until).get(r), calibrate_s=CALIBRATE_SECONDS,
         )  # fmt: skip
         executors = [
             HttpsExecutor(spec, self.config.creds, api, self._shard, CALIBRATE_SECONDS)
@@ -219,13 +241,18 @@ class Agent:
         ]
         return {EDGE: device, **{e.id: e for e in executors}}
 
-    def _skip(self, api: FedgeClient, round_: int, reason: str) -> str:
+    def _skip(self, api: FedgeClient, info: RoundInfo, reason: str) -> str:
         """Tell the server this round gets no update from here, so it need not wait for the deadline;
-        returns what became of the notice."""
-        try:  # best effort: without the notice the round merely waits for its deadline
-            api.skip(round_, reason)
+        returns what became of the notice. A notice the server already holds (its answer was lost) was
+        delivered."""
+        try:  # until the deadline: without the notice the round merely waits for it
+            self._retrying(info.round).call(lambda: api.skip(info.round, reason), info.deadline)
             return "the server was told"
-        except (httpx.HTTPError, ServerError) as exc:
+        except ServerError as exc:
+            if exc.code in ("already_skipped", "duplicate_update"):
+                return "the server was told"
+            return f"the skip notice failed: {exc}"
+        except httpx.HTTPError as exc:
             return f"the skip notice failed: {exc}"
 
     def _placed(self, round_: int, placement: Placement, where: str, fallback: str) -> None:
@@ -306,38 +333,40 @@ class Agent:
             except httpx.HTTPError:
                 pass  # a sleeping executor is the placement's problem next round, not this one's
 
-    def _send_outbox(self, api: FedgeClient) -> dict[int, tuple[int, float]]:
-        """Send every kept update; one the server already holds, or can no longer take, is dropped. Returns
-        (bytes, seconds) of each upload the server took, by round: the uplink the predictor learns."""
+    def _send_outbox(self, api: FedgeClient, retry_until: float = 0.0) -> dict[int, tuple[int, float]]:
+        """Send every kept update, oldest round first; one the server already holds (a resend whose first
+        answer was lost) counts as sent, one it refuses is dropped. A transient failure is tried again
+        until ``retry_until`` (the round's deadline; by default, at start and between rounds, never); past
+        it the update stays kept for the next try. Returns (bytes, seconds) of each upload the server
+        holds, by round: the uplink the predictor learns."""
         sent: dict[int, tuple[int, float]] = {}
-        for path in sorted(self._outbox.glob("round-*.safetensors")):
+        kept = sorted(
+            self._outbox.glob("round-*.safetensors"), key=lambda p: int(p.stem.removeprefix("round-"))
+        )
+        for path in kept:
             round_ = int(path.stem.removeprefix("round-"))
             self._report(AgentState.UPLOADING, round_, f"sending the update of round {round_}")
             body = path.read_bytes()
+            started = time.perf_counter()
             try:
-                started = time.perf_counter()
-                api.post_update(round_, body)
-                sent[round_] = (len(body), time.perf_counter() - started)
-                outcome, detail = AgentState.IDLE, f"sent the update of round {round_}"
-            except ServerError as exc:
-                if exc.code == "duplicate_update":
-                    outcome, detail = (
-                        AgentState.IDLE,
-                        f"the server already holds the update of round {round_}",
-                    )
-                else:
-                    outcome, detail = (
-                        AgentState.ERROR,
-                        f"round {round_}: the server refused the update: {exc}",
-                    )
-            except httpx.TransportError as exc:
-                self._report(
-                    AgentState.ERROR, round_, f"server unreachable, update of round {round_} kept: {exc}"
-                )
-                self._stop.wait(RETRY_SECONDS)
-                return sent
+                self._retrying(round_).call(lambda r=round_, b=body: api.post_update(r, b), retry_until)
+                detail = f"sent the update of round {round_}"
+            except (httpx.TransportError, ServerError) as exc:
+                if retry.transient(exc):
+                    detail = f"server unreachable, update of round {round_} kept: {exc}"
+                    self._report(AgentState.ERROR, round_, detail)
+                    self._stop.wait(RETRY_SECONDS)
+                    return sent
+                if not (isinstance(exc, ServerError) and exc.code == "duplicate_update"):
+                    path.unlink()
+                    refused = f"round {round_}: the server refused the update: {exc}"
+                    rounds_log.warning("%s", refused)
+                    self._finish(round_, AgentState.ERROR, refused)
+                    continue
+                detail = f"sent the update of round {round_} (the server already held it)"
+            sent[round_] = (len(body), time.perf_counter() - started)
             path.unlink()
-            self._finish(round_, outcome, detail)
+            self._finish(round_, AgentState.IDLE, detail)
         return sent
 
     def _done_round(self) -> int:
@@ -358,10 +387,12 @@ class Agent:
             self._publish(state, round_, detail)
 
     def _publish(self, state: AgentState, round_: int | None, detail: str) -> None:
+        if not status.current(self._status.round, round_):
+            return
         self._status = self._status.model_copy(
             update={
                 "state": state,
-                "round": round_,
+                "round": self._status.round if round_ is None else round_,
                 "detail": detail,
                 "transport": self._transport(),
                 "updated": time.time(),

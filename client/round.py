@@ -4,21 +4,62 @@ device can still do before the deadline; every run's actual times go to the plan
 ones.
 
 What differs between an agent and a simulated device reaches here only through what it passes: its
-targets (a simulation's device is slowed, its executor's link too), ``skip`` (how the server is told) and
+targets (a simulation's device is slowed, its executor's link too), ``skip`` (how the server is told),
 ``placed`` (what the caller shows or counts before each attempt: the placement, where it is counted, and
-why an offload fell back, if it did).
+why an offload fell back, if it did) and ``retrying`` (how it waits out a transient failure of the server).
 """
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
+from fedge.client import retry
 from fedge.client.planner import Placer
 from fedge.client.policy import EDGE, Kind, Placement
 from fedge.client.targets import Target, TargetFailed, Trained
-from fedge.wire import RoundInfo
+from fedge.wire import RoundInfo, seconds_until
+
+T = TypeVar("T")
+_JITTER = random.SystemRandom()  # seeded by nobody: two devices never draw the same waits
+
+
+def _sleep(seconds: float) -> bool:
+    time.sleep(seconds)
+    return False
+
+
+def _quiet(_exc: BaseException, _seconds: float) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class Retrying:
+    """The shell around ``retry.wait``: ``pause(seconds)`` waits and returns True when the caller is
+    stopping (an agent's SIGTERM), which raises the last failure at once; ``retried`` hears each failure
+    that will be tried again, with the wait before it."""
+
+    pause: Callable[[float], bool] = _sleep
+    retried: Callable[[BaseException, float], None] = _quiet
+
+    def call(self, attempt: Callable[[], T], deadline: float | None) -> T:
+        """``attempt()``, again after each transient failure until the round's ``deadline``; the failure
+        that ends it (permanent, too close to the deadline, or the caller stopping) is raised."""
+        failures = 0
+        while True:
+            try:
+                return attempt()
+            except Exception as exc:
+                failures += 1
+                seconds = retry.wait(exc, failures, seconds_until(deadline, time.time()), _JITTER.random())
+                if seconds is None:
+                    raise
+                self.retried(exc, seconds)
+                if self.pause(seconds):
+                    raise
 
 
 @dataclass(frozen=True)
@@ -51,21 +92,25 @@ def play(
     free: Callable[[], int],
     skip: Callable[[str], None],
     placed: Callable[[Placement, str, str], None] = _nothing,
+    retrying: Retrying = Retrying(),
 ) -> Played:
     """Act on ``placement`` (``planner.decide``'s, or a simulation's oracle's): ``targets`` holds the device
     (``EDGE``) and each executor the owner allows; ``free`` the device's free memory now, for a fallback;
-    ``skip`` tells the server, with the reason, that no update comes. A device's own failure is raised."""
+    ``skip`` tells the server, with the reason, that no update comes. The device's run is tried again on a
+    transient failure (the model could not be fetched) until the deadline; its other failures are raised."""
     placed(placement, where(placement), "")
     if placement.kind is Kind.SKIP:
         skip(placement.reason)
         return Played(where(placement), placement)
     if not placement.offloaded:
-        return Played(where(placement), placement, _run(info, planner, targets[EDGE], placement))
+        return Played(where(placement), placement, _run(info, planner, targets[EDGE], placement, retrying))
     assert placement.target is not None  # an offload placement always names its executor
     try:
         trained = targets[placement.target].train(info, placement)
     except TargetFailed as exc:
-        return _fall_back(info, planner, targets, placement.target, examples, free(), skip, placed, exc)
+        return _fall_back(
+            info, planner, targets, placement.target, examples, free(), skip, placed, retrying, exc
+        )
     _learn(info, planner, placement.target, trained)
     return Played(where(placement), placement, trained)
 
@@ -79,6 +124,7 @@ def _fall_back(
     free: int,
     skip: Callable[[str], None],
     placed: Callable[[Placement, str, str], None],
+    retrying: Retrying,
     exc: TargetFailed,
 ) -> Played:
     """The executor did not train the round: the device does what it still can before the deadline, and
@@ -90,11 +136,13 @@ def _fall_back(
     if placement.kind is Kind.SKIP:
         skip(f"offload failed, then {placement.reason}")
         return Played(counted, placement, fallback=why)
-    return Played(counted, placement, _run(info, planner, targets[EDGE], placement), why)
+    return Played(counted, placement, _run(info, planner, targets[EDGE], placement, retrying), why)
 
 
-def _run(info: RoundInfo, planner: Placer, target: Target, placement: Placement) -> Trained:
-    trained = target.train(info, placement)
+def _run(
+    info: RoundInfo, planner: Placer, target: Target, placement: Placement, retrying: Retrying
+) -> Trained:
+    trained = retrying.call(lambda: target.train(info, placement), info.deadline)
     _learn(info, planner, target.id, trained)
     return trained
 

@@ -50,6 +50,14 @@ class AgentStatus(BaseModel):
     updated: float = Field(default_factory=time.time)
 
 
+def current(shown: int | None, reported: int | None) -> bool:
+    """Whether a report about round ``reported`` (None: about no round in particular, which keeps the one
+    shown) may replace a status showing round ``shown``. The status never goes back to an older round:
+    an announcement delayed by a broker outage, or an old update sent late, is not what the agent is
+    doing now."""
+    return reported is None or shown is None or reported >= shown
+
+
 class StatusError(Exception):
     """There is no readable status in the state directory."""
 

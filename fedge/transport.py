@@ -24,16 +24,18 @@ from fedge.wire import ErrorBody, ModelMeta, RoundInfo, SkipNotice, SkipReceipt,
 
 
 class ServerError(Exception):
-    """The server refused a request; ``code`` is the stable error code of the wire contract."""
+    """The server refused a request; ``code`` is the stable error code of the wire contract.
+    ``retry_after``: the seconds its ``Retry-After`` header asked the client to wait, if it sent one."""
 
-    def __init__(self, status: int, code: str, detail: str) -> None:
+    def __init__(self, status: int, code: str, detail: str, retry_after: float | None = None) -> None:
         super().__init__(f"{status} {code}: {detail}")
         self.status = status
         self.code = code
         self.detail = detail
+        self.retry_after = retry_after
 
-    def __reduce__(self) -> tuple[type[ServerError], tuple[int, str, str]]:
-        return ServerError, (self.status, self.code, self.detail)
+    def __reduce__(self) -> tuple[type[ServerError], tuple[int, str, str, float | None]]:
+        return ServerError, (self.status, self.code, self.detail, self.retry_after)
 
 
 @dataclass(frozen=True)
@@ -152,4 +154,14 @@ def raise_for_error(response: httpx.Response) -> None:
         error = ErrorBody.model_validate_json(response.content)
     except ValueError:
         error = ErrorBody(error="http_error", detail=response.text[:200])
-    raise ServerError(response.status_code, error.error, error.detail)
+    retry_after = _seconds(response.headers.get("Retry-After"))
+    raise ServerError(response.status_code, error.error, error.detail, retry_after)
+
+
+def _seconds(header: str | None) -> float | None:
+    """A ``Retry-After`` in seconds; an HTTP date or garbage counts as none (the caller's backoff rules)."""
+    try:
+        seconds = float(header) if header is not None else None
+    except ValueError:
+        return None
+    return seconds if seconds is not None and 0 <= seconds < float("inf") else None

@@ -154,7 +154,11 @@ class Federation:
         current = self._open
         late = current is not None and round_ < current.round
         if not (late and self.settings.buffer):
-            self._refuse_late(round_, current)
+            try:
+                self._refuse_late(round_, current)
+            except Rejected:
+                self._refuse_reported(round_, client)
+                raise
         if current is None or round_ > current.round:
             raise Rejected("round_not_open", f"round {round_} is not open for updates")
         if client not in current.selected:
@@ -222,6 +226,15 @@ class Federation:
             raise Rejected("round_closed", f"round {round_} is closed; round {current.round} is open")
         if round_ == current.round and time.time() >= current.deadline:
             raise Rejected("round_closed", f"round {round_} passed its deadline")
+
+    def _refuse_reported(self, round_: int, client: str) -> None:
+        """Duplication is answered before lateness: a client resending what a round already counted (its
+        first answer was lost with the connection) learns it was delivered, not that the round closed.
+        Asked only of refusals, so an accepted update pays for no extra lookup."""
+        if any(update.client == client for update in self._store.updates(round_)):
+            raise Rejected("duplicate_update", f"{client!r} already sent its update for round {round_}")
+        if client in self._store.skips(round_):
+            raise Rejected("already_skipped", f"{client!r} already skipped round {round_}")
 
     def _base(self, staleness: int) -> Tensors:
         """The model an update ``staleness`` versions behind the open round was trained from."""

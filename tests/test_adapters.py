@@ -77,7 +77,7 @@ def test_the_http_function_trains_and_evaluates_for_a_real_server(
         assert 0 <= evaluated.json()["accuracy"] <= 1
         again = http.post("/train", json=train_event(server, pki_dir, "dev-1", data))
         assert again.status_code == 502
-        assert again.json()["error"] == "round_closed"
+        assert again.json()["error"] == "duplicate_update"  # its round-1 update was counted
         bad = http.post("/train", json={"server": server.url})
         assert bad.status_code == 400
         assert bad.json()["error"] == "bad_event"

@@ -381,7 +381,7 @@ def test_a_second_update_and_replays_are_refused_and_the_signature_is_kept(
         assert open_round(apis["alice"]).round == info.round + 1
         closed = state_of(server)
         late = http.post(f"/v1/rounds/{info.round}/updates", content=body, headers=headers)
-        assert refusal(late) == (409, "round_closed")
+        assert refusal(late) == (409, "duplicate_update")  # counted before it closed
         moved = http.post(f"/v1/rounds/{info.round + 1}/updates", content=body, headers=headers)
         assert refusal(moved) == (403, "bad_signature")
         assert state_of(server) == closed

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -101,8 +102,8 @@ def test_a_refused_update_leaves_store_and_model_untouched(fed: Federation, tmp_
 def test_the_round_refuses_a_checked_update_it_no_longer_takes(fed: Federation) -> None:
     """Intake runs outside the round's lock: the round may close between the check and the submit."""
     late = check(1, "alice", update_body(2.0), fed, None)
-    for client in CLIENTS:
-        fed.submit(check(1, client, update_body(2.0), fed, None))
+    fed.submit(check(1, "bob", update_body(2.0), fed, None))
+    fed.tick(now=time.time() + 3600)  # the deadline closes the round on bob's update alone
     with pytest.raises(Rejected) as refused:
         fed.submit(late)
     assert refused.value.code == "round_closed"

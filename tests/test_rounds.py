@@ -239,18 +239,34 @@ def test_a_fraction_of_clients_is_selected_reproducibly_and_only_they_may_send(t
     assert len({tuple(select(clients, r, 0.3, 1, 0)) for r in range(1, 8)}) > 1  # rounds differ
 
 
-def test_a_late_update_is_refused_as_round_closed(tmp_path: Path) -> None:
+def test_a_late_update_is_refused_as_round_closed_but_a_resend_of_a_counted_one_as_a_duplicate(
+    tmp_path: Path,
+) -> None:
+    """Duplication is checked before lateness: a client whose first answer was lost learns that its
+    update was delivered, not that the round closed."""
     fed = federation(tmp_path, round_timeout=5.0)
     fed.tick(now=time.time())
     for client in SELECTED:
         submit(fed, 1, client, update_body(1.0))
     with pytest.raises(Rejected) as refused:
         submit(fed, 1, "alice", update_body(1.0))
-    assert (refused.value.status, refused.value.code) == (409, "round_closed")
+    assert (refused.value.status, refused.value.code) == (409, "duplicate_update")
+    submit(fed, 2, "carol", update_body(1.0))
+    fed.skip(2, "alice", "out of memory")
     fed.tick(now=time.time() + 3600)  # round 2 passes its deadline without a quorum; round 3 opens
     with pytest.raises(Rejected) as refused:
         submit(fed, 2, "bob", update_body(1.0))
     assert refused.value.code == "round_closed"
+    with pytest.raises(Rejected) as refused:
+        submit(fed, 2, "carol", update_body(1.0))
+    assert refused.value.code == "duplicate_update"
+    with pytest.raises(Rejected) as refused:
+        fed.skip(2, "alice", "out of memory")
+    assert refused.value.code == "already_skipped"
+    assert [(r.record.round, r.reported, r.skipped) for r in Store(tmp_path).history()][:2] == [
+        (1, SELECTED, {}),
+        (2, ["carol"], {"alice": "out of memory"}),
+    ]
 
 
 def test_an_update_after_the_deadline_of_the_open_round_is_refused(tmp_path: Path) -> None:
@@ -260,6 +276,21 @@ def test_an_update_after_the_deadline_of_the_open_round_is_refused(tmp_path: Pat
         submit(fed, 1, "alice", update_body(1.0))
     assert (refused.value.code, refused.value.detail) == ("round_closed", "round 1 passed its deadline")
     assert Store(tmp_path).updates(1) == []
+
+
+def test_a_resend_after_the_deadline_of_an_update_the_open_round_counted_is_a_duplicate(
+    tmp_path: Path,
+) -> None:
+    fed = federation(tmp_path, round_timeout=2.0)
+    fed.tick(now=time.time())
+    submit(fed, 1, "alice", update_body(1.0))
+    time.sleep(2.1)  # the deadline passes; no tick has closed the round yet
+    with pytest.raises(Rejected) as refused:
+        submit(fed, 1, "alice", update_body(1.0))
+    assert refused.value.code == "duplicate_update"
+    with pytest.raises(Rejected) as refused:
+        submit(fed, 1, "bob", update_body(1.0))
+    assert refused.value.code == "round_closed"
 
 
 def async_federation(data: Path, clients: list[str], **settings: object) -> Federation:
