@@ -38,8 +38,8 @@ def _serve(pki_dir: Path, id_: str, server: str, port: int, host: str) -> None:
     import torch
     import uvicorn
 
-    from fedge.edge_functions.executor import Executor, make_app
-    from fedge.security.peer import MutualTLSProtocol
+    from fedge.edge_functions.executor import MAX_JOB, Executor, make_app
+    from fedge.security.http_limits import BodyCap, Limits, uvicorn_options
 
     if not torch.cuda.is_available():
         # Jobs run side by side, one per thread: torch's own intra-op threads on top of them only fight
@@ -51,7 +51,10 @@ def _serve(pki_dir: Path, id_: str, server: str, port: int, host: str) -> None:
         listener = socket.create_server((host, port))
     config = uvicorn.Config(
         make_app(Executor(id_, federation, server, creds)),
-        http=MutualTLSProtocol,
+        # A job carries a sealed shard; a calibration request is a small JSON.
+        **uvicorn_options(
+            Limits(), lambda _method, path: BodyCap(MAX_JOB if path == "/v1/jobs" else 1 << 20)
+        ),
         ssl_certfile=str(creds.cert),
         ssl_keyfile=str(creds.key),
         ssl_ca_certs=str(creds.ca),
