@@ -60,9 +60,10 @@ def test_the_update_cap_follows_the_model_and_is_applied_before_the_body(start_s
     assert str(limit) in answer.body.decode()  # the cap is the current model's size plus its metadata
 
 
-def _closed_after(sock, results: dict[str, tuple[float, list[Answer]]], name: str, timeout: float) -> None:
-    stream, took = read_until_closed(sock, timeout=timeout)
-    results[name] = (took, answers(stream))
+def _closed_after(sock, since: float, results: dict[str, tuple[float, list[Answer]]], name: str) -> None:
+    """Record how long after ``since`` the server closed ``sock``, and what it said before."""
+    stream, _ = read_until_closed(sock, timeout=60)
+    results[name] = (time.monotonic() - since, answers(stream))
 
 
 def test_slow_heads_slow_bodies_and_idle_connections_time_out_but_a_long_poll_does_not(
@@ -75,20 +76,24 @@ def test_slow_heads_slow_bodies_and_idle_connections_time_out_but_a_long_poll_do
     threads = []
 
     silent = open_tls(server.url, anyone)  # connects and never sends
+    since = {"silent": time.monotonic()}
     slow_head = open_tls(server.url, anyone)
     slow_head.sendall(b"GET /healthz HTTP/1.1\r\n")
+    since["slow_head"] = time.monotonic()
     slow_body = open_tls(server.url, anyone)
     slow_body.sendall(request("POST", "/v1/enroll", {"Content-Length": "100"}, b'{"token": '))
+    since["slow_body"] = time.monotonic()
     idle = open_tls(server.url, alice)  # one answered request, then silence on the mutual-TLS connection
     idle.sendall(request("GET", "/healthz"))
     assert read_answer(idle).status == 200
+    since["idle"] = time.monotonic()
     for name, sock in [
         ("silent", silent),
         ("slow_head", slow_head),
         ("slow_body", slow_body),
         ("idle", idle),
     ]:
-        threads.append(threading.Thread(target=_closed_after, args=(sock, results, name, 60)))
+        threads.append(threading.Thread(target=_closed_after, args=(sock, since[name], results, name)))
     poll = open_tls(server.url, alice)
     poll.sendall(request("GET", "/v1/rounds/current"))
     etag = read_answer(poll).headers["etag"]
