@@ -264,6 +264,8 @@ class GuardedProtocol(MutualTLSProtocol):
         self._refuse(408, "request_timeout", f"the request head took over {self.limits.head_timeout:g} s")
 
     def _body_too_slow(self) -> None:
+        if self.flow.read_paused:  # uvicorn stopped reading until the application takes what it has
+            self._body_seen = self.loop.time()
         silent = self.loop.time() - self._body_seen
         if silent < self.limits.body_timeout:
             self._body_timer = self.loop.call_later(self.limits.body_timeout - silent, self._body_too_slow)

@@ -9,13 +9,14 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 from conftest import tls_for, toy_model
 from raw_http import Answer, answers, no_certificate, open_tls, read_answer, read_until_closed, request
 
 from fedge.codec import encode
 from fedge.security import pki
 from fedge.security.http_limits import Limits
-from fedge.server.limits import PUBLIC_RATES, SMALL_BODY, UPDATE_OVERHEAD
+from fedge.server.limits import PUBLIC_RATES, SMALL_BODY, UPDATE_OVERHEAD, Rate, TokenBuckets
 
 LIMITS = Limits()
 MODEL_BYTES = len(encode(toy_model()))  # the toy server's initial model, as it serves it
@@ -212,3 +213,20 @@ def test_a_client_that_drops_an_upload_mid_body_leaves_one_log_line(start_server
     dropped = [line for line in log.splitlines() if "dropped" in line]
     assert len(dropped) == 3, log
     assert all("POST /v1/rounds/1/updates after 100 body bytes" in line for line in dropped)
+
+
+def test_a_token_bucket_allows_its_burst_then_its_rate_and_says_how_long_to_wait() -> None:
+    buckets = TokenBuckets(Rate(burst=3, per_second=0.5))
+    assert [buckets.wait("a", 0.0) for _ in range(3)] == [0, 0, 0]
+    assert buckets.wait("a", 0.0) == pytest.approx(2.0)
+    assert buckets.wait("b", 0.0) == 0  # every address has its own bucket
+    assert buckets.wait("a", 1.0) == pytest.approx(1.0)
+    assert buckets.wait("a", 2.0) == 0  # one token back after 1 / rate
+
+
+def test_token_buckets_remember_a_bounded_number_of_addresses() -> None:
+    buckets = TokenBuckets(Rate(burst=1, per_second=0.001), max_keys=2)
+    for address in ("a", "b", "c"):
+        assert buckets.wait(address, 0.0) == 0
+    assert buckets.wait("c", 0.0) > 0  # the most recent are remembered
+    assert buckets.wait("a", 0.0) == 0  # the least recently seen was forgotten, and starts full
