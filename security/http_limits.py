@@ -40,6 +40,9 @@ from fedge.security.peer import MutualTLSProtocol
 from fedge.security.pki import PKIError, identity_of
 
 UNAUTHENTICATED = "unauthenticated"
+# A closed TLS connection waits for the peer's close_notify (asyncio: 30 s); one that never reads would keep
+# its memory that long. After this grace, which lets a refusal reach a reading client, it is dropped.
+CLOSE_GRACE = 2.0
 
 
 @dataclass(frozen=True)
@@ -178,12 +181,16 @@ class GuardedProtocol(MutualTLSProtocol):
         self._body_seen = 0.0
         self._head_timer: asyncio.TimerHandle | None = None
         self._body_timer: asyncio.TimerHandle | None = None
+        self._abort_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._key = identity_key(self.peer_der)
         cap = self.limits.unauthenticated if self.peer_der is None else self.limits.per_identity
         self._admitted = self.ledger.admit(self._key, cap)
+        if not self._admitted:  # refused before it costs more than its handshake: not kept waiting to ask
+            self._refuse(429, "too_many_connections", f"{self._key} already holds {cap} connections")
+            return
         # uvicorn starts its idle timer only after a response: a connection that never sends would stay.
         self.timeout_keep_alive_task = self.loop.call_later(
             self.timeout_keep_alive, self.timeout_keep_alive_handler
@@ -214,7 +221,13 @@ class GuardedProtocol(MutualTLSProtocol):
                 self._received,
             )
         self._stop_timers()
+        if self._abort_timer is not None:
+            self._abort_timer.cancel()
         super().connection_lost(exc)
+
+    def timeout_keep_alive_handler(self) -> None:
+        super().timeout_keep_alive_handler()
+        self._abort_later()
 
     def send_400_response(self, msg: str) -> None:
         """uvicorn's answer to a request h11 cannot parse (malformed chunking, bad header syntax, conflicting
@@ -227,10 +240,6 @@ class GuardedProtocol(MutualTLSProtocol):
         problem = framing_error(raw)
         if problem is not None:
             self._refuse(400, "bad_framing", problem)
-            return False
-        if not self._admitted:
-            cap = self.limits.unauthenticated if self._key == UNAUTHENTICATED else self.limits.per_identity
-            self._refuse(429, "too_many_connections", f"{self._key} already holds {cap} connections")
             return False
         path = unquote(event.target.partition(b"?")[0].decode("ascii"))
         self._cap = self.caps(event.method.decode("ascii"), path)
@@ -291,6 +300,11 @@ class GuardedProtocol(MutualTLSProtocol):
             retry = (("retry-after", str(self.limits.retry_after)),) if status == 429 else ()
             self.transport.write(error_response(status, code, detail, retry))
         self.transport.close()
+        self._abort_later()
+
+    def _abort_later(self) -> None:
+        if self._abort_timer is None:
+            self._abort_timer = self.loop.call_later(CLOSE_GRACE, self.transport.abort)
 
     def _who(self) -> str:
         address = f"{self.client[0]}:{self.client[1]}" if self.client else "a client"
