@@ -12,7 +12,10 @@ application code runs or any body byte is buffered:
 - size: each route has a body cap (``BodyCaps``), refused from Content-Length before reading, or as soon
   as a chunked body passes it (413); the connection is closed, so the rest is never read.
 - count: one identity (the certificate's SPIFFE id) holds at most ``per_identity`` connections, and
-  connections without a certificate together at most ``unauthenticated`` (429 with Retry-After).
+  connections without a certificate together at most ``unauthenticated``; one past its cap is answered
+  429 with Retry-After as soon as its handshake is done, and closed.
+- memory after close: a closed TLS connection whose peer never reads is dropped after ``CLOSE_GRACE``
+  instead of asyncio's 30 s wait for its close_notify, so refused and timed-out abuse does not pile up.
 - framing (RFC 9112 §6.1, §6.3): a request with both Content-Length and Transfer-Encoding, more than one
   Content-Length, or malformed chunking is answered 400 and the connection closed, so no request smuggled
   behind it is ever parsed.
