@@ -230,3 +230,26 @@ def test_token_buckets_remember_a_bounded_number_of_addresses() -> None:
         assert buckets.wait(address, 0.0) == 0
     assert buckets.wait("c", 0.0) > 0  # the most recent are remembered
     assert buckets.wait("a", 0.0) == 0  # the least recently seen was forgotten, and starts full
+
+
+def test_the_executor_applies_the_same_bounds_and_framing(make_pki, start_executor) -> None:
+    executor_pki = make_pki("alice")
+    pki.issue(executor_pki, pki.Role.EXECUTOR, "gpu-1", hosts=("127.0.0.1",))
+    executor = start_executor(executor_pki, "gpu-1", "https://127.0.0.1:1")  # no server needed
+    alice = tls_for(executor_pki, pki.Role.CLIENT, "alice")
+    with open_tls(executor.url, alice) as sock:  # a calibration is a small JSON
+        sock.sendall(request("POST", "/v1/calibrate", {"Content-Length": str(64 << 20)}))
+        stream, took = read_until_closed(sock, timeout=15)
+    [answer] = answers(stream)
+    assert (answer.status, answer.error) == (413, "body_too_large")
+    assert took < 5
+    with open_tls(executor.url, alice) as sock:
+        carrier = request("POST", "/v1/calibrate", {"Content-Length": "5", "Transfer-Encoding": "chunked"})
+        sock.sendall(carrier + b"0\r\n\r\n" + request("GET", "/v1/key"))
+        stream, _ = read_until_closed(sock, timeout=15)
+    [answer] = answers(stream)
+    assert (answer.status, answer.error) == (400, "bad_framing")
+    with open_tls(executor.url, alice) as sock:  # and an idle connection is closed
+        stream, took = read_until_closed(sock, timeout=60)
+    assert stream == b""
+    assert LIMITS.idle_timeout - 1 < took < LIMITS.idle_timeout + 10
