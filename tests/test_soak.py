@@ -26,10 +26,10 @@ from fedge.security import pki
 from fedge.security.http_limits import CLOSE_GRACE, Limits
 from fedge.transport import FedgeClient
 
-SOAK_SECONDS = 40.0
-IDLE_SECONDS = 6.0
-RAMP_SECONDS = 8.0  # the connection caps fill and the first timeouts pass before memory is compared
 LIMITS = Limits()
+SOAK_SECONDS = 35.0
+IDLE_SECONDS = 6.0
+RAMP_SECONDS = LIMITS.idle_timeout + 3  # the caps fill and every kind of timeout has passed once
 
 
 def _honest_latencies(api: FedgeClient, until: float, at_least: int = 0) -> list[float]:
@@ -87,13 +87,15 @@ def _abusers(url: str, pki_dir: Path, stop: Event) -> None:
 
     def dropped_upload() -> None:
         sock = open_tls(url, carol)
-        headers = {"Content-Length": "100000", "X-Fedge-Signature": "c2ln", "X-Fedge-Nonce": "ab" * 16}
+        headers = {"Content-Length": "60000", "X-Fedge-Signature": "c2ln", "X-Fedge-Nonce": "ab" * 16}
         sock.sendall(request("POST", "/v1/rounds/1/updates", headers, b"\0" * 1000))
         sock.close()
 
     attacks = [
-        (0.1, lambda: hold(anyone, b"GET /healthz HTTP/1.1\r\nX-Slow: ")),  # slow heads, past the cap
-        (0.25, lambda: hold(bob, b"")),  # idle mutual-TLS connections, past bob's cap
+        # Slow heads live head_timeout (10 s) and idle connections idle_timeout (15 s): these rates keep
+        # more of each open than their caps admit.
+        (0.15, lambda: hold(anyone, b"GET /healthz HTTP/1.1\r\nX-Slow: ")),
+        (0.4, lambda: hold(bob, b"")),
         (0.5, oversized_enrollment),
         (0.5, smuggle),
         (1.0, ca_flood),
