@@ -38,9 +38,10 @@ def _serve(pki_dir: Path, id_: str, server: str, port: int, host: str) -> None:
     import torch
     import uvicorn
 
-    from fedge.edge_functions.executor import Executor, make_app
-    from fedge.security.peer import MutualTLSProtocol
+    from fedge.edge_functions.executor import MAX_JOB, Executor, make_app
+    from fedge.security.http_limits import BodyCap, Limits, uvicorn_options
     from fedge.security.revocation import Standing
+    from fedge.security.tls import TLS12_CIPHERS
 
     if not torch.cuda.is_available():
         # Jobs run side by side, one per thread: torch's own intra-op threads on top of them only fight
@@ -53,11 +54,15 @@ def _serve(pki_dir: Path, id_: str, server: str, port: int, host: str) -> None:
         listener = socket.create_server((host, port))
     config = uvicorn.Config(
         make_app(Executor(id_, federation, server, creds, standing)),
-        http=MutualTLSProtocol,
+        # A job carries a sealed shard; a calibration request is a small JSON.
+        **uvicorn_options(
+            Limits(), lambda _method, path: BodyCap(MAX_JOB if path == "/v1/jobs" else 1 << 20)
+        ),
         ssl_certfile=str(creds.cert),
         ssl_keyfile=str(creds.key),
         ssl_ca_certs=str(creds.ca),
         ssl_cert_reqs=ssl.CERT_REQUIRED,
+        ssl_ciphers=TLS12_CIPHERS,
         log_level="warning",
         lifespan="off",
     )

@@ -17,11 +17,13 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 
 class MutualTLSProtocol(H11Protocol):
+    peer_der: bytes | None = None
+
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         ssl_object: ssl.SSLObject | None = transport.get_extra_info("ssl_object")
-        peer = ssl_object.getpeercert(binary_form=True) if ssl_object else None
-        self.app = _with_peer_certificate(self.app, peer)
+        self.peer_der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
+        self.app = _with_peer_certificate(self.app, self.peer_der)
 
 
 def _with_peer_certificate(app: ASGI3Application, peer_der: bytes | None) -> ASGI3Application:

@@ -11,12 +11,15 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
+from starlette.responses import Response
 
 from fedge import __version__
 from fedge.server import admin, api, enrollment, errors
 from fedge.server.errors import Rejected
 from fedge.server.feed import ChangeFeed
 from fedge.server.identity import CertificateGate
+from fedge.server.limits import PublicRateLimit
 from fedge.server.rounds import Federation
 from fedge.server.trust import Trust
 
@@ -36,10 +39,12 @@ def create_app(federation: Federation, trust: Trust) -> FastAPI:
     app.state.federation = federation
     app.state.trust = trust
     app.add_middleware(CertificateGate, trust=trust)  # type: ignore[arg-type]
+    app.add_middleware(PublicRateLimit)  # type: ignore[arg-type]
     for part in (api, enrollment, admin):
         app.include_router(part.router)
     for refusal in (Rejected, HTTPException, RequestValidationError):
         app.add_exception_handler(refusal, _error)
+    app.add_exception_handler(ClientDisconnect, _dropped)
     return app
 
 
@@ -52,3 +57,9 @@ async def _round_clock(federation: Federation) -> None:
 
 async def _error(_: Request, exc: Exception) -> JSONResponse:
     return errors.response(exc)
+
+
+async def _dropped(_: Request, __: Exception) -> Response:
+    """A caller that went away mid-body: the connection already logged its one line, and nobody is left to
+    read an answer (this one only keeps a traceback out of the log)."""
+    return Response(status_code=400)

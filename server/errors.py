@@ -34,6 +34,8 @@ STATUS: dict[str, int] = {
     "already_skipped": 409, "asynchronous_mode": 409, "already_started": 409, "already_revoked": 409,
     "client_active": 409,
     "unknown_client": 404,
+    # how much, how often
+    "rate_limited": 429,
 }  # fmt: skip
 # What OpenAPI documents for every route: any refusal may come in the shared error body.
 RESPONSES: dict[int | str, dict[str, object]] = {

@@ -18,9 +18,10 @@ from fastapi import FastAPI
 
 from fedge.console import UserError
 from fedge.files import write_file
-from fedge.security.peer import MutualTLSProtocol
+from fedge.security.http_limits import Limits, uvicorn_options
 from fedge.security.pki import Credentials
 from fedge.security.tls import server_context
+from fedge.server.limits import body_caps
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -38,10 +39,13 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(app: FastAPI, creds: Credentials, sock: socket.socket, endpoint_file: Path) -> None:
+def serve(
+    app: FastAPI, creds: Credentials, sock: socket.socket, endpoint_file: Path, limits: Limits | None = None
+) -> None:
+    federation = app.state.federation
     config = uvicorn.Config(
         app,
-        http=MutualTLSProtocol,
+        **uvicorn_options(limits or Limits(), body_caps(lambda: len(federation.model.body))),
         ssl_context_factory=lambda _config, _default: server_context(creds),
         log_level=os.environ.get("FEDGE_LOG_LEVEL", "warning"),
         timeout_graceful_shutdown=5,
