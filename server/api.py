@@ -16,7 +16,7 @@ from fedge.security import signing
 from fedge.security.peer import peer_certificate
 from fedge.security.pki import Identity, Role
 from fedge.security.revocation import NotStanding
-from fedge.server import intake, metrics
+from fedge.server import intake, limits, metrics
 from fedge.server.deps import FederationDep, FeedDep, TrustDep
 from fedge.server.errors import RESPONSES, Rejected
 from fedge.server.identity import Caller, Client, Submitter
@@ -139,7 +139,7 @@ async def post_update(
         if not x_fedge_signature or not x_fedge_nonce:
             raise Rejected("missing_signature", "an update needs X-Fedge-Signature and X-Fedge-Nonce")
         owner = _slot_owner(identity, x_fedge_grant, round_, trust)
-        body = await _read_capped(request, len(federation.model.body) + 64 * 1024)
+        body = await _read_capped(request, len(federation.model.body) + limits.UPDATE_OVERHEAD)
         signed = intake.Signed(
             peer_der=peer_certificate(request.scope),  # type: ignore[arg-type]
             federation=trust.federation,
@@ -197,7 +197,10 @@ def _slot_owner(identity: Identity, grant_header: str | None, round_: int, trust
 
 
 async def _read_capped(request: Request, limit: int) -> bytes:
-    """Read the body, refusing it as soon as it exceeds what an update of this model can weigh."""
+    """Read the body, refusing it as soon as it exceeds what an update of this model can weigh.
+
+    The connection guard (``server.limits.body_caps``) applies the same cap before the app sees the
+    request; this one holds wherever the app runs without that guard (in-process, behind another server)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise Rejected("update_too_large", f"body of {declared} bytes exceeds the limit of {limit}")
