@@ -10,14 +10,14 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from fedge.console import UserError, console, user_errors
+from fedge.console import UserError, command_group, console, user_errors
 from fedge.security.pki import PKIError
 
 if TYPE_CHECKING:
     from fedge.client.agent import AgentConfig
     from fedge.client.settings import AgentSettings
 
-app = typer.Typer(help="The edge agent a device runs: enroll, renew, run, status.", no_args_is_help=True)
+app = command_group("The edge agent a device runs: enroll, renew, run, status.")
 StateDir = Annotated[Path, typer.Option("--dir", help="the agent's state directory (credentials)")]
 
 

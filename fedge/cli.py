@@ -10,7 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from fedge.client.cli import app as agent_app
-from fedge.console import console, user_errors
+from fedge.console import command_group, console, user_errors
 from fedge.edge_functions.cli import executor
 from fedge.security.broker_cli import app as broker_app
 from fedge.security.cli import app as pki_app
@@ -29,11 +29,7 @@ from fedge.settings import SimulationSettings
 if TYPE_CHECKING:
     from fedge.sim.report import Report
 
-app = typer.Typer(
-    help="fedge: federated learning across edge devices, the serverless way.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-)
+app = command_group("fedge: federated learning across edge devices, the serverless way.")
 app.add_typer(pki_app, name="pki")
 app.add_typer(broker_app, name="broker")
 app.add_typer(agent_app, name="agent")

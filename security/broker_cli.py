@@ -7,10 +7,10 @@ from typing import Annotated
 
 import typer
 
-from fedge.console import console, user_errors
+from fedge.console import command_group, console, user_errors
 from fedge.security import broker, pki
 
-app = typer.Typer(help="The federation's MQTT broker (mosquitto).", no_args_is_help=True)
+app = command_group("The federation's MQTT broker (mosquitto).")
 
 
 @app.command()

@@ -9,13 +9,10 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from fedge.console import console, errors, user_errors
+from fedge.console import command_group, console, errors, user_errors
 from fedge.security import pki, tokens
 
-app = typer.Typer(
-    help="Certificates of a federation: its CA, the server's, each client's; tokens; revocation.",
-    no_args_is_help=True,
-)
+app = command_group("Certificates of a federation: its CA, the server's, each client's; tokens; revocation.")
 PkiDir = Annotated[Path, typer.Option("--dir", help="PKI directory")]
 
 
