@@ -91,6 +91,7 @@ class Agent:
         self._checked = time.monotonic()
         self._counted = ""  # where this round's last attempt was counted
         self._mqtt: paho.Client | None = None
+        self.refused = ""  # why the server refuses this device's certificate, once it does: the agent stops
         self._status_lock = threading.Lock()
         self._status = AgentStatus(
             client=config.identity.id, state=AgentState.IDLE, transport=self._transport()
@@ -125,7 +126,7 @@ class Agent:
                         self._send_outbox(api)
         finally:
             self.pool.close()
-            self._report(AgentState.STOPPED, detail="stopped")
+            self._report(AgentState.STOPPED, detail=self.refused or "stopped")
             if self._mqtt is not None:
                 self._mqtt.disconnect()
                 self._mqtt.loop_stop()
@@ -169,7 +170,16 @@ class Agent:
         self._checked = time.monotonic()
         try:
             info = api.current_round(wait=wait, etag=self._etag)
-        except (httpx.TransportError, ServerError) as exc:
+        except ServerError as exc:
+            if exc.status in (401, 403):  # this certificate is refused (revoked, expired...): for good
+                self.refused = f"the server refuses this device's certificate: {exc}"
+                self._report(AgentState.ERROR, detail=self.refused)
+                self._stop.set()
+                return None
+            self._report(AgentState.ERROR, detail=f"server unreachable: {exc}")
+            self._stop.wait(RETRY_SECONDS)
+            return None
+        except httpx.TransportError as exc:
             self._report(AgentState.ERROR, detail=f"server unreachable: {exc}")
             self._stop.wait(RETRY_SECONDS)
             return None

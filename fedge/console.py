@@ -24,6 +24,11 @@ def command_group(help: str) -> typer.Typer:
     return typer.Typer(help=help, no_args_is_help=True, rich_markup_mode=None, pretty_exceptions_enable=False)
 
 
+def warn(message: str) -> None:
+    """Something the user should know that does not stop the command: one line on stderr."""
+    errors.print(f"[bold yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+
+
 def fail(message: str, code: int = 1) -> NoReturn:
     errors.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)

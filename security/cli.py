@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
+import re
 from pathlib import Path
 from typing import Annotated
 
@@ -13,7 +15,23 @@ from fedge.console import command_group, console, errors, user_errors
 from fedge.security import pki, tokens
 
 app = command_group("Certificates of a federation: its CA, the server's, each client's; tokens; revocation.")
-PkiDir = Annotated[Path, typer.Option("--dir", help="PKI directory")]
+PkiDir = Annotated[Path, typer.Option("--dir", file_okay=False, help="PKI directory")]
+# RFC 1123 labels; a last label of digits only is an IPv4 address gone wrong (999.1.1.1), not a name.
+_LABEL = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
+_DNS_NAME = re.compile(rf"(?=.{{1,253}}$)({_LABEL}\.)*(?=[0-9-]*[A-Za-z]){_LABEL}")
+
+
+def san_entry(value: str, ip_only: bool = False) -> str:
+    """A name or address a certificate may carry, checked before anything is issued (a refused one must
+    not cost the current certificate); ``ValueError`` says what is wrong with it."""
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        if ip_only:
+            raise ValueError(f"--ip {value!r} is not an IP address") from None
+    if not _DNS_NAME.fullmatch(value):
+        raise ValueError(f"{value!r} is neither an IP address nor a DNS name")
+    return value.lower()
 
 
 @app.command()
@@ -36,7 +54,8 @@ def server_cert(
         typer.echo("error: give at least one --host or --ip", err=True)
         raise typer.Exit(2)
     with user_errors(pki.PKIError, ValueError):
-        creds = pki.issue(directory, pki.Role.SERVER, "server", hosts=(*host, *ip))
+        names = (*(san_entry(h) for h in host), *(san_entry(a, ip_only=True) for a in ip))
+        creds = pki.issue(directory, pki.Role.SERVER, "server", hosts=names)
     console.print(f"server certificate written to {creds.cert}")
 
 
@@ -72,7 +91,7 @@ def executor_cert(
 
 def _issue(directory: Path, role: pki.Role, id_: str, hosts: tuple[str, ...] = ()) -> None:
     with user_errors(pki.PKIError, ValueError):
-        creds = pki.issue(directory, role, id_, hosts=hosts)
+        creds = pki.issue(directory, role, id_, hosts=tuple(san_entry(h) for h in hosts))
     console.print(f"{role} certificate written to {creds.cert} (key {creds.key})")
 
 

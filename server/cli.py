@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
-from fedge.console import UserError, console, errors, user_errors
+from fedge.console import UserError, console, user_errors, warn
 from fedge.files import made_dir
 from fedge.security import pki
 from fedge.server import lock
@@ -83,7 +83,9 @@ def federation_settings(settings: ServerSettings, federation: str) -> Federation
 
 @strategy_options
 def server(
-    pki_dir: Annotated[Path | None, typer.Option("--pki", help="PKI directory (fedge pki init)")] = None,
+    pki_dir: Annotated[
+        Path | None, typer.Option("--pki", file_okay=False, help="PKI directory (fedge pki init)")
+    ] = None,
     data: Annotated[Path | None, typer.Option(help="where models, updates and round state are kept")] = None,
     store: Annotated[
         str | None, typer.Option(help="round state in PostgreSQL (postgresql://...) [SQLite in --data]")
@@ -182,7 +184,7 @@ def _broker(address: str | None) -> BrokerAddress | None:
 
     broker = BrokerAddress.parse(address)
     if (why := unresolved(broker)) is not None:
-        errors.print(f"warning: {why}; retrying with backoff", highlight=False, soft_wrap=True)
+        warn(f"{why}; retrying with backoff")
     return broker
 
 
