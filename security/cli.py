@@ -11,8 +11,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from fedge.console import command_group, console, errors, user_errors
-from fedge.security import pki, tokens
+from fedge.console import command_group, console, errors, user_errors, warn
+from fedge.security import broker, pki, tokens
 
 app = command_group("Certificates of a federation: its CA, the server's, each client's; tokens; revocation.")
 PkiDir = Annotated[Path, typer.Option("--dir", file_okay=False, help="PKI directory")]
@@ -71,6 +71,7 @@ def client_cert(
     with user_errors(pki.PKIError):
         creds = pki.issue(directory, pki.Role.CLIENT, client, lifetime=dt.timedelta(days=days))
     console.print(f"client certificate written to {creds.cert} (key {creds.key})")
+    _refresh_broker(directory)
 
 
 @app.command("admin-cert")
@@ -93,6 +94,8 @@ def _issue(directory: Path, role: pki.Role, id_: str, hosts: tuple[str, ...] = (
     with user_errors(pki.PKIError, ValueError):
         creds = pki.issue(directory, role, id_, hosts=tuple(san_entry(h) for h in hosts))
     console.print(f"{role} certificate written to {creds.cert} (key {creds.key})")
+    if role is pki.Role.ADMIN:
+        _refresh_broker(directory)
 
 
 @app.command()
@@ -130,6 +133,15 @@ def revoke(
     with user_errors(pki.PKIError):
         info = pki.revoke(directory, role, id_)
     console.print(f"revoked {role} {id_} (serial {info.serial:x}); CRL written to {directory / 'crl.pem'}")
+    _refresh_broker(directory)
+
+
+def _refresh_broker(directory: Path) -> None:
+    """Who may use the broker changed: its ACL and CRL follow, and it is reloaded (or the user is told to)."""
+    with user_errors(pki.PKIError, OSError):
+        done = broker.refresh(directory)
+    if done is not None:
+        (console.print if done.reloaded else warn)(done.detail)
 
 
 @app.command("list")

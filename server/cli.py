@@ -137,7 +137,8 @@ def server(
 
         creds = pki.credentials(settings.pki, pki.Role.SERVER, "server")
         trust = Trust.load(settings.pki)
-        _check_task(settings.task)
+        if settings.init_model is None:
+            _check_task(settings.task)
         broker = _broker(settings.mqtt)
         sock = service.bind(settings.host, settings.port)
         # Everything a user can get wrong is checked above; --data is made (or taken) only now, and removed
@@ -163,8 +164,8 @@ def server(
 
 
 def _check_task(name: str) -> None:
-    """An unknown task is refused before anything is made. Without torch (a server given --init-model)
-    the tasks cannot be loaded, and the name is taken as given."""
+    """A task the server is to build the initial model of is refused, if unknown, before anything is made.
+    (With --init-model the server only sees named tensors, and the task is the clients' business.)"""
     try:
         from fedge.edge_functions import tasks
     except ImportError:
