@@ -144,6 +144,9 @@ class Agent:
             self._report(AgentState.ERROR, detail=f"the broker refused {self._topic()}: is its ACL current?")
             return
         self._connected.set()
+        # Ask the server too: a broker that let this device read only after a reload (its ACL rewritten)
+        # never re-sends the retained announcement to a subscription it already had.
+        self._checked = float("-inf")
         self._report(self._status.state, self._status.round, self._status.detail)
 
     def _on_message(self, _client: paho.Client, _userdata: object, message: paho.MQTTMessage) -> None:

@@ -137,10 +137,10 @@ def server(
 
         creds = pki.credentials(settings.pki, pki.Role.SERVER, "server")
         trust = Trust.load(settings.pki)
+        sock = service.bind(settings.host, settings.port)
         if settings.init_model is None:
             _check_task(settings.task)
         broker = _broker(settings.mqtt)
-        sock = service.bind(settings.host, settings.port)
         # Everything a user can get wrong is checked above; --data is made (or taken) only now, and removed
         # again if it was made here and the service still cannot start.
         with made_dir(settings.data):
