@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import signal
+import ssl
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -83,6 +84,7 @@ def _config(settings: AgentSettings) -> AgentConfig:
     from fedge.client.agent import AgentConfig
     from fedge.client.planner import ExecutorTarget
     from fedge.security import pki
+    from fedge.security.tls import client_context
 
     creds = pki.Credentials(
         ca=settings.ca or settings.dir / "ca.pem",
@@ -92,6 +94,12 @@ def _config(settings: AgentSettings) -> AgentConfig:
     for path in (creds.ca, creds.cert, creds.key):
         if not path.is_file():
             raise UserError(f"{path} does not exist: enroll the device or pass --ca, --cert and --key")
+    try:
+        client_context(creds)  # what every connection loads: a wrong file is said here, once
+    except ssl.SSLError as exc:
+        raise UserError(
+            f"cannot use {creds.ca}, {creds.cert} and {creds.key} as the CA, certificate and key: {exc}"
+        ) from None
     try:
         certificate = x509.load_pem_x509_certificate(creds.cert.read_bytes())
         identity = pki.identity_of(certificate.public_bytes(serialization.Encoding.DER))

@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from fedge.console import console, user_errors
+from fedge.console import console, fail, user_errors
 from fedge.security import pki
 
 
@@ -25,6 +25,8 @@ def executor(
     host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
 ) -> None:
     """Train clients' rounds for them on this machine's GPU (CPU without one), under their grants."""
+    if not server.startswith("https://"):
+        fail(f"--server must be an https:// URL, not {server!r}")
     # torch makes its compile-cache directory on import; the executor never compiles, so the directory
     # stays empty, and it is the process's own, gone when the process ends. Nothing else touches the disk.
     # uvicorn re-raises SIGTERM once it has shut down: exit then, so the directory is removed.

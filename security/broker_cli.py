@@ -10,6 +10,7 @@ import typer
 
 from fedge.console import command_group, console, user_errors
 from fedge.security import broker, pki
+from fedge.security.names import ip_address, san_entry
 
 app = command_group("The federation's MQTT broker (mosquitto).")
 
@@ -40,10 +41,10 @@ def config(
 
     Issuing, enrolling or revoking a client later rewrites the ACL and CRL and reloads the broker."""
     user = run_as or broker.default_user(mounted=mount is not None, euid=os.geteuid())
-    with user_errors(pki.PKIError, OSError):
-        files = broker.write_config(
-            pki_dir, out, port, bind, tuple(host) or ("localhost", "127.0.0.1"), mount, persistence, user
-        )
+    with user_errors(pki.PKIError, OSError, ValueError):
+        address = ip_address(bind, "--bind")
+        hosts = tuple(san_entry(h) for h in host) or ("localhost", "127.0.0.1")
+        files = broker.write_config(pki_dir, out, port, address, hosts, mount, persistence, user)
     crl = "with" if files.crl else "without"
     console.print(
         f"mosquitto config written to {files.conf} ({crl} a CRL), listening on {bind}:{port}; "

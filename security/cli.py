@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import ipaddress
-import re
 from pathlib import Path
 from typing import Annotated
 
@@ -13,25 +11,10 @@ from rich.table import Table
 
 from fedge.console import command_group, console, errors, user_errors, warn
 from fedge.security import broker, pki, tokens
+from fedge.security.names import ip_address, san_entry
 
 app = command_group("Certificates of a federation: its CA, the server's, each client's; tokens; revocation.")
 PkiDir = Annotated[Path, typer.Option("--dir", file_okay=False, help="PKI directory")]
-# RFC 1123 labels; a last label of digits only is an IPv4 address gone wrong (999.1.1.1), not a name.
-_LABEL = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
-_DNS_NAME = re.compile(rf"(?=.{{1,253}}$)({_LABEL}\.)*(?=[0-9-]*[A-Za-z]){_LABEL}")
-
-
-def san_entry(value: str, ip_only: bool = False) -> str:
-    """A name or address a certificate may carry, checked before anything is issued (a refused one must
-    not cost the current certificate); ``ValueError`` says what is wrong with it."""
-    try:
-        return str(ipaddress.ip_address(value))
-    except ValueError:
-        if ip_only:
-            raise ValueError(f"--ip {value!r} is not an IP address") from None
-    if not _DNS_NAME.fullmatch(value):
-        raise ValueError(f"{value!r} is neither an IP address nor a DNS name")
-    return value.lower()
 
 
 @app.command()
@@ -54,7 +37,7 @@ def server_cert(
         typer.echo("error: give at least one --host or --ip", err=True)
         raise typer.Exit(2)
     with user_errors(pki.PKIError, ValueError):
-        names = (*(san_entry(h) for h in host), *(san_entry(a, ip_only=True) for a in ip))
+        names = (*(san_entry(h) for h in host), *(ip_address(a) for a in ip))
         creds = pki.issue(directory, pki.Role.SERVER, "server", hosts=names)
     console.print(f"server certificate written to {creds.cert}")
 
@@ -142,6 +125,14 @@ def _refresh_broker(directory: Path) -> None:
         done = broker.refresh(directory)
     if done is not None:
         (console.print if done.reloaded else warn)(done.detail)
+
+
+@app.command()
+def fingerprint(directory: PkiDir) -> None:
+    """Print the CA fingerprint (sha256) a device pins when it enrolls (`fedge agent enroll`)."""
+    with user_errors(pki.PKIError):
+        pki.federation_of(directory)
+        typer.echo(pki.ca_fingerprint(directory))
 
 
 @app.command("list")
