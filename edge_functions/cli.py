@@ -21,7 +21,7 @@ def executor(
     pki_dir: Annotated[Path, typer.Option("--pki", help="directory with ca.pem and the executor's cert")],
     id_: Annotated[str, typer.Option("--id", help="executor id (fedge pki executor-cert --executor)")],
     server: Annotated[str, typer.Option(help="the aggregation server's URL")],
-    port: Annotated[int, typer.Option(help="port to listen on (0: a free one)")] = 8443,
+    port: Annotated[int, typer.Option(min=0, max=65535, help="port to listen on (0: a free one)")] = 8443,
     host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
 ) -> None:
     """Train clients' rounds for them on this machine's GPU (CPU without one), under their grants."""
