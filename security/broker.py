@@ -84,7 +84,7 @@ def mosquitto_conf(
         "persistent_client_expiration 7d",
         "max_queued_messages 1000",
         f"acl_file {at}/acl",
-        f"pid_file {at}/{PID_FILE}",
+        f"pid_file {persistence}/{PID_FILE}",  # the config folder may be read-only (a mounted secret)
         *([f"user {run_as}"] if run_as else []),
         "",
         f"listener {port} {bind}",
@@ -197,7 +197,9 @@ def refresh(pki_dir: Path) -> Refreshed | None:
     except FileNotFoundError:
         return None
     _write(pki_dir, settings)
-    reloaded, how = reload(settings.out / PID_FILE)
+    if settings.at is not None or settings.persistence is not None:
+        return Refreshed(False, f"broker ACL and CRL rewritten in {settings.out}; send mosquitto SIGHUP")
+    reloaded, how = reload(settings.out / "data" / PID_FILE)
     return Refreshed(reloaded, f"broker ACL and CRL rewritten in {settings.out}; {how}")
 
 

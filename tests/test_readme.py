@@ -59,7 +59,7 @@ class Shell:
 
     def close(self) -> None:
         """Stop what the blocks started: the shell's process group (server, agents) and mosquitto."""
-        pid_file = self.cwd / "broker" / "mosquitto.pid"
+        pid_file = self.cwd / "broker" / "data" / "mosquitto.pid"
         if pid_file.exists():
             os.kill(int(pid_file.read_text().split()[0]), signal.SIGTERM)
         with contextlib.suppress(ProcessLookupError):
