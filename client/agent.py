@@ -9,6 +9,7 @@ server refuses a second update for the same round (``duplicate_update``), so res
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import queue
@@ -76,6 +77,7 @@ class AgentConfig:
     offload: OffloadSetting = OffloadSetting.NEVER
     executors: tuple[ExecutorTarget, ...] = ()
     train_memory: int = 0  # bytes a training run needs on the device; less free: it cannot train here
+    expires: dt.datetime | None = None  # when the client certificate stops being valid
 
 
 class Agent:
@@ -175,18 +177,24 @@ class Agent:
             info = api.current_round(wait=wait, etag=self._etag)
         except ServerError as exc:
             if exc.status in (401, 403):  # this certificate is refused (revoked, expired...): for good
-                self.refused = f"the server refuses this device's certificate: {exc}"
-                self._report(AgentState.ERROR, detail=self.refused)
-                self._stop.set()
-                return None
+                return self._refused(f"the server refuses this device's certificate: {exc}")
             self._report(AgentState.ERROR, detail=f"server unreachable: {exc}")
             self._stop.wait(RETRY_SECONDS)
             return None
         except httpx.TransportError as exc:
+            expires = self.config.expires
+            if expires is not None and dt.datetime.now(dt.UTC) > expires:  # the server just hangs up
+                return self._refused(f"this device's certificate expired on {expires:%Y-%m-%d %H:%M} UTC")
             self._report(AgentState.ERROR, detail=f"server unreachable: {exc}")
             self._stop.wait(RETRY_SECONDS)
             return None
         return None if info.etag == self._etag else info
+
+    def _refused(self, why: str) -> None:
+        """No retry can help: say why and stop (the command exits with it)."""
+        self.refused = why
+        self._report(AgentState.ERROR, detail=why)
+        self._stop.set()
 
     def _handle(self, api: FedgeClient, info: RoundInfo) -> None:
         self._etag = info.etag

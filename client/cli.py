@@ -135,6 +135,7 @@ def _config(settings: AgentSettings) -> AgentConfig:
         offload=settings.offload,
         executors=tuple(ExecutorTarget.parse(e) for e in settings.executor),
         train_memory=int(settings.train_memory_mb * 2**20),
+        expires=certificate.not_valid_after_utc,
     )
 
 

@@ -6,6 +6,7 @@ The commands are read from the ``fedge`` app itself, so a command or option adde
 
 from __future__ import annotations
 
+import datetime
 import os
 import signal
 import subprocess
@@ -115,7 +116,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pki.issue(w / "pki", pki.Role.SERVER, "server", hosts=("127.0.0.1",))
     pki.issue(w / "pki", pki.Role.CLIENT, "dev-1")
     pki.issue(w / "pki", pki.Role.EXECUTOR, "gpu-1")
-    tokens.mint(w / "pki", "dev-9", __import__("datetime").timedelta(hours=1))
+    tokens.mint(w / "pki", "dev-9", datetime.timedelta(hours=1))
     (w / "model.safetensors").write_bytes(encode(toy_model()))
     np.savez(w / "data.npz", x=np.zeros((4, 1, 8, 8), np.float32), y=np.zeros(4, np.int64))
     (w / "notes.npz").write_text("x y\n1 2\n")
@@ -249,3 +250,25 @@ if __name__ == "__main__":  # the child of test_each_bad_value_is_one_error_line
         print(f"trying {tried}", flush=True)
         if wrong := attempt(tuple(rest[:at]), tried, Path(world_dir)):
             print(f"FAIL {wrong}", flush=True)
+
+
+def test_an_agent_whose_certificate_expires_stops_and_says_so(
+    start_server, start_agent, fresh_pki: Path, tmp_path: Path
+) -> None:
+    """The server hangs up on an expired certificate without a word: the agent knows its own expiry."""
+    server = start_server("--min-clients", "9", pki_root=fresh_pki)
+    data = tmp_path / "data.npz"
+    np.savez(data, x=np.zeros((4, 1, 8, 8), np.float32), y=np.zeros(4, np.int64))
+    pki.issue(fresh_pki, pki.Role.CLIENT, "alice", lifetime=datetime.timedelta(seconds=-1))
+    at_start = start_agent(fresh_pki, "alice", data, server.url)
+    assert at_start.process.wait(60) == 1
+    assert "alice.pem expired on" in " ".join(at_start.log.read_text().split())
+    pki.issue(fresh_pki, pki.Role.CLIENT, "bob", lifetime=datetime.timedelta(seconds=30))
+    agent = start_agent(fresh_pki, "bob", data, server.url, "--poll-wait", "1")
+    wait_for(lambda: agent.status().get("state") == "idle", 60, "the agent to start")
+    assert agent.process.wait(90) == 1
+    log = agent.log.read_text()
+    # On a connection kept open the server answers 401 certificate_expired; on a new one it hangs up.
+    (error,) = [line for line in log.splitlines() if line.startswith("error:")]
+    assert "certificate_expired" in error or "this device's certificate expired on" in error
+    assert "Traceback" not in log
