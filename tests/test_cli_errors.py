@@ -272,3 +272,25 @@ def test_an_agent_whose_certificate_expires_stops_and_says_so(
     (error,) = [line for line in log.splitlines() if line.startswith("error:")]
     assert "certificate_expired" in error or "this device's certificate expired on" in error
     assert "Traceback" not in log
+
+
+@pytest.mark.parametrize(
+    ("out", "fragment"),
+    [("a-file", "a-file is not a folder"), ("/proc/fedge/run", "cannot write into /proc/fedge/run")],
+)
+def test_simulate_refuses_an_out_it_cannot_write_before_it_starts(
+    world: Path, monkeypatch: pytest.MonkeyPatch, out: str, fragment: str
+) -> None:
+    monkeypatch.chdir(world)
+    result = CliRunner().invoke(app, ["simulate", "--out", out, "--clients", "2", "--rounds", "1"])
+    assert result.exit_code == 1
+    assert fragment in " ".join(result.stderr.split())
+
+
+def test_a_text_file_given_as_data_is_named_for_what_it_is_not(world: Path) -> None:
+    """It once read "pickled (object) data", which it is not either."""
+    argv = ["agent", "run", *(p for item in valid_values(("agent", "run"), world).items() for p in item)]
+    result = CliRunner().invoke(app, [*argv, "--data", str(world / "notes.npz")])
+    assert result.exit_code == 1
+    assert "notes.npz is not an .npz archive (numpy.savez) with arrays x and y" in result.stderr
+    assert "pickled" not in result.stderr
