@@ -12,6 +12,7 @@ download, the upload, a skip notice) is tried again with backoff until the round
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import math
@@ -82,6 +83,7 @@ class AgentConfig:
     offload: OffloadSetting = OffloadSetting.NEVER
     executors: tuple[ExecutorTarget, ...] = ()
     train_memory: int = 0  # bytes a training run needs on the device; less free: it cannot train here
+    expires: dt.datetime | None = None  # when the client certificate stops being valid
 
 
 class Agent:
@@ -97,6 +99,7 @@ class Agent:
         self._checked = time.monotonic()
         self._counted = ""  # where this round's last attempt was counted
         self._mqtt: paho.Client | None = None
+        self.refused = ""  # why the server refuses this device's certificate, once it does: the agent stops
         self._status_lock = threading.Lock()
         self._status = AgentStatus(
             client=config.identity.id, state=AgentState.IDLE, transport=self._transport()
@@ -131,7 +134,7 @@ class Agent:
                         self._send_outbox(api)
         finally:
             self.pool.close()
-            self._report(AgentState.STOPPED, detail="stopped")
+            self._report(AgentState.STOPPED, detail=self.refused or "stopped")
             if self._mqtt is not None:
                 self._mqtt.disconnect()
                 self._mqtt.loop_stop()
@@ -149,6 +152,9 @@ class Agent:
             self._report(AgentState.ERROR, detail=f"the broker refused {self._topic()}: is its ACL current?")
             return
         self._connected.set()
+        # Ask the server too: a broker that let this device read only after a reload (its ACL rewritten)
+        # never re-sends the retained announcement to a subscription it already had.
+        self._checked = float("-inf")
         self._report(self._status.state, self._status.round, self._status.detail)
 
     def _on_message(self, _client: paho.Client, _userdata: object, message: paho.MQTTMessage) -> None:
@@ -175,11 +181,26 @@ class Agent:
         self._checked = time.monotonic()
         try:
             info = api.current_round(wait=wait, etag=self._etag)
-        except (httpx.TransportError, ServerError) as exc:
+        except ServerError as exc:
+            if exc.status in (401, 403):  # this certificate is refused (revoked, expired...): for good
+                return self._refused(f"the server refuses this device's certificate: {exc}")
+            self._report(AgentState.ERROR, detail=f"server unreachable: {exc}")
+            self._stop.wait(RETRY_SECONDS)
+            return None
+        except httpx.TransportError as exc:
+            expires = self.config.expires
+            if expires is not None and dt.datetime.now(dt.UTC) > expires:  # the server just hangs up
+                return self._refused(f"this device's certificate expired on {expires:%Y-%m-%d %H:%M} UTC")
             self._report(AgentState.ERROR, detail=f"server unreachable: {exc}")
             self._stop.wait(RETRY_SECONDS)
             return None
         return None if info.etag == self._etag else info
+
+    def _refused(self, why: str) -> None:
+        """No retry can help: say why and stop (the command exits with it)."""
+        self.refused = why
+        self._report(AgentState.ERROR, detail=why)
+        self._stop.set()
 
     def _handle(self, api: FedgeClient, info: RoundInfo) -> None:
         self._etag = info.etag

@@ -2,28 +2,36 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import signal
+import ssl
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from fedge.console import UserError, console, user_errors
+from fedge.console import UserError, command_group, console, fail, user_errors, warn
 from fedge.security.pki import PKIError
 
 if TYPE_CHECKING:
     from fedge.client.agent import AgentConfig
     from fedge.client.settings import AgentSettings
+    from fedge.mqtt import BrokerAddress
 
-app = typer.Typer(help="The edge agent a device runs: enroll, renew, run, status.", no_args_is_help=True)
-StateDir = Annotated[Path, typer.Option("--dir", help="the agent's state directory (credentials)")]
+app = command_group("The edge agent a device runs: enroll, renew, run, status.")
+ZIP_MAGIC = b"PK\x03\x04"  # an .npz is a zip archive of .npy files
+StateDir = Annotated[
+    Path, typer.Option("--dir", file_okay=False, help="the agent's state directory (credentials)")
+]
 
 
 @app.command()
 def run(
-    state_dir: Annotated[Path | None, typer.Option("--dir", help="the agent's state directory")] = None,
+    state_dir: Annotated[
+        Path | None, typer.Option("--dir", file_okay=False, help="the agent's state directory")
+    ] = None,
     data: Annotated[
         Path | None, typer.Option(help="this device's examples: .npz with arrays x and y")
     ] = None,
@@ -63,6 +71,8 @@ def run(
     placement_log.addHandler(logging.StreamHandler())
     placement_log.setLevel(logging.INFO)
     agent.run()
+    if agent.refused:
+        fail(agent.refused)
 
 
 def _config(settings: AgentSettings) -> AgentConfig:
@@ -73,8 +83,8 @@ def _config(settings: AgentSettings) -> AgentConfig:
 
     from fedge.client.agent import AgentConfig
     from fedge.client.planner import ExecutorTarget
-    from fedge.mqtt import BrokerAddress
     from fedge.security import pki
+    from fedge.security.tls import client_context
 
     creds = pki.Credentials(
         ca=settings.ca or settings.dir / "ca.pem",
@@ -84,16 +94,29 @@ def _config(settings: AgentSettings) -> AgentConfig:
     for path in (creds.ca, creds.cert, creds.key):
         if not path.is_file():
             raise UserError(f"{path} does not exist: enroll the device or pass --ca, --cert and --key")
-    certificate = x509.load_pem_x509_certificate(creds.cert.read_bytes())
     try:
+        client_context(creds)  # what every connection loads: a wrong file is said here, once
+    except ssl.SSLError as exc:
+        raise UserError(
+            f"cannot use {creds.ca}, {creds.cert} and {creds.key} as the CA, certificate and key: {exc}"
+        ) from None
+    try:
+        certificate = x509.load_pem_x509_certificate(creds.cert.read_bytes())
         identity = pki.identity_of(certificate.public_bytes(serialization.Encoding.DER))
-    except pki.PKIError as exc:
-        raise UserError(f"{creds.cert}: {exc}") from None
+    except (ValueError, pki.PKIError) as exc:
+        raise UserError(f"{creds.cert} is not a fedge certificate: {exc}") from None
     if identity.role is not pki.Role.CLIENT:
         raise UserError(f"{creds.cert} is a {identity.role} certificate, not a client's")
+    if certificate.not_valid_after_utc < dt.datetime.now(dt.UTC):
+        raise UserError(
+            f"{creds.cert} expired on {certificate.not_valid_after_utc:%Y-%m-%d %H:%M} UTC: "
+            "enroll the device again (`fedge agent enroll`) or issue it a new certificate"
+        )
     server = settings.server or _enrolled_server(settings.dir)
     if not server.startswith("https://"):
         raise UserError(f"--server must be an https:// URL, not {server!r}")
+    if settings.data.is_file() and _head(settings.data) != ZIP_MAGIC:
+        raise UserError(f"{settings.data} is not an .npz archive (numpy.savez) with arrays x and y")
     try:
         with np.load(settings.data, allow_pickle=False) as arrays:
             if "x" not in arrays or "y" not in arrays or len(arrays["x"]) != len(arrays["y"]):
@@ -104,7 +127,7 @@ def _config(settings: AgentSettings) -> AgentConfig:
         state_dir=settings.dir,
         data=settings.data.resolve(),
         server=server,
-        broker=BrokerAddress.parse(settings.broker) if settings.broker else None,
+        broker=_broker(settings.broker) if settings.broker else None,
         creds=pki.Credentials(creds.ca.resolve(), creds.cert.resolve(), creds.key.resolve()),
         identity=identity,
         keep_alive=settings.keep_alive,
@@ -112,7 +135,24 @@ def _config(settings: AgentSettings) -> AgentConfig:
         offload=settings.offload,
         executors=tuple(ExecutorTarget.parse(e) for e in settings.executor),
         train_memory=int(settings.train_memory_mb * 2**20),
+        expires=certificate.not_valid_after_utc,
     )
+
+
+def _broker(address: str) -> BrokerAddress:
+    """The broker to hear rounds on; a host that does not resolve now is said once (paho then retries it,
+    with backoff, without a word, and the agent long-polls the server meanwhile)."""
+    from fedge.mqtt import BrokerAddress, unresolved
+
+    broker = BrokerAddress.parse(address)
+    if (why := unresolved(broker)) is not None:
+        warn(f"{why}; retrying with backoff, long-polling the server meanwhile")
+    return broker
+
+
+def _head(path: Path) -> bytes:
+    with path.open("rb") as f:
+        return f.read(len(ZIP_MAGIC))
 
 
 def _enrolled_server(state_dir: Path) -> str:

@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from fedge.console import console, user_errors
+from fedge.console import console, fail, user_errors
 from fedge.security import pki
 
 
@@ -21,10 +21,12 @@ def executor(
     pki_dir: Annotated[Path, typer.Option("--pki", help="directory with ca.pem and the executor's cert")],
     id_: Annotated[str, typer.Option("--id", help="executor id (fedge pki executor-cert --executor)")],
     server: Annotated[str, typer.Option(help="the aggregation server's URL")],
-    port: Annotated[int, typer.Option(help="port to listen on (0: a free one)")] = 8443,
+    port: Annotated[int, typer.Option(min=0, max=65535, help="port to listen on (0: a free one)")] = 8443,
     host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
 ) -> None:
     """Train clients' rounds for them on this machine's GPU (CPU without one), under their grants."""
+    if not server.startswith("https://"):
+        fail(f"--server must be an https:// URL, not {server!r}")
     # torch makes its compile-cache directory on import; the executor never compiles, so the directory
     # stays empty, and it is the process's own, gone when the process ends. Nothing else touches the disk.
     # uvicorn re-raises SIGTERM once it has shut down: exit then, so the directory is removed.

@@ -10,8 +10,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from fedge.client.cli import app as agent_app
-from fedge.console import console, user_errors
+from fedge.console import command_group, console, user_errors
 from fedge.edge_functions.cli import executor
+from fedge.files import made_dir
 from fedge.security.broker_cli import app as broker_app
 from fedge.security.cli import app as pki_app
 from fedge.server.cli import (
@@ -29,11 +30,7 @@ from fedge.settings import SimulationSettings
 if TYPE_CHECKING:
     from fedge.sim.report import Report
 
-app = typer.Typer(
-    help="fedge: federated learning across edge devices, the serverless way.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-)
+app = command_group("fedge: federated learning across edge devices, the serverless way.")
 app.add_typer(pki_app, name="pki")
 app.add_typer(broker_app, name="broker")
 app.add_typer(agent_app, name="agent")
@@ -88,7 +85,7 @@ def simulate(
     """Run a federation on this machine: real mTLS, a real server process, warm client functions."""
     from fedge.sim.run import simulate as run
 
-    with user_errors():
+    with user_errors(OSError):
         settings = SimulationSettings.with_knobs(settings_fields()).from_flags(
             clients=clients, rounds=rounds, local_epochs=local_epochs, dataset=dataset, partition=partition,
             seed=seed, out=out, workers=workers, batch_size=batch_size, lr=lr, round_timeout=round_timeout,
@@ -99,7 +96,7 @@ def simulate(
         )  # fmt: skip
         strategy_of(settings)  # a bad strategy is refused here, not by the server it would start
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-        with Progress(*columns, console=console, transient=True) as progress:
+        with made_dir(settings.out), Progress(*columns, console=console, transient=True) as progress:
             bar = progress.add_task("round 1", total=settings.rounds)
 
             def advance(metrics: object) -> None:

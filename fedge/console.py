@@ -18,8 +18,19 @@ class UserError(Exception):
     """Something the user can fix: shown as one line, never as a traceback."""
 
 
+def command_group(help: str) -> typer.Typer:
+    """A ``typer.Typer`` as every fedge command group is made. Help text is plain, not rich markup, so a
+    default written ``[mnist]`` is shown rather than taken for a style; usage errors are click's one line."""
+    return typer.Typer(help=help, no_args_is_help=True, rich_markup_mode=None, pretty_exceptions_enable=False)
+
+
+def warn(message: str) -> None:
+    """Something the user should know that does not stop the command: one line on stderr."""
+    errors.print(f"[bold yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+
+
 def fail(message: str, code: int = 1) -> NoReturn:
-    errors.print(f"[bold red]error:[/] {message}", highlight=False)
+    errors.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 

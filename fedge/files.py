@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -33,3 +35,31 @@ def write_file(path: Path, data: bytes, private: bool = False) -> None:
         os.fsync(directory)
     finally:
         os.close(directory)
+
+
+@contextlib.contextmanager
+def made_dir(path: Path) -> Iterator[Path]:
+    """Make the folder ``path`` (parents too) and prove it writable, else an ``OSError`` that says why in
+    one line. If the block raises, what was made here is removed again: a command refused half-way leaves
+    no half-made folder behind."""
+    made = next((p for p in (*reversed(path.absolute().parents), path.absolute()) if not p.exists()), None)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".probe-{uuid.uuid4().hex}"
+        probe.touch()
+        probe.unlink()
+    except (FileExistsError, NotADirectoryError):
+        raise NotADirectoryError(f"{path} is not a folder: it or a folder above it is a file") from None
+    except OSError as exc:
+        _remove(made)
+        raise OSError(f"cannot write into {path}: {exc.strerror}") from None
+    try:
+        yield path
+    except BaseException:
+        _remove(made)
+        raise
+
+
+def _remove(made: Path | None) -> None:
+    if made is not None:
+        shutil.rmtree(made, ignore_errors=True)

@@ -8,6 +8,7 @@ backoff, started without blocking so that a broker that is down at start-up is s
 from __future__ import annotations
 
 import re
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -37,6 +38,16 @@ class BrokerAddress:
 
     def __str__(self) -> str:
         return f"{self.host}:{self.port}"
+
+
+def unresolved(broker: BrokerAddress) -> str | None:
+    """Why ``broker``'s host does not resolve now, or None. A command says it once at start-up: paho's
+    reconnect loop retries such a host (with backoff) without a word."""
+    try:
+        socket.getaddrinfo(broker.host, broker.port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        return f"the broker host {broker.host!r} does not resolve ({exc.strerror})"
+    return None
 
 
 def client(

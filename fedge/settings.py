@@ -62,7 +62,7 @@ class TrainingSettings(_CommandSettings):
     batch_size: int = Field(32, ge=1)
     lr: float = Field(0.05, gt=0)
     round_timeout: float = Field(600.0, gt=0)
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     fraction: float = Field(1.0, gt=0, le=1)
     strategy: str = "fedavg"
     buffer: int = Field(0, ge=0)

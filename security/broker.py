@@ -9,21 +9,33 @@ The ACL is explicit per identity, because mosquitto's ``pattern`` lines cannot b
 - each client reads the announcements and publishes only its own status topic;
 - admins read both; anybody else (executors, the broker's own certificate) gets nothing.
 
-The ACL lists the clients whose certificates were active (issued, not revoked) when it was generated:
-after issuing or revoking certificates, run ``fedge broker config`` again and send mosquitto SIGHUP, which
-reloads the ACL and the CRL.
+The ACL lists the clients whose certificates are active (issued, not revoked). ``write_config`` records
+where it wrote the broker's files in the PKI (``broker.json``), so that whatever changes who is active
+(an enrollment on the server, ``fedge pki client-cert`` or ``revoke``) calls ``refresh``: the ACL, CRL
+and config are written again with the same settings, and the mosquitto named by the pid file is sent
+SIGHUP, which reloads them. Where the broker cannot be signalled from here (a container, another user),
+``refresh`` says so, and the operator sends the SIGHUP.
+
+mosquitto started as root drops to the ``mosquitto`` user before it reads the ACL, which then cannot
+read files in a private home. A config written by root for files on this machine therefore keeps root
+(``user root``); in a container (``--mount``) the image's own user applies.
 """
 
 from __future__ import annotations
 
-import shutil
-from dataclasses import dataclass
+import json
+import os
+import signal
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from fedge.files import write_file
 from fedge.security import pki
 from fedge.wire import rounds_topic, status_topic
 
 BROKER_ID = "broker"
+PID_FILE = "mosquitto.pid"
+SETTINGS_FILE = "broker.json"
 
 
 @dataclass(frozen=True)
@@ -72,6 +84,7 @@ def mosquitto_conf(
         "persistent_client_expiration 7d",
         "max_queued_messages 1000",
         f"acl_file {at}/acl",
+        f"pid_file {persistence}/{PID_FILE}",  # the config folder may be read-only (a mounted secret)
         *([f"user {run_as}"] if run_as else []),
         "",
         f"listener {port} {bind}",
@@ -89,25 +102,59 @@ def mosquitto_conf(
     return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class BrokerSettings:
+    """What ``fedge broker config`` was given, kept in the PKI so that ``refresh`` writes the same again."""
+
+    out: Path
+    port: int = 8883
+    bind: str = "127.0.0.1"  # loopback unless told otherwise: devices elsewhere need --bind
+    hosts: tuple[str, ...] = ("localhost", "127.0.0.1")
+    at: Path | None = None  # where ``out`` is mounted in the broker's container
+    persistence: Path | None = None
+    run_as: str | None = None
+
+    def to_json(self) -> str:
+        fields = {**asdict(self), "out": str(self.out.resolve()), "hosts": list(self.hosts)}
+        return json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in fields.items()})
+
+    @classmethod
+    def from_json(cls, text: str) -> BrokerSettings:
+        raw = json.loads(text)
+        paths = {k: None if raw[k] is None else Path(raw[k]) for k in ("out", "at", "persistence")}
+        return cls(**{**raw, **paths, "hosts": tuple(raw["hosts"])})
+
+
+def default_user(mounted: bool, euid: int) -> str | None:
+    """The ``user`` line: root keeps root for files on this machine (see the module's docstring)."""
+    return "root" if euid == 0 and not mounted else None
+
+
 def write_config(
     pki_dir: Path,
     out: Path,
     port: int,
-    bind: str = "0.0.0.0",  # noqa: S104 - a broker serves the devices of the network
+    bind: str = "127.0.0.1",
     hosts: tuple[str, ...] = ("localhost", "127.0.0.1"),
     at: Path | None = None,
     persistence: Path | None = None,
     run_as: str | None = None,
 ) -> BrokerFiles:
     """Write ``mosquitto.conf``, ``acl``, the CA, the broker's certificate (issued on first use for
-    ``hosts``) and the CRL if the PKI has one into ``out``, a folder to mount into the broker."""
+    ``hosts``) and the CRL if the PKI has one into ``out``, a folder to mount into the broker; remember
+    the settings in the PKI for ``refresh``."""
+    return _write(pki_dir, BrokerSettings(out, port, bind, hosts, at, persistence, run_as))
+
+
+def _write(pki_dir: Path, settings: BrokerSettings) -> BrokerFiles:
     federation = pki.federation_of(pki_dir)
-    if not 0 < port < 65536:
-        raise pki.PKIError(f"invalid port {port}: use 1-65535")
+    if not 0 < settings.port < 65536:
+        raise pki.PKIError(f"invalid port {settings.port}: use 1-65535")
     try:
         creds = pki.credentials(pki_dir, pki.Role.SERVER, BROKER_ID)
     except pki.PKIError:
-        creds = pki.issue(pki_dir, pki.Role.SERVER, BROKER_ID, hosts=hosts)
+        creds = pki.issue(pki_dir, pki.Role.SERVER, BROKER_ID, hosts=settings.hosts)
+    out = settings.out
     out.mkdir(parents=True, exist_ok=True)
     (out / "data").mkdir(exist_ok=True)
     crl = pki_dir / "crl.pem"
@@ -119,16 +166,55 @@ def write_config(
         key=out / "broker.key",
         crl=out / "crl.pem" if crl.exists() else None,
     )
-    shutil.copyfile(creds.ca, files.ca)
-    shutil.copyfile(creds.cert, files.cert)
-    files.key.touch(mode=0o600)
-    shutil.copyfile(creds.key, files.key)
+    write_file(files.ca, creds.ca.read_bytes())
+    write_file(files.cert, creds.cert.read_bytes())
+    write_file(files.key, creds.key.read_bytes(), private=True)
     if files.crl is not None:
-        shutil.copyfile(crl, files.crl)
-    files.acl.write_text(
-        acl(federation, pki.active(pki_dir, pki.Role.CLIENT), pki.active(pki_dir, pki.Role.ADMIN))
+        write_file(files.crl, crl.read_bytes())
+    clients, admins = pki.active(pki_dir, pki.Role.CLIENT), pki.active(pki_dir, pki.Role.ADMIN)
+    write_file(files.acl, acl(federation, clients, admins).encode())
+    at = settings.at or out.resolve()
+    persistence = settings.persistence or at / "data"
+    conf = mosquitto_conf(
+        settings.port, settings.bind, at, persistence, files.crl is not None, settings.run_as
     )
-    at = at or out.resolve()
-    persistence = persistence or at / "data"
-    files.conf.write_text(mosquitto_conf(port, bind, at, persistence, files.crl is not None, run_as))
+    write_file(files.conf, conf.encode())
+    write_file(pki_dir / SETTINGS_FILE, settings.to_json().encode())
     return files
+
+
+@dataclass(frozen=True)
+class Refreshed:
+    reloaded: bool  # False: the files are current, and the broker needs its SIGHUP from the operator
+    detail: str
+
+
+def refresh(pki_dir: Path) -> Refreshed | None:
+    """After a change of who is active: rewrite the broker's files as last configured and reload the
+    broker; None when this PKI has no broker."""
+    try:
+        settings = BrokerSettings.from_json((pki_dir / SETTINGS_FILE).read_text())
+    except FileNotFoundError:
+        return None
+    _write(pki_dir, settings)
+    if settings.at is not None or settings.persistence is not None:
+        return Refreshed(False, f"broker ACL and CRL rewritten in {settings.out}; send mosquitto SIGHUP")
+    reloaded, how = reload(settings.out / "data" / PID_FILE)
+    return Refreshed(reloaded, f"broker ACL and CRL rewritten in {settings.out}; {how}")
+
+
+def reload(pid_file: Path) -> tuple[bool, str]:
+    """SIGHUP the mosquitto whose pid ``pid_file`` holds, if it is one (a stale pid may be anyone's)."""
+    unseen = "no running mosquitto found from here: send it SIGHUP"
+    try:
+        pid = int(pid_file.read_text().split()[0])
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError, IndexError):
+        return False, unseen
+    if b"mosquitto" not in command.split(b"\0")[0]:
+        return False, unseen
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except OSError as exc:
+        return False, f"cannot signal mosquitto (pid {pid}: {exc.strerror}): send it SIGHUP"
+    return True, f"mosquitto (pid {pid}) reloaded"

@@ -9,14 +9,12 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from fedge.console import console, errors, user_errors
-from fedge.security import pki, tokens
+from fedge.console import command_group, console, errors, user_errors, warn
+from fedge.security import broker, pki, tokens
+from fedge.security.names import ip_address, san_entry
 
-app = typer.Typer(
-    help="Certificates of a federation: its CA, the server's, each client's; tokens; revocation.",
-    no_args_is_help=True,
-)
-PkiDir = Annotated[Path, typer.Option("--dir", help="PKI directory")]
+app = command_group("Certificates of a federation: its CA, the server's, each client's; tokens; revocation.")
+PkiDir = Annotated[Path, typer.Option("--dir", file_okay=False, help="PKI directory")]
 
 
 @app.command()
@@ -39,7 +37,8 @@ def server_cert(
         typer.echo("error: give at least one --host or --ip", err=True)
         raise typer.Exit(2)
     with user_errors(pki.PKIError, ValueError):
-        creds = pki.issue(directory, pki.Role.SERVER, "server", hosts=(*host, *ip))
+        names = (*(san_entry(h) for h in host), *(ip_address(a) for a in ip))
+        creds = pki.issue(directory, pki.Role.SERVER, "server", hosts=names)
     console.print(f"server certificate written to {creds.cert}")
 
 
@@ -56,6 +55,7 @@ def client_cert(
     with user_errors(pki.PKIError):
         creds = pki.issue(directory, pki.Role.CLIENT, client, lifetime=dt.timedelta(days=days))
     console.print(f"client certificate written to {creds.cert} (key {creds.key})")
+    _refresh_broker(directory)
 
 
 @app.command("admin-cert")
@@ -76,8 +76,10 @@ def executor_cert(
 
 def _issue(directory: Path, role: pki.Role, id_: str, hosts: tuple[str, ...] = ()) -> None:
     with user_errors(pki.PKIError, ValueError):
-        creds = pki.issue(directory, role, id_, hosts=hosts)
+        creds = pki.issue(directory, role, id_, hosts=tuple(san_entry(h) for h in hosts))
     console.print(f"{role} certificate written to {creds.cert} (key {creds.key})")
+    if role is pki.Role.ADMIN:
+        _refresh_broker(directory)
 
 
 @app.command()
@@ -116,6 +118,23 @@ def revoke(
     with user_errors(pki.PKIError):
         info = pki.revoke(directory, role, id_)
     console.print(f"revoked {role} {id_} (serial {info.serial:x}); CRL written to {directory / 'crl.pem'}")
+    _refresh_broker(directory)
+
+
+def _refresh_broker(directory: Path) -> None:
+    """Who may use the broker changed: its ACL and CRL follow, and it is reloaded (or the user is told to)."""
+    with user_errors(pki.PKIError, OSError):
+        done = broker.refresh(directory)
+    if done is not None:
+        (console.print if done.reloaded else warn)(done.detail)
+
+
+@app.command()
+def fingerprint(directory: PkiDir) -> None:
+    """Print the CA fingerprint (sha256) a device pins when it enrolls (`fedge agent enroll`)."""
+    with user_errors(pki.PKIError):
+        pki.federation_of(directory)
+        typer.echo(pki.ca_fingerprint(directory))
 
 
 @app.command("list")

@@ -10,12 +10,15 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
-from fedge.console import UserError, console, user_errors
+from fedge.console import UserError, console, user_errors, warn
+from fedge.files import made_dir
 from fedge.security import pki
+from fedge.server import lock
 from fedge.server.strategies import Strategy, StrategyError, registry
 from fedge.settings import ServerSettings, TrainingSettings
 
 if TYPE_CHECKING:
+    from fedge.mqtt import BrokerAddress
     from fedge.server.announce import Announcer
     from fedge.server.rounds import Federation, FederationSettings
     from fedge.server.trust import Trust
@@ -81,7 +84,9 @@ def federation_settings(settings: ServerSettings, federation: str) -> Federation
 
 @strategy_options
 def server(
-    pki_dir: Annotated[Path | None, typer.Option("--pki", help="PKI directory (fedge pki init)")] = None,
+    pki_dir: Annotated[
+        Path | None, typer.Option("--pki", file_okay=False, help="PKI directory (fedge pki init)")
+    ] = None,
     data: Annotated[Path | None, typer.Option(help="where models, updates and round state are kept")] = None,
     store: Annotated[
         str | None, typer.Option(help="round state in PostgreSQL (postgresql://...) [SQLite in --data]")
@@ -142,29 +147,63 @@ def server(
         creds = pki.credentials(settings.pki, pki.Role.SERVER, "server")
         trust = Trust.load(settings.pki)
         sock = service.bind(settings.host, settings.port)
-        settings.data.mkdir(parents=True, exist_ok=True)
-        store = Store(settings.data, settings.store)
-        federation = Federation(
-            store,
-            federation_settings(settings, pki.federation_of(settings.pki)),
-            registered_clients=lambda: trust.eligible(settings.presence_window),
-            initial_model=_initial_model(settings) if store.get_meta("global_sha256") is None else None,
-            strategy=chosen,
-        )
-        announcer = _announcer(federation, settings.mqtt, creds, trust) if settings.mqtt else None
+        if settings.init_model is None:
+            _check_task(settings.task)
+        broker = _broker(settings.mqtt)
+        # Everything a user can get wrong is checked above; --data is made (or taken) only now, and removed
+        # again if it was made here and the service still cannot start.
+        with made_dir(settings.data):
+            held = lock.hold(settings.data)
+            store = Store(settings.data, settings.store)
+            federation = Federation(
+                store,
+                federation_settings(settings, pki.federation_of(settings.pki)),
+                registered_clients=lambda: trust.eligible(settings.presence_window),
+                initial_model=_initial_model(settings) if store.get_meta("global_sha256") is None else None,
+                strategy=chosen,
+            )
+        announcer = None if broker is None else _announcer(federation, broker, creds, trust)
         console.print(f"fedge aggregation service on https://{settings.host}:{sock.getsockname()[1]}")
     try:
         service.serve(create_app(federation, trust), creds, sock, settings.data / "endpoint.json")
     finally:
         if announcer is not None:
             announcer.close()
+        held.close()
 
 
-def _announcer(federation: Federation, broker: str, creds: pki.Credentials, trust: Trust) -> Announcer:
-    from fedge.mqtt import BrokerAddress
+def _check_task(name: str) -> None:
+    """A task the server is to build the initial model of is refused, if unknown, before anything is made.
+    (With --init-model the server only sees named tensors, and the task is the clients' business.)"""
+    try:
+        from fedge.edge_functions import tasks
+    except ImportError:
+        return
+    try:
+        tasks.get(name)
+    except tasks.UnknownTask as exc:
+        raise UserError(str(exc)) from None
+
+
+def _broker(address: str | None) -> BrokerAddress | None:
+    """The broker to announce on; a host that does not resolve now is said once (paho then retries it,
+    with backoff, without a word)."""
+    if address is None:
+        return None
+    from fedge.mqtt import BrokerAddress, unresolved
+
+    broker = BrokerAddress.parse(address)
+    if (why := unresolved(broker)) is not None:
+        warn(f"{why}; retrying with backoff")
+    return broker
+
+
+def _announcer(
+    federation: Federation, broker: BrokerAddress, creds: pki.Credentials, trust: Trust
+) -> Announcer:
     from fedge.server.announce import Announcer
 
-    return Announcer(federation, BrokerAddress.parse(broker), creds, trust.presence)
+    return Announcer(federation, broker, creds, trust.presence)
 
 
 def _initial_model(settings: ServerSettings) -> bytes:

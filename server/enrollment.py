@@ -4,9 +4,12 @@
 The device checks the CA it downloads against the fingerprint the operator gave it before it sends its
 token, so an impostor server learns nothing. The CSR is checked before the token is spent: a malformed
 request does not burn a token. ``/v1/enroll/renew`` is for a client whose certificate is still valid.
+An enrolled device is added to the broker's ACL at once (``fedge.security.broker.refresh``).
 """
 
 from __future__ import annotations
+
+import logging
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -14,7 +17,7 @@ from fastapi import APIRouter
 from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, Field
 
-from fedge.security import pki, tokens
+from fedge.security import broker, pki, tokens
 from fedge.server.deps import TrustDep
 from fedge.server.errors import RESPONSES, Rejected
 from fedge.server.identity import Client
@@ -22,6 +25,7 @@ from fedge.server.jsonbody import BoundedJSONRoute
 from fedge.server.trust import Trust
 
 router = APIRouter(route_class=BoundedJSONRoute)
+log = logging.getLogger(__name__)
 
 
 class EnrollRequest(BaseModel):
@@ -52,7 +56,9 @@ def enroll(body: EnrollRequest, trust: TrustDep) -> Enrolled:
         client = tokens.redeem(trust.pki_dir, body.token)
     except tokens.TokenError as exc:
         raise Rejected(exc.code, exc.detail) from None
-    return _issue(trust, client, key)
+    enrolled = _issue(trust, client, key)
+    _let_on_broker(trust, client)
+    return enrolled
 
 
 @router.post("/v1/enroll/renew", status_code=201, responses=RESPONSES)
@@ -73,6 +79,18 @@ def csr_public_key(pem: str) -> ec.EllipticCurvePublicKey:
     if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
         raise Rejected("bad_csr", "fedge certificates are for EC P-256 keys")
     return key
+
+
+def _let_on_broker(trust: Trust, client: str) -> None:
+    """A new device is on the broker's ACL without a manual step. The certificate is issued either way: a
+    broker that cannot be reloaded from here is logged, and its operator reloads it."""
+    try:
+        done = broker.refresh(trust.pki_dir)
+    except (OSError, pki.PKIError) as exc:
+        log.warning("enrolled %s, but the broker's ACL could not be rewritten: %s", client, exc)
+        return
+    if done is not None:
+        (log.info if done.reloaded else log.warning)("enrolled %s: %s", client, done.detail)
 
 
 def _issue(trust: Trust, client: str, key: ec.EllipticCurvePublicKey) -> Enrolled:

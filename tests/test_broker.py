@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import ssl
 from pathlib import Path
 
 from conftest import tls_for, wait_for
 from test_simulate import run_cli
 
-from fedge.security import pki
+from fedge.security import broker, pki
 from fedge.wire import rounds_topic, status_topic
 
 
@@ -83,3 +84,42 @@ def test_a_revoked_certificate_is_refused_once_the_pki_has_a_crl(start_broker, p
     assert "client:lost-phone" not in (broker.conf.parent / "acl").read_text()
     assert probe(broker, tls_for(directory, pki.Role.CLIENT, "alice")).admitted()
     assert not probe(broker, tls_for(directory, pki.Role.CLIENT, "lost-phone")).admitted()
+
+
+def test_broker_config_listens_on_loopback_unless_told_otherwise(tmp_path: Path, fresh_pki: Path) -> None:
+    out = tmp_path / "broker"
+    assert run_cli("broker", "config", "--pki", str(fresh_pki), "--out", str(out)).returncode == 0
+    assert "listener 8883 127.0.0.1" in (out / "mosquitto.conf").read_text().splitlines()
+    done = run_cli("broker", "config", "--pki", str(fresh_pki), "--out", str(out), "--bind", "0.0.0.0")
+    assert done.returncode == 0, done.stderr
+    assert "listener 8883 0.0.0.0" in (out / "mosquitto.conf").read_text().splitlines()
+
+
+def test_a_config_written_by_root_keeps_root_for_files_here_but_not_in_a_container() -> None:
+    assert broker.default_user(mounted=False, euid=0) == "root"
+    assert broker.default_user(mounted=True, euid=0) is None
+    assert broker.default_user(mounted=False, euid=1000) is None
+
+
+def test_a_pid_file_naming_another_process_is_not_signalled(tmp_path: Path) -> None:
+    """A stale pid file may name any process by now: SIGHUP would end this one."""
+    (tmp_path / "mosquitto.pid").write_text(f"{os.getpid()}\n")
+    reloaded, detail = broker.reload(tmp_path / "mosquitto.pid")
+    assert not reloaded
+    assert "send it SIGHUP" in detail
+
+
+def test_issuing_a_client_certificate_puts_it_on_the_running_brokers_acl(
+    start_broker, probe, fresh_pki: Path
+) -> None:
+    running = start_broker(fresh_pki)
+    assert "client:carol" not in (running.conf.parent / "acl").read_text()
+    done = run_cli("pki", "client-cert", "--dir", str(fresh_pki), "--client", "carol")
+    assert "reloaded" in " ".join(done.stdout.split())
+    assert "user client:carol" in (running.conf.parent / "acl").read_text()
+    server = probe(running, tls_for(fresh_pki, pki.Role.SERVER, "server"), (status_topic("test", "+"),))
+    carol = probe(running, tls_for(fresh_pki, pki.Role.CLIENT, "carol"))
+    assert server.admitted()
+    assert carol.admitted()
+    carol.client.publish(status_topic("test", "carol"), b"here", qos=1).wait_for_publish(10)
+    wait_for(lambda: server.payloads(status_topic("test", "carol")), 30, "carol's status, allowed by the ACL")
