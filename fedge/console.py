@@ -19,7 +19,9 @@ class UserError(Exception):
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
-    errors.print(f"[bold red]error:[/] {message}", highlight=False)
+    errors.print(
+        f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True
+    )  # one line, even in a pipe
     raise typer.Exit(code)
 
 
