@@ -3,8 +3,10 @@ non-editable into a fresh venv per extra, with every module imported and every c
 from the installed copy, far from the source tree. An editable install reads the source folders, so a
 package the wheel leaves out, or an extra that lacks what its commands import, shows only here.
 
-Each venv is made once for the module (torch is the CPU build, from the local wheel; ``--no-compile``
-skips bytecode, the bulk of an install's time)."""
+Each venv is made once for the module. torch (the CPU build, from the local wheel) is unpacked once into a
+folder every venv reads through a ``.pth`` file: pip counts it as installed, as a venv's own torch would be,
+and three copies of 750 MB are not written; ``--no-compile`` skips bytecode, the bulk of an install's
+time."""
 
 from __future__ import annotations
 
@@ -129,7 +131,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     stale ``build/`` nor a file the sdist leaves out can hide."""
     out = tmp_path_factory.mktemp("dist")
     subprocess.run(
-        [sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out), str(ROOT)],
+        [sys.executable, "-m", "build", "--outdir", str(out), str(ROOT)],
         capture_output=True,
         check=True,
         timeout=INSTALL_TIMEOUT,
@@ -138,15 +140,32 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return found
 
 
-def install(tmp_path_factory: pytest.TempPathFactory, wheel: Path, extra: str | None) -> Install:
+@pytest.fixture(scope="module")
+def torch_layer(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """torch and what it pulls, unpacked once for every venv of the module."""
+    layer = tmp_path_factory.mktemp("torch")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-compile", "--target", str(layer), TORCH],
+        capture_output=True,
+        check=True,
+        timeout=INSTALL_TIMEOUT,
+    )
+    return layer
+
+
+def install(
+    tmp_path_factory: pytest.TempPathFactory, wheel: Path, extra: str | None, torch: Path | None
+) -> Install:
     place = tmp_path_factory.mktemp(f"venv-{extra or 'base'}")
     venv = Install(place / "venv", place / "home")
     venv.home.mkdir()
     subprocess.run([sys.executable, "-m", "venv", str(venv.root)], check=True, timeout=INSTALL_TIMEOUT)
+    if torch is not None:
+        (site_packages,) = venv.root.glob("lib/python*/site-packages")
+        (site_packages / "torch-layer.pth").write_text(f"{torch}\n")
     requirement = f"{wheel}[{extra}]" if extra else str(wheel)
-    torch = [TORCH] if extra else []
     subprocess.run(
-        [str(venv.bin / "pip"), "install", "--quiet", "--no-compile", *torch, requirement],
+        [str(venv.bin / "pip"), "install", "--quiet", "--no-compile", requirement],
         capture_output=True,
         check=True,
         env=venv.env(),
@@ -157,22 +176,22 @@ def install(tmp_path_factory: pytest.TempPathFactory, wheel: Path, extra: str | 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory: pytest.TempPathFactory, wheel: Path) -> Install:
-    return install(tmp_path_factory, wheel, None)
+    return install(tmp_path_factory, wheel, None, None)
 
 
 @pytest.fixture(scope="module")
-def agent(tmp_path_factory: pytest.TempPathFactory, wheel: Path) -> Install:
-    return install(tmp_path_factory, wheel, "agent")
+def agent(tmp_path_factory: pytest.TempPathFactory, wheel: Path, torch_layer: Path) -> Install:
+    return install(tmp_path_factory, wheel, "agent", torch_layer)
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, wheel: Path) -> Install:
-    return install(tmp_path_factory, wheel, "server")
+def server(tmp_path_factory: pytest.TempPathFactory, wheel: Path, torch_layer: Path) -> Install:
+    return install(tmp_path_factory, wheel, "server", torch_layer)
 
 
 @pytest.fixture(scope="module")
-def everything(tmp_path_factory: pytest.TempPathFactory, wheel: Path) -> Install:
-    return install(tmp_path_factory, wheel, "all")
+def everything(tmp_path_factory: pytest.TempPathFactory, wheel: Path, torch_layer: Path) -> Install:
+    return install(tmp_path_factory, wheel, "all", torch_layer)
 
 
 def brought_by(extra: str) -> set[str]:
