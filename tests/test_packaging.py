@@ -3,10 +3,10 @@ non-editable into a fresh venv per extra, with every module imported and every c
 from the installed copy, far from the source tree. An editable install reads the source folders, so a
 package the wheel leaves out, or an extra that lacks what its commands import, shows only here.
 
-Each venv is made once for the module. torch (the CPU build, from the local wheel) is unpacked once into a
-folder every venv reads through a ``.pth`` file: pip counts it as installed, as a venv's own torch would be,
-and three copies of 750 MB are not written; ``--no-compile`` skips bytecode, the bulk of an install's
-time."""
+Each venv is made once for the module, from a wheelhouse that pip fills once by resolving ``fedge[all]``
+against the package index (resolving against a large index, per venv, was most of the time). torch (the CPU
+build) is unpacked once into a folder every venv reads through a ``.pth`` file: pip counts it as installed,
+as a venv's own torch would be, and 750 MB is not written three times. ``--no-compile`` skips bytecode."""
 
 from __future__ import annotations
 
@@ -141,57 +141,68 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def torch_layer(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def wheelhouse(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every distribution any extra needs, as pip resolves ``fedge[all]`` from the index."""
+    house = tmp_path_factory.mktemp("wheelhouse")
+    pip(sys.executable, "download", "--dest", str(house), f"{wheel}[all]")
+    return house
+
+
+@pytest.fixture(scope="module")
+def torch_layer(wheelhouse: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """torch and what it pulls, unpacked once for every venv of the module."""
     layer = tmp_path_factory.mktemp("torch")
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-compile", "--target", str(layer), TORCH],
-        capture_output=True,
-        check=True,
-        timeout=INSTALL_TIMEOUT,
-    )
+    pip(sys.executable, "install", *offline(wheelhouse), "--target", str(layer), TORCH)
     return layer
 
 
+def pip(python: str | Path, *args: str) -> None:
+    subprocess.run(
+        [str(python), "-m", "pip", "--quiet", *args], capture_output=True, check=True, timeout=INSTALL_TIMEOUT
+    )
+
+
+def offline(wheelhouse: Path) -> list[str]:
+    return ["--no-compile", "--no-index", "--find-links", str(wheelhouse)]
+
+
 def install(
-    tmp_path_factory: pytest.TempPathFactory, wheel: Path, extra: str | None, torch: Path | None
+    tmp_path_factory: pytest.TempPathFactory, wheelhouse: Path, extra: str | None, torch: Path | None
 ) -> Install:
     place = tmp_path_factory.mktemp(f"venv-{extra or 'base'}")
     venv = Install(place / "venv", place / "home")
     venv.home.mkdir()
-    subprocess.run([sys.executable, "-m", "venv", str(venv.root)], check=True, timeout=INSTALL_TIMEOUT)
+    # No pip of its own (ensurepip is seconds per venv): this pip installs into it, with --python.
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--without-pip", str(venv.root)], check=True, timeout=INSTALL_TIMEOUT
+    )
     if torch is not None:
         (site_packages,) = venv.root.glob("lib/python*/site-packages")
         (site_packages / "torch-layer.pth").write_text(f"{torch}\n")
+    (wheel,) = wheelhouse.glob("fedge-*.whl")
     requirement = f"{wheel}[{extra}]" if extra else str(wheel)
-    subprocess.run(
-        [str(venv.bin / "pip"), "install", "--quiet", "--no-compile", requirement],
-        capture_output=True,
-        check=True,
-        env=venv.env(),
-        timeout=INSTALL_TIMEOUT,
-    )
+    pip(sys.executable, "--python", str(venv.bin / "python"), "install", *offline(wheelhouse), requirement)
     return venv
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory: pytest.TempPathFactory, wheel: Path) -> Install:
-    return install(tmp_path_factory, wheel, None, None)
+def base(tmp_path_factory: pytest.TempPathFactory, wheelhouse: Path) -> Install:
+    return install(tmp_path_factory, wheelhouse, None, None)
 
 
 @pytest.fixture(scope="module")
-def agent(tmp_path_factory: pytest.TempPathFactory, wheel: Path, torch_layer: Path) -> Install:
-    return install(tmp_path_factory, wheel, "agent", torch_layer)
+def agent(tmp_path_factory: pytest.TempPathFactory, wheelhouse: Path, torch_layer: Path) -> Install:
+    return install(tmp_path_factory, wheelhouse, "agent", torch_layer)
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, wheel: Path, torch_layer: Path) -> Install:
-    return install(tmp_path_factory, wheel, "server", torch_layer)
+def server(tmp_path_factory: pytest.TempPathFactory, wheelhouse: Path, torch_layer: Path) -> Install:
+    return install(tmp_path_factory, wheelhouse, "server", torch_layer)
 
 
 @pytest.fixture(scope="module")
-def everything(tmp_path_factory: pytest.TempPathFactory, wheel: Path, torch_layer: Path) -> Install:
-    return install(tmp_path_factory, wheel, "all", torch_layer)
+def everything(tmp_path_factory: pytest.TempPathFactory, wheelhouse: Path, torch_layer: Path) -> Install:
+    return install(tmp_path_factory, wheelhouse, "all", torch_layer)
 
 
 def brought_by(extra: str) -> set[str]:
