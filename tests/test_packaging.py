@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import typer
 from click import Group
+from conftest import free_port, wait_for
 
 from fedge import extras
 from fedge.cli import app
@@ -307,6 +308,36 @@ def test_a_command_with_its_extra_gets_past_the_check(agent: Install) -> None:
     assert done.returncode == 1
     assert "extra" not in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_server_install_serves_a_federation(server: Install) -> None:
+    """The server extra holds all the server runs on, the initial model's torch included."""
+    for command in (
+        ("pki", "init", "--dir", "pki", "--federation", "acme"),
+        ("pki", "server-cert", "--dir", "pki", "--host", "localhost", "--ip", "127.0.0.1"),
+        ("pki", "client-cert", "--dir", "pki", "--client", "device-1"),
+    ):
+        done = server.fedge(*command)
+        assert done.returncode == 0, done.stderr
+    log = server.home / "server.log"
+    port = free_port()
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [str(server.bin / "fedge"), "server", "--pki", "pki", "--data", "state", "--port", str(port)],
+            cwd=server.home,
+            env=server.env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_for(
+            lambda: process.poll() is not None or f":{port}" in log.read_text(), 120, "the server to listen"
+        )
+        assert process.poll() is None, log.read_text()
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    assert "Traceback" not in log.read_text()
 
 
 def test_the_base_install_runs_the_pki_without_any_extra(base: Install) -> None:
