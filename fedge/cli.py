@@ -9,6 +9,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from fedge import extras
 from fedge.client.cli import app as agent_app
 from fedge.console import command_group, console, user_errors
 from fedge.edge_functions.cli import executor
@@ -152,3 +153,6 @@ def _show(report: Report, settings: SimulationSettings) -> None:
     console.print(
         f"{report.seconds:.1f} s in all; metrics.json, model.safetensors, accuracy.png in {settings.out}/"
     )
+
+
+extras.guard(app)  # last, once every command is wired: those needing an extra say which when it is missing

@@ -9,6 +9,7 @@ from typing import NoReturn
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 
 console = Console()
 errors = Console(stderr=True)
@@ -26,11 +27,11 @@ def command_group(help: str) -> typer.Typer:
 
 def warn(message: str) -> None:
     """Something the user should know that does not stop the command: one line on stderr."""
-    errors.print(f"[bold yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+    errors.print(f"[bold yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
-    errors.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    errors.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 

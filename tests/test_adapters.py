@@ -40,6 +40,7 @@ def http_function(tmp_path: Path):
     log = (tmp_path / "uvicorn.log").open("wb")
     process = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "fedge.edge_functions.adapters.http:app", "--port", str(port)],
+        cwd=tmp_path,  # uvicorn puts its cwd on sys.path: in the tree, the source would shadow the install
         stdout=log,
         stderr=subprocess.STDOUT,
     )
