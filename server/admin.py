@@ -14,6 +14,7 @@ from pydantic import BaseModel, Field
 
 from fedge.security import pki, tokens
 from fedge.server.deps import FederationDep, TrustDep
+from fedge.server.enrollment import refresh_broker
 from fedge.server.errors import RESPONSES, Rejected
 from fedge.server.identity import Admin
 from fedge.server.jsonbody import BoundedJSONRoute
@@ -125,6 +126,7 @@ def revoke(client: str, trust: TrustDep, _: Admin) -> ClientStatus:
         info = pki.revoke(trust.pki_dir, pki.Role.CLIENT, client)
     except pki.PKIError as exc:
         raise Rejected("already_revoked", str(exc)) from None
+    refresh_broker(trust, f"revoked {client}")
     return _client_status(info, pki.revoked(trust.pki_dir), dt.datetime.now(dt.UTC))
 
 

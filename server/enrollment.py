@@ -57,7 +57,7 @@ def enroll(body: EnrollRequest, trust: TrustDep) -> Enrolled:
     except tokens.TokenError as exc:
         raise Rejected(exc.code, exc.detail) from None
     enrolled = _issue(trust, client, key)
-    _let_on_broker(trust, client)
+    refresh_broker(trust, f"enrolled {client}")
     return enrolled
 
 
@@ -81,16 +81,17 @@ def csr_public_key(pem: str) -> ec.EllipticCurvePublicKey:
     return key
 
 
-def _let_on_broker(trust: Trust, client: str) -> None:
-    """A new device is on the broker's ACL without a manual step. The certificate is issued either way: a
-    broker that cannot be reloaded from here is logged, and its operator reloads it."""
+def refresh_broker(trust: Trust, what: str) -> None:
+    """After ``what`` (an enrollment, a revocation) the broker's ACL and CRL follow without a manual step.
+    The change itself stands either way: a broker that cannot be reloaded from here is logged, and its
+    operator reloads it."""
     try:
         done = broker.refresh(trust.pki_dir)
     except (OSError, pki.PKIError) as exc:
-        log.warning("enrolled %s, but the broker's ACL could not be rewritten: %s", client, exc)
+        log.warning("%s, but the broker's ACL could not be rewritten: %s", what, exc)
         return
     if done is not None:
-        (log.info if done.reloaded else log.warning)("enrolled %s: %s", client, done.detail)
+        (log.info if done.reloaded else log.warning)("%s: %s", what, done.detail)
 
 
 def _issue(trust: Trust, client: str, key: ec.EllipticCurvePublicKey) -> Enrolled:
