@@ -161,7 +161,13 @@ def test_each_bad_value_is_one_error_line_and_changes_nothing(world: Path, path:
     flags = [flag for where, flag in tries() if where == path]
     if not flags:
         pytest.skip("no options to get wrong")
-    environment = {**os.environ, "FEDGE_CONFIG": os.devnull, "FEDGE_CACHE_DIR": str(world.parent / "cache")}
+    environment = {
+        **os.environ,
+        "FEDGE_CONFIG": os.devnull,
+        "FEDGE_CACHE_DIR": str(world.parent / "cache"),
+        # The child imports conftest, which PYTHONSAFEPATH (set by `make test`) keeps off its path.
+        "PYTHONPATH": str(Path(__file__).parent),
+    }
     child = subprocess.Popen(
         [sys.executable, __file__, str(world), *path, "--", *flags],
         cwd=world, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
