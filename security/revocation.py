@@ -42,11 +42,10 @@ def standing(
     now: dt.datetime,
 ) -> Identity:
     """The identity ``cert`` proves, or ``NotStanding`` when it is revoked, expired, of another federation,
-    or not the certificate its id holds now (a newer one was issued, or none is on record)."""
-    if is_revoked(cert.serial_number):
-        raise NotStanding("certificate_revoked", "this certificate has been revoked")
-    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
-        raise NotStanding("certificate_expired", "this certificate is not valid now")
+    or not the certificate its id holds now (a newer one was issued, or none is on record).
+
+    Superseded is told before revoked: a replaced certificate goes on the CRL too, and its holder should
+    hear that a newer one exists, whether or not the CRL has been re-read yet."""
     try:
         identity = identity_in(cert)
     except PKIError as exc:
@@ -58,6 +57,10 @@ def standing(
         raise NotStanding("unknown_certificate", f"no certificate is on record for {identity.uri}")
     if current != cert.serial_number:
         raise NotStanding("certificate_superseded", f"{identity.uri} holds a newer certificate than this")
+    if is_revoked(cert.serial_number):
+        raise NotStanding("certificate_revoked", "this certificate has been revoked")
+    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+        raise NotStanding("certificate_expired", "this certificate is not valid now")
     return identity
 
 

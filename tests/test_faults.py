@@ -53,8 +53,17 @@ def started(agents: list[AgentProcess], round_: int) -> None:
 
 
 def training(agents: list[AgentProcess], round_: int) -> None:
-    look(agents, lambda shown: ("training", round_) in shown, f"training in round {round_}")
-    time.sleep(TRAINING_S)
+    """Or, when the round's training was over before the last restart came back (a loaded machine), as
+    soon as that is seen: the kill then lands on what follows, and the round must still complete."""
+
+    def seen(shown: list[tuple[str, int]]) -> bool:
+        return ("training", round_) in shown or any(
+            r > round_ or (r == round_ and s == "idle") for s, r in shown
+        )
+
+    look(agents, seen, f"training in round {round_}")
+    if any(shown == ("training", round_) for shown in (status(a) for a in agents)):
+        time.sleep(TRAINING_S)
 
 
 def uploading(agents: list[AgentProcess], round_: int) -> None:

@@ -24,6 +24,7 @@ from fedge.codec import CodecError, decode, encode, metadata_of
 from fedge.compression import decompress
 from fedge.jsonlimits import MAX_DEPTH, JSONError, loads
 from fedge.security import pki, signing
+from fedge.security.revocation import Standing
 from fedge.server.errors import Rejected
 from fedge.server.intake import CheckedUpdate, check
 from fedge.server.rounds import Federation, FederationSettings
@@ -363,7 +364,8 @@ job_fields = st.fixed_dictionaries(
 def test_the_executor_answers_any_job_body_with_a_client_error(grant_pki: Path, body: bytes) -> None:
     from fedge.edge_functions.executor import Executor, _invoke
 
-    gpu = Executor("gpu", "test", "https://127.0.0.1:1", pki.credentials(grant_pki, pki.Role.EXECUTOR, "gpu"))
+    creds = pki.credentials(grant_pki, pki.Role.EXECUTOR, "gpu")
+    gpu = Executor("gpu", "test", "https://127.0.0.1:1", creds, Standing(grant_pki))
     alice = pki.Identity("test", pki.Role.CLIENT, "alice")
     status, payload = _invoke(gpu, body, alice)
     assert 400 <= status < 500, payload
@@ -381,7 +383,8 @@ calibration_fields = st.fixed_dictionaries(
 def test_the_executor_answers_any_calibration_body_with_a_client_error(grant_pki: Path, body: bytes) -> None:
     from fedge.edge_functions.executor import Executor, _calibrate
 
-    gpu = Executor("gpu", "test", "https://127.0.0.1:1", pki.credentials(grant_pki, pki.Role.EXECUTOR, "gpu"))
+    creds = pki.credentials(grant_pki, pki.Role.EXECUTOR, "gpu")
+    gpu = Executor("gpu", "test", "https://127.0.0.1:1", creds, Standing(grant_pki))
     status, payload = _calibrate(gpu, body)
     assert 400 <= status < 500, payload
     assert set(payload) == {"error", "detail"}
