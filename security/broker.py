@@ -31,6 +31,7 @@ from pathlib import Path
 
 from fedge.files import write_file
 from fedge.security import pki
+from fedge.security.tls import TLS12_CIPHERS
 from fedge.wire import rounds_topic, status_topic
 
 BROKER_ID = "broker"
@@ -92,7 +93,8 @@ def mosquitto_conf(
         f"certfile {at}/broker.pem",
         f"keyfile {at}/broker.key",
         *([f"crlfile {at}/crl.pem"] if with_crl else []),
-        "tls_version tlsv1.2",
+        "tls_version tlsv1.2",  # the oldest allowed, with only the suites the server allows too
+        f"ciphers {TLS12_CIPHERS}",
         "require_certificate true",
         "use_identity_as_username true",
         # A client cannot take over another's session by choosing its client id.

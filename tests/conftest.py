@@ -454,3 +454,19 @@ def start_executor(tmp_path: Path) -> Iterator[Callable[..., IsolatedExecutor]]:
     yield start
     for executor in started:
         executor.stop()
+
+
+def agreed_suite(host: str, port: int, ctx: ssl.SSLContext, ciphers: str | None, tls13: bool = False) -> str:
+    """The suite a TLS listener agrees to with a client offering only ``ciphers`` (over TLS 1.2 unless
+    ``tls13``); an ``ssl.SSLError`` when it agrees to none of them."""
+    if not tls13:
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    if ciphers:
+        ctx.set_ciphers(ciphers)
+    with (
+        socket.create_connection((host, port), timeout=10) as raw,
+        ctx.wrap_socket(raw, server_hostname=host) as tls,
+    ):
+        cipher = tls.cipher()
+        assert cipher is not None
+        return cipher[0]

@@ -6,7 +6,8 @@ import os
 import ssl
 from pathlib import Path
 
-from conftest import tls_for, wait_for
+import pytest
+from conftest import agreed_suite, tls_for, wait_for
 from test_simulate import run_cli
 
 from fedge.security import broker, pki
@@ -123,3 +124,15 @@ def test_issuing_a_client_certificate_puts_it_on_the_running_brokers_acl(
     assert carol.admitted()
     carol.client.publish(status_topic("test", "carol"), b"here", qos=1).wait_for_publish(10)
     wait_for(lambda: server.payloads(status_topic("test", "carol")), 30, "carol's status, allowed by the ACL")
+
+
+def test_the_broker_offers_tls12_only_with_ecdhe_and_aead_as_the_server_does(
+    start_broker, fresh_pki: Path
+) -> None:
+    running = start_broker(fresh_pki)
+    host, port = running.address.host, running.address.port
+    alice = tls_for(fresh_pki, pki.Role.CLIENT, "alice")
+    assert agreed_suite(host, port, alice, "ECDHE-ECDSA-AES128-GCM-SHA256") == "ECDHE-ECDSA-AES128-GCM-SHA256"
+    for suite in ("ECDHE-ECDSA-AES128-SHA", "ECDHE-ECDSA-AES128-SHA256"):
+        with pytest.raises(ssl.SSLError):
+            agreed_suite(host, port, tls_for(fresh_pki, pki.Role.CLIENT, "alice"), f"{suite}:@SECLEVEL=0")

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import base64
 import json
-import socket
 import ssl
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from conftest import CLIENTS, federation_pki, toy_model, toy_server_args, update_body
+from conftest import CLIENTS, agreed_suite, federation_pki, toy_model, toy_server_args, update_body
 from cryptography.hazmat.primitives.asymmetric import ec
 from test_attacks import raw_client, refusal, running, state_of
 from test_service import open_round
@@ -197,18 +196,8 @@ def test_a_well_formed_body_still_reaches_its_route(target: ServerProcess, limit
 def handshake(server: ServerProcess, limits_pki: Path, ciphers: str | None, tls13: bool = False) -> str:
     """The suite the server agrees to with a client that offers only ``ciphers`` over TLS 1.2."""
     ctx = client_context(pki.credentials(limits_pki, pki.Role.CLIENT, "alice"))
-    if not tls13:
-        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
-    if ciphers:
-        ctx.set_ciphers(ciphers)
     host, port = server.url.removeprefix("https://").rsplit(":", 1)
-    with (
-        socket.create_connection((host, int(port)), timeout=10) as raw,
-        ctx.wrap_socket(raw, server_hostname=host) as tls,
-    ):
-        cipher = tls.cipher()
-        assert cipher is not None
-        return cipher[0]
+    return agreed_suite(host, int(port), ctx, ciphers, tls13)
 
 
 @pytest.mark.parametrize(
