@@ -4,13 +4,14 @@ line for a client that goes away mid-upload. Every probe is a raw socket over re
 
 from __future__ import annotations
 
+import ssl
 import threading
 import time
 from pathlib import Path
 
 import psutil
 import pytest
-from conftest import tls_for, toy_model
+from conftest import agreed_suite, tls_for, toy_model
 from raw_http import Answer, answers, no_certificate, open_tls, read_answer, read_until_closed, request
 
 from fedge.codec import encode
@@ -253,3 +254,9 @@ def test_the_executor_applies_the_same_bounds_and_framing(make_pki, start_execut
         stream, took = read_until_closed(sock, timeout=60)
     assert stream == b""
     assert LIMITS.idle_timeout - 1 < took < LIMITS.idle_timeout + 10
+    host, port = executor.url.removeprefix("https://").rsplit(":", 1)  # and the server's TLS 1.2 suites
+    assert agreed_suite(host, int(port), tls_for(executor_pki, pki.Role.CLIENT, "alice"), "ECDHE+AESGCM")
+    with pytest.raises(ssl.SSLError):
+        agreed_suite(
+            host, int(port), tls_for(executor_pki, pki.Role.CLIENT, "alice"), "ECDHE+SHA1:@SECLEVEL=0"
+        )
