@@ -49,7 +49,8 @@ def run(quick: bool) -> dict:
         (work / "model.safetensors").write_bytes(encode({"w": np.zeros((4, 3), dtype=np.float32)}))
         server = launch(
             ["--pki", str(work / "pki"), "--port", "0", "--task", "toy", "--rounds", "1",
-             "--init-model", str(work / "model.safetensors"), "--min-clients", str(agents + 1),
+             "--init-model", str(work / "model.safetensors"),
+             "--presence-window", "0", "--min-clients", str(agents + 1),
              "--mqtt", f"127.0.0.1:{port}"],
             work / "server", work / "server.log",
         )  # fmt: skip

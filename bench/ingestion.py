@@ -45,7 +45,8 @@ def run(quick: bool) -> dict:
 
         server = launch(
             ["--pki", str(work / "pki"), "--port", "0", "--task", "bench", "--rounds", "1",
-             "--init-model", str(work / "initial.safetensors"), "--min-clients", str(n),
+             "--init-model", str(work / "initial.safetensors"),
+             "--presence-window", "0", "--min-clients", str(n),
              "--min-updates", str(n), "--round-timeout", "3600"],
             work / "server", work / "server.log",
         )  # fmt: skip

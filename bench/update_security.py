@@ -74,7 +74,7 @@ def run(quick: bool) -> dict:
         initial.write_bytes(encode(model))
         server = launch(
             ["--pki", str(root), "--port", "0", "--task", "bench", "--init-model", str(initial),
-             "--min-clients", str(uploads + 1), "--round-timeout", "3600"],
+             "--presence-window", "0", "--min-clients", str(uploads + 1), "--round-timeout", "3600"],
             work / "server",
             work / "server.log",
         )  # fmt: skip
