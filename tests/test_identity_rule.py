@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,6 +18,7 @@ from conftest import tls_for, update_body
 from cryptography import x509
 from test_attacks import refusal, state_of
 from test_service import open_round
+from test_simulate import run_cli
 
 from fedge.security import broker, pki
 from fedge.security.revocation import NotStanding, standing
@@ -88,13 +87,7 @@ def test_re_issuing_an_id_puts_its_old_certificate_on_the_crl_and_revoking_the_i
     assert set(reasons.values()) == {x509.ReasonFlags.superseded}
     assert pki.active(fresh_pki, pki.Role.CLIENT) == ["alice", "bob"]
 
-    done = subprocess.run(
-        [sys.executable, "-m", "fedge", "pki", "revoke", "--dir", str(fresh_pki), "--client", "alice"],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=120,
-    )
+    done = run_cli("pki", "revoke", "--dir", str(fresh_pki), "--client", "alice")
     assert done.returncode == 0, done.stderr
     assert crl_serials(fresh_pki / "crl.pem") == set(serials)
     assert set(pki.revoked(fresh_pki)) == set(serials)  # the CA's signature still checks
