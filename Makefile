@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup dev wheel demo test lint mosquitto bench bench-smoke clean
+.PHONY: setup dev wheel demo test lint system bench bench-smoke clean
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,13 +28,16 @@ wheel: setup
 demo: setup
 	$(BIN)/fedge simulate --out fedge-run
 
-# The MQTT tests need the real broker; install it when missing and we may (root), else say how.
-mosquitto:
-	@if ! command -v mosquitto >/dev/null && ! test -x /usr/sbin/mosquitto; then \
+# The real parts the tests run (the broker, a Docker daemon and what makes its base image, a browser, a load
+# balancer, promtool): Debian packages, installed when missing and we may (root), else say how.
+SYSTEM_PACKAGES := mosquitto docker.io debootstrap chromium haproxy prometheus
+system:
+	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ]; then \
-			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 		else \
-			echo "mosquitto is missing: sudo apt-get install mosquitto"; exit 1; \
+			echo "missing system packages: sudo apt-get install $$missing"; exit 1; \
 		fi; \
 	fi
 
@@ -44,7 +47,7 @@ lint: setup
 
 # The suite imports the installed copy: PYTHONSAFEPATH keeps `python -m` in the tree from shadowing it, and
 # FEDGE_TEST_INSTALLED makes tests/test_packaging.py check that it did.
-test: setup mosquitto lint wheel
+test: setup system lint wheel
 	$(BIN)/pip install --quiet --force-reinstall --no-deps dist/fedge-*.whl
 	FEDGE_TEST_INSTALLED=1 PYTHONSAFEPATH=1 $(BIN)/pytest
 
