@@ -2,7 +2,10 @@
 
 Decisions are pure functions (server.schedule); ``Federation`` is the thin shell that applies them to the
 store and the running aggregate under one lock, and tells listeners (long polls, announcements) about
-changes. Updates reach it checked (server.intake): here they are only authorized for the round and folded.
+changes. Updates reach it checked (server.intake): here they are only authorized for the round, written
+durably (outside the lock, concurrently) and then, under the lock again, authorized once more, recorded and
+folded: the serialized part of an update is one small critical section, which a store shared by several
+servers can hold under a database lock instead.
 """
 
 from __future__ import annotations
@@ -68,6 +71,8 @@ class Federation:
         self._store = store
         self._registered = registered_clients
         self._lock = threading.RLock()
+        self._slot_freed = threading.Condition(self._lock)
+        self._writing: set[tuple[int, str]] = set()  # (round, client) slots whose update is being written
         self._listeners: list[Callable[[], None]] = []
         self._open: RoundRecord | None = None
         self._sum: aggregation.RunningSum | None = None
@@ -131,16 +136,58 @@ class Federation:
 
     def submit(self, update: CheckedUpdate) -> UpdateReceipt:
         """Authorize a checked update (server.intake) for the round, store it durably, then fold it; any
-        refusal leaves store and aggregate untouched."""
+        refusal leaves store and aggregate untouched.
+
+        Only the authorization and the commit (record, fold, state change) hold the lock; the blob write
+        and its fsync run concurrently between them, in a (round, client) slot that no other update or skip
+        of that client can take meanwhile. An update whose round closed while it was written is refused at
+        the commit and its blobs removed; in asynchronous mode, where it is welcome in the next version, it
+        is written again for that one."""
+        while True:
+            round_ = self._reserve(update)
+            receipt = None
+            try:
+                self._store.write_update(round_, update.client, update.body, update.restored)
+                receipt = self._commit(update, round_)
+            finally:
+                self._release(round_, update.client, written=receipt is not None)
+            if receipt is not None:
+                return receipt
+
+    def _reserve(self, update: CheckedUpdate) -> int:
+        """The open round an update is to be written for, its slot now held by the caller."""
+        with self._lock:
+            round_, _ = self._free_slot(update.round, update.client, update.meta.base_sha256)
+            with _once(update.client, round_):
+                self._store.check_unreported(round_, update.client)
+            self._writing.add((round_, update.client))
+            return round_
+
+    def _free_slot(self, round_: int, client: str, base_sha256: str | None) -> tuple[int, int]:
+        """The open round and the staleness of a report from ``client`` for ``round_``, once no update of
+        the client's is being written for it: a second upload waits for the first, and learns that it is a
+        duplicate only if the first was recorded. Caller holds the lock."""
+        while True:
+            staleness = self._authorize(round_, client, base_sha256)
+            assert self._open is not None
+            if (self._open.round, client) not in self._writing:
+                return self._open.round, staleness
+            self._slot_freed.wait()
+
+    def _commit(self, update: CheckedUpdate, round_: int) -> UpdateReceipt | None:
+        """Record and fold an update written for ``round_``, or None when (asynchronous mode) the open
+        version moved on while it was written; ``Rejected`` when the round no longer takes it."""
         client, examples = update.client, update.meta.num_examples
         with self._lock:
             staleness = self._authorize(update.round, client, update.meta.base_sha256)
             assert self._open is not None
-            round_ = self._open.round
+            if self._open.round != round_:
+                return None
             with _once(client, round_):
-                record = self._store.add_update(
-                    round_, client, update.body, examples, update.provenance, staleness, update.restored
-                )
+                record = self._store.record_update(
+                    round_, client, update.sha256, len(update.body), examples, update.provenance, staleness,
+                    update.restored is not None,
+                )  # fmt: skip
             self._fold(update.tensors, examples, staleness)
             changed = self._advance(time.time())
         if changed:
@@ -148,6 +195,15 @@ class Federation:
         return UpdateReceipt(
             round=round_, client=client, sha256=record.sha256, num_examples=examples, staleness=staleness
         )
+
+    def _release(self, round_: int, client: str, written: bool) -> None:
+        """Free the slot; the blobs of an update that was not recorded are removed, so an orphan never
+        lingers where a later reader could take it for the client's update."""
+        with self._lock:
+            if not written and not self._store.has_update(round_, client):
+                self._store.discard_update(round_, client)
+            self._writing.discard((round_, client))
+            self._slot_freed.notify_all()
 
     def _authorize(self, round_: int, client: str, base_sha256: str | None) -> int:
         """How stale an update from ``client`` for ``round_`` is, or why the open round refuses it."""
@@ -173,16 +229,14 @@ class Federation:
                 "asynchronous_mode", "asynchronous rounds wait for no client: there is no round to skip"
             )
         with self._lock:
-            self._authorize(round_, client, None)
-            assert self._open is not None
-            current = self._open
+            open_round, _ = self._free_slot(round_, client, None)
             with _once(client, round_):
-                self._store.add_skip(current.round, client, reason)
+                self._store.add_skip(open_round, client, reason)
             self._skipped += 1
             changed = self._advance(time.time())
         if changed:
             self._notify()
-        return SkipReceipt(round=current.round, client=client, reason=reason)
+        return SkipReceipt(round=open_round, client=client, reason=reason)
 
     def _staleness(self, round_: int, current: RoundRecord, base_sha: str | None) -> int:
         """How many versions behind the open round the update's base is: the round whose base model it

@@ -136,7 +136,8 @@ class RoundHistory:
 
 
 class Store:
-    """Not thread-safe by itself: the round state machine serializes every call."""
+    """Not thread-safe by itself: the round state machine serializes every call but ``write_update``,
+    which touches only files and runs outside its lock."""
 
     def __init__(self, data_dir: Path, url: str | None = None) -> None:
         self.dir = data_dir
@@ -246,29 +247,65 @@ class Store:
         staleness: int = 0,
         restored: bytes | None = None,
     ) -> UpdateRecord:
-        """Store the body as sent (what its signature covers) and, for a compressed one, the full update it
-        stands for (``restored``), which is what aggregation reads."""
-        self._check_unreported(round_, client)
-        path = self.dir / "updates" / str(round_) / f"{client}.safetensors"
+        """Write an update's blobs, then record it: what ``Federation.submit`` does in two steps, the first
+        outside its lock, for callers that need no concurrency (restores, tests)."""
+        self.check_unreported(round_, client)
+        self.write_update(round_, client, body, restored)
+        proof = provenance or Provenance()
+        return self.record_update(
+            round_, client, proof.body_sha256 or sha256(body), len(body), num_examples, proof, staleness,
+            restored is not None,
+        )  # fmt: skip
+
+    def write_update(self, round_: int, client: str, body: bytes, restored: bytes | None = None) -> None:
+        """Durably write the body as sent (what its signature covers) and, for a compressed one, the full
+        update it stands for (``restored``), which is what aggregation reads. Touches no database, so it is
+        the one store call that may run concurrently: the caller makes sure nobody else writes this
+        (round, client) meanwhile. Until ``record_update`` commits its row the blobs count for nothing."""
+        path = self._update_path(round_, client)
         path.parent.mkdir(exist_ok=True)
         write_file(path, body)
         if restored is not None:
             write_file(_restored_path(path), restored)
-        proof = provenance or Provenance()
-        digest = proof.body_sha256 or sha256(body)
+
+    def record_update(
+        self,
+        round_: int,
+        client: str,
+        digest: str,
+        size: int,
+        num_examples: int,
+        provenance: Provenance,
+        staleness: int,
+        restored: bool,
+    ) -> UpdateRecord:
+        """Make the written update (``write_update``) count: one durable row, refused if the client already
+        reported in this round. The 202 follows this, so an acknowledged update survives a crash."""
+        self.check_unreported(round_, client)
         self._execute(
             "INSERT INTO updates (round, client, sha256, num_examples, bytes, received_at, signature, nonce,"
             " computed_by, staleness, restored) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (round_, client, digest, num_examples, len(body), time.time(), proof.signature, proof.nonce,
-             proof.computed_by, staleness, int(restored is not None)),
+            (round_, client, digest, num_examples, size, time.time(), provenance.signature, provenance.nonce,
+             provenance.computed_by, staleness, int(restored)),
         )  # fmt: skip
+        path = self._update_path(round_, client)
         return UpdateRecord(
             client, digest, num_examples, _restored_path(path) if restored else path, staleness
         )
 
+    def discard_update(self, round_: int, client: str) -> None:
+        """Remove the blobs of a written update that will never be recorded (refused after it was written):
+        the caller owns the (round, client) slot and knows it holds no recorded update."""
+        path = self._update_path(round_, client)
+        for blob in (path, _restored_path(path)):
+            blob.unlink(missing_ok=True)
+
+    def _update_path(self, round_: int, client: str) -> Path:
+        return self.dir / "updates" / str(round_) / f"{client}.safetensors"
+
     def add_skip(self, round_: int, client: str, reason: str) -> None:
         """Record that ``client`` sends no update in ``round_``: each client reports once, update or skip."""
-        self._check_unreported(round_, client)
+        self.check_unreported(round_, client)
         self._execute(
             "INSERT INTO skips (round, client, reason, received_at) VALUES (?, ?, ?, ?)",
             (round_, client, reason, time.time()),
@@ -281,12 +318,17 @@ class Store:
         ).fetchall()
         return dict(rows)
 
-    def _check_unreported(self, round_: int, client: str) -> None:
-        key = (round_, client)
-        if self._execute("SELECT 1 FROM updates WHERE round = ? AND client = ?", key).fetchone():
+    def check_unreported(self, round_: int, client: str) -> None:
+        """Refuse a second report from ``client`` in ``round_``: each client sends an update or a skip."""
+        if self.has_update(round_, client):
             raise DuplicateUpdate(client)
-        if self._execute("SELECT 1 FROM skips WHERE round = ? AND client = ?", key).fetchone():
+        if self._execute("SELECT 1 FROM skips WHERE round = ? AND client = ?", (round_, client)).fetchone():
             raise AlreadySkipped(client)
+
+    def has_update(self, round_: int, client: str) -> bool:
+        return bool(
+            self._execute("SELECT 1 FROM updates WHERE round = ? AND client = ?", (round_, client)).fetchone()
+        )
 
     def history(self) -> list[RoundHistory]:
         """Every round, oldest first, with the clients whose updates it stored and those that skipped it."""
@@ -305,7 +347,7 @@ class Store:
         ).fetchall()
         updates = []
         for client, digest, num_examples, staleness, restored in rows:
-            path = self.dir / "updates" / str(round_) / f"{client}.safetensors"
+            path = self._update_path(round_, client)
             updates.append(
                 UpdateRecord(
                     client, digest, num_examples, _restored_path(path) if restored else path, staleness
