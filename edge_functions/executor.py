@@ -29,7 +29,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from pydantic import ValidationError
 
-from fedge.codec import decode, encode
+from fedge.codec import decode, encode_hashed
 from fedge.edge_functions import tasks
 from fedge.edge_functions.adapters.http import Receive, Send, _error, _read, _respond
 from fedge.edge_functions.events import Calibrated, Calibration, Job, JobDone
@@ -106,9 +106,9 @@ class Executor:
             loss = fit(model, x, y, job.config, device)
             examples = max(1, round(len(y) * job.weight))
             meta = UpdateMeta(examples, loss, download.sha256)
-            body = encode(tasks.tensors_of(model), meta.to_metadata())
+            body, digest = encode_hashed(tasks.tensors_of(model), meta.to_metadata())
             uploading = time.perf_counter()
-            receipt = api.post_update(job.round, body, grant=job.grant)
+            receipt = api.post_update(job.round, body, grant=job.grant, body_sha256=digest)
             done = time.perf_counter()
         # Seconds per component, so the client's predictor learns this executor's own link and compute.
         return JobDone(

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from fedge import compression
-from fedge.codec import Tensors, decode, encode
+from fedge.codec import Tensors, decode, encode, encode_hashed
 from fedge.edge_functions import partition, tasks
 from fedge.edge_functions.events import (
     CalibrateEvent,
@@ -129,11 +129,11 @@ def train(event: dict, context: Context, hooks: Hooks = NO_HOOKS) -> dict:
     tensors, how = compression.compress(tensors, context.model, ev.compression)
     examples = max(1, round(len(y) * ev.weight))
     meta = UpdateMeta(examples, loss, context.model_sha256 or "", how)
-    body = encode(tensors, meta.to_metadata())
+    body, digest = encode_hashed(tensors, meta.to_metadata())
     delivered = hooks.ready(time.perf_counter() - started - download_seconds, len(body))  # not the network
     staleness = None
     if delivered and ev.outbox is None:
-        staleness = api.post_update(ev.round, body).staleness
+        staleness = api.post_update(ev.round, body, body_sha256=digest).staleness
     elif delivered:
         ev.outbox.mkdir(parents=True, exist_ok=True)
         write_file(ev.outbox / f"round-{ev.round}.safetensors", body)  # whole, or not at all

@@ -39,9 +39,24 @@ class CodecError(ValueError):
 def encode(tensors: Tensors, metadata: dict[str, str] | None = None) -> bytes:
     """Canonical safetensors: sorted metadata, tensors by descending item size then name (so every tensor
     stays aligned, as the library does), little-endian data, header padded with spaces to 8 bytes."""
+    return b"".join(_pieces(tensors, metadata))
+
+
+def encode_hashed(tensors: Tensors, metadata: dict[str, str] | None = None) -> tuple[bytes, str]:
+    """``encode`` and the body's sha256, hashed piece by piece from the tensors as the body is put
+    together, so a body that is to be signed needs no second pass over it (``FedgeClient.post_update``)."""
+    pieces = _pieces(tensors, metadata)
+    digest = hashlib.sha256()
+    for piece in pieces:
+        digest.update(piece)
+    return b"".join(pieces), digest.hexdigest()
+
+
+def _pieces(tensors: Tensors, metadata: dict[str, str] | None) -> list[bytes | memoryview]:
+    """The canonical body as its length prefix, header and the tensors' own memory (no copy yet)."""
     header: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
     order = sorted(tensors, key=lambda name: (-tensors[name].dtype.itemsize, name))
-    chunks: list[memoryview] = []
+    chunks: list[bytes | memoryview] = []
     offset = 0
     for name in order:
         t = tensors[name]
@@ -53,11 +68,11 @@ def encode(tensors: Tensors, metadata: dict[str, str] | None = None) -> bytes:
             "shape": list(t.shape),
             "data_offsets": [offset, offset + data.nbytes],
         }
-        chunks.append(memoryview(data.reshape(-1)).cast("B"))  # joined below without an extra copy
+        chunks.append(memoryview(data.reshape(-1)).cast("B"))
         offset += data.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    return b"".join([len(raw).to_bytes(8, "little"), raw, *chunks])
+    return [len(raw).to_bytes(8, "little"), raw, *chunks]
 
 
 def decode(body: bytes) -> tuple[Tensors, dict[str, str]]:

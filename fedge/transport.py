@@ -111,12 +111,16 @@ class FedgeClient:
         raise_for_error(response)
         return RoundInfo.model_validate_json(response.content)
 
-    def post_update(self, round_: int, body: bytes, grant: str | None = None) -> UpdateReceipt:
+    def post_update(
+        self, round_: int, body: bytes, grant: str | None = None, body_sha256: str | None = None
+    ) -> UpdateReceipt:
         """Send an update for ``round_``, signed over (federation, round, client id, sha256, nonce).
 
-        An executor passes a client's ``grant`` (``FedgeClient.grant``) and submits in that client's slot."""
+        An executor passes a client's ``grant`` (``FedgeClient.grant``) and submits in that client's slot.
+        ``body_sha256``: the digest ``codec.encode_hashed`` gave with the body, so it is not hashed again."""
         owner = self.identity.id if grant is None else signing.grant_client(grant)
-        headers = {"Content-Type": "application/octet-stream", **self.sign_update(round_, body, owner)}
+        signature = self.sign_update(round_, body, owner, body_sha256)
+        headers = {"Content-Type": "application/octet-stream", **signature}
         if grant is not None:
             headers[signing.GRANT_HEADER] = grant
         response = self._http.post(f"/v1/rounds/{round_}/updates", content=body, headers=headers)
@@ -131,11 +135,15 @@ class FedgeClient:
         raise_for_error(response)
         return SkipReceipt.model_validate_json(response.content)
 
-    def sign_update(self, round_: int, body: bytes, client: str | None = None) -> dict[str, str]:
-        """The signature headers of an update in ``client``'s slot (default: our own)."""
+    def sign_update(
+        self, round_: int, body: bytes, client: str | None = None, body_sha256: str | None = None
+    ) -> dict[str, str]:
+        """The signature headers of an update in ``client``'s slot (default: our own); ``body_sha256``
+        when the body was hashed as it was encoded (``codec.encode_hashed``)."""
         nonce = signing.new_nonce()
         owner = client or self.identity.id
-        claim = signing.UpdateClaim(self.identity.federation, round_, owner, sha256(body), nonce)
+        digest = body_sha256 or sha256(body)
+        claim = signing.UpdateClaim(self.identity.federation, round_, owner, digest, nonce)
         return {
             signing.SIGNATURE_HEADER: signing.sign(self._key, claim.message()),
             signing.NONCE_HEADER: nonce,

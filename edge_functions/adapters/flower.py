@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import numpy as np
 from pydantic import BaseModel
 
-from fedge.codec import encode
+from fedge.codec import encode_hashed
 from fedge.edge_functions.events import CredentialPaths
 from fedge.edge_functions.functions import Context
 from fedge.transport import FedgeClient
@@ -55,8 +55,8 @@ def train_function(
             fitted, num_examples, metrics = client_fn().fit(parameters, {**ev.config, "round": ev.round})
             tensors = dict(zip(names, _check(parameters, fitted), strict=True))
             meta = UpdateMeta(num_examples, _train_loss(metrics), context.model_sha256)
-            body = encode(tensors, meta.to_metadata())
-            api.post_update(ev.round, body)
+            body, digest = encode_hashed(tensors, meta.to_metadata())
+            api.post_update(ev.round, body, body_sha256=digest)
         return {
             "round": ev.round,
             "num_examples": num_examples,
