@@ -12,13 +12,15 @@ import numpy as np
 
 from fedge.codec import Tensors
 
+_BLOCK = 1 << 15  # elements per step of a fold: its scratch (128-256 KiB) stays in the core's L2 cache
+
 
 @dataclass
 class RunningSum:
     sums: dict[str, np.ndarray]
     weight: float = 0.0
     count: int = 0
-    _scratch: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    _scratch: dict[np.dtype, np.ndarray] = field(default_factory=dict, repr=False)
 
 
 def start(template: Tensors) -> RunningSum:
@@ -29,14 +31,21 @@ def start(template: Tensors) -> RunningSum:
 def fold(acc: RunningSum, tensors: Tensors, weight: float) -> None:
     """Add ``weight * tensors`` to the sum in place (no per-update allocation). The product is taken in the
     update's own precision (at least float32) and only the sum in float64: a quarter less memory traffic
-    than a float64 product, and the rounding that matters, over hundreds of additions, stays float64."""
+    than a float64 product, and the rounding that matters, over hundreds of additions, stays float64. It
+    goes a cache-sized block at a time, so the product never travels to memory and back: each element costs
+    only the read of the update and the read and write of the sum."""
     for name, total in acc.sums.items():
-        x = tensors[name]
-        scratch = acc._scratch.get(name)
+        x = tensors[name].reshape(-1)
+        flat = total.reshape(-1)
+        kind = np.promote_types(x.dtype, np.float32)
+        scratch = acc._scratch.get(kind)
         if scratch is None:
-            scratch = acc._scratch[name] = np.empty(total.shape, np.promote_types(x.dtype, np.float32))
-        np.multiply(x, weight, out=scratch, casting="unsafe")
-        total += scratch
+            scratch = acc._scratch[kind] = np.empty(_BLOCK, kind)
+        for begin in range(0, flat.size, _BLOCK):
+            part = flat[begin : begin + _BLOCK]
+            product = scratch[: part.size]
+            np.multiply(x[begin : begin + _BLOCK], weight, out=product, casting="unsafe")
+            np.add(part, product, out=part)
     acc.weight += weight
     acc.count += 1
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import re
 import time
 from typing import Annotated
@@ -140,7 +139,7 @@ async def post_update(
         if not x_fedge_signature or not x_fedge_nonce:
             raise Rejected("missing_signature", "an update needs X-Fedge-Signature and X-Fedge-Nonce")
         owner = _slot_owner(identity, x_fedge_grant, round_, trust)
-        body, digest = await _read_capped(request, len(federation.model.body) + limits.UPDATE_OVERHEAD)
+        body = await _read_capped(request, len(federation.model.body) + limits.UPDATE_OVERHEAD)
         signed = intake.Signed(
             peer_der=peer_certificate(request.scope),  # type: ignore[arg-type]
             federation=trust.federation,
@@ -149,9 +148,7 @@ async def post_update(
             computed_by=identity.id if identity.role is Role.EXECUTOR else "",
         )
         limit = federation.settings.max_update_norm
-        checked = await run_in_threadpool(
-            intake.check, round_, owner, body, federation, limit, signed, digest
-        )
+        checked = await run_in_threadpool(intake.check, round_, owner, body, federation, limit, signed)
         receipt = await run_in_threadpool(federation.submit, checked)
     except Rejected as exc:
         metrics.updates_rejected.labels(code=exc.code).inc()
@@ -199,10 +196,10 @@ def _slot_owner(identity: Identity, grant_header: str | None, round_: int, trust
     return grant.client
 
 
-async def _read_capped(request: Request, limit: int) -> tuple[bytes, str]:
-    """Read the body and its sha256, hashed chunk by chunk as it arrives (while the chunk is still in
-    cache, and the only pass over the body that hashing makes), refusing it as soon as it exceeds what an
-    update of this model can weigh.
+async def _read_capped(request: Request, limit: int) -> bytes:
+    """Read the body, refusing it as soon as it exceeds what an update of this model can weigh. It is
+    hashed once, by intake on a worker thread (hashing releases the GIL): not here, on the one event-loop
+    thread that also decrypts every connection's TLS.
 
     The connection guard (``server.limits.body_caps``) applies the same cap before the app sees the
     request; this one holds wherever the app runs without that guard (in-process, behind another server)."""
@@ -210,12 +207,10 @@ async def _read_capped(request: Request, limit: int) -> tuple[bytes, str]:
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise Rejected("update_too_large", f"body of {declared} bytes exceeds the limit of {limit}")
     chunks: list[bytes] = []
-    digest = hashlib.sha256()
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
             raise Rejected("update_too_large", f"body exceeds the limit of {limit} bytes")
-        digest.update(chunk)
         chunks.append(chunk)
-    return b"".join(chunks), digest.hexdigest()
+    return b"".join(chunks)

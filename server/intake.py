@@ -16,7 +16,7 @@ from typing import Protocol
 
 from cryptography import x509
 
-from fedge.codec import CodecError, Tensors, decode, encode, sha256, signature_of
+from fedge.codec import CodecError, Tensors, decode_view, encode, sha256, signature_of
 from fedge.compression import restore
 from fedge.security import signing
 from fedge.server.errors import Rejected
@@ -72,7 +72,7 @@ def check(
     digest = digest or sha256(body)
     provenance = _verify(signed, round_, client, digest) if signed else Provenance(body_sha256=digest)
     try:
-        tensors, metadata = decode(body)
+        tensors, metadata = decode_view(body)
     except CodecError as exc:
         federation.base_for(round_, client, None)  # who may send comes first
         raise Rejected("malformed_update", str(exc)) from None

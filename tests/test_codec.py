@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save
 
-from fedge.codec import CodecError, decode, encode, sha256
+from fedge.codec import CodecError, decode, decode_view, encode, encode_hashed, sha256
 
 
 def test_round_trip_keeps_names_dtypes_values_and_metadata() -> None:
@@ -50,6 +50,24 @@ def test_encoding_without_metadata_is_byte_identical_to_the_safetensors_library(
 def test_malformed_bodies_are_refused(body: bytes) -> None:
     with pytest.raises(CodecError):
         decode(body)
+
+
+def test_the_zero_copy_decoder_gives_read_only_views_of_the_body() -> None:
+    tensors = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.array([1, 2], dtype=np.int64)}
+    body = encode(tensors, {"num_examples": "7"})
+    decoded, metadata = decode_view(body)
+    assert metadata == {"num_examples": "7"}
+    for name, t in tensors.items():
+        np.testing.assert_array_equal(decoded[name], t)
+        assert not decoded[name].flags.writeable
+        assert np.shares_memory(decoded[name], np.frombuffer(body, np.uint8))
+
+
+def test_a_body_hashed_while_encoded_is_the_same_body_with_its_sha256() -> None:
+    tensors = {"z": np.ones((3, 4), np.float32), "a": np.arange(3, dtype=np.int64)}
+    body, digest = encode_hashed(tensors, {"num_examples": "2"})
+    assert body == encode(tensors, {"num_examples": "2"})
+    assert digest == sha256(body)
 
 
 def test_metadata_must_be_strings() -> None:

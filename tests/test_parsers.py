@@ -20,7 +20,7 @@ from conftest import toy_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fedge.codec import CodecError, decode, encode, metadata_of
+from fedge.codec import CodecError, decode, decode_view, encode, metadata_of
 from fedge.compression import decompress
 from fedge.jsonlimits import MAX_DEPTH, JSONError, loads
 from fedge.security import pki, signing
@@ -197,6 +197,33 @@ def test_the_safetensors_codec_decodes_or_raises_codec_error(body: bytes) -> Non
         assert all(isinstance(t, np.ndarray) for t in tensors.values())
         return
     assert refusal.startswith(("body", "safetensors", "malformed", "tensor"))
+
+
+encoded_bodies = st.builds(
+    lambda n, cut, tail: (
+        encode({"a": np.arange(n, dtype=np.float32), "b": np.ones(n % 3, np.int8)})[:cut] + tail
+    ),
+    st.integers(0, 6),
+    st.integers(0, 200) | st.none(),
+    st.binary(max_size=3),
+)  # whole bodies, truncated ones and ones with bytes after the data
+
+
+@FUZZ
+@given(body=safetensors_bodies | encoded_bodies)
+def test_the_zero_copy_decoder_takes_and_refuses_exactly_what_the_library_does(body: bytes) -> None:
+    try:
+        expected = decode(body)
+    except CodecError:
+        with pytest.raises(CodecError):
+            decode_view(body)
+        return
+    tensors, metadata = decode_view(body)
+    assert metadata == expected[1]
+    assert tensors.keys() == expected[0].keys()
+    for name, tensor in expected[0].items():
+        assert tensors[name].dtype == tensor.dtype
+        np.testing.assert_array_equal(tensors[name], tensor)
 
 
 metadata_texts = st.text(max_size=30) | json_texts
