@@ -1,9 +1,11 @@
 """Update intake: every check on an update that does not need the round's lock, done once per update.
 
-A body arrives as bytes. ``check`` verifies its signature, parses it once into a typed ``UpdateMeta`` and
-tensors, restores a compressed update to full precision, validates the tensors against the model and bounds
-how far they move it. What comes out is a ``CheckedUpdate``: ``Federation.submit`` then only authorizes it
-for the round, stores it and folds it, so the serialized part of ingestion stays small (design.md, Scale).
+A body arrives as bytes. ``check`` hashes it once, verifies its signature, parses it once into a typed
+``UpdateMeta`` and tensors (read-only views of the body, no copy), restores a compressed update to full
+precision, validates the tensors against the model and bounds how far they move it. What comes out is a
+``CheckedUpdate``: ``Federation.submit`` then authorizes it for the round, writes it durably outside its
+lock, and records and folds it under it, so the serialized part of ingestion stays small (design.md,
+Scale). All of this runs on a worker thread, concurrently with other updates.
 
 Refusals come in the order clients have always seen: who may send (signature, then the round's own rules,
 which the federation answers in ``base_for``) before what was sent.
