@@ -67,11 +67,9 @@ def check(
     federation: Bases,
     max_update_norm: float | None,
     signed: Signed | None = None,
-    digest: str | None = None,
 ) -> CheckedUpdate:
-    """The checked update, or ``Rejected`` with the first reason it cannot be taken. ``digest``: the
-    body's sha256 when the caller hashed it while reading it (the API does), so it is not hashed again."""
-    digest = digest or sha256(body)
+    """The checked update, or ``Rejected`` with the first reason it cannot be taken."""
+    digest = sha256(body)  # the one pass hashing makes over the body: it releases the GIL
     provenance = _verify(signed, round_, client, digest) if signed else Provenance(body_sha256=digest)
     try:
         tensors, metadata = decode_view(body)
