@@ -12,10 +12,12 @@ import numpy as np
 import pytest
 from conftest import submit, toy_model, update_body
 
-from fedge.codec import encode
+from fedge.codec import encode, sha256
 from fedge.server.errors import Rejected
 from fedge.server.rounds import Federation, FederationSettings
 from fedge.server.store import Store
+from fedge.transport import ServerError
+from fedge.wire import RoundState
 
 CLIENTS = ["alice", "bob"]
 
@@ -155,3 +157,45 @@ def test_a_skip_sent_while_the_update_is_written_is_answered_as_a_second_report(
     assert update.error is None
     assert code_of(skip) == "duplicate_update"
     assert fed.open_skips() == {}
+
+
+def test_a_server_killed_amid_concurrent_uploads_keeps_every_acknowledged_one_whole(
+    start_server, connect, tmp_path: Path
+) -> None:
+    data = tmp_path / "killed"
+    server = start_server("--rounds", "1", data=data)
+    clients = {name: connect(server, name) for name in ("alice", "bob", "carol")}
+    bodies = {name: update_body(float(i + 1), 10) for i, name in enumerate(clients)}
+    first_ack = threading.Lock()
+    acknowledged: dict[str, str] = {}
+
+    def upload(name: str) -> None:
+        receipt = clients[name].post_update(1, bodies[name])
+        acknowledged[name] = receipt.sha256
+        if first_ack.acquire(blocking=False):
+            server.process.kill()  # at the first 202, while the others may be mid-write
+
+    for api in clients.values():
+        api.current_round()  # connected before the race starts
+    uploads = [Outcome(lambda name=name: upload(name)) for name in clients]
+    for outcome in uploads:
+        outcome.join()
+    server.process.wait()
+    assert acknowledged, "at least the first upload was acknowledged before the kill"
+
+    store = Store(data)
+    recorded = {u.client: u for u in store.updates(1)}
+    store.close()
+    assert acknowledged.items() <= {name: u.sha256 for name, u in recorded.items()}.items()
+    for name, update in recorded.items():  # every recorded update is whole on disk, as its client sent it
+        assert sha256(update.path.read_bytes()) == update.sha256 == sha256(bodies[name])
+
+    server = start_server("--rounds", "1", data=data)
+    for name in clients.keys() - acknowledged.keys():  # they send again, as after a lost answer
+        if name in recorded:  # recorded before the kill, its answer lost with the connection
+            with pytest.raises(ServerError, match="duplicate_update"):
+                connect(server, name).post_update(1, bodies[name])
+        else:
+            assert connect(server, name).post_update(1, bodies[name]).client == name
+    final = connect(server, "alice").current_round()
+    assert (final.round, final.state) == (1, RoundState.FINISHED)
