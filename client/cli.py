@@ -75,6 +75,7 @@ def run(
     while agent.renewed and not agent.stopping:
         with user_errors(ValueError, OSError):
             agent = Agent(_config(settings))
+        console.print(f"renewed the certificate of {agent.config.identity.id}: going on with the new one")
         agent.run()
     if agent.refused:
         fail(agent.refused)
