@@ -23,6 +23,7 @@ import fcntl
 import hashlib
 import ipaddress
 import json
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -96,7 +97,23 @@ def credentials(pki_dir: Path, role: Role, id_: str) -> Credentials:
     )
     if not creds.cert.exists():
         raise PKIError(f"no {role} certificate {id_!r} in {pki_dir}: issue one with `fedge pki {role}-cert`")
+    for path in (creds.ca, creds.cert, creds.key):
+        check_readable(path)
     return creds
+
+
+def check_readable(path: Path) -> None:
+    """Refuse, in one line, a file this process may not read: a container that runs as another uid than
+    the files' owner (deploy/README.md) learns which file and which uid, instead of failing later, deep in
+    a TLS handshake. A file that is not there is not this check's business."""
+    try:
+        path.open("rb").close()
+    except PermissionError:
+        raise PKIError(
+            f"cannot read {path} as uid {os.geteuid()}: chown it to that uid, or run as its owner"
+        ) from None
+    except FileNotFoundError:
+        pass
 
 
 def issued(pki_dir: Path, role: Role) -> list[str]:

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import configparser
 import json
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import yaml
+from test_cli import assert_one_line_error
 from test_simulate import run_cli
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
@@ -93,3 +97,31 @@ def test_broker_config_for_a_container_names_only_paths_inside_it(tmp_path: Path
     paths = [line.split()[1] for line in (out / "mosquitto.conf").read_text().splitlines() if "/" in line]
     assert paths
     assert all(p.startswith("/mosquitto/") for p in paths)
+
+
+def test_a_server_that_cannot_read_its_key_says_which_file_and_uid_in_one_line(
+    tmp_path: Path, pki_dir: Path
+) -> None:
+    """The non-root container over root-owned 0600 keys: one line, a non-zero exit, no traceback loop."""
+    shared = Path(tempfile.mkdtemp(prefix="fedge-keys-"))  # a uid that is not ours must reach it
+    try:
+        shared.chmod(0o755)
+        pki_copy = shared / "pki"
+        shutil.copytree(pki_dir, pki_copy)
+        for path in [pki_copy, *pki_copy.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        key = pki_copy / "server" / "server.key"
+        key.chmod(0o600 if os.geteuid() == 0 else 0o000)
+        as_other = (
+            ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups"] if os.geteuid() == 0 else []
+        )
+        done = subprocess.run(
+            [*as_other, sys.executable, "-m", "fedge", "server", "--pki", str(pki_copy), "--data",
+             str(shared / "data"), "--port", "0"],
+            capture_output=True, text=True, timeout=120, cwd=shared,
+        )  # fmt: skip
+        uid = 65534 if os.geteuid() == 0 else os.geteuid()
+        assert_one_line_error(done, f"cannot read {key} as uid {uid}")
+        assert len(done.stderr.strip().splitlines()) <= 2
+    finally:
+        shutil.rmtree(shared)

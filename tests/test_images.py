@@ -171,7 +171,7 @@ def test_the_compose_federation_enrolls_two_agents_trains_and_shuts_out_a_revoke
     f.fedge(
         "broker", "config", "--pki", "pki", "--out", "broker", "--port", "8883", "--host", "mosquitto",
         "--bind", "0.0.0.0", "--mount", "/mosquitto/config", "--persistence", "/mosquitto/data",
-        "--user", "root",  # in its container: it reads the key files as they are, then serves
+        "--run-as", "root",  # in its container: it reads the key files as they are, then serves
     )  # fmt: skip
     write_device_data(f.work / "data", ["agent-1", "agent-2"])
     started = time.monotonic()
