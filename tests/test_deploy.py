@@ -24,16 +24,29 @@ def tool(name: str, *args: str | Path) -> subprocess.CompletedProcess:
     return subprocess.run([BIN / name, *map(str, args)], capture_output=True, text=True, timeout=300)
 
 
-def test_the_compose_file_runs_a_broker_a_server_and_agents_that_use_them() -> None:
+def test_the_compose_file_runs_a_broker_a_server_an_executor_and_agents_that_use_them() -> None:
     done = tool("docker-compose", "-f", DEPLOY / "compose.yaml", "config", "--format", "json")
     assert done.returncode == 0, done.stderr
     services = json.loads(done.stdout)["services"]
-    assert {"mosquitto", "server", "agent-1", "agent-2"} <= set(services)
+    assert {"mosquitto", "server", "executor", "agent-1", "agent-2"} <= set(services)
     assert "--mqtt=mosquitto:8883" in services["server"]["command"]
+    assert "--server=https://server:8443" in services["executor"]["command"]
     for agent in ("agent-1", "agent-2"):
-        environment = services[agent]["environment"]
-        assert environment["FEDGE_BROKER"] == "mosquitto:8883"
-        assert environment["FEDGE_CERT"].endswith(f"{agent}.pem")
+        assert services[agent]["environment"]["FEDGE_BROKER"] == "mosquitto:8883"
+        # Each agent's own volume holds what `enroll` wrote: no credentials come from the host.
+        assert [v["target"] for v in services[agent]["volumes"]] == ["/data/data.npz", "/var/lib/fedge-agent"]
+
+
+def test_each_image_the_build_script_makes_has_a_dockerfile_and_the_script_passes_shellcheck() -> None:
+    for script in (DEPLOY / "images.sh", DEPLOY / "docker" / "broker-entrypoint.sh"):
+        done = tool("shellcheck", script)
+        assert done.returncode == 0, done.stdout
+    script = (DEPLOY / "images.sh").read_text()
+    for image in ("server", "agent", "executor", "broker"):
+        assert (DEPLOY / "docker" / f"{image}.Dockerfile").exists()
+        assert image in script
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    assert compose["services"]["mosquitto"]["image"].startswith("fedge/broker:")
 
 
 @pytest.mark.parametrize("dockerfile", sorted((DEPLOY / "docker").glob("*.Dockerfile")), ids=lambda p: p.stem)
@@ -72,7 +85,7 @@ def test_the_openfaas_function_runs_the_image_knative_runs_with_the_watchdog_ups
     (function,) = stack["functions"].values()
     knative = yaml.safe_load((DEPLOY / "knative" / "service.yaml").read_text())
     assert function["image"] == knative["spec"]["template"]["spec"]["containers"][0]["image"]
-    dockerfile = (DEPLOY / "docker" / "executor.Dockerfile").read_text()
+    dockerfile = (DEPLOY / "docker" / "function.Dockerfile").read_text()
     assert f"upstream_url={function['environment']['upstream_url']}" in dockerfile
 
 
