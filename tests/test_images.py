@@ -170,7 +170,7 @@ def test_the_compose_federation_enrolls_two_agents_trains_and_shuts_out_a_revoke
     f.fedge("pki", "executor-cert", "--dir", "pki", "--executor", "executor-1", "--host", "executor")
     f.fedge(
         "broker", "config", "--pki", "pki", "--out", "broker", "--port", "8883", "--host", "mosquitto",
-        "--bind", "0.0.0.0", "--mount", "/mosquitto/config", "--persistence", "/mosquitto/data",
+        "--host", "localhost", "--bind", "0.0.0.0", "--mount", "/mosquitto/config", "--persistence", "/mosquitto/data",
         "--run-as", "root",  # in its container: it reads the key files as they are, then serves
     )  # fmt: skip
     write_device_data(f.work / "data", ["agent-1", "agent-2"])
