@@ -170,8 +170,8 @@ def test_the_compose_federation_enrolls_two_agents_trains_and_shuts_out_a_revoke
     f.fedge("pki", "executor-cert", "--dir", "pki", "--executor", "executor-1", "--host", "executor")
     f.fedge(
         "broker", "config", "--pki", "pki", "--out", "broker", "--port", "8883", "--host", "mosquitto",
-        "--host", "localhost", "--bind", "0.0.0.0", "--mount", "/mosquitto/config", "--persistence", "/mosquitto/data",
-        "--run-as", "root",  # in its container: it reads the key files as they are, then serves
+        "--host", "localhost", "--bind", "0.0.0.0", "--mount", "/mosquitto/config",
+        "--persistence", "/mosquitto/data", "--run-as", "root",  # its container is its sandbox
     )  # fmt: skip
     write_device_data(f.work / "data", ["agent-1", "agent-2"])
     started = time.monotonic()
