@@ -138,3 +138,19 @@ def test_a_server_that_cannot_read_its_key_says_which_file_and_uid_in_one_line(
         assert len(done.stderr.strip().splitlines()) <= 2
     finally:
         shutil.rmtree(shared)
+
+
+def test_the_kubernetes_server_gets_the_whole_pki_in_its_writable_state_volume() -> None:
+    """Clients', admins' certificates and the CRL too (else every client is an unknown certificate), and
+    writable, where enrollment signs and spends tokens: the secret seeds the volume the server runs on."""
+    docs = [d for d in yaml.safe_load_all((DEPLOY / "kubernetes" / "server.yaml").read_text()) if d]
+    pod = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+    (seed,) = pod["initContainers"]
+    (server,) = pod["containers"]
+    pki_arg = next(a for a in server["args"] if a.startswith("--pki="))
+    state = next(m for m in server["volumeMounts"] if m["name"] == "state")
+    assert pki_arg.removeprefix("--pki=").startswith(state["mountPath"] + "/")
+    assert not state.get("readOnly")
+    assert "tar -C " + pki_arg.removeprefix("--pki=") in seed["command"][-1]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "seed"]
+    assert volume["secret"]["items"] == [{"key": "pki.tar", "path": "pki.tar"}]
