@@ -175,18 +175,13 @@ def test_the_compose_federation_enrolls_two_agents_trains_and_shuts_out_a_revoke
     )  # fmt: skip
     write_device_data(f.work / "data", ["agent-1", "agent-2"])
     started = time.monotonic()
-    f.compose("up", "-d", "mosquitto", "server", "executor")
+    f.compose("up", "-d", "--wait", "mosquitto", "server", "executor")
     fingerprint = f.fedge("pki", "fingerprint", "--dir", "pki").strip()
     for agent in ("agent-1", "agent-2"):
         token = f.fedge("pki", "token", "--dir", "pki", "--client", agent).strip()
-        wait_for(
-            lambda a=agent, t=token: subprocess.run(
-                [*compose_command(), "-f", str(DEPLOY / "compose.yaml"), "--project-directory", str(f.work),
-                 "-p", f.project, "run", "--rm", a, "enroll", "--server", "https://server:8443",
-                 "--token", t, "--ca-fingerprint", fingerprint, "--dir", "/var/lib/fedge-agent"],
-                capture_output=True, env=f.env, timeout=120,
-            ).returncode == 0,
-            180, f"{agent} to enroll",
+        f.compose(
+            "run", "--rm", agent, "enroll", "--server", "https://server:8443",
+            "--dir", "/var/lib/fedge-agent", "--token", token, "--ca-fingerprint", fingerprint,
         )  # fmt: skip
     f.compose("up", "-d", "agent-1", "agent-2")
     wait_for(lambda: f.rounds_done() >= 3, 300, "3 rounds")

@@ -28,5 +28,7 @@ RUN python -m pip install --no-deps /tmp/fedge/fedge-*.whl && rm -rf /tmp/fedge
 USER 10001
 WORKDIR /var/lib/fedge
 EXPOSE 8443
+# Healthy once it accepts connections (`docker compose up --wait` waits for it).
+HEALTHCHECK --interval=2s --start-period=120s CMD ["python", "-c", "import socket; socket.create_connection(('127.0.0.1', 8443), 2)"]
 ENTRYPOINT ["fedge", "server"]
 CMD ["--pki", "/etc/fedge/pki", "--data", "/var/lib/fedge/state", "--host", "0.0.0.0", "--port", "8443"]
