@@ -167,6 +167,7 @@ for image in "${images[@]}"; do
     dockerfile="${repo}/deploy/docker/${image}.Dockerfile"
     [[ -f "${dockerfile}" ]] || die "no image ${image} (deploy/docker/${image}.Dockerfile)"
     start=${SECONDS}
+    previous="$(docker image inspect --format '{{.Id}}' "fedge/${image}:${version}" 2>/dev/null || true)"
     if ! docker build --network host --file "${dockerfile}" --tag "fedge/${image}:${version}" \
         --build-arg "BASE=${base}" --build-arg "TORCH=${torch}" --build-arg "TORCH_INDEX=${torch_index}" \
         "${pip_args[@]}" "${repo}" >"${state}/build-${image}.log" 2>&1; then
@@ -174,5 +175,8 @@ for image in "${images[@]}"; do
         die "building fedge/${image} failed: see ${state}/build-${image}.log"
     fi
     size="$(docker image inspect --format '{{.Size}}' "fedge/${image}:${version}")"
+    if [[ -n "${previous}" && "$(docker image inspect --format '{{len .RepoTags}}' "${previous}")" == 0 ]]; then
+        docker image rm "${previous}" >/dev/null 2>&1 || true # the build this one replaced, unless in use
+    fi
     printf 'fedge/%s:%s  built in %d s, %d MB\n' "${image}" "${version}" $((SECONDS - start)) $((size / 1000000))
 done
