@@ -30,6 +30,7 @@ mkdir -p "${state}"
 [[ ${#images[@]} -gt 0 ]] || images=(server agent executor broker)
 
 say() { echo "images.sh: $*" >&2; }
+answers() { python3 -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=5)" "$1" 2>/dev/null; }
 die() {
     say "error: $*"
     exit 1
@@ -100,7 +101,7 @@ as_url() {
 }
 serve_pip_config() {
     local config key value item url seen="" n=0 indexes="" extra="" links="" constraint="" trusted="127.0.0.1"
-    config="$(pip config list 2>/dev/null || true)"
+    config="$(python3 -m pip config list 2>/dev/null || pip config list 2>/dev/null || true)"
     served="$(mktemp -d "${TMPDIR:-/tmp}/fedge-pip.XXXXXX")"
     while IFS= read -r line; do
         key="${line%%=*}"
@@ -130,7 +131,7 @@ serve_pip_config() {
     python3 -m http.server --bind 127.0.0.1 --directory "${served}" "${index_port}" >/dev/null 2>&1 &
     server_pid=$!
     for _ in $(seq 1 50); do
-        if python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:${index_port}/')" 2>/dev/null; then
+        if answers "http://127.0.0.1:${index_port}/"; then
             return
         fi
         kill -0 "${server_pid}" 2>/dev/null || die "cannot serve pip's files on 127.0.0.1:${index_port} (FEDGE_INDEX_PORT)"
@@ -153,7 +154,7 @@ wheel="$(find "${repo}/dist" -maxdepth 1 -name 'fedge-*.whl' 2>/dev/null | head 
 [[ "$(find "${repo}/dist" -maxdepth 1 -name 'fedge-*.whl' | wc -l)" -eq 1 ]] || die "more than one wheel in dist/"
 version="$(basename "${wheel}" | cut -d- -f2)"
 
-if [[ -n "${torch_index}" ]] && ! curl -fsS --max-time 5 -o /dev/null "${torch_index%/}/torch/" 2>/dev/null; then
+if [[ -n "${torch_index}" ]] && ! answers "${torch_index%/}/torch/"; then
     say "${torch_index} does not answer: torch (${torch}) comes from pip's configuration"
     torch_index=""
 fi
