@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup dev wheel demo test lint system bench bench-smoke clean
+.PHONY: setup dev wheel images demo test lint system bench bench-smoke clean
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,11 @@ dev: setup
 wheel: setup
 	rm -rf dist
 	$(BIN)/python -m build --outdir dist . >/dev/null
+
+# The container images (fedge/server, agent, executor, broker) from that wheel, with a Docker daemon and a base
+# image made here when there are none (deploy/images.sh; deploy/README.md).
+images: wheel system
+	deploy/images.sh
 
 demo: setup
 	$(BIN)/fedge simulate --out fedge-run

@@ -84,6 +84,7 @@ class AgentConfig:
     executors: tuple[ExecutorTarget, ...] = ()
     train_memory: int = 0  # bytes a training run needs on the device; less free: it cannot train here
     expires: dt.datetime | None = None  # when the client certificate stops being valid
+    renew_at: dt.datetime | None = None  # when to renew the enrolled certificate (None: not the agent's job)
 
 
 class Agent:
@@ -100,6 +101,7 @@ class Agent:
         self._counted = ""  # where this round's last attempt was counted
         self._mqtt: paho.Client | None = None
         self.refused = ""  # why the server refuses this device's certificate, once it does: the agent stops
+        self.renewed = False  # it renewed its certificate and stopped, for a fresh agent on the new files
         self._status_lock = threading.Lock()
         self._status = AgentStatus(
             client=config.identity.id, state=AgentState.IDLE, transport=self._transport()
@@ -108,6 +110,27 @@ class Agent:
     def stop(self) -> None:
         """Ask the agent to stop after the step in flight: a training run finishes and its update is kept."""
         self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def _renew_if_due(self) -> bool:
+        """Renew the certificate once two thirds of its life have passed; True when it did, so the agent
+        stops and a fresh one connects with the new key (the server supersedes the old certificate). A failed
+        attempt is retried on the next turn of the loop, while the current certificate still serves."""
+        due = self.config.renew_at
+        if due is None or dt.datetime.now(dt.UTC) < due:
+            return False
+        from fedge.client.enrollment import EnrollmentError, renew
+
+        try:
+            renew(self.config.state_dir)
+        except (EnrollmentError, OSError) as exc:
+            self._report(AgentState.IDLE, detail=f"certificate renewal failed, retrying: {exc}")
+            return False
+        self.renewed = True
+        return True
 
     def run(self) -> None:
         self.config.state_dir.mkdir(parents=True, exist_ok=True)
@@ -126,7 +149,7 @@ class Agent:
         try:
             with FedgeClient(self.config.server, self.config.creds) as api:
                 self._send_outbox(api)
-                while not self._stop.is_set():
+                while not self._stop.is_set() and not self._renew_if_due():
                     info = self._next_announcement(api)
                     if info is not None:
                         self._handle(api, info)
@@ -134,7 +157,8 @@ class Agent:
                         self._send_outbox(api)
         finally:
             self.pool.close()
-            self._report(AgentState.STOPPED, detail=self.refused or "stopped")
+            why = self.refused or ("renewed its certificate" if self.renewed else "stopped")
+            self._report(AgentState.STOPPED, detail=why)
             if self._mqtt is not None:
                 self._mqtt.disconnect()
                 self._mqtt.loop_stop()

@@ -64,6 +64,7 @@ def run(
             train_memory_mb=train_memory_mb,
         )  # fmt: skip
         agent = Agent(_config(settings))
+    # The handlers stop whichever agent runs: after renewing its certificate, a fresh one on the new files.
     signal.signal(signal.SIGTERM, lambda *_: agent.stop())
     signal.signal(signal.SIGINT, lambda *_: agent.stop())
     console.print(f"fedge agent {agent.config.identity.id} for {agent.config.server}")
@@ -71,6 +72,11 @@ def run(
     placement_log.addHandler(logging.StreamHandler())
     placement_log.setLevel(logging.INFO)
     agent.run()
+    while agent.renewed and not agent.stopping:
+        with user_errors(ValueError, OSError):
+            agent = Agent(_config(settings))
+        console.print(f"renewed the certificate of {agent.config.identity.id}: going on with the new one")
+        agent.run()
     if agent.refused:
         fail(agent.refused)
 
@@ -136,6 +142,10 @@ def _config(settings: AgentSettings) -> AgentConfig:
         executors=tuple(ExecutorTarget.parse(e) for e in settings.executor),
         train_memory=int(settings.train_memory_mb * 2**20),
         expires=certificate.not_valid_after_utc,
+        # Enrolled credentials renew themselves; files given as flags belong to whoever issued them.
+        renew_at=None
+        if settings.cert or not (settings.dir / "agent.json").is_file()
+        else pki.renewal_time(certificate.not_valid_before_utc, certificate.not_valid_after_utc),
     )
 
 

@@ -4,7 +4,8 @@
 #   sudo deploy/install.sh [SOURCE]     SOURCE: a fedge wheel, sdist or source tree [this repository]
 #
 # Afterwards: put the device's credentials in /var/lib/fedge-agent (or enroll it), edit /etc/fedge/agent.env,
-# then `systemctl enable --now fedge-agent`. Set ROOT to install into a staging directory instead of /.
+# then `systemctl enable --now fedge-agent`. Set ROOT to install into a staging directory instead of /, and
+# TORCH to the torch requirement [torch==2.13.0] (torch==2.13.0+cpu with PyTorch's CPU index: no CUDA).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -40,6 +41,8 @@ install -D -m 0644 "${here}/systemd/fedge-agent.service" "${root}/etc/systemd/sy
 
 if [[ -z "${root}" ]]; then
     chgrp fedge /etc/fedge/agent.env
-    systemctl daemon-reload
+    if [[ -d /run/systemd/system ]]; then # not in a container or chroot that runs no systemd
+        systemctl daemon-reload
+    fi
 fi
 echo "fedge agent installed in ${prefix}; next: credentials, /etc/fedge/agent.env, systemctl enable --now fedge-agent"

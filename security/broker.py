@@ -14,7 +14,9 @@ where it wrote the broker's files in the PKI (``broker.json``), so that whatever
 (an enrollment on the server, ``fedge pki client-cert`` or ``revoke``) calls ``refresh``: the ACL, CRL
 and config are written again with the same settings, and the mosquitto named by the pid file is sent
 SIGHUP, which reloads them. Where the broker cannot be signalled from here (a container, another user),
-``refresh`` says so, and the operator sends the SIGHUP.
+``refresh`` says so: the fedge/broker image (deploy/docker/broker.Dockerfile) watches the files and reloads
+itself, and any other broker gets its SIGHUP from the operator. ``broker.json`` keeps the broker's folder
+relative to the PKI, so the server in a container, with both mounted side by side, rewrites the same files.
 
 mosquitto started as root drops to the ``mosquitto`` user before it reads the ACL, which then cannot
 read files in a private home. A config written by root for files on this machine therefore keeps root
@@ -116,14 +118,18 @@ class BrokerSettings:
     persistence: Path | None = None
     run_as: str | None = None
 
-    def to_json(self) -> str:
-        fields = {**asdict(self), "out": str(self.out.resolve()), "hosts": list(self.hosts)}
+    def to_json(self, pki_dir: Path) -> str:
+        """``out`` is kept relative to the PKI directory: the PKI mounted elsewhere (in the server's
+        container) finds the broker's folder where it is mounted beside it."""
+        out = os.path.relpath(self.out.resolve(), pki_dir.resolve())
+        fields = {**asdict(self), "out": out, "hosts": list(self.hosts)}
         return json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in fields.items()})
 
     @classmethod
-    def from_json(cls, text: str) -> BrokerSettings:
+    def from_json(cls, text: str, pki_dir: Path) -> BrokerSettings:
         raw = json.loads(text)
         paths = {k: None if raw[k] is None else Path(raw[k]) for k in ("out", "at", "persistence")}
+        paths["out"] = pki_dir / paths["out"]  # an absolute path (as older versions wrote) stays as it is
         return cls(**{**raw, **paths, "hosts": tuple(raw["hosts"])})
 
 
@@ -181,7 +187,7 @@ def _write(pki_dir: Path, settings: BrokerSettings) -> BrokerFiles:
         settings.port, settings.bind, at, persistence, files.crl is not None, settings.run_as
     )
     write_file(files.conf, conf.encode())
-    write_file(pki_dir / SETTINGS_FILE, settings.to_json().encode())
+    write_file(pki_dir / SETTINGS_FILE, settings.to_json(pki_dir).encode())
     return files
 
 
@@ -195,12 +201,16 @@ def refresh(pki_dir: Path) -> Refreshed | None:
     """After a change of who is active: rewrite the broker's files as last configured and reload the
     broker; None when this PKI has no broker."""
     try:
-        settings = BrokerSettings.from_json((pki_dir / SETTINGS_FILE).read_text())
+        settings = BrokerSettings.from_json((pki_dir / SETTINGS_FILE).read_text(), pki_dir)
     except FileNotFoundError:
         return None
     _write(pki_dir, settings)
     if settings.at is not None or settings.persistence is not None:
-        return Refreshed(False, f"broker ACL and CRL rewritten in {settings.out}; send mosquitto SIGHUP")
+        return Refreshed(
+            False,
+            f"broker ACL and CRL rewritten in {settings.out}; the fedge/broker image reloads them itself, "
+            "another broker in a container needs its SIGHUP",
+        )
     reloaded, how = reload(settings.out / "data" / PID_FILE)
     return Refreshed(reloaded, f"broker ACL and CRL rewritten in {settings.out}; {how}")
 

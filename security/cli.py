@@ -15,6 +15,10 @@ from fedge.security.names import ip_address, san_entry
 
 app = command_group("Certificates of a federation: its CA, the server's, each client's; tokens; revocation.")
 PkiDir = Annotated[Path, typer.Option("--dir", file_okay=False, help="PKI directory")]
+# A leaf's lifetime: bounded, so a typo cannot mint a certificate that outlives every rotation plan.
+Days = Annotated[
+    int, typer.Option("--days", min=1, max=365, help=f"lifetime in days [{pki.LEAF_LIFETIME.days}]")
+]
 
 
 @app.command()
@@ -31,6 +35,7 @@ def server_cert(
     directory: PkiDir,
     host: Annotated[list[str], typer.Option(help="DNS name of the server (repeatable)")] = [],  # noqa: B006
     ip: Annotated[list[str], typer.Option(help="IP address of the server (repeatable)")] = [],  # noqa: B006
+    days: Days = pki.LEAF_LIFETIME.days,
 ) -> None:
     """Issue the aggregation server's certificate for the names and addresses clients will dial."""
     if not host and not ip:
@@ -38,7 +43,7 @@ def server_cert(
         raise typer.Exit(2)
     with user_errors(pki.PKIError, ValueError):
         names = (*(san_entry(h) for h in host), *(ip_address(a) for a in ip))
-        creds = pki.issue(directory, pki.Role.SERVER, "server", hosts=names)
+        creds = pki.issue(directory, pki.Role.SERVER, "server", hosts=names, lifetime=dt.timedelta(days=days))
     console.print(f"server certificate written to {creds.cert}")
 
 
@@ -46,7 +51,7 @@ def server_cert(
 def client_cert(
     directory: PkiDir,
     client: Annotated[str, typer.Option(help="client id")],
-    days: Annotated[int, typer.Option(min=1, max=365, help="lifetime in days")] = pki.LEAF_LIFETIME.days,
+    days: Days = pki.LEAF_LIFETIME.days,
 ) -> None:
     """Issue a client's certificate (its id goes in the SAN: spiffe://<federation>/client/<id>).
 
@@ -59,9 +64,13 @@ def client_cert(
 
 
 @app.command("admin-cert")
-def admin_cert(directory: PkiDir, admin: Annotated[str, typer.Option(help="admin id")]) -> None:
+def admin_cert(
+    directory: PkiDir,
+    admin: Annotated[str, typer.Option(help="admin id")],
+    days: Days = pki.LEAF_LIFETIME.days,
+) -> None:
     """Issue an operator's certificate for the /v1/admin/ routes."""
-    _issue(directory, pki.Role.ADMIN, admin)
+    _issue(directory, pki.Role.ADMIN, admin, days=days)
 
 
 @app.command("executor-cert")
@@ -69,14 +78,16 @@ def executor_cert(
     directory: PkiDir,
     executor: Annotated[str, typer.Option(help="executor id")],
     host: Annotated[list[str], typer.Option(help="DNS name or IP clients dial it at (repeatable)")] = [],  # noqa: B006
+    days: Days = pki.LEAF_LIFETIME.days,
 ) -> None:
     """Issue a cloud executor's certificate: it submits only in the slot a client's grant gives it."""
-    _issue(directory, pki.Role.EXECUTOR, executor, tuple(host))
+    _issue(directory, pki.Role.EXECUTOR, executor, tuple(host), days)
 
 
-def _issue(directory: Path, role: pki.Role, id_: str, hosts: tuple[str, ...] = ()) -> None:
+def _issue(directory: Path, role: pki.Role, id_: str, hosts: tuple[str, ...] = (), days: int = 30) -> None:
     with user_errors(pki.PKIError, ValueError):
-        creds = pki.issue(directory, role, id_, hosts=tuple(san_entry(h) for h in hosts))
+        hosts = tuple(san_entry(h) for h in hosts)
+        creds = pki.issue(directory, role, id_, hosts=hosts, lifetime=dt.timedelta(days=days))
     console.print(f"{role} certificate written to {creds.cert} (key {creds.key})")
     if role is pki.Role.ADMIN:
         _refresh_broker(directory)
@@ -150,6 +161,9 @@ def list_(directory: PkiDir) -> None:
     for column in ("role", "id", "serial", "expires", "status"):
         table.add_column(column)
     for c in found:
-        table.add_row(c.role, c.id, f"{c.serial:x}", f"{c.not_after:%Y-%m-%d %H:%M}", c.status(revoked, now))
+        status = c.status(revoked, now)
+        if status == "valid" and pki.renewal_due(c.not_before, c.not_after, now):
+            status = "[yellow]valid, renew now[/]"  # past two thirds of its life
+        table.add_row(c.role, c.id, f"{c.serial:x}", f"{c.not_after:%Y-%m-%d %H:%M}", status)
     console.print(table)
     console.print(f"CA fingerprint (sha256): {fingerprint}", soft_wrap=True)

@@ -23,6 +23,7 @@ import fcntl
 import hashlib
 import ipaddress
 import json
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -96,7 +97,23 @@ def credentials(pki_dir: Path, role: Role, id_: str) -> Credentials:
     )
     if not creds.cert.exists():
         raise PKIError(f"no {role} certificate {id_!r} in {pki_dir}: issue one with `fedge pki {role}-cert`")
+    for path in (creds.ca, creds.cert, creds.key):
+        check_readable(path)
     return creds
+
+
+def check_readable(path: Path) -> None:
+    """Refuse, in one line, a file this process may not read: a container that runs as another uid than
+    the files' owner (deploy/README.md) learns which file and which uid, instead of failing later, deep in
+    a TLS handshake. A file that is not there is not this check's business."""
+    try:
+        path.open("rb").close()
+    except PermissionError:
+        raise PKIError(
+            f"cannot read {path} as uid {os.geteuid()}: chown it to that uid, or run as its owner"
+        ) from None
+    except FileNotFoundError:
+        pass
 
 
 def issued(pki_dir: Path, role: Role) -> list[str]:
@@ -111,12 +128,26 @@ def active(pki_dir: Path, role: Role, now: dt.datetime | None = None) -> list[st
     return [c.id for c in certificates(pki_dir, role) if c.status(revoked_serials, moment) == "valid"]
 
 
+RENEW_AT = 2 / 3  # of a certificate's life: renewed from then on, so a missed attempt still lands in time
+
+
+def renewal_time(not_before: dt.datetime, not_after: dt.datetime) -> dt.datetime:
+    """When a certificate valid from ``not_before`` to ``not_after`` is due for renewal."""
+    return not_before + (not_after - not_before) * RENEW_AT
+
+
+def renewal_due(not_before: dt.datetime, not_after: dt.datetime, now: dt.datetime) -> bool:
+    """Whether a certificate should be renewed now: once two thirds of its life have passed."""
+    return now >= renewal_time(not_before, not_after)
+
+
 @dataclass(frozen=True)
 class CertificateInfo:
     role: Role
     id: str
     serial: int
     not_after: dt.datetime
+    not_before: dt.datetime
 
     def status(self, revoked_serials: dict[int, dt.datetime], now: dt.datetime) -> str:
         if self.serial in revoked_serials:
@@ -124,12 +155,16 @@ class CertificateInfo:
         return "expired" if now > self.not_after else "valid"
 
 
+def info_of(role: Role, id_: str, cert: x509.Certificate) -> CertificateInfo:
+    return CertificateInfo(role, id_, cert.serial_number, cert.not_valid_after_utc, cert.not_valid_before_utc)
+
+
 def certificates(pki_dir: Path, role: Role) -> list[CertificateInfo]:
     """The current certificate of every id of ``role``, sorted by id."""
     found = []
     for id_ in issued(pki_dir, role):
         cert = x509.load_pem_x509_certificate((pki_dir / role / f"{id_}.pem").read_bytes())
-        found.append(CertificateInfo(role, id_, cert.serial_number, cert.not_valid_after_utc))
+        found.append(info_of(role, id_, cert))
     return found
 
 
@@ -281,7 +316,7 @@ def revoke(pki_dir: Path, role: Role, id_: str) -> CertificateInfo:
         if cert.serial_number in revoked(pki_dir):
             raise PKIError(f"the certificate of {role} {id_!r} is already revoked")
         _add_to_crl(pki_dir, {cert.serial_number: x509.ReasonFlags.unspecified})
-    return CertificateInfo(role, id_, cert.serial_number, cert.not_valid_after_utc)
+    return info_of(role, id_, cert)
 
 
 def revoked(pki_dir: Path) -> dict[int, dt.datetime]:

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import configparser
 import json
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import yaml
+from test_cli import assert_one_line_error
 from test_simulate import run_cli
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
@@ -20,16 +24,29 @@ def tool(name: str, *args: str | Path) -> subprocess.CompletedProcess:
     return subprocess.run([BIN / name, *map(str, args)], capture_output=True, text=True, timeout=300)
 
 
-def test_the_compose_file_runs_a_broker_a_server_and_agents_that_use_them() -> None:
+def test_the_compose_file_runs_a_broker_a_server_an_executor_and_agents_that_use_them() -> None:
     done = tool("docker-compose", "-f", DEPLOY / "compose.yaml", "config", "--format", "json")
     assert done.returncode == 0, done.stderr
     services = json.loads(done.stdout)["services"]
-    assert {"mosquitto", "server", "agent-1", "agent-2"} <= set(services)
+    assert {"mosquitto", "server", "executor", "agent-1", "agent-2"} <= set(services)
     assert "--mqtt=mosquitto:8883" in services["server"]["command"]
+    assert "--server=https://server:8443" in services["executor"]["command"]
     for agent in ("agent-1", "agent-2"):
-        environment = services[agent]["environment"]
-        assert environment["FEDGE_BROKER"] == "mosquitto:8883"
-        assert environment["FEDGE_CERT"].endswith(f"{agent}.pem")
+        assert services[agent]["environment"]["FEDGE_BROKER"] == "mosquitto:8883"
+        # Each agent's own volume holds what `enroll` wrote: no credentials come from the host.
+        assert [v["target"] for v in services[agent]["volumes"]] == ["/data/data.npz", "/var/lib/fedge-agent"]
+
+
+def test_each_image_the_build_script_makes_has_a_dockerfile_and_the_script_passes_shellcheck() -> None:
+    for script in (DEPLOY / "images.sh", DEPLOY / "docker" / "broker-entrypoint.sh"):
+        done = tool("shellcheck", script)
+        assert done.returncode == 0, done.stdout
+    script = (DEPLOY / "images.sh").read_text()
+    for image in ("server", "agent", "executor", "broker"):
+        assert (DEPLOY / "docker" / f"{image}.Dockerfile").exists()
+        assert image in script
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    assert compose["services"]["mosquitto"]["image"].startswith("fedge/broker:")
 
 
 @pytest.mark.parametrize("dockerfile", sorted((DEPLOY / "docker").glob("*.Dockerfile")), ids=lambda p: p.stem)
@@ -68,7 +85,7 @@ def test_the_openfaas_function_runs_the_image_knative_runs_with_the_watchdog_ups
     (function,) = stack["functions"].values()
     knative = yaml.safe_load((DEPLOY / "knative" / "service.yaml").read_text())
     assert function["image"] == knative["spec"]["template"]["spec"]["containers"][0]["image"]
-    dockerfile = (DEPLOY / "docker" / "executor.Dockerfile").read_text()
+    dockerfile = (DEPLOY / "docker" / "function.Dockerfile").read_text()
     assert f"upstream_url={function['environment']['upstream_url']}" in dockerfile
 
 
@@ -93,3 +110,47 @@ def test_broker_config_for_a_container_names_only_paths_inside_it(tmp_path: Path
     paths = [line.split()[1] for line in (out / "mosquitto.conf").read_text().splitlines() if "/" in line]
     assert paths
     assert all(p.startswith("/mosquitto/") for p in paths)
+
+
+def test_a_server_that_cannot_read_its_key_says_which_file_and_uid_in_one_line(
+    tmp_path: Path, pki_dir: Path
+) -> None:
+    """The non-root container over root-owned 0600 keys: one line, a non-zero exit, no traceback loop."""
+    shared = Path(tempfile.mkdtemp(prefix="fedge-keys-"))  # a uid that is not ours must reach it
+    try:
+        shared.chmod(0o755)
+        pki_copy = shared / "pki"
+        shutil.copytree(pki_dir, pki_copy)
+        for path in [pki_copy, *pki_copy.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        key = pki_copy / "server" / "server.key"
+        key.chmod(0o600 if os.geteuid() == 0 else 0o000)
+        as_other = (
+            ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups"] if os.geteuid() == 0 else []
+        )
+        done = subprocess.run(
+            [*as_other, sys.executable, "-m", "fedge", "server", "--pki", str(pki_copy), "--data",
+             str(shared / "data"), "--port", "0"],
+            capture_output=True, text=True, timeout=120, cwd=shared,
+        )  # fmt: skip
+        uid = 65534 if os.geteuid() == 0 else os.geteuid()
+        assert_one_line_error(done, f"cannot read {key} as uid {uid}")
+        assert len(done.stderr.strip().splitlines()) <= 2
+    finally:
+        shutil.rmtree(shared)
+
+
+def test_the_kubernetes_server_gets_the_whole_pki_in_its_writable_state_volume() -> None:
+    """Clients', admins' certificates and the CRL too (else every client is an unknown certificate), and
+    writable, where enrollment signs and spends tokens: the secret seeds the volume the server runs on."""
+    docs = [d for d in yaml.safe_load_all((DEPLOY / "kubernetes" / "server.yaml").read_text()) if d]
+    pod = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+    (seed,) = pod["initContainers"]
+    (server,) = pod["containers"]
+    pki_arg = next(a for a in server["args"] if a.startswith("--pki="))
+    state = next(m for m in server["volumeMounts"] if m["name"] == "state")
+    assert pki_arg.removeprefix("--pki=").startswith(state["mountPath"] + "/")
+    assert not state.get("readOnly")
+    assert "tar -C " + pki_arg.removeprefix("--pki=") in seed["command"][-1]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "seed"]
+    assert volume["secret"]["items"] == [{"key": "pki.tar", "path": "pki.tar"}]

@@ -1,34 +1,32 @@
-# The function image: train/evaluate as an HTTP function behind OpenFaaS's of-watchdog, which also serves
-# Knative (port 8080). On a CUDA base (the default) it is the cloud GPU executor; with
-# --build-arg BASE=python:3.11-slim --build-arg TORCH=torch==2.13.0 it is a CPU function.
+# The cloud executor (`fedge executor`): trains clients' rounds for them under their grants, on a GPU when the
+# image has CUDA torch. From the wheel in dist/ (`make wheel`); deploy/images.sh builds it, by hand:
 #   docker build -f deploy/docker/executor.Dockerfile -t fedge/executor .
-ARG BASE=pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
-ARG WATCHDOG=ghcr.io/openfaas/of-watchdog:0.10.7
-FROM ${WATCHDOG} AS watchdog
-
+# CPU torch by default; the CUDA build: --build-arg TORCH=torch==2.13.0 --build-arg TORCH_INDEX=
+# Run it with the executor's credentials (fedge pki executor-cert) mounted at /etc/fedge/pki and
+#   --id ID --server https://SERVER:8443
+ARG BASE=python:3.11-slim
 FROM ${BASE}
-# Empty on a base that ships torch (the CUDA images); a requirement such as torch==2.13.0 otherwise.
-ARG TORCH=""
+ARG TORCH=torch==2.13.0+cpu
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 ARG PIP_INDEX_URL
-COPY --from=watchdog /fwatchdog /usr/bin/fwatchdog
-WORKDIR /src
-COPY pyproject.toml README.md ./
-COPY fedge fedge
-COPY server server
-COPY client client
-COPY edge_functions edge_functions
-COPY security security
-# The requirements are pinned by the TORCH build argument and by the source tree itself.
+ARG PIP_EXTRA_INDEX_URL
+ARG PIP_FIND_LINKS
+ARG PIP_CONSTRAINT
+ARG PIP_TRUSTED_HOST
+ARG PIP_DEFAULT_TIMEOUT=60
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore PYTHONDONTWRITEBYTECODE=1
 # hadolint ignore=DL3013
-RUN if [ -n "${TORCH}" ]; then pip install --no-cache-dir "${TORCH}"; fi \
-    && pip install --no-cache-dir ".[executor]" \
-    && useradd --system --uid 10001 --create-home fedge
+RUN python -m pip install "${TORCH}" ${TORCH_INDEX:+--extra-index-url "${TORCH_INDEX}"}
+COPY pyproject.toml deploy/docker/requirements.py /tmp/fedge/
+# hadolint ignore=DL3013
+RUN python /tmp/fedge/requirements.py /tmp/fedge/pyproject.toml executor > /tmp/fedge/requirements.txt \
+    && python -m pip install -r /tmp/fedge/requirements.txt \
+    && useradd --system --uid 10001 --home-dir /var/lib/fedge-executor --create-home fedge
+COPY dist/fedge-*.whl /tmp/fedge/
+RUN python -m pip install --no-deps /tmp/fedge/fedge-*.whl && rm -rf /tmp/fedge
 USER 10001
-ENV mode=http \
-    upstream_url=http://127.0.0.1:8082 \
-    fprocess="uvicorn fedge.edge_functions.adapters.http:app --host 127.0.0.1 --port 8082" \
-    ready_path=/healthz \
-    exec_timeout=900s
-EXPOSE 8080
-HEALTHCHECK --interval=10s CMD ["sh", "-c", "test -e /tmp/.lock"]
-CMD ["fwatchdog"]
+# A directory of no source tree: nothing on sys.path can shadow the installed package.
+WORKDIR /var/lib/fedge-executor
+EXPOSE 8443
+ENTRYPOINT ["fedge", "executor"]
+CMD ["--pki", "/etc/fedge/pki", "--host", "0.0.0.0", "--port", "8443"]
