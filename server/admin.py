@@ -7,6 +7,7 @@ Only an admin certificate reaches them; nothing here reads or writes the global 
 from __future__ import annotations
 
 import datetime as dt
+import time
 from typing import Any
 
 from fastapi import APIRouter
@@ -16,6 +17,7 @@ from fedge.security import pki, tokens
 from fedge.server.deps import FederationDep, TrustDep
 from fedge.server.enrollment import refresh_broker
 from fedge.server.errors import RESPONSES, Rejected
+from fedge.server.history import ClientFigures, RoundFigures, client_figures, round_figures
 from fedge.server.identity import Admin
 from fedge.server.jsonbody import BoundedJSONRoute
 from fedge.server.trust import Trust
@@ -47,6 +49,17 @@ class RoundStatus(BaseModel):
     base_sha256: str
     result_sha256: str | None
     deadline: float
+
+
+class Overview(BaseModel):
+    """What the dashboard shows of a federation, in one answer: the round now, and every round's and
+    client's figures (``server.history``)."""
+
+    federation: str
+    now: float
+    round: RoundInfo
+    rounds: list[RoundFigures]
+    clients: list[ClientFigures]
 
 
 class StrategyChoice(BaseModel):
@@ -103,6 +116,29 @@ def rounds(federation: FederationDep, _: Admin) -> list[RoundStatus]:
         )
         for past in federation.history()
     ]
+
+
+@router.get("/overview", responses=RESPONSES)
+def overview(federation: FederationDep, trust: TrustDep, _: Admin) -> Overview:
+    """Per-round figures (updates, skips and why, stragglers, bytes, time split) and per-client history
+    (last seen, rounds trained, skipped, missed, where its updates were computed, certificate expiry)."""
+    ledger = federation.ledger()
+    now = time.time()
+    moment = dt.datetime.fromtimestamp(now, dt.UTC)
+    revoked = pki.revoked(trust.pki_dir)
+    certificates = pki.certificates(trust.pki_dir, pki.Role.CLIENT)
+    return Overview(
+        federation=trust.federation,
+        now=now,
+        round=federation.round_info(),
+        rounds=round_figures(ledger, now),
+        clients=client_figures(
+            ledger,
+            certificates,
+            {c.id: c.status(revoked, moment) for c in certificates},
+            trust.presence.sightings(),
+        ),
+    )
 
 
 @router.post("/start", responses=RESPONSES)
