@@ -29,6 +29,7 @@ from fedge.server.dashboard_cli import dashboard
 from fedge.server.history import runs
 from fedge.server.strategies.registry import settings_fields
 from fedge.settings import SimulationSettings
+from fedge.sim.summary import report
 
 if TYPE_CHECKING:
     from fedge.sim.report import Report
@@ -41,6 +42,7 @@ app.command()(server)
 app.command()(executor)
 app.command()(dashboard)
 app.command()(runs)
+app.command()(report)
 
 
 @app.command()

@@ -178,8 +178,8 @@ def serving(watch: Watch, port: int) -> Iterator[str]:
             web.join(0.05)
         yield f"http://{HOST}:{port}/"
     finally:
-        server.should_exit = True
-        watch.stop()
-        web.join(10)
+        watch.stop()  # first, so nothing is published to the page's event loop once it has closed
         feeder.join(10 + watch.refresh)
+        server.should_exit = True
+        web.join(10)
         watch.close()
