@@ -17,6 +17,7 @@ import contextlib
 import json
 import ssl
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from importlib import resources
 from typing import Any
@@ -32,6 +33,7 @@ from fedge.server.feed import ChangeFeed
 from fedge.transport import ServerError, raise_for_error
 
 HOST = "127.0.0.1"  # never another address: the page carries the admin's view with no login of its own
+POLL_SECONDS = 1.0  # the longest a long poll waits: how soon ``Watch.stop`` is heard
 Local = Callable[[], dict[str, Any]]
 
 
@@ -73,21 +75,25 @@ class Watch:
         self._listeners.append(listener)
 
     def run(self) -> None:
-        """Until ``stop``: wait for the round to change (at most ``refresh`` s), then fetch the overview. A
-        server that is briefly unreachable keeps the last overview on the page."""
+        """Until ``stop``: long-poll the round a second at a time, and fetch the overview when it changed or
+        ``refresh`` seconds have passed. A server that is briefly unreachable keeps the last overview on the
+        page."""
         etag: str | None = None
+        fetched = time.monotonic()
         while not self._stop.is_set():
             try:
                 response = self._http.get(
                     "/v1/rounds/current",
-                    params={"wait": self.refresh},
+                    params={"wait": min(self.refresh, POLL_SECONDS)},
                     headers={"If-None-Match": etag} if etag else {},
                 )
                 raise_for_error(response)
-                etag = response.headers.get("ETag")
-                self._publish(self._overview())
+                changed, etag = response.headers.get("ETag") != etag, response.headers.get("ETag")
+                if changed or time.monotonic() - fetched >= self.refresh:
+                    self._publish(self._overview())
+                    fetched = time.monotonic()
             except (httpx.HTTPError, ServerError):
-                self._stop.wait(self.refresh)
+                self._stop.wait(POLL_SECONDS)
 
     def stop(self) -> None:
         self._stop.set()
@@ -179,7 +185,7 @@ def serving(watch: Watch, port: int) -> Iterator[str]:
         yield f"http://{HOST}:{port}/"
     finally:
         watch.stop()  # first, so nothing is published to the page's event loop once it has closed
-        feeder.join(10 + watch.refresh)
+        feeder.join(10 + POLL_SECONDS)
         server.should_exit = True
         web.join(10)
         watch.close()

@@ -64,7 +64,8 @@ def _from_metrics(path: Path) -> Summary:
         ]  # fmt: skip
         placements = {str(k): int(v) for k, v in metrics.get("placements", {}).items()}
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise UserError(f"{path} is not a simulation's metrics.json: {type(exc).__name__} {exc}") from None
+        why = f"no {exc} in it" if isinstance(exc, KeyError) else str(exc)
+        raise UserError(f"{path} is not a simulation's metrics.json: {why}") from None
     return Summary("simulation", rows, placements)
 
 
