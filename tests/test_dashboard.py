@@ -21,7 +21,9 @@ from test_service import open_round
 from test_simulate import run_cli
 
 from fedge.security import pki
-from fedge.server.dashboard import Watch, serving
+from fedge.server.dashboard import Watch, serving, with_local
+from fedge.sim.fleet import Outcome
+from fedge.sim.report import Report, RoundMetrics
 
 CHROMIUM = shutil.which("chromium")
 needs_chromium = pytest.mark.skipif(
@@ -249,3 +251,26 @@ def test_a_malformed_metrics_json_is_one_line(tmp_path) -> None:
     assert done.stderr.strip().splitlines() == [
         f"error: {tmp_path / 'metrics.json'} is not a simulation's metrics.json: no 'updates' in it"
     ]
+
+
+def test_a_simulation_adds_its_evaluations_and_where_each_device_trained() -> None:
+    report = Report(settings={})
+    report.count(Outcome("client-0000", "edge", accepted=True))
+    report.count(Outcome("client-0000", "offload:executor-0", accepted=True, raw_bytes=4096))
+    report.count(Outcome("client-0001", "fewer-steps", accepted=False))
+    report.rounds.append(RoundMetrics(1, 0.5, 1.0, 2, 1.0, 10, 10, ended=0.0))
+    server_view = {
+        "clients": [
+            {"id": "client-0000", "placements": {"device": 1, "offload": 1}, "raw_bytes_offloaded": None},
+            {"id": "client-0001", "placements": {}, "raw_bytes_offloaded": None},
+            {"id": "client-0002", "placements": {"device": 2}, "raw_bytes_offloaded": None},
+        ]
+    }
+    shown = with_local(server_view, report.live())
+    clients = {c["id"]: c for c in shown["clients"]}
+    assert clients["client-0000"]["placements"] == {"edge": 1, "offload:executor-0": 1}
+    assert clients["client-0000"]["raw_bytes_offloaded"] == 4096
+    assert clients["client-0001"]["placements"] == {"fewer-steps": 1}
+    assert clients["client-0001"]["raw_bytes_offloaded"] is None  # it offloaded nothing
+    assert clients["client-0002"]["placements"] == {"device": 2}  # the simulation knows nothing more
+    assert shown["evaluations"] == [{"round": 1, "accuracy": 0.5, "loss": 1.0}]
