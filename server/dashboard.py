@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import socket
 import ssl
 import threading
 import time
@@ -24,6 +25,7 @@ from typing import Any
 
 import httpx
 from fastapi import FastAPI, Request
+from fastapi.middleware.trustedhost import TrustedHostMiddleware
 from fastapi.responses import HTMLResponse, Response, StreamingResponse
 
 from fedge.console import UserError
@@ -136,6 +138,9 @@ def create_app(watch: Watch) -> FastAPI:
         yield
 
     app = FastAPI(title="fedge dashboard", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    # A web page elsewhere could reach 127.0.0.1 through a name it rebinds there (DNS rebinding): only a
+    # request addressed to loopback by name or number is answered.
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=["127.0.0.1", "localhost"])
 
     @app.get("/", response_class=HTMLResponse)
     def index() -> str:
@@ -168,19 +173,26 @@ async def _stream(watch: Watch, feed: ChangeFeed) -> AsyncIterator[str]:
 
 @contextlib.contextmanager
 def serving(watch: Watch, port: int) -> Iterator[str]:
-    """Serve the page on 127.0.0.1:``port`` from a background thread while the block runs; yields its URL."""
+    """Serve the page on 127.0.0.1:``port`` from a background thread while the block runs; yields its URL.
+    The socket is bound here, so a port in use is one line, not a server thread's log."""
     import uvicorn
 
-    config = uvicorn.Config(create_app(watch), host=HOST, port=port, log_level="warning", lifespan="on")
+    listener = socket.socket()
+    try:
+        listener.bind((HOST, port))
+    except OSError as exc:
+        listener.close()
+        raise UserError(f"the dashboard cannot listen on {HOST}:{port}: {exc.strerror}") from None
+    config = uvicorn.Config(create_app(watch), log_level="warning", lifespan="on")
     server = uvicorn.Server(config)
     feeder = threading.Thread(target=watch.run, name="dashboard-watch", daemon=True)
-    web = threading.Thread(target=server.run, name="dashboard-web", daemon=True)
+    web = threading.Thread(target=server.run, args=([listener],), name="dashboard-web", daemon=True)
     feeder.start()
     web.start()
     try:
         while not server.started:
             if not web.is_alive():
-                raise UserError(f"the dashboard cannot listen on {HOST}:{port}")
+                raise UserError(f"the dashboard's web server on {HOST}:{port} stopped as it started")
             web.join(0.05)
         yield f"http://{HOST}:{port}/"
     finally:
@@ -189,3 +201,4 @@ def serving(watch: Watch, port: int) -> Iterator[str]:
         server.should_exit = True
         web.join(10)
         watch.close()
+        listener.close()

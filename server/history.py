@@ -9,7 +9,9 @@ arriving, and closing (the aggregation, after the last one).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import sqlite3
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -136,20 +138,32 @@ def _reported(ledger: Ledger) -> set[tuple[int, str]]:
 
 def open_ledger(data: Path, store: str | None = None) -> Ledger:
     """The ledger of a server's ``--data`` (or its PostgreSQL ``store``), read without touching a model."""
-    if store is None and not (data / "state.db").is_file():
-        raise UserError(f"{data} is not a server's --data directory: it holds no state.db")
+    if store is None:
+        _check_sqlite(data)
     try:
         opened = Store(data, store)
     except StoreError as exc:
         raise UserError(str(exc)) from None
-    except Exception as exc:  # sqlite3 or psycopg: a file that is not a database, a locked one
+    except sqlite3.Error as exc:  # a file that is not a database, a locked one
         raise UserError(f"cannot read the store in {data}: {exc}") from None
     try:
         return read_ledger(opened)
-    except Exception as exc:
+    except sqlite3.Error as exc:
         raise UserError(f"cannot read the store in {data}: {exc}") from None
     finally:
         opened.close()
+
+
+def _check_sqlite(data: Path) -> None:
+    """Refuse a directory that holds no server's store before ``Store`` would lay one out in it."""
+    path = data / "state.db"
+    if not path.is_file():
+        raise UserError(f"{data} is not a server's --data directory: it holds no state.db")
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
+            db.execute("SELECT round FROM rounds LIMIT 1").fetchall()
+    except sqlite3.Error as exc:
+        raise UserError(f"{path} is not a server's store: {exc}") from None
 
 
 def runs(

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -16,12 +17,13 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import free_port, update_body, wait_for
+from fastapi.testclient import TestClient
 from test_admin_control import admin_http
 from test_service import open_round
 from test_simulate import run_cli
 
 from fedge.security import pki
-from fedge.server.dashboard import Watch, serving, with_local
+from fedge.server.dashboard import Watch, create_app, serving, with_local
 from fedge.sim.fleet import Outcome
 from fedge.sim.report import Report, RoundMetrics
 
@@ -97,6 +99,38 @@ def test_a_dashboard_that_cannot_reach_its_server_is_one_line(pki_dir) -> None:
     assert done.returncode != 0
     assert len(done.stderr.strip().splitlines()) == 1
     assert done.stderr.startswith("error: cannot reach the server")
+
+
+def test_a_dashboard_on_a_port_in_use_is_one_line(start_server, pki_dir) -> None:
+    server = start_server()
+    creds = pki.credentials(pki_dir, pki.Role.ADMIN, "ops")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        done = run_cli(
+            "dashboard", "--server", server.url, "--ca", str(creds.ca), "--cert", str(creds.cert),
+            "--key", str(creds.key), "--port", str(taken.getsockname()[1]),
+        )  # fmt: skip
+    assert done.returncode == 1
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "error: the dashboard cannot listen on 127.0.0.1:" in done.stderr
+
+
+def test_the_page_answers_only_requests_to_loopback_and_keeps_what_clients_wrote_inert(pki_dir) -> None:
+    """A name rebound to 127.0.0.1 by another site (DNS rebinding) gets nothing; a skip reason that looks
+    like markup stays text inside the page's JSON."""
+    watch = Watch("https://127.0.0.1:1", pki.credentials(pki_dir, pki.Role.ADMIN, "ops"))
+    watch.state = json.dumps({"skips": {"mallory": "</script><script>alert(1)</script>"}})
+    app = create_app(watch)
+    with TestClient(app, base_url="http://127.0.0.1:8500") as local:
+        page = local.get("/")
+        assert page.status_code == 200
+        assert "alert(1)" in page.text
+        assert "</script><script>alert" not in page.text
+        assert local.get("/api/state").json() == json.loads(watch.state)
+    with TestClient(app, base_url="http://fedge.attacker.example:8500") as rebound:
+        assert rebound.get("/").status_code == 400
+        assert rebound.get("/api/state").status_code == 400
 
 
 def test_the_page_hears_of_a_closed_round_at_once_not_at_the_next_refresh(
@@ -205,13 +239,16 @@ def test_runs_lists_the_rounds_in_a_servers_data(
 @pytest.mark.parametrize("flags", [("runs", "--data"), ("report",)])
 def test_a_directory_that_holds_no_run_is_one_line(tmp_path, flags) -> None:
     (tmp_path / "empty").mkdir()
-    for directory in (tmp_path / "empty", tmp_path / "missing"):
+    (tmp_path / "garbage").mkdir()
+    (tmp_path / "garbage" / "state.db").write_bytes(b"not a database, but named like one" * 100)
+    for directory in (tmp_path / "empty", tmp_path / "missing", tmp_path / "garbage"):
         done = run_cli(*flags, str(directory))
         assert done.returncode == 1
         assert len(done.stderr.strip().splitlines()) == 1, done.stderr
         assert done.stderr.startswith("error: ")
     assert not (tmp_path / "missing").exists()
     assert list((tmp_path / "empty").iterdir()) == []
+    assert [p.name for p in (tmp_path / "garbage").iterdir()] == ["state.db"]
 
 
 def test_report_of_a_servers_data_splits_round_time_and_plots_it(
