@@ -8,18 +8,21 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Header, Query, Response
+from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
 from fedge.security import pki, tokens
-from fedge.server.deps import FederationDep, TrustDep
+from fedge.server.deps import FederationDep, FeedDep, TrustDep
 from fedge.server.enrollment import refresh_broker
 from fedge.server.errors import RESPONSES, Rejected
+from fedge.server.feed import MAX_WAIT, next_round
 from fedge.server.history import ClientFigures, RoundFigures, client_figures, round_figures
 from fedge.server.identity import Admin
 from fedge.server.jsonbody import BoundedJSONRoute
+from fedge.server.rounds import Federation
 from fedge.server.trust import Trust
 from fedge.wire import RoundInfo
 
@@ -118,27 +121,56 @@ def rounds(federation: FederationDep, _: Admin) -> list[RoundStatus]:
     ]
 
 
-@router.get("/overview", responses=RESPONSES)
-def overview(federation: FederationDep, trust: TrustDep, _: Admin) -> Overview:
+@router.get("/overview", response_model=Overview, responses=RESPONSES)
+async def overview(
+    federation: FederationDep,
+    trust: TrustDep,
+    feed: FeedDep,
+    _: Admin,
+    wait: Annotated[float, Query(ge=0, le=MAX_WAIT, description="seconds to wait for a round change")] = 0,
+    if_none_match: Annotated[str | None, Header()] = None,
+) -> Response:
     """Per-round figures (updates, skips and why, stragglers, bytes, time split) and per-client history
-    (last seen, rounds trained, skipped, missed, where its updates were computed, certificate expiry)."""
+    (last seen, rounds trained, skipped, missed, where its updates were computed, certificate expiry).
+
+    With ``wait`` and the round's last ETag in ``If-None-Match`` it answers when the round changes, or when
+    ``wait`` has passed (a long poll, as ``GET /v1/rounds/current``): a dashboard that asks again at once
+    sees a closed round immediately, with one request a second. Certificates come from the trust's cache
+    (re-read only when a file changes), and the answer is serialized once, not validated again."""
+    info = await next_round(federation, feed, if_none_match, wait)
+    body = await run_in_threadpool(_overview, federation, trust, info)
+    return Response(body, media_type="application/json", headers={"ETag": info.etag})
+
+
+def _overview(federation: Federation, trust: Trust, info: RoundInfo) -> str:
     ledger = federation.ledger()
     now = time.time()
-    moment = dt.datetime.fromtimestamp(now, dt.UTC)
-    revoked = pki.revoked(trust.pki_dir)
-    certificates = pki.certificates(trust.pki_dir, pki.Role.CLIENT)
+    certificates = _client_certificates(trust, dt.datetime.fromtimestamp(now, dt.UTC))
     return Overview(
         federation=trust.federation,
         now=now,
-        round=federation.round_info(),
+        round=info,
         rounds=round_figures(ledger, now),
         clients=client_figures(
             ledger,
-            certificates,
-            {c.id: c.status(revoked, moment) for c in certificates},
+            [cert for cert, _ in certificates],
+            {cert.id: status for cert, status in certificates},
             trust.presence.sightings(),
         ),
-    )
+    ).model_dump_json()
+
+
+def _client_certificates(trust: Trust, now: dt.datetime) -> list[tuple[pki.CertificateInfo, str]]:
+    """Every client's current certificate and its status (valid, expired, revoked) at ``now``."""
+    found = []
+    for id_ in pki.issued(trust.pki_dir, pki.Role.CLIENT):
+        cert = trust.standing.current.certificate_of(pki.Role.CLIENT, id_)
+        if cert is None:
+            continue
+        info = pki.CertificateInfo(pki.Role.CLIENT, id_, cert.serial_number, cert.not_valid_after_utc)
+        revoked = {info.serial: now} if trust.standing.revocations.is_revoked(info.serial) else {}
+        found.append((info, info.status(revoked, now)))
+    return found
 
 
 @router.post("/start", responses=RESPONSES)

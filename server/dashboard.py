@@ -2,10 +2,10 @@
 
 It runs on the operator's machine, as ``kubectl proxy`` does: only this process holds the admin certificate
 and talks mutual TLS to the server; the browser talks plain HTTP to loopback and never sees a key. One
-thread (``Watch``) keeps the latest overview (``GET /v1/admin/overview``): it long-polls the current round,
-so a round that closes is fetched at once, and refreshes at least every ``refresh`` seconds for what
-changes inside a round (updates arriving, clients seen). The page gets each new overview by server-sent
-events, and renders it in the browser with no library (``dashboard.html``, package data).
+thread (``Watch``) keeps the latest overview (``GET /v1/admin/overview``, long-polled on the round), so a
+round that closes reaches the page at once, and what changes inside a round (updates arriving, clients
+seen) at least every ``refresh`` seconds: one request a second in all. The page gets each new overview by
+server-sent events, and renders it in the browser with no library (``dashboard.html``, package data).
 
 A simulation (``fedge simulate --dashboard PORT``) adds what only it knows, through ``local``: the
 evaluation of every round, and where each device trained and how much raw data it offloaded.
@@ -63,7 +63,7 @@ class Watch:
         """Fetch once, so a certificate that is not an admin's, or a server that cannot be reached, stops the
         dashboard at start with one line instead of an empty page."""
         try:
-            self._publish(self._overview())
+            self._publish(self._overview()[0])
         except ServerError as exc:
             if exc.code == "wrong_role":
                 raise UserError(
@@ -77,25 +77,21 @@ class Watch:
         self._listeners.append(listener)
 
     def run(self) -> None:
-        """Until ``stop``: long-poll the round a second at a time, and fetch the overview when it changed or
-        ``refresh`` seconds have passed. A server that is briefly unreachable keeps the last overview on the
-        page."""
+        """Until ``stop``: long-poll the overview a second at a time, and publish it when the round changed
+        or ``refresh`` seconds have passed. A server that is briefly unreachable keeps the last overview on
+        the page."""
         etag: str | None = None
-        fetched = time.monotonic()
+        published = time.monotonic()
         while not self._stop.is_set():
             try:
-                response = self._http.get(
-                    "/v1/rounds/current",
-                    params={"wait": min(self.refresh, POLL_SECONDS)},
-                    headers={"If-None-Match": etag} if etag else {},
-                )
-                raise_for_error(response)
-                changed, etag = response.headers.get("ETag") != etag, response.headers.get("ETag")
-                if changed or time.monotonic() - fetched >= self.refresh:
-                    self._publish(self._overview())
-                    fetched = time.monotonic()
+                overview, now = self._overview(etag, min(self.refresh, POLL_SECONDS))
             except (httpx.HTTPError, ServerError):
                 self._stop.wait(POLL_SECONDS)
+                continue
+            changed, etag = now != etag, now
+            if changed or time.monotonic() - published >= self.refresh:
+                self._publish(overview)
+                published = time.monotonic()
 
     def stop(self) -> None:
         self._stop.set()
@@ -103,11 +99,15 @@ class Watch:
     def close(self) -> None:
         self._http.close()
 
-    def _overview(self) -> dict[str, Any]:
-        response = self._http.get("/v1/admin/overview")
+    def _overview(self, etag: str | None = None, wait: float = 0) -> tuple[dict[str, Any], str | None]:
+        """The overview, and the ETag of the round it shows; with ``etag`` and ``wait``, once the round
+        changes from ``etag`` or ``wait`` seconds have passed."""
+        response = self._http.get(
+            "/v1/admin/overview", params={"wait": wait}, headers={"If-None-Match": etag} if etag else {}
+        )
         raise_for_error(response)
-        overview = response.json()
-        return with_local(overview, self._local() if self._local is not None else {})
+        local = self._local() if self._local is not None else {}
+        return with_local(response.json(), local), response.headers.get("ETag")
 
     def _publish(self, overview: dict[str, Any]) -> None:
         with self._lock:
