@@ -49,7 +49,7 @@ def run(quick: bool) -> dict:
         )  # fmt: skip
         try:
             apis = [FedgeClient(server.url, c, timeout=60) for c in creds]
-            delays = _delays(server.url, admin, apis, rounds)
+            delays = _delays(server.url, admin, apis, rounds, settle=0.3 if quick else 1.5)
             cpu = _cpu(server.url, admin, psutil.Process(server.process.pid), window, pairs)
             for api in apis:
                 api.close()
@@ -72,8 +72,11 @@ def _model(value: float) -> dict[str, np.ndarray]:
     }
 
 
-def _delays(url: str, admin: pki.Credentials, apis: list[FedgeClient], rounds: int) -> list[float]:
-    """Per round: the page's event stream hearing of the round closed, less the server's ``closed_at``."""
+def _delays(
+    url: str, admin: pki.Credentials, apis: list[FedgeClient], rounds: int, settle: float
+) -> list[float]:
+    """Per round: the page's event stream hearing of the round closed, less the server's ``closed_at``;
+    each round waits ``settle`` seconds open first, as a real one would while its clients train."""
     heard: dict[int, float] = {}
     closed: dict[int, float] = {}
     watch = Watch(url, admin, refresh=1.0)
@@ -102,7 +105,7 @@ def _delays(url: str, admin: pki.Credentials, apis: list[FedgeClient], rounds: i
         for _ in range(rounds):
             while info.state is not RoundState.OPEN:
                 info = apis[0].current_round(wait=10, etag=info.etag)
-            time.sleep(1.5)  # the round's figures settle on the page before it closes
+            time.sleep(settle)
             for api in apis:
                 api.post_update(info.round, body)
             info = apis[0].current_round(wait=10, etag=info.etag)
