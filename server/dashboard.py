@@ -84,11 +84,11 @@ class Watch:
         published = time.monotonic()
         while not self._stop.is_set():
             try:
-                overview, now = self._overview(etag, min(self.refresh, POLL_SECONDS))
+                overview, seen = self._overview(etag, min(self.refresh, POLL_SECONDS))
             except (httpx.HTTPError, ServerError):
                 self._stop.wait(POLL_SECONDS)
                 continue
-            changed, etag = now != etag, now
+            changed, etag = seen != etag, seen
             if changed or time.monotonic() - published >= self.refresh:
                 self._publish(overview)
                 published = time.monotonic()
