@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Response
@@ -161,16 +162,18 @@ def _overview(federation: Federation, trust: Trust, info: RoundInfo) -> str:
 
 
 def _client_certificates(trust: Trust, now: dt.datetime) -> list[tuple[pki.CertificateInfo, str]]:
-    """Every client's current certificate and its status (valid, expired, revoked) at ``now``."""
-    found = []
-    for id_ in pki.issued(trust.pki_dir, pki.Role.CLIENT):
-        cert = trust.standing.current.certificate_of(pki.Role.CLIENT, id_)
-        if cert is None:
-            continue
-        info = pki.CertificateInfo(pki.Role.CLIENT, id_, cert.serial_number, cert.not_valid_after_utc)
-        revoked = {info.serial: now} if trust.standing.revocations.is_revoked(info.serial) else {}
-        found.append((info, info.status(revoked, now)))
-    return found
+    """Every client's current certificate and its status (valid, expired, revoked) at ``now``. The
+    certificates are parsed again only when the folder changes (every write there is a rename into it)."""
+    folder = trust.pki_dir / pki.Role.CLIENT
+    stamp = folder.stat().st_mtime_ns
+    seen = _certificates_seen.get(folder)
+    if seen is None or seen[0] != stamp:
+        seen = _certificates_seen[folder] = (stamp, pki.certificates(trust.pki_dir, pki.Role.CLIENT))
+    revoked = trust.standing.revocations.is_revoked
+    return [(info, info.status({info.serial: now} if revoked(info.serial) else {}, now)) for info in seen[1]]
+
+
+_certificates_seen: dict[Path, tuple[int, list[pki.CertificateInfo]]] = {}
 
 
 @router.post("/start", responses=RESPONSES)

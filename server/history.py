@@ -13,6 +13,7 @@ import contextlib
 import datetime as dt
 import sqlite3
 import time
+from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated
@@ -98,38 +99,36 @@ def client_figures(
     sightings: Mapping[str, float],
 ) -> list[ClientFigures]:  # fmt: skip
     """Every client the PKI issued a certificate to or the store heard from, sorted by id; ``statuses``:
-    each certificate's valid / expired / revoked, ``sightings``: when the server last saw each client."""
+    each certificate's valid / expired / revoked, ``sightings``: when the server last saw each client.
+    Counted in plain dicts and made into models once (a dashboard asks every second)."""
     certs = {c.id: c for c in certificates}
-    ids = set(certs) | {u.client for u in ledger.updates} | {s.client for s in ledger.skips}
     heard: dict[str, float] = dict(sightings)
-    rows: dict[str, ClientFigures] = {
-        c: ClientFigures(
-            id=c, last_seen=None, trained=0, skipped=0, last_skip=None, missed=0, placements={},
-            certificate_expires=certs[c].not_after if c in certs else None,
-            certificate_status=statuses.get(c),
-        )
-        for c in sorted(ids)
-    }  # fmt: skip
+    trained: Counter[str] = Counter()
+    skipped: Counter[str] = Counter()
+    missed: Counter[str] = Counter()
+    placements: defaultdict[str, Counter[str]] = defaultdict(Counter)
+    last_skip: dict[str, str] = {}
     for u in ledger.updates:
-        row = rows[u.client]
-        row.trained += 1
-        where = "offload" if u.computed_by else "device"
-        row.placements[where] = row.placements.get(where, 0) + 1
+        trained[u.client] += 1
+        placements[u.client]["offload" if u.computed_by else "device"] += 1
         heard[u.client] = max(heard.get(u.client, u.received_at), u.received_at)
     for s in ledger.skips:
-        row = rows[s.client]
-        row.skipped += 1
-        row.last_skip = s.reason
+        skipped[s.client] += 1
+        last_skip[s.client] = s.reason
         heard[s.client] = max(heard.get(s.client, s.received_at), s.received_at)
     reported = _reported(ledger)
     for r in ledger.rounds:
         if r.state in CLOSED:
-            for c in r.selected:
-                if (r.round, c) not in reported and c in rows:
-                    rows[c].missed += 1
-    for c, row in rows.items():
-        row.last_seen = heard.get(c)
-    return list(rows.values())
+            missed.update(c for c in r.selected if (r.round, c) not in reported)
+    ids = set(certs) | set(trained) | set(skipped)
+    return [
+        ClientFigures(
+            id=c, last_seen=heard.get(c), trained=trained[c], skipped=skipped[c], last_skip=last_skip.get(c),
+            missed=missed[c], placements=dict(placements.get(c, ())), certificate_status=statuses.get(c),
+            certificate_expires=certs[c].not_after if c in certs else None,
+        )
+        for c in sorted(ids)
+    ]  # fmt: skip
 
 
 def _reported(ledger: Ledger) -> set[tuple[int, str]]:
