@@ -25,8 +25,11 @@ from fedge.server.cli import (
     strategy_of,
     strategy_options,
 )
+from fedge.server.dashboard_cli import dashboard
+from fedge.server.history import runs
 from fedge.server.strategies.registry import settings_fields
 from fedge.settings import SimulationSettings
+from fedge.sim.summary import report
 
 if TYPE_CHECKING:
     from fedge.sim.report import Report
@@ -37,6 +40,9 @@ app.add_typer(broker_app, name="broker")
 app.add_typer(agent_app, name="agent")
 app.command()(server)
 app.command()(executor)
+app.command()(dashboard)
+app.command()(runs)
+app.command()(report)
 
 
 @app.command()
@@ -81,6 +87,9 @@ def simulate(
     train_memory_mb: Annotated[
         float | None, typer.Option(help="with --profile: memory a training run needs on a device [256]")
     ] = None,
+    dashboard: Annotated[
+        int | None, typer.Option(help="serve the live dashboard on this port of 127.0.0.1 during the run")
+    ] = None,
     **knobs: Any,
 ) -> None:
     """Run a federation on this machine: real mTLS, a real server process, warm client functions."""
@@ -107,7 +116,7 @@ def simulate(
                     description=f"round {metrics.round + 1} (accuracy {metrics.accuracy:.3f})",  # type: ignore[attr-defined]
                 )
 
-            report = run(settings, on_round=advance)
+            report = run(settings, on_round=advance, dashboard=dashboard)
     _show(report, settings)
 
 

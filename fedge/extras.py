@@ -25,6 +25,8 @@ NEEDS: dict[tuple[str, ...], str] = {
     ("executor",): "executor",
     ("simulate",): "simulation",
     ("agent", "run"): "agent",
+    ("dashboard",): "server",
+    ("report",): "simulation",
 }
 
 _NAME = re.compile(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(?:\[([^\]]*)\])?")

@@ -7,17 +7,23 @@ Only an admin certificate reaches them; nothing here reads or writes the global 
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
+import time
+from pathlib import Path
+from typing import Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Header, Query, Response
+from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
 from fedge.security import pki, tokens
-from fedge.server.deps import FederationDep, TrustDep
+from fedge.server.deps import FederationDep, FeedDep, TrustDep
 from fedge.server.enrollment import refresh_broker
 from fedge.server.errors import RESPONSES, Rejected
+from fedge.server.feed import MAX_WAIT, next_round
+from fedge.server.history import ClientFigures, RoundFigures, client_figures, round_figures
 from fedge.server.identity import Admin
 from fedge.server.jsonbody import BoundedJSONRoute
+from fedge.server.rounds import Federation
 from fedge.server.trust import Trust
 from fedge.wire import RoundInfo
 
@@ -47,6 +53,17 @@ class RoundStatus(BaseModel):
     base_sha256: str
     result_sha256: str | None
     deadline: float
+
+
+class Overview(BaseModel):
+    """What the dashboard shows of a federation, in one answer: the round now, and every round's and
+    client's figures (``server.history``)."""
+
+    federation: str
+    now: float
+    round: RoundInfo
+    rounds: list[RoundFigures]
+    clients: list[ClientFigures]
 
 
 class StrategyChoice(BaseModel):
@@ -103,6 +120,60 @@ def rounds(federation: FederationDep, _: Admin) -> list[RoundStatus]:
         )
         for past in federation.history()
     ]
+
+
+@router.get("/overview", response_model=Overview, responses=RESPONSES)
+async def overview(
+    federation: FederationDep,
+    trust: TrustDep,
+    feed: FeedDep,
+    _: Admin,
+    wait: Annotated[float, Query(ge=0, le=MAX_WAIT, description="seconds to wait for a round change")] = 0,
+    if_none_match: Annotated[str | None, Header()] = None,
+) -> Response:
+    """Per-round figures (updates, skips and why, stragglers, bytes, time split) and per-client history
+    (last seen, rounds trained, skipped, missed, where its updates were computed, certificate expiry).
+
+    With ``wait`` and the round's last ETag in ``If-None-Match`` it answers when the round changes, or when
+    ``wait`` has passed (a long poll, as ``GET /v1/rounds/current``): a dashboard that asks again at once
+    sees a closed round immediately, with one request a second. Certificates come from the trust's cache
+    (re-read only when a file changes), and the answer is serialized once, not validated again."""
+    info = await next_round(federation, feed, if_none_match, wait)
+    body = await run_in_threadpool(_overview, federation, trust, info)
+    return Response(body, media_type="application/json", headers={"ETag": info.etag})
+
+
+def _overview(federation: Federation, trust: Trust, info: RoundInfo) -> str:
+    ledger = federation.ledger()
+    now = time.time()
+    certificates = _client_certificates(trust, dt.datetime.fromtimestamp(now, dt.UTC))
+    return Overview(
+        federation=trust.federation,
+        now=now,
+        round=info,
+        rounds=round_figures(ledger, now),
+        clients=client_figures(
+            ledger,
+            [cert for cert, _ in certificates],
+            {cert.id: status for cert, status in certificates},
+            trust.presence.sightings(),
+        ),
+    ).model_dump_json()
+
+
+def _client_certificates(trust: Trust, now: dt.datetime) -> list[tuple[pki.CertificateInfo, str]]:
+    """Every client's current certificate and its status (valid, expired, revoked) at ``now``. The
+    certificates are parsed again only when the folder changes (every write there is a rename into it)."""
+    folder = trust.pki_dir / pki.Role.CLIENT
+    stamp = folder.stat().st_mtime_ns
+    seen = _certificates_seen.get(folder)
+    if seen is None or seen[0] != stamp:
+        seen = _certificates_seen[folder] = (stamp, pki.certificates(trust.pki_dir, pki.Role.CLIENT))
+    revoked = trust.standing.revocations.is_revoked
+    return [(info, info.status({info.serial: now} if revoked(info.serial) else {}, now)) for info in seen[1]]
+
+
+_certificates_seen: dict[Path, tuple[int, list[pki.CertificateInfo]]] = {}
 
 
 @router.post("/start", responses=RESPONSES)

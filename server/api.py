@@ -19,13 +19,13 @@ from fedge.security.revocation import NotStanding
 from fedge.server import intake, limits, metrics
 from fedge.server.deps import FederationDep, FeedDep, TrustDep
 from fedge.server.errors import RESPONSES, Rejected
+from fedge.server.feed import MAX_WAIT, next_round
 from fedge.server.identity import Caller, Client, Submitter
 from fedge.server.jsonbody import BoundedJSONRoute
 from fedge.server.trust import Trust
 from fedge.wire import ModelMeta, RoundInfo, SkipNotice, SkipReceipt, UpdateReceipt
 
 router = APIRouter(route_class=BoundedJSONRoute)
-_MAX_WAIT = 60.0
 _PLAIN_ROUND = re.compile(r"0|[1-9][0-9]{0,9}")
 
 
@@ -97,15 +97,11 @@ async def get_current_round(
     feed: FeedDep,
     response: Response,
     _: Caller,
-    wait: Annotated[float, Query(ge=0, le=_MAX_WAIT, description="seconds to wait for a change")] = 0,
+    wait: Annotated[float, Query(ge=0, le=MAX_WAIT, description="seconds to wait for a change")] = 0,
     if_none_match: Annotated[str | None, Header()] = None,
 ) -> RoundInfo:
     """With ``wait`` and the last ETag seen in ``If-None-Match``, answers at the next change (long poll)."""
-    give_up = time.monotonic() + wait
-    info = federation.round_info()
-    while info.etag == if_none_match and (left := give_up - time.monotonic()) > 0:
-        await feed.wait(left)
-        info = federation.round_info()
+    info = await next_round(federation, feed, if_none_match, wait)
     response.headers["ETag"] = info.etag
     return info
 

@@ -36,3 +36,8 @@ class Presence:
             for client in [c for c, t in self._seen.items() if now - t > window]:
                 del self._seen[client]
             return live(self._seen, now, window)
+
+    def sightings(self) -> dict[str, float]:
+        """When each client still remembered was last seen (for operators' views; selection uses ``live``)."""
+        with self._lock:
+            return dict(self._seen)

@@ -22,7 +22,15 @@ from fedge.server import aggregation
 from fedge.server.errors import Rejected
 from fedge.server.intake import CheckedUpdate
 from fedge.server.schedule import Action, decide, select
-from fedge.server.store import AlreadySkipped, DuplicateUpdate, RoundHistory, RoundRecord, Store
+from fedge.server.store import (
+    AlreadySkipped,
+    DuplicateUpdate,
+    Ledger,
+    RoundHistory,
+    RoundRecord,
+    Store,
+    read_ledger,
+)
 from fedge.server.strategies import Strategy, StrategyError, create, pick
 from fedge.server.strategies.fedavg import FedAvg
 from fedge.wire import RoundInfo, RoundState, SkipReceipt, TrainConfig, UpdateReceipt
@@ -114,6 +122,11 @@ class Federation:
         that skipped it."""
         with self._lock:
             return self._store.history()
+
+    def ledger(self) -> Ledger:
+        """Every round, update and skip as metadata rows (``store.read_ledger``), for operators' views."""
+        with self._lock:
+            return read_ledger(self._store)
 
     def open_skips(self) -> dict[str, str]:
         """The open round's skip notices, client -> reason (none when no round is open)."""

@@ -399,3 +399,62 @@ def _postgres(url: str) -> Any:
 
 def _restored_path(path: Path) -> Path:
     return path.with_name(path.name.replace(".safetensors", ".restored.safetensors"))
+
+
+# Read queries for operators (the dashboard's admin route, ``fedge runs``): metadata only, three queries
+# however many rounds there are, so a page refreshed every second costs the store almost nothing.
+
+
+@dataclass(frozen=True)
+class RoundRow:
+    round: int
+    state: str
+    selected: list[str]
+    opened_at: float
+    deadline: float
+    closed_at: float | None
+    result_sha256: str | None
+
+
+@dataclass(frozen=True)
+class UpdateRow:
+    round: int
+    client: str
+    bytes: int
+    received_at: float
+    computed_by: str  # the executor that trained it for the client, or '' when the client did
+
+
+@dataclass(frozen=True)
+class SkipRow:
+    round: int
+    client: str
+    reason: str
+    received_at: float
+
+
+@dataclass(frozen=True)
+class Ledger:
+    """Every round, update and skip the store holds, as rows, oldest first."""
+
+    rounds: list[RoundRow]
+    updates: list[UpdateRow]
+    skips: list[SkipRow]
+
+
+def read_ledger(store: Store) -> Ledger:
+    rounds = store._execute(
+        "SELECT round, state, selected, opened_at, deadline, closed_at, result_sha256 FROM rounds"
+        " ORDER BY round"
+    ).fetchall()
+    updates = store._execute(
+        "SELECT round, client, bytes, received_at, computed_by FROM updates ORDER BY round, received_at"
+    ).fetchall()
+    skips = store._execute(
+        "SELECT round, client, reason, received_at FROM skips ORDER BY round, received_at"
+    ).fetchall()
+    return Ledger(
+        rounds=[RoundRow(r[0], r[1], json.loads(r[2]), r[3], r[4], r[5], r[6]) for r in rounds],
+        updates=[UpdateRow(*u) for u in updates],
+        skips=[SkipRow(*s) for s in skips],
+    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from fedge.sim.fleet import Outcome
 
@@ -38,6 +39,8 @@ class Report:
     raw_bytes_offloaded: int = 0  # raw training data that left devices, sealed to the executor
     oracle_agreement: float | None = None  # share of placements the oracle would have made the same
     agreements: list[bool] = field(default_factory=list, repr=False)
+    client_placements: dict[str, dict[str, int]] = field(default_factory=dict)  # client -> where -> rounds
+    client_raw_bytes: dict[str, int] = field(default_factory=dict)  # client -> raw data it offloaded
 
     @property
     def completion_rate(self) -> float | None:
@@ -47,12 +50,32 @@ class Report:
         self.asked += 1
         self.arrived += outcome.accepted
         self.placements[outcome.where] = self.placements.get(outcome.where, 0) + 1
+        mine = self.client_placements.setdefault(outcome.client, {})
+        mine[outcome.where] = mine.get(outcome.where, 0) + 1
         self.raw_bytes_offloaded += outcome.raw_bytes
+        self.client_raw_bytes[outcome.client] = (
+            self.client_raw_bytes.get(outcome.client, 0) + outcome.raw_bytes
+        )
         if outcome.refused is not None:
             self.refused[outcome.refused] = self.refused.get(outcome.refused, 0) + 1
         if outcome.agrees is not None:
             self.agreements.append(outcome.agrees)
             self.oracle_agreement = sum(self.agreements) / len(self.agreements)
+
+    def live(self) -> dict[str, Any]:
+        """What the dashboard adds to the server's view while the run goes on (``server.dashboard``): each
+        round's evaluation, and per device where it trained and the raw data it offloaded. Read from another
+        thread than the one that records: every collection is copied whole before it is read."""
+        rounds = list(self.rounds)
+        placements = dict(self.client_placements)
+        raw = dict(self.client_raw_bytes)
+        return {
+            "evaluations": [{"round": r.round, "accuracy": r.accuracy, "loss": r.loss} for r in rounds],
+            "clients": {
+                c: {"placements": dict(where), "raw_bytes_offloaded": raw.get(c)}
+                for c, where in placements.items()
+            },
+        }
 
     def to_json(self) -> str:
         fields = asdict(self)

@@ -12,12 +12,13 @@ asked for arrived before the deadline, and how many bytes of raw data left devic
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, as_completed, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ from fedge import compression
 from fedge.client.planner import ExecutorTarget, Placer
 from fedge.client.policy import Kind, OffloadSetting
 from fedge.codec import decode
-from fedge.console import UserError
+from fedge.console import UserError, console
 from fedge.edge_functions import datasets, events, partition
 from fedge.edge_functions.launcher import ExecutorProcess, launch_executor
 from fedge.edge_functions.runtime import Invocation, WarmPool
@@ -45,8 +46,11 @@ from fedge.wire import RoundInfo, RoundState, TrainConfig
 
 
 def simulate(
-    settings: SimulationSettings, on_round: Callable[[RoundMetrics], None] = lambda _: None
+    settings: SimulationSettings,
+    on_round: Callable[[RoundMetrics], None] = lambda _: None,
+    dashboard: int | None = None,
 ) -> Report:
+    """``dashboard``: a port on 127.0.0.1 to serve the live page on while the federation runs."""
     _check(settings)
     devices = None
     if settings.profile is not None:
@@ -72,7 +76,10 @@ def simulate(
             (work / "initial.safetensors").write_bytes(initial.result)
             server = _start_server(work, settings)
             try:
-                with FedgeClient(server.url, observer) as api:
+                with (
+                    FedgeClient(server.url, observer) as api,
+                    _dashboard(dashboard, server.url, observer, report),
+                ):
                     run = _Run(api, server.url, pool, work / "pki", observer, settings, report, on_round)
                     if devices is not None:
                         _run_devices(run, devices, work)
@@ -92,6 +99,21 @@ def simulate(
     report.seconds = time.perf_counter() - started
     write_file(settings.out / "metrics.json", report.to_json().encode())
     return report
+
+
+@contextlib.contextmanager
+def _dashboard(port: int | None, url: str, observer: pki.Credentials, report: Report) -> Iterator[None]:
+    """The operator's page (``server.dashboard``) on ``port``, with the run's evaluations and placements."""
+    if port is None:
+        yield
+        return
+    from fedge.server.dashboard import Watch, serving
+
+    watch = Watch(url, observer, local=report.live)
+    watch.check()
+    with serving(watch, port) as page:
+        console.print(f"dashboard: {page}")
+        yield
 
 
 def _check(settings: SimulationSettings) -> None:
