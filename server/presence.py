@@ -36,3 +36,9 @@ class Presence:
             for client in [c for c, t in self._seen.items() if now - t > window]:
                 del self._seen[client]
             return live(self._seen, now, window)
+
+    def seen_within(self, now: float, window: float) -> int:
+        """How many clients were seen within ``window`` seconds of ``now``; drops nothing (a window shorter
+        than selection's must not make selection forget a client)."""
+        with self._lock:
+            return len(live(self._seen, now, window))

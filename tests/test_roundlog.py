@@ -1,0 +1,155 @@
+"""The round log of a real ``fedge server`` process: one line per event of each round's life, in order, as
+text or JSON, and the server's exit once the federation is finished."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import toy_server_args, update_body, wait_for
+from test_service import open_round
+
+from fedge.server.launcher import ServerProcess, launch
+from fedge.server.roundlog import human, json_line, opened, why_failed
+from fedge.server.store import RoundRecord, Store
+from fedge.wire import RoundState, TrainConfig
+
+HOUR = ("--round-timeout", "3600")
+TIME = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d"
+
+
+def finishing_server(tmp_path: Path, pki_dir: Path, *flags: str) -> ServerProcess:
+    """A toy federation that exits when its rounds are done (as an operator runs it, no lingering)."""
+    args = [*toy_server_args(pki_dir, tmp_path / "initial.safetensors"), *HOUR, *flags]
+    return launch(args, tmp_path / "state", tmp_path / "server.log", serve_after_finish=False)
+
+
+def play_two_rounds(server: ServerProcess, connect) -> None:
+    """Round 1: alice and carol send updates, bob skips. Round 2: everyone skips, so it fails."""
+    alice, bob, carol = (connect(server, name) for name in ("alice", "bob", "carol"))
+    first = open_round(alice)
+    alice.post_update(first.round, update_body(2.0))
+    bob.skip(first.round, "out of memory")
+    carol.post_update(first.round, update_body(4.0))
+    second = open_round(alice)
+    assert second.round == first.round + 1
+    for client in (alice, bob, carol):
+        client.skip(second.round, "battery low")
+
+
+def test_each_event_of_a_round_is_one_line_in_order_and_the_server_exits_0_when_finished(
+    tmp_path: Path, pki_dir: Path, connect
+) -> None:
+    server = finishing_server(tmp_path, pki_dir, "--rounds", "2")
+    play_two_rounds(server, connect)
+    assert server.process.wait(30) == 0
+    lines = server.log.read_text().splitlines()
+    sha = Store(server.data).round(1).result_sha256  # type: ignore[union-attr]
+    expected = [
+        r"fedge aggregation service on https://127\.0\.0\.1:\d+",
+        r"round 1 opened: 3 selected, deadline \S+ \S+ \(in 360\d s\)",
+        r"round 1 update from alice: \d+ B, on the device",
+        r"round 1 skip from bob: out of memory",
+        r"round 1 update from carol: \d+ B, on the device",
+        rf"round 1 closed: 2 updates, 1 skip, aggregated in \d+\.\d ms, model {sha[:12]}",
+        r"round 2 opened: 3 selected, .*",
+        *[rf"round 2 skip from {c}: battery low" for c in ("alice", "bob", "carol")],
+        r"round 2 failed: 0 updates, 3 skips: 3 skips left 0 updates, below the quorum of 1",
+        r"federation finished: 2 rounds done",
+    ]
+    assert len(lines) == len(expected), "\n".join(lines)
+    for line, pattern in zip(lines, expected, strict=True):
+        assert re.fullmatch(f"{TIME} {pattern}", line), (line, pattern)
+
+
+def test_json_log_format_is_one_object_per_line_with_each_events_fields(
+    tmp_path: Path, pki_dir: Path, connect
+) -> None:
+    args = [*toy_server_args(pki_dir, tmp_path / "initial.safetensors"), *HOUR, "--rounds", "2"]
+    stdout, stderr = tmp_path / "stdout.jsonl", tmp_path / "stderr.log"
+    data = tmp_path / "state"
+    with stdout.open("wb") as out, stderr.open("wb") as err:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "fedge", "server", "--data", str(data), "--log-format", "json", *args],
+            stdout=out,
+            stderr=err,
+        )
+    try:
+        wait_for(lambda: (data / "endpoint.json").exists(), 60, "the server")
+        url = json.loads((data / "endpoint.json").read_text())["url"]
+        play_two_rounds(ServerProcess(process, url, data, stdout), connect)
+        assert process.wait(30) == 0
+    finally:
+        process.kill()
+    records = [json.loads(line) for line in stdout.read_text().splitlines()]  # every line parses
+    assert [(r["event"], r["round"]) for r in records] == [
+        ("serving", 0), ("opened", 1), ("update", 1), ("skip", 1), ("update", 1), ("closed", 1),
+        ("opened", 2), ("skip", 2), ("skip", 2), ("skip", 2), ("failed", 2), ("finished", 2),
+    ]  # fmt: skip
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", r["time"]) for r in records)
+    opening, update, skip, closing, failing = records[1], records[2], records[3], records[5], records[10]
+    assert opening["selected"] == 3
+    assert opening["deadline"] > opening["time"]
+    assert (update["client"], update["where"]) == ("alice", "device")
+    assert update["bytes"] == len(update_body(2.0))
+    assert (skip["client"], skip["reason"]) == ("bob", "out of memory")
+    assert (closing["updates"], closing["skips"]) == (2, 1)
+    assert closing["aggregation_ms"] >= 0
+    assert closing["model_sha256"] == Store(data).round(1).result_sha256  # type: ignore[union-attr]
+    assert "below the quorum" in failing["why"]
+    assert records[-1]["rounds"] == 2
+
+
+def test_with_serve_after_finish_the_server_says_finished_and_keeps_serving(
+    tmp_path: Path, pki_dir: Path, connect
+) -> None:
+    args = [*toy_server_args(pki_dir, tmp_path / "initial.safetensors"), *HOUR, "--rounds", "1"]
+    server = launch(args, tmp_path / "state", tmp_path / "server.log")  # --serve-after-finish
+    try:
+        clients = [connect(server, name) for name in ("alice", "bob", "carol")]
+        first = open_round(clients[0])
+        for client in clients:
+            client.post_update(first.round, update_body(1.0))
+        wait_for(lambda: "federation finished: 1 round done" in server.log.read_text(), 30, "finished")
+        assert clients[0].current_round().state is RoundState.FINISHED
+        assert server.process.poll() is None
+        for client in clients:
+            client.close()  # idle keep-alive connections would hold SIGTERM's graceful shutdown
+    finally:
+        server.stop()
+
+
+def test_a_restarted_server_whose_federation_is_finished_says_so_and_exits_0(
+    tmp_path: Path, pki_dir: Path, connect
+) -> None:
+    server = finishing_server(tmp_path, pki_dir, "--rounds", "1")
+    first = open_round(connect(server, "alice"))
+    for name in ("alice", "bob", "carol"):
+        connect(server, name).post_update(first.round, update_body(1.0))
+    assert server.process.wait(30) == 0
+    flags = [*toy_server_args(pki_dir, tmp_path / "i.safetensors"), "--rounds", "1"]
+    command = [sys.executable, "-m", "fedge", "server", "--data", str(server.data), *flags]
+    again = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.splitlines()[-1].endswith("federation finished: 1 round done")
+
+
+def test_a_failed_round_says_why_from_what_it_counted() -> None:
+    assert why_failed(0, 3, 3, 1, "fedavg") == "3 skips left 0 updates, below the quorum of 1"
+    assert why_failed(1, 0, 3, 2, "fedavg") == "the deadline passed with 1 update, below the quorum of 2"
+    assert why_failed(3, 0, 3, 3, "krum") == "strategy krum could not aggregate the 3 updates"
+
+
+def test_both_formats_say_the_same_event() -> None:
+    event = opened(RoundRecord(7, "open", "a" * 64, None, ["x", "y"], TrainConfig(), 0.0, 60.0))
+    assert (
+        human(event)
+        == "1970-01-01 00:00:00 round 7 opened: 2 selected, deadline 1970-01-01 00:01:00 (in 60 s)"
+    )
+    assert json.loads(json_line(event)) == {
+        "time": "1970-01-01T00:00:00.000Z", "event": "opened", "round": 7, "selected": 2,
+        "deadline": "1970-01-01T00:01:00.000Z",
+    }  # fmt: skip
