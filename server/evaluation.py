@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from fedge.edge_functions.tasks import Task
 
 SOURCE = "server"
+ZIP_MAGIC = b"PK\x03\x04"  # an .npz is a zip archive of .npy files
 
 
 class ServerEvaluation:
@@ -51,10 +52,15 @@ class ServerEvaluation:
             task = tasks.get(task_name)
         except tasks.UnknownTask as exc:
             raise UserError(f"--eval-data: {exc}") from None
+        expected = "an .npz with arrays x and y"
         try:
+            with path.open("rb") as file:
+                if file.read(len(ZIP_MAGIC)) != ZIP_MAGIC:
+                    raise UserError(f"--eval-data {path} is not {expected}")
             x, y = Context().partition(task, LocalData(path=path))  # as an agent reads its --data
         except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
-            raise UserError(f"cannot read --eval-data {path} (an .npz with arrays x and y): {exc}") from None
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip("'")
+            raise UserError(f"cannot read --eval-data {path} ({expected}): {reason}") from None
         if y.ndim != 1 or len(x) != len(y) or len(y) == 0:
             raise UserError(
                 f"--eval-data {path}: x and y must hold the same number (> 0) of examples, y one label each;"
@@ -65,7 +71,9 @@ class ServerEvaluation:
             evaluation.score(task.initial_tensors(0))
         except (RuntimeError, ValueError, IndexError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise UserError(f"--eval-data {path} does not fit task {task_name!r}'s model: {first}") from None
+            raise UserError(
+                f"--eval-data {path} does not fit the model of task {task_name}: {first}"
+            ) from None
         return evaluation
 
     def score(self, tensors: Tensors) -> tuple[float, float]:
