@@ -9,13 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import toy_server_args, update_body, wait_for
 from test_service import open_round
 
 from fedge.server.launcher import ServerProcess, launch
-from fedge.server.roundlog import human, json_line, opened, why_failed
+from fedge.server.roundlog import human, json_line, opened, update, why_failed
 from fedge.server.store import RoundRecord, Store
-from fedge.wire import RoundState, TrainConfig
+from fedge.wire import MetadataError, RoundState, TrainConfig, UpdateMeta
 
 HOUR = ("--round-timeout", "3600")
 TIME = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d"
@@ -153,3 +154,24 @@ def test_both_formats_say_the_same_event() -> None:
         "time": "1970-01-01T00:00:00.000Z", "event": "opened", "round": 7, "selected": 2,
         "deadline": "1970-01-01T00:01:00.000Z",
     }  # fmt: skip
+
+
+def test_an_update_says_where_it_was_computed_from_its_provenance_and_metadata() -> None:
+    on_device = update(1, "alice", 2048, "", UpdateMeta(10), 0.0)
+    fewer = update(1, "bob", 2048, "", UpdateMeta(10, steps=3), 0.0)
+    offloaded = update(1, "carol", 2048, "gpu-1", UpdateMeta(10, raw_bytes=26_112), 0.0)
+    assert [e.fields["where"] for e in (on_device, fewer, offloaded)] == ["device", "fewer-steps", "offload"]
+    assert human(on_device).endswith("round 1 update from alice: 2.0 kB, on the device")
+    assert human(fewer).endswith("round 1 update from bob: 2.0 kB, on the device, fewer steps (3)")
+    assert human(offloaded).endswith(
+        "round 1 update from carol: 2.0 kB, offloaded to gpu-1, 26.1 kB raw data"
+    )
+    assert json.loads(json_line(offloaded))["raw_bytes"] == 26_112
+
+
+def test_steps_and_raw_bytes_travel_in_an_updates_metadata_and_bad_ones_are_refused() -> None:
+    meta = UpdateMeta(10, steps=3, raw_bytes=26_112)
+    assert UpdateMeta.from_metadata(meta.to_metadata()) == meta
+    for bad in ("-1", "1.5", "9" * 20, "\uff13")  # the last: a full-width digit:
+        with pytest.raises(MetadataError, match="steps"):
+            UpdateMeta.from_metadata({**meta.to_metadata(), "steps": bad})
