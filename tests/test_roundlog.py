@@ -172,6 +172,6 @@ def test_an_update_says_where_it_was_computed_from_its_provenance_and_metadata()
 def test_steps_and_raw_bytes_travel_in_an_updates_metadata_and_bad_ones_are_refused() -> None:
     meta = UpdateMeta(10, steps=3, raw_bytes=26_112)
     assert UpdateMeta.from_metadata(meta.to_metadata()) == meta
-    for bad in ("-1", "1.5", "9" * 20, "\uff13")  # the last: a full-width digit:
+    for bad in ("-1", "1.5", "9" * 20, "\uff13"):  # the last: a full-width digit
         with pytest.raises(MetadataError, match="steps"):
             UpdateMeta.from_metadata({**meta.to_metadata(), "steps": bad})
