@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import toy_server_args, update_body, wait_for
+from conftest import client_data, toy_server_args, update_body, wait_for
 from test_service import open_round
 
 from fedge.server.launcher import ServerProcess, launch
@@ -175,3 +175,26 @@ def test_steps_and_raw_bytes_travel_in_an_updates_metadata_and_bad_ones_are_refu
     for bad in ("-1", "1.5", "9" * 20, "\uff13"):  # the last: a full-width digit
         with pytest.raises(MetadataError, match="steps"):
             UpdateMeta.from_metadata({**meta.to_metadata(), "steps": bad})
+
+
+def test_an_agent_logs_a_human_line_per_step_of_its_round(
+    make_pki, start_task_server, start_agent, tmp_path: Path
+) -> None:
+    pki_dir = make_pki("dev-1")
+    server = start_task_server(pki_dir, "--rounds", "1")
+    (data,) = client_data(tmp_path, 1)
+    agent = start_agent(pki_dir, "dev-1", data, server.url, "--poll-wait", "2")
+    wait_for(lambda: "federation finished" in server.log.read_text(), 300, "the round")
+    wait_for(lambda: "round 1 sent" in agent.log.read_text(), 30, "the agent's last line")
+    lines = [line for line in agent.log.read_text().splitlines() if re.match(rf"{TIME} round 1 ", line)]
+    expected = [
+        r"round 1 heard: selected, one of 1, deadline in \d+ s",
+        r"round 1 placed on the device: .+",
+        r"round 1 trained in \d+\.\d\d s on the device",
+        r"round 1 sent: \d+ bytes in \d+\.\d\d s",
+    ]
+    assert len(lines) == len(expected), "\n".join(lines)
+    for line, pattern in zip(lines, expected, strict=True):
+        assert re.fullmatch(f"{TIME} {pattern}", line), (line, pattern)
+    server_side = server.log.read_text()
+    assert re.search(r"round 1 update from dev-1: [\d.]+ kB, on the device\n", server_side)
