@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import sys
 import threading
 import time
@@ -159,8 +160,11 @@ def human(event: RoundEvent) -> str:
 
 def json_line(event: RoundEvent) -> str:
     """One JSON object: ``time`` (ISO 8601, UTC), ``event``, ``round`` and the event's fields by name;
-    times (``deadline``) as ISO 8601 too."""
-    fields = dict(event.fields)
+    times (``deadline``) as ISO 8601 too, and a number that is not finite (a diverged model's loss) as
+    null, which JSON can carry."""
+    fields = {
+        k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in event.fields.items()
+    }
     if "deadline" in fields:
         fields["deadline"] = _iso(float(fields["deadline"]))
     record = {"time": _iso(event.at), "event": str(event.event), "round": event.round, **fields}
@@ -227,8 +231,11 @@ class LineWriter:
 
     def __call__(self, event: RoundEvent) -> None:
         stream = self._stream or sys.stdout
-        stream.write(self._format(event) + "\n")
-        stream.flush()
+        try:
+            stream.write(self._format(event) + "\n")
+            stream.flush()
+        except OSError:
+            pass  # the output is gone (a closed pipe): the round goes on, with nobody left to tell
 
 
 def _where(fields: dict[str, object]) -> str:

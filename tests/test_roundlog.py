@@ -3,7 +3,10 @@ text or JSON, and the server's exit once the federation is finished."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
+import os
 import re
 import subprocess
 import sys
@@ -14,7 +17,16 @@ from conftest import client_data, toy_server_args, update_body, wait_for
 from test_service import open_round
 
 from fedge.server.launcher import ServerProcess, launch
-from fedge.server.roundlog import human, json_line, opened, update, why_failed
+from fedge.server.roundlog import (
+    LineWriter,
+    evaluated,
+    finished,
+    human,
+    json_line,
+    opened,
+    update,
+    why_failed,
+)
 from fedge.server.store import RoundRecord, Store
 from fedge.wire import MetadataError, RoundState, TrainConfig, UpdateMeta
 
@@ -198,3 +210,20 @@ def test_an_agent_logs_a_human_line_per_step_of_its_round(
         assert re.fullmatch(f"{TIME} {pattern}", line), (line, pattern)
     server_side = server.log.read_text()
     assert re.search(r"round 1 update from dev-1: [\d.]+ kB, on the device\n", server_side)
+
+
+def test_a_diverged_models_loss_is_null_in_json_and_nan_in_text() -> None:
+    event = evaluated(3, "server", math.nan, 0.1, 360, 0.0)
+    assert json.loads(json_line(event))["loss"] is None
+    assert human(event).endswith("round 3 evaluated (server, 360 examples): accuracy 0.1000, loss nan")
+
+
+def test_a_round_log_whose_output_is_gone_does_not_stop_the_round() -> None:
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    gone = open(write_end, "w")  # noqa: SIM115 (a closed pipe: every flush is a BrokenPipeError)
+    LineWriter("text", gone)(finished(2, 0.0))  # said to nobody, and no exception
+    with contextlib.suppress(BrokenPipeError):
+        gone.close()  # what it still buffers cannot go anywhere either
+    with pytest.raises(ValueError, match="unknown log format"):
+        LineWriter("yaml")
