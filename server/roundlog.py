@@ -122,8 +122,9 @@ def why_failed(updates: int, skips: int, selected: int, quorum: int, strategy: s
 
 
 def human(event: RoundEvent) -> str:
-    """One line a person reads: the time (UTC), then what happened."""
-    f = event.fields
+    """One line a person reads: the time (UTC), then what happened. What clients said (ids, a skip's
+    reason) is shown with control characters escaped, so that no client writes a line of its own."""
+    f = {k: _plain(v) if isinstance(v, str) else v for k, v in event.fields.items()}
     r = event.round
     match event.event:
         case Event.SERVING:
@@ -246,6 +247,10 @@ def _where(fields: dict[str, object]) -> str:
     if where == Where.FEWER_STEPS:
         return f"on the device, fewer steps ({fields['steps']})"
     return "on the device"
+
+
+def _plain(text: str) -> str:
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 def _count(n: object, noun: str) -> str:

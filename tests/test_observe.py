@@ -264,6 +264,7 @@ def test_a_bad_eval_data_file_is_refused_in_one_line_before_anything_is_made(
         "wrong-shape.npz": {"x": np.zeros((5, 3), np.float32), "y": np.zeros(5, np.int64)},
         "mismatched.npz": {"x": digits.x_test[:5], "y": digits.y_test[:4]},
         "bad-labels.npz": {"x": digits.x_test[:5], "y": np.full(5, 99)},
+        "pickled.npz": {"x": np.array([{"code": "run me"}] * 5, dtype=object), "y": np.zeros(5, np.int64)},
     }
     for name, content in cases.items():  # each a UserError naming the file
         path = tmp_path / name

@@ -24,6 +24,7 @@ from fedge.server.roundlog import (
     human,
     json_line,
     opened,
+    skip,
     update,
     why_failed,
 )
@@ -227,3 +228,13 @@ def test_a_round_log_whose_output_is_gone_does_not_stop_the_round() -> None:
         gone.close()  # what it still buffers cannot go anywhere either
     with pytest.raises(ValueError, match="unknown log format"):
         LineWriter("yaml")
+
+
+def test_a_skip_reason_cannot_write_a_log_line_of_its_own() -> None:
+    forged = "ok\n2026-01-01 00:00:00 round 9 closed: 3 updates\x1b[2K"
+    event = skip(4, "bob", forged, 0.0)
+    line = human(event)
+    assert "\n" not in line
+    assert "\x1b" not in line
+    assert line.endswith("round 4 skip from bob: ok\\n2026-01-01 00:00:00 round 9 closed: 3 updates\\x1b[2K")
+    assert json.loads(json_line(event))["reason"] == forged  # JSON escapes it by itself
