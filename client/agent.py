@@ -45,7 +45,7 @@ from fedge.security.tls import client_context
 from fedge.transport import FedgeClient, ServerError
 from fedge.wire import RoundInfo, RoundState, TrainConfig, rounds_topic, status_topic
 
-rounds_log = logging.getLogger("fedge.agent")  # retries and failed rounds, one line each, on stderr
+rounds_log = logging.getLogger("fedge.agent")  # a line per step of a round, retries and failures, on stderr
 
 MQTT_GRACE_SECONDS = 5.0
 RETRY_SECONDS = 5.0
@@ -99,6 +99,7 @@ class Agent:
         self._etag: str | None = None
         self._checked = time.monotonic()
         self._counted = ""  # where this round's last attempt was counted
+        self._attempt_started = time.perf_counter()  # when it was placed, for the log's "trained in"
         self._mqtt: paho.Client | None = None
         self.refused = ""  # why the server refuses this device's certificate, once it does: the agent stops
         self.renewed = False  # it renewed its certificate and stopped, for a fresh agent on the new files
@@ -235,6 +236,7 @@ class Agent:
             if not settled or self._status.round != info.round:
                 self._report(AgentState.IDLE, info.round, why)
             return
+        rounds_log.info("round %d heard: %s", info.round, _heard(info, why, step is Step.TRAIN))
         if step is Step.SKIP:
             self._finish(info.round, AgentState.SKIPPED, why)
             return
@@ -278,7 +280,7 @@ class Agent:
         until = math.inf if info.deadline is None else info.deadline
         device = DeviceTarget(
             self.pool, self._train_event, self._calibrate_event,
-            lambda r: self._send_outbox(api, until).get(r), calibrate_s=CALIBRATE_SECONDS,
+            lambda r: self._trained(r) or self._send_outbox(api, until).get(r), calibrate_s=CALIBRATE_SECONDS,
         )  # fmt: skip
         executors = [
             HttpsExecutor(spec, self.config.creds, api, self._shard, CALIBRATE_SECONDS)
@@ -315,6 +317,10 @@ class Agent:
         self._status = self._status.model_copy(update=update)
         if placement.prewarm and placement.kind is not Kind.OFFLOAD and not fallback:
             threading.Thread(target=self._prewarm, daemon=True).start()
+        rounds_log.info(
+            "round %d placed %s: %s", round_, _placed_where(placement), fallback or placement.reason
+        )
+        self._attempt_started = time.perf_counter()
         if placement.offloaded:
             self._report(AgentState.TRAINING, round_, f"round {round_} offloaded to {placement.target}")
         elif placement.kind is not Kind.SKIP:
@@ -326,17 +332,26 @@ class Agent:
         trained = played.trained
         if trained is None:
             detail = played.fallback or f"round {round_}: {played.placement.reason}"
+            rounds_log.info("round %d skipped: %s", round_, told[-1])
             self._finish(round_, AgentState.SKIPPED, f"{detail}; {told[-1]}")
         elif trained.invocation is None:
             sent = self._status.raw_bytes_offloaded + trained.raw_bytes
             self._status = self._status.model_copy(update={"raw_bytes_offloaded": sent})
             detail = f"round {round_} trained by executor {played.placement.target}"
+            rounds_log.info(
+                "%s, which sent the update (%d bytes of raw data sealed to it)", detail, trained.raw_bytes
+            )
             self._finish(round_, AgentState.IDLE, detail)
         else:
             invocation = trained.invocation
             self._status.last_invocation = LastInvocation(
                 cold=invocation.cold, startup_seconds=invocation.startup_seconds, seconds=invocation.seconds
             )
+
+    def _trained(self, round_: int) -> None:
+        """The device's update is ready to send: say how long it took since it was placed here."""
+        seconds = time.perf_counter() - self._attempt_started
+        rounds_log.info("round %d trained in %.2f s on the device", round_, seconds)
 
     def _calibrate(self, info: RoundInfo, targets: dict[str, Target]) -> None:
         """Two short timed runs here and on each executor the owner allows, before the first decision that
@@ -410,6 +425,7 @@ class Agent:
                     continue
                 detail = f"sent the update of round {round_} (the server already held it)"
             sent[round_] = (len(body), time.perf_counter() - started)
+            rounds_log.info("round %d sent: %d bytes in %.2f s", round_, *sent[round_])
             path.unlink()
             self._finish(round_, AgentState.IDLE, detail)
         return sent
@@ -447,3 +463,19 @@ class Agent:
         if self._mqtt is not None and self._connected.is_set():
             topic = status_topic(self.config.identity.federation, self.config.identity.id)
             self._mqtt.publish(topic, self._status.model_dump_json(), qos=1, retain=True)
+
+
+def _heard(info: RoundInfo, why: str, selected: bool) -> str:
+    if not selected:
+        return why
+    return f"selected, one of {len(info.selected)}, deadline in {info.seconds_left(time.time()):.0f} s"
+
+
+def _placed_where(placement: Placement) -> str:
+    if placement.offloaded:
+        return f"on executor {placement.target}"
+    if placement.kind is Kind.FEWER_STEPS:
+        return f"on the device, {placement.steps} steps (fewer)"
+    if placement.kind is Kind.SKIP:
+        return "nowhere (skip)"
+    return "on the device"

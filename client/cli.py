@@ -71,6 +71,12 @@ def run(
     placement_log = logging.getLogger("fedge.placement")  # each decision: predicted and actual seconds
     placement_log.addHandler(logging.StreamHandler())
     placement_log.setLevel(logging.INFO)
+    stamped = logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S")
+    stamped.converter = time.gmtime  # UTC, as the server's round log
+    rounds = logging.StreamHandler()  # heard, placed where and why, trained, sent: a line each
+    rounds.setFormatter(stamped)
+    logging.getLogger("fedge.agent").addHandler(rounds)
+    logging.getLogger("fedge.agent").setLevel(logging.INFO)
     agent.run()
     while agent.renewed and not agent.stopping:
         with user_errors(ValueError, OSError):

@@ -105,7 +105,7 @@ class Executor:
             tasks.load_tensors(model, decode(download.body)[0])
             loss = fit(model, x, y, job.config, device)
             examples = max(1, round(len(y) * job.weight))
-            meta = UpdateMeta(examples, loss, download.sha256)
+            meta = UpdateMeta(examples, loss, download.sha256, raw_bytes=x.nbytes + y.nbytes)
             body, digest = encode_hashed(tasks.tensors_of(model), meta.to_metadata())
             uploading = time.perf_counter()
             receipt = api.post_update(job.round, body, grant=job.grant, body_sha256=digest)

@@ -128,7 +128,7 @@ def train(event: dict, context: Context, hooks: Hooks = NO_HOOKS) -> dict:
     tensors = hooks.trained(tasks.tensors_of(model), context.model)
     tensors, how = compression.compress(tensors, context.model, ev.compression)
     examples = max(1, round(len(y) * ev.weight))
-    meta = UpdateMeta(examples, loss, context.model_sha256 or "", how)
+    meta = UpdateMeta(examples, loss, context.model_sha256 or "", how, steps=ev.max_steps)
     body, digest = encode_hashed(tensors, meta.to_metadata())
     delivered = hooks.ready(time.perf_counter() - started - download_seconds, len(body))  # not the network
     staleness = None

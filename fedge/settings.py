@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar, Literal, Self
 
 from pydantic import Field, create_model
 from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
@@ -102,6 +102,9 @@ class ServerSettings(TrainingSettings):
     manual_start: bool = False  # hold round 1 until an admin's POST /v1/admin/start
     # A client is selected only if seen (a request, or its MQTT status) this many seconds before; 0: all.
     presence_window: float = Field(180.0, ge=0)
+    eval_data: Path | None = None  # .npz (x, y): the server scores each new global model on it
+    log_format: Literal["text", "json"] = "text"  # the round log: a line per event, or a JSON object
+    serve_after_finish: bool = False  # else the server exits (0) once the last round has closed
 
 
 class SimulationSettings(TrainingSettings):

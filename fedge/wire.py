@@ -100,6 +100,8 @@ class ErrorBody(BaseModel):
 NUM_EXAMPLES = "num_examples"
 TRAIN_LOSS = "train_loss"
 BASE_SHA256 = "base_sha256"  # the global model the update was trained from (asynchronous mode)
+STEPS = "steps"  # local steps, when the placement cut the round short (fewer steps)
+RAW_BYTES = "raw_bytes"  # bytes of a device's raw examples an executor trained on (offload)
 COMPRESSION = "compression"
 INT8_SCALES = "int8_scales"
 COMPRESSIONS = ("none", "float16", "int8")
@@ -150,6 +152,9 @@ class UpdateMeta:
     train_loss: float | None = None
     base_sha256: str | None = None  # "" from a producer that knew no model: refused in asynchronous mode
     compression: Compression = field(default_factory=Compression)
+    # Where it was computed, as its producer says (the server logs and counts it; nothing trusts it).
+    steps: int | None = None
+    raw_bytes: int | None = None
 
     def to_metadata(self) -> dict[str, str]:
         metadata = {NUM_EXAMPLES: str(self.num_examples), **self.compression.to_metadata()}
@@ -157,6 +162,9 @@ class UpdateMeta:
             metadata[TRAIN_LOSS] = f"{self.train_loss:.6f}"
         if self.base_sha256 is not None:
             metadata[BASE_SHA256] = self.base_sha256
+        for key, value in ((STEPS, self.steps), (RAW_BYTES, self.raw_bytes)):
+            if value is not None:
+                metadata[key] = str(value)
         return metadata
 
     @classmethod
@@ -171,7 +179,12 @@ class UpdateMeta:
         if not 0 < num_examples < 2**31:
             raise MetadataError(f"{NUM_EXAMPLES} must be positive, got {num_examples}")
         return cls(
-            num_examples, _loss(metadata.get(TRAIN_LOSS)), _base(metadata.get(BASE_SHA256)), compression
+            num_examples,
+            _loss(metadata.get(TRAIN_LOSS)),
+            _base(metadata.get(BASE_SHA256)),
+            compression,
+            _count(metadata, STEPS),
+            _count(metadata, RAW_BYTES),
         )
 
 
@@ -201,6 +214,16 @@ def _loss(text: str | None) -> float | None:
         return float(text)  # NaN allowed: a diverged client may say so; its tensors are checked anyway
     except ValueError:
         raise MetadataError(f"{TRAIN_LOSS} must be a number, got {text[:20]!r}") from None
+
+
+def _count(metadata: Mapping[str, str], key: str) -> int | None:
+    """An optional non-negative integer below 2**63 (what a metric can hold exactly)."""
+    text = metadata.get(key)
+    if text is None:
+        return None
+    if not (text.isascii() and text.isdigit() and len(text) < 19):
+        raise MetadataError(f"{key} must be a non-negative integer, got {text[:20]!r}")
+    return int(text)
 
 
 def _base(text: str | None) -> str | None:

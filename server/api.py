@@ -20,7 +20,7 @@ from fedge.server import intake, limits, metrics
 from fedge.server.deps import FederationDep, FeedDep, TrustDep
 from fedge.server.errors import RESPONSES, Rejected
 from fedge.server.feed import MAX_WAIT, next_round
-from fedge.server.identity import Caller, Client, Submitter
+from fedge.server.identity import Admin, Caller, Client, Submitter
 from fedge.server.jsonbody import BoundedJSONRoute
 from fedge.server.trust import Trust
 from fedge.wire import ModelMeta, RoundInfo, SkipNotice, SkipReceipt, UpdateReceipt
@@ -46,7 +46,9 @@ def healthz() -> dict[str, str]:
 
 
 @router.get("/metrics", response_class=Response)
-def prometheus(_: Caller) -> Response:
+def prometheus(_: Admin) -> Response:
+    """For the operator's Prometheus, with an admin certificate: the series tell how many clients take
+    part, skip and are online, which is the federation's business, not any one device's."""
     return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
@@ -77,6 +79,7 @@ def get_model(
         metrics.model_downloads.labels(cached="yes").inc()
         return Response(status_code=304, headers=headers)
     metrics.model_downloads.labels(cached="no").inc()
+    metrics.bytes_sent.inc(len(model.body))
     return Response(model.body, media_type="application/octet-stream", headers=headers)
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import inspect
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
@@ -10,12 +12,13 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
-from fedge.console import UserError, console, user_errors, warn
+from fedge.console import UserError, user_errors, warn
 from fedge.files import made_dir
 from fedge.security import pki
 from fedge.server import lock
 from fedge.server.strategies import Strategy, StrategyError, registry
 from fedge.settings import ServerSettings, TrainingSettings
+from fedge.wire import RoundState
 
 if TYPE_CHECKING:
     from fedge.mqtt import BrokerAddress
@@ -124,9 +127,22 @@ def server(
             help="seconds since a client was last seen for it to be selected; 0: every enrolled [180]"
         ),
     ] = None,
+    eval_data: Annotated[
+        Path | None,
+        typer.Option(dir_okay=False, help="score each new global model on this .npz (x, y) [off]"),
+    ] = None,
+    log_format: Annotated[
+        str | None,
+        typer.Option(help="the round log: text (a line per event) or json (an object each) [text]"),
+    ] = None,
+    serve_after_finish: Annotated[
+        bool | None,
+        typer.Option("--serve-after-finish", help="keep serving once the last round closed [exit 0]"),
+    ] = None,
     **knobs: Any,
 ) -> None:
-    """Serve the global model read-only and aggregate each selected client's update, round after round."""
+    """Serve the global model read-only and aggregate each selected client's update, round after round;
+    exit once the last round has closed."""
     from fedge.server.store import Store, StoreError
 
     with user_errors(pki.PKIError, ValueError, OSError, StoreError):
@@ -136,11 +152,13 @@ def server(
             max_update_norm=max_update_norm,
             local_epochs=local_epochs, batch_size=batch_size, lr=lr, seed=seed, fraction=fraction,
             buffer=buffer, max_staleness=max_staleness, staleness_exponent=staleness_exponent, mqtt=mqtt,
-            manual_start=manual_start, presence_window=presence_window, **knobs,
+            manual_start=manual_start, presence_window=presence_window, eval_data=eval_data,
+            log_format=log_format, serve_after_finish=serve_after_finish, **knobs,
         )  # fmt: skip
         chosen = strategy_of(settings)
-        from fedge.server import service
+        from fedge.server import metrics, roundlog, service
         from fedge.server.app import create_app
+        from fedge.server.evaluation import ServerEvaluation
         from fedge.server.rounds import Federation
         from fedge.server.trust import Trust
 
@@ -150,6 +168,12 @@ def server(
         if settings.init_model is None:
             _check_task(settings.task)
         broker = _broker(settings.mqtt)
+        evaluation = (
+            None if settings.eval_data is None else ServerEvaluation.load(settings.task, settings.eval_data)
+        )
+        finished = threading.Event()
+        log = roundlog.RoundLog(roundlog.LineWriter(settings.log_format), metrics.record)
+        log.listen(lambda event: finished.set() if event.event is roundlog.Event.FINISHED else None)
         # Everything a user can get wrong is checked above; --data is made (or taken) only now, and removed
         # again if it was made here and the service still cannot start.
         with made_dir(settings.data):
@@ -161,12 +185,25 @@ def server(
                 registered_clients=lambda: trust.eligible(settings.presence_window),
                 initial_model=_initial_model(settings) if store.get_meta("global_sha256") is None else None,
                 strategy=chosen,
+                log=log,
             )
         announcer = None if broker is None else _announcer(federation, broker, creds, trust)
-        console.print(f"fedge aggregation service on https://{settings.host}:{sock.getsockname()[1]}")
+        metrics.start(federation.round_info())
+        metrics.watch(creds.cert.read_bytes(), trust.ca_pem, settings.pki / "crl.pem", trust.presence)
+        log.emit(roundlog.serving(f"https://{settings.host}:{sock.getsockname()[1]}", time.time()))
+        if evaluation is not None:
+            model = federation.model
+            evaluation.start(Store(settings.data, settings.store), log, model.round, model.sha256)
+        if federation.round_info().state is RoundState.FINISHED:
+            log.emit(roundlog.finished(federation.round_info().round, time.time()))
     try:
-        service.serve(create_app(federation, trust), creds, sock, settings.data / "endpoint.json")
+        service.serve(
+            create_app(federation, trust), creds, sock, settings.data / "endpoint.json",
+            until=None if settings.serve_after_finish else finished,
+        )  # fmt: skip
     finally:
+        if evaluation is not None:
+            evaluation.close()
         if announcer is not None:
             announcer.close()
         held.close()

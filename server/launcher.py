@@ -26,12 +26,17 @@ class ServerProcess:
         return processes.stop(self.process, sig, timeout=15)
 
 
-def launch(args: list[str], data: Path, log: Path, timeout: float = 60.0) -> ServerProcess:
-    """Run ``fedge server --data DATA ARGS`` (pass ``--port 0`` for a free port) and wait for it."""
+def launch(
+    args: list[str], data: Path, log: Path, timeout: float = 60.0, serve_after_finish: bool = True
+) -> ServerProcess:
+    """Run ``fedge server --data DATA ARGS`` (pass ``--port 0`` for a free port) and wait for it. Whoever
+    launches a server reads its results from it after the last round (a simulation's final model, a
+    test's round history), so it keeps serving then unless told otherwise."""
     data.mkdir(parents=True, exist_ok=True)
     endpoint = data / "endpoint.json"
     endpoint.unlink(missing_ok=True)
-    process = processes.start(["server", "--data", str(data), *args], log)
+    linger = ["--serve-after-finish"] if serve_after_finish else []
+    process = processes.start(["server", "--data", str(data), *linger, *args], log)
     found = processes.wait_until(
         process, log, lambda: endpoint if endpoint.exists() else None, timeout, "the aggregation service"
     )

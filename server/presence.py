@@ -41,3 +41,9 @@ class Presence:
         """When each client still remembered was last seen (for operators' views; selection uses ``live``)."""
         with self._lock:
             return dict(self._seen)
+
+    def seen_within(self, now: float, window: float) -> int:
+        """How many clients were seen within ``window`` seconds of ``now``; drops nothing (a window shorter
+        than selection's must not make selection forget a client)."""
+        with self._lock:
+            return len(live(self._seen, now, window))

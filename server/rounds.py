@@ -21,6 +21,7 @@ from fedge.codec import Tensors, decode, encode, mapped
 from fedge.server import aggregation
 from fedge.server.errors import Rejected
 from fedge.server.intake import CheckedUpdate
+from fedge.server.roundlog import RoundLog
 from fedge.server.schedule import Action, decide, select
 from fedge.server.store import (
     AlreadySkipped,
@@ -71,8 +72,10 @@ class Federation:
         registered_clients: Callable[[], list[str]],  # who may be selected now: the live (server.trust)
         initial_model: bytes | None = None,
         strategy: Strategy | None = None,
+        log: RoundLog | None = None,
     ) -> None:
         self.settings = settings
+        self.log = log or RoundLog()  # each transition, as one event (server.roundlog)
         self.strategy = strategy or FedAvg()
         if settings.buffer and not self.strategy.streaming:
             raise ValueError(f"asynchronous mode needs a streaming strategy; {self.strategy.name} is not one")
@@ -202,6 +205,7 @@ class Federation:
                     update.restored is not None,
                 )  # fmt: skip
             self._fold(update.tensors, examples, staleness)
+            self.log.update(round_, client, len(update.body), update.provenance.computed_by, update.meta)
             changed = self._advance(time.time())
         if changed:
             self._notify()
@@ -246,6 +250,7 @@ class Federation:
             with _once(client, round_):
                 self._store.add_skip(open_round, client, reason)
             self._skipped += 1
+            self.log.skip(open_round, client, reason)
             changed = self._advance(time.time())
         if changed:
             self._notify()
@@ -327,6 +332,7 @@ class Federation:
         self._received += 1
 
     def _close(self, record: RoundRecord, aggregated: bool) -> None:
+        started = time.perf_counter()
         tensors = self._aggregate(record.round) if aggregated else None
         result = state_sha = None
         if tensors is not None:
@@ -342,6 +348,10 @@ class Federation:
         self._open = None
         self._sum = None
         self._finished = record.round >= self.settings.rounds
+        counts = (self._received, self._skipped, self._quorum())
+        self.log.closed(
+            record, counts, self.strategy.name, time.perf_counter() - started, result, self._finished
+        )
 
     def _aggregate(self, round_: int) -> Tensors | None:
         """The round's new model, or None when the strategy cannot aggregate its updates (it fails)."""
@@ -413,6 +423,7 @@ class Federation:
             now + self.settings.round_timeout,
         )
         self._begin()
+        self.log.opened(self._open)
         return True
 
     def _begin(self) -> None:

@@ -11,6 +11,8 @@ import errno
 import json
 import os
 import socket
+import threading
+import time
 from pathlib import Path
 
 import uvicorn
@@ -22,6 +24,8 @@ from fedge.security.http_limits import Limits, uvicorn_options
 from fedge.security.pki import Credentials
 from fedge.security.tls import server_context
 from fedge.server.limits import body_caps
+
+STOP_CHECK_SECONDS = 0.25
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -40,8 +44,15 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def serve(
-    app: FastAPI, creds: Credentials, sock: socket.socket, endpoint_file: Path, limits: Limits | None = None
+    app: FastAPI,
+    creds: Credentials,
+    sock: socket.socket,
+    endpoint_file: Path,
+    limits: Limits | None = None,
+    until: threading.Event | None = None,
 ) -> None:
+    """Serve until stopped (SIGTERM, Ctrl-C) or, with ``until``, once it is set (the federation finished):
+    then requests in flight get the graceful shutdown's seconds to finish, and this returns."""
     federation = app.state.federation
     config = uvicorn.Config(
         app,
@@ -54,13 +65,30 @@ def serve(
     host, port = sock.getsockname()[:2]
     url = f"https://{f'[{host}]' if ':' in host else host}:{port}"
 
+    async def stop_when_done(done: threading.Event) -> None:
+        while not done.is_set():
+            await asyncio.sleep(STOP_CHECK_SECONDS)
+        server.should_exit = True
+        # Requests in flight are answered (uvicorn stops accepting within its tick); an idle keep-alive
+        # connection (every agent holds one) never answers TLS's close_notify, so waiting for it would only
+        # run out the graceful shutdown's clock: once nothing is in flight, those are cut.
+        await asyncio.sleep(STOP_CHECK_SECONDS)
+        give_up = time.monotonic() + config.timeout_graceful_shutdown
+        while server.server_state.tasks and time.monotonic() < give_up:
+            await asyncio.sleep(STOP_CHECK_SECONDS / 5)
+        for connection in list(server.server_state.connections):
+            connection.transport.abort()
+
     async def run() -> None:
         task = asyncio.create_task(server.serve(sockets=[sock]))
+        watcher = None if until is None else asyncio.create_task(stop_when_done(until))
         while not server.started and not task.done():
             await asyncio.sleep(0.02)
         if server.started:
             write_file(endpoint_file, json.dumps({"url": url, "pid": os.getpid()}).encode())
         await task
+        if watcher is not None:
+            watcher.cancel()
 
     try:
         asyncio.run(run())

@@ -58,6 +58,15 @@ CREATE TABLE IF NOT EXISTS skips (
     received_at DOUBLE PRECISION NOT NULL,
     PRIMARY KEY (round, client)
 );
+CREATE TABLE IF NOT EXISTS evaluations (
+    round INTEGER NOT NULL,         -- the round whose model was evaluated (0: the initial model)
+    source TEXT NOT NULL,           -- server: fedge server --eval-data
+    loss DOUBLE PRECISION NOT NULL,
+    accuracy DOUBLE PRECISION NOT NULL,
+    examples INTEGER NOT NULL,
+    evaluated_at DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (round, source)
+);
 """
 
 
@@ -124,6 +133,15 @@ class MappedUpdates(Sequence[tuple[Tensors, int]]):
             return [(mapped(u.path), u.num_examples) for u in self._records[index]]
         record = self._records[index]
         return mapped(record.path), record.num_examples
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    round: int
+    source: str
+    loss: float
+    accuracy: float
+    examples: int
 
 
 @dataclass(frozen=True)
@@ -329,6 +347,24 @@ class Store:
         return bool(
             self._execute("SELECT 1 FROM updates WHERE round = ? AND client = ?", (round_, client)).fetchone()
         )
+
+    def add_evaluation(self, evaluation: Evaluation) -> None:
+        """Record how a round's model scored; evaluated again (a restart), the newer figures stand."""
+        self._execute(
+            "INSERT INTO evaluations (round, source, loss, accuracy, examples, evaluated_at)"
+            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (round, source) DO UPDATE SET"
+            " loss = excluded.loss, accuracy = excluded.accuracy, examples = excluded.examples,"
+            " evaluated_at = excluded.evaluated_at",
+            (evaluation.round, evaluation.source, evaluation.loss, evaluation.accuracy, evaluation.examples,
+             time.time()),
+        )  # fmt: skip
+
+    def evaluations(self) -> list[Evaluation]:
+        """Every stored evaluation, by round then source."""
+        rows = self._execute(
+            "SELECT round, source, loss, accuracy, examples FROM evaluations ORDER BY round, source"
+        ).fetchall()
+        return [Evaluation(*row) for row in rows]
 
     def history(self) -> list[RoundHistory]:
         """Every round, oldest first, with the clients whose updates it stored and those that skipped it."""
