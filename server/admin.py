@@ -55,6 +55,12 @@ class RoundStatus(BaseModel):
     deadline: float
 
 
+class EvaluationPoint(BaseModel):
+    round: int = Field(description="the round whose model was scored; 0 is the initial model")
+    accuracy: float
+    loss: float
+
+
 class Overview(BaseModel):
     """What the dashboard shows of a federation, in one answer: the round now, and every round's and
     client's figures (``server.history``)."""
@@ -64,6 +70,7 @@ class Overview(BaseModel):
     round: RoundInfo
     rounds: list[RoundFigures]
     clients: list[ClientFigures]
+    evaluations: list[EvaluationPoint] = Field(description="the server's own evaluations (--eval-data)")
 
 
 class StrategyChoice(BaseModel):
@@ -158,6 +165,9 @@ def _overview(federation: Federation, trust: Trust, info: RoundInfo) -> str:
             {cert.id: status for cert, status in certificates},
             trust.presence.sightings(),
         ),
+        evaluations=[
+            EvaluationPoint(round=e.round, accuracy=e.accuracy, loss=e.loss) for e in ledger.evaluations
+        ],
     ).model_dump_json()
 
 

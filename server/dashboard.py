@@ -118,14 +118,15 @@ class Watch:
 
 
 def with_local(overview: dict[str, Any], local: dict[str, Any]) -> dict[str, Any]:
-    """The server's overview with what a simulation adds: ``evaluations`` (round, accuracy, loss), and per
+    """The server's overview with what a simulation adds: its own ``evaluations`` (round, accuracy, loss) in
+    place of the server's (a simulation evaluates centrally; a server only with ``--eval-data``), and per
     client its ``placements`` (edge, fewer-steps, offload, skip, dropout) and ``raw_bytes_offloaded``."""
     clients = local.get("clients", {})
     merged = []
     for client in overview["clients"]:
         mine = clients.get(client["id"], {})
         merged.append({**client, **{k: v for k, v in mine.items() if v}})
-    return {**overview, "clients": merged, "evaluations": local.get("evaluations", [])}
+    return {**overview, "clients": merged, "evaluations": local.get("evaluations") or overview["evaluations"]}
 
 
 def create_app(watch: Watch) -> FastAPI:

@@ -46,6 +46,8 @@ class RoundFigures(BaseModel):
     closing: float | None = Field(description="last update to close: aggregation and the quorum's wait")
     skips: dict[str, str] = Field(description="client -> reason")
     stragglers: list[str] = Field(description="selected, closed without an update or a skip from them")
+    accuracy: float | None = Field(None, description="the server's evaluation of the model it produced")
+    loss: float | None = None
 
 
 class ClientFigures(BaseModel):
@@ -73,6 +75,7 @@ def round_figures(ledger: Ledger, now: float) -> list[RoundFigures]:
     for s in ledger.skips:
         skips.setdefault(s.round, {})[s.client] = s.reason
     reported = _reported(ledger)
+    scored = {e.round: e for e in ledger.evaluations}
     figures = []
     for r in ledger.rounds:
         arrivals = sorted(by_round.get(r.round, []))
@@ -89,6 +92,8 @@ def round_figures(ledger: Ledger, now: float) -> list[RoundFigures]:
                 closing=None if last is None or r.closed_at is None else r.closed_at - last,
                 skips=skips.get(r.round, {}),
                 stragglers=[c for c in r.selected if r.state in CLOSED and (r.round, c) not in reported],
+                accuracy=scored[r.round].accuracy if r.round in scored else None,
+                loss=scored[r.round].loss if r.round in scored else None,
             )
         )  # fmt: skip
     return figures
@@ -174,16 +179,20 @@ def runs(
         figures = round_figures(open_ledger(data, store), time.time())
     table = Table(title=f"rounds in {data}")
     for column in ("round", "state", "selected", "updates", "skipped", "stragglers", "offloaded", "MB",
-                   "seconds", "waiting", "arriving", "closing"):  # fmt: skip
+                   "seconds", "waiting", "arriving", "closing", "accuracy", "loss"):  # fmt: skip
         table.add_column(column, justify="right")
     for f in figures:
         table.add_row(
             str(f.round), f.state, str(f.selected), str(f.updates), str(f.skipped), str(len(f.stragglers)),
             str(f.offloaded), f"{f.bytes / 1e6:.2f}", f"{f.seconds:.2f}", _seconds(f.waiting),
-            _seconds(f.arriving), _seconds(f.closing),
+            _seconds(f.arriving), _seconds(f.closing), _figure(f.accuracy), _figure(f.loss),
         )  # fmt: skip
     console.print(table if figures else f"no rounds in {data} yet")
 
 
 def _seconds(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
+
+
+def _figure(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"

@@ -476,6 +476,7 @@ class Ledger:
     rounds: list[RoundRow]
     updates: list[UpdateRow]
     skips: list[SkipRow]
+    evaluations: list[Evaluation]
 
 
 def read_ledger(store: Store) -> Ledger:
@@ -493,4 +494,5 @@ def read_ledger(store: Store) -> Ledger:
         rounds=[RoundRow(r[0], r[1], json.loads(r[2]), r[3], r[4], r[5], r[6]) for r in rounds],
         updates=[UpdateRow(*u) for u in updates],
         skips=[SkipRow(*s) for s in skips],
+        evaluations=store.evaluations(),
     )

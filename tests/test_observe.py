@@ -149,6 +149,25 @@ def test_the_server_scores_each_new_model_on_the_eval_data_and_logs_stores_and_e
     assert not [key for key in exported if ("source", "federated") in key[1]]  # never set: not exported
 
 
+def test_the_dashboards_overview_carries_the_servers_evaluation_of_each_round(watched: Watched) -> None:
+    creds = pki.credentials(watched.pki_dir, pki.Role.ADMIN, "prometheus")
+    with httpx.Client(base_url=watched.server.url, verify=client_context(creds), timeout=15) as http:
+        overview = http.get("/v1/admin/overview").json()
+    store = Store(watched.server.data)
+    try:
+        stored = {e.round: e for e in store.evaluations()}
+    finally:
+        store.close()
+    assert [p["round"] for p in overview["evaluations"]] == [0, 1]
+    assert overview["evaluations"][1]["accuracy"] == pytest.approx(stored[1].accuracy)
+    round_one = next(r for r in overview["rounds"] if r["round"] == 1)
+    assert (round_one["accuracy"], round_one["loss"]) == (
+        pytest.approx(stored[1].accuracy),
+        pytest.approx(stored[1].loss),
+    )
+    assert next(r for r in overview["rounds"] if r["round"] == 2)["accuracy"] is None  # still open
+
+
 def test_metrics_after_a_round_say_what_happened_in_it(watched: Watched) -> None:
     exported = samples(watched)
     assert exported["fedge_round", ()] == 2
