@@ -61,6 +61,7 @@ class Context:
     model_round: int = 0
     model: Tensors = field(default_factory=dict)
     partitions: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    splits: partition.Splits = field(default_factory=partition.Splits)
     connections: dict[tuple[str, Path, int], FedgeClient] = field(default_factory=dict)
 
     def api(self, server: str, creds: Credentials) -> FedgeClient:
@@ -90,10 +91,10 @@ class Context:
             return self._local(key, spec.path)
         if key not in self.partitions:
             data = task.load_data()
-            parts = partition.split(
-                data.y_train, spec.num_clients, spec.partition, spec.seed, data.groups_train
-            )
-            mine = parts[spec.index]
+            mine = self.splits.share(
+                task.name, data.y_train, spec.num_clients, spec.partition, spec.seed, spec.index,
+                data.groups_train,
+            )  # fmt: skip
             self.partitions[key] = (data.x_train[mine], data.y_train[mine])
         return self.partitions[key]
 
