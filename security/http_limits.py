@@ -6,9 +6,10 @@ only the silence between two requests. ``GuardedProtocol`` bounds the rest at th
 application code runs or any body byte is buffered:
 
 - time: a connection with no request in flight closes after ``idle_timeout`` of silence (also before its
-  first request); a request head must be complete ``head_timeout`` after its first byte, and a body may
-  not fall silent for ``body_timeout`` (408). A request being answered holds no timer, so a long poll is
-  never cut.
+  first request), unless it is the one connection of an identity (``idle_timeout_for``); a request head
+  must be complete ``head_timeout`` after its first byte, and a body may not fall silent for
+  ``body_timeout`` (408). A request being answered holds no timer, so a long poll is never cut. On
+  shutdown, idle connections are dropped at once.
 - size: each route has a body cap (``BodyCaps``), refused from Content-Length before reading, or as soon
   as a chunked body passes it (413); the connection is closed, so the rest is never read.
 - count: one identity (the certificate's SPIFFE id) holds at most ``per_identity`` connections, and
@@ -53,7 +54,8 @@ class Limits:
     """What one connection may take. The defaults leave a long poll (up to 60 s, answered before then),
     hundreds of simulated clients on loopback and an executor's parallel submissions untouched."""
 
-    idle_timeout: float = 15.0  # longer than httpx's 5 s keep-alive, so a client never reuses a closing one
+    idle_timeout: float = 15.0
+    sole_idle_timeout: float = 900.0  # longer than a round (600 s by default) and than a client's keep-alive
     head_timeout: float = 10.0
     body_timeout: float = 15.0
     max_head: int = 16 * 1024
@@ -71,6 +73,22 @@ class BodyCap:
 
 
 BodyCaps = Callable[[str, str], BodyCap]  # (method, path) -> cap
+
+
+def idle_timeout_for(limits: Limits, identified: bool, connections: int) -> float:
+    """How long a connection with no request in flight may stay silent: the one policy for idle sockets.
+
+    Hardening wants idle sockets cut (each holds a descriptor and TLS buffers); a federation wants a
+    client's connection to outlive the wait between its rounds, which at hundreds of clients is longer
+    than any short timeout, or every client pays a full mutual-TLS handshake every round. Both hold when
+    the long wait is a privilege of proof, one per identity: a connection that completed a request under
+    a client certificate, while it is the only connection that identity holds, may stay idle for
+    ``sole_idle_timeout``; every other idle connection (no certificate, no request yet, or an identity's
+    second and later) is cut after ``idle_timeout``. So long-idle sockets number at most the enrolled
+    identities, which the operator controls, and an anonymous peer or a certificate holder opening many
+    gains nothing over the short timeout. A client keeps one pooled connection (``fedge.transport``),
+    which is then the sole one."""
+    return limits.sole_idle_timeout if identified and connections == 1 else limits.idle_timeout
 
 
 def framing_error(head: bytes) -> str | None:
@@ -124,6 +142,9 @@ class ConnectionLedger:
             return False
         self._open[key] += 1
         return True
+
+    def held(self, key: str) -> int:
+        return self._open[key]
 
     def release(self, key: str) -> None:
         self._open[key] -= 1
@@ -196,7 +217,7 @@ class GuardedProtocol(MutualTLSProtocol):
             return
         # uvicorn starts its idle timer only after a response: a connection that never sends would stay.
         self.timeout_keep_alive_task = self.loop.call_later(
-            self.timeout_keep_alive, self.timeout_keep_alive_handler
+            self.limits.idle_timeout, self.timeout_keep_alive_handler
         )
 
     def data_received(self, data: bytes) -> None:
@@ -228,9 +249,25 @@ class GuardedProtocol(MutualTLSProtocol):
             self._abort_timer.cancel()
         super().connection_lost(exc)
 
+    def on_response_complete(self) -> None:
+        """uvicorn arms the idle timer here with ``timeout_keep_alive``: set it first, by the policy."""
+        identified = self._key != UNAUTHENTICATED
+        self.timeout_keep_alive = idle_timeout_for(self.limits, identified, self.ledger.held(self._key))
+        super().on_response_complete()
+
     def timeout_keep_alive_handler(self) -> None:
         super().timeout_keep_alive_handler()
         self._abort_later()
+
+    def shutdown(self) -> None:
+        """uvicorn's graceful shutdown waits until every connection is gone, and an idle TLS connection is
+        gone only once its peer answers the close, which an idle client's pool does not read: every
+        shutdown would wait out the graceful timeout. An idle connection has nothing in flight, so it is
+        dropped at once; one being answered finishes first."""
+        idle = self.cycle is None or self.cycle.response_complete
+        super().shutdown()
+        if idle:
+            self.transport.abort()
 
     def send_400_response(self, msg: str) -> None:
         """uvicorn's answer to a request h11 cannot parse (malformed chunking, bad header syntax, conflicting
