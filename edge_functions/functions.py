@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedge import compression
+from fedge import compression, descriptors
 from fedge.codec import Tensors, decode, encode
 from fedge.edge_functions import partition, tasks
 from fedge.edge_functions.events import (
@@ -66,11 +66,17 @@ class Context:
 
     def api(self, server: str, creds: Credentials) -> FedgeClient:
         """A client kept open across invocations, as warm FaaS instances keep theirs: the mutual TLS handshake
-        is paid once per party, not once per round. A renewed certificate opens a new one."""
+        is paid once per party, not once per round. A renewed certificate opens a new one. A worker serving
+        thousands of simulated clients keeps the most recent ``CONNECTIONS_PER_WORKER``, so its descriptors
+        (and the server's) stay bounded."""
         key = (server, creds.cert, creds.cert.stat().st_mtime_ns)
-        if key not in self.connections:
-            self.connections[key] = FedgeClient(server, creds)
-        return self.connections[key]
+        api = self.connections.pop(key, None)
+        if api is None:
+            if len(self.connections) >= descriptors.CONNECTIONS_PER_WORKER:  # bounded: least recently used
+                self.connections.pop(next(iter(self.connections))).close()
+            api = FedgeClient(server, creds)
+        self.connections[key] = api  # the most recently used last
+        return api
 
     def fetch_model(self, api: FedgeClient, expected_sha256: str | None = None) -> int:
         """Bring the cached global model up to date; returns the bytes downloaded (0 on an ETag hit).

@@ -64,6 +64,10 @@ def _serve(conn: Connection, threads: int) -> None:
             conn.send(("error", _portable(exc)))
         else:
             conn.send(("ok", (result, time.perf_counter() - started)))
+    conn.close()
+    # Everything a worker owes went down the pipe; the interpreter's teardown (torch's, mostly) would add
+    # a second to every pool's close, so the worker leaves without it.
+    os._exit(0)
 
 
 def _resolve(function: str, builtin: dict[str, Any]) -> Any:
@@ -131,10 +135,13 @@ class _Worker:
             raise payload
         return payload
 
+    def ask_to_stop(self) -> None:
+        with contextlib.suppress(OSError):
+            self._conn.send(None)
+
     def stop(self, force: bool = False) -> None:
         if self._process.is_alive() and not force:
-            with contextlib.suppress(OSError):
-                self._conn.send(None)
+            self.ask_to_stop()
             self._process.join(5)
         if self._process.is_alive():
             self._process.kill()
@@ -220,5 +227,7 @@ class WarmPool:
         self._calls.shutdown(wait=True, cancel_futures=True)
         with self._lock:
             idle, self._idle = self._idle, []
+        for worker in idle:  # all told first, so they wind down together, not one after another
+            worker.ask_to_stop()
         for worker in idle:
             worker.stop()

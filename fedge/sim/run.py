@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedge import compression
+from fedge import compression, descriptors
 from fedge.client.planner import ExecutorTarget, Placer
 from fedge.client.policy import Kind, OffloadSetting
 from fedge.codec import decode
@@ -56,6 +56,10 @@ def simulate(
             devices = profiles.assign(profiles.load(settings.profile), settings.clients, settings.seed)
         except profiles.ProfileError as exc:
             raise UserError(str(exc)) from None
+    workers = settings.workers if devices is None else settings.clients + 1
+    descriptors.ensure(
+        _descriptors_needed(settings.clients, workers), f"a simulation of {settings.clients} clients"
+    )
     started = time.perf_counter()
     report = Report(settings=settings.model_dump(mode="json"))
     report.attackers = pick_clients(settings.clients, settings.attackers, settings.seed)
@@ -64,7 +68,7 @@ def simulate(
         work = Path(tmp)
         observer = _make_pki(work / "pki", settings.clients)
         # With profiles, each device has its own worker: a slowed device waits, and must wait alone.
-        pool = WarmPool(settings.workers if devices is None else settings.clients + 1)
+        pool = WarmPool(workers)
         try:
             pool.warm()
             event = events.InitialModelEvent(task=settings.dataset, seed=settings.seed)
@@ -92,6 +96,12 @@ def simulate(
     report.seconds = time.perf_counter() - started
     write_file(settings.out / "metrics.json", report.to_json().encode())
     return report
+
+
+def _descriptors_needed(clients: int, workers: int) -> int:
+    """The server holds a connection per client whose worker keeps one open (each worker keeps at most
+    ``CONNECTIONS_PER_WORKER``); the pool's pipes and the observer's connections are in the base."""
+    return descriptors.needed_for(min(clients, workers * descriptors.CONNECTIONS_PER_WORKER) + workers)
 
 
 def _check(settings: SimulationSettings) -> None:
