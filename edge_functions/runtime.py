@@ -59,7 +59,7 @@ def _serve(conn: Connection, threads: int) -> None:
         function, event = request
         started = time.perf_counter()
         try:
-            result = _resolve(function, FUNCTIONS)(event, context)
+            result = resolve(function, FUNCTIONS)(event, context)
         except Exception as exc:
             conn.send(("error", _portable(exc)))
         else:
@@ -70,7 +70,7 @@ def _serve(conn: Connection, threads: int) -> None:
     os._exit(0)
 
 
-def _resolve(function: str, builtin: dict[str, Any]) -> Any:
+def resolve(function: str, builtin: dict[str, Any]) -> Any:
     """A built-in function by name, or ``module:attr`` (a host's wrapper of one, e.g. the simulation's
     emulated ``train``): the pool's own parent names it, so the import trusts no one the worker does not."""
     if function in builtin:

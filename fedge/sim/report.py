@@ -38,6 +38,7 @@ class Report:
     raw_bytes_offloaded: int = 0  # raw training data that left devices, sealed to the executor
     oracle_agreement: float | None = None  # share of placements the oracle would have made the same
     agreements: list[bool] = field(default_factory=list, repr=False)
+    nodes: dict[str, int] = field(default_factory=dict)  # with --backend ray: invocations per Ray node
 
     @property
     def completion_rate(self) -> float | None:

@@ -38,7 +38,8 @@ from fedge.server.launcher import ServerProcess, launch
 from fedge.settings import SimulationSettings
 from fedge.sim import attacks, profiles
 from fedge.sim.emulation import EMULATED_TRAIN, AttackSpec, EmulatedTrainEvent
-from fedge.sim.fleet import Device, Fleet, Outcome, Rule
+from fedge.sim.fleet import Device, Fleet, Outcome, Pool, Rule
+from fedge.sim.ray_pool import RayPool, require_ray
 from fedge.sim.report import Report, RoundMetrics
 from fedge.transport import FedgeClient, ServerError
 from fedge.wire import RoundInfo, RoundState, TrainConfig
@@ -68,7 +69,7 @@ def simulate(
         work = Path(tmp)
         observer = _make_pki(work / "pki", settings.clients)
         # With profiles, each device has its own worker: a slowed device waits, and must wait alone.
-        pool = WarmPool(workers)
+        pool = _pool(settings, workers)
         try:
             pool.warm()
             event = events.InitialModelEvent(task=settings.dataset, seed=settings.seed)
@@ -93,9 +94,21 @@ def simulate(
                 server.stop()
         finally:
             pool.close()
+    if isinstance(pool, RayPool):
+        report.nodes = dict(pool.nodes)
     report.seconds = time.perf_counter() - started
     write_file(settings.out / "metrics.json", report.to_json().encode())
     return report
+
+
+BACKENDS = ("local", "ray")
+
+
+def _pool(settings: SimulationSettings, workers: int) -> Pool:
+    """The local warm pool, or Ray actors (``--backend ray``): the drivers see the same three calls."""
+    if settings.backend == "ray":
+        return RayPool(workers, settings.ray_address)
+    return WarmPool(workers)
 
 
 def _descriptors_needed(clients: int, workers: int) -> int:
@@ -120,6 +133,12 @@ def _check(settings: SimulationSettings) -> None:
         )
     if settings.attackers > 0 and settings.attack is None:
         raise UserError("--attackers needs --attack sign-flip|scale|noise")
+    if settings.backend not in BACKENDS:
+        raise UserError(f"unknown backend {settings.backend!r}: choose from {', '.join(BACKENDS)}")
+    if settings.backend == "ray":
+        if settings.profile is not None:
+            raise UserError("--backend ray runs plain clients: it cannot be combined with --profile")
+        require_ray()
     if settings.placement not in tuple(Rule):
         raise UserError(f"unknown placement {settings.placement!r}: choose from {', '.join(Rule)}")
 
@@ -168,7 +187,7 @@ class _Run:
 
     api: FedgeClient
     url: str
-    pool: WarmPool
+    pool: Pool
     pki_dir: Path
     observer: pki.Credentials
     settings: SimulationSettings
