@@ -5,15 +5,17 @@ its status on its MQTT topic, which only its own certificate may write (server.a
 server for the current round at least once a minute even while MQTT brings the announcements, so a device
 that runs is seen well within the default window; one that said it stopped is forgotten at once.
 
-Sightings are kept in the order they were last renewed, so the ones past the window are always at the
-front: forgetting them costs what is forgotten, and selection (``server.roster``) hears only who arrived
-and who left since it last asked, never a scan of everyone seen.
+Each client seen has one entry in a heap by the time it was entered with; when that entry falls out of the
+window, the client's latest sighting decides: forgotten, or entered again with it. So a round costs the
+entries that came due (each client at most once per window), sightings arriving out of order (a retained
+MQTT status) cost nothing more, and selection (``server.roster``) hears only who arrived and who left since
+it last asked, never a scan of everyone seen.
 """
 
 from __future__ import annotations
 
+import heapq
 import threading
-from collections import OrderedDict
 
 from fedge.server.schedule import live
 
@@ -23,7 +25,9 @@ class Presence:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._seen: OrderedDict[str, float] = OrderedDict()  # oldest renewal first
+        self._seen: dict[str, float] = {}
+        self._due: list[tuple[float, str]] = []  # (a sighting of the client, the client)
+        self._entry: dict[str, float] = {}  # each live client's one current entry in _due
         self._arrived: set[str] = set()
         self._left: set[str] = set()
 
@@ -32,11 +36,11 @@ class Presence:
             last = self._seen.get(client)
             if last is None:
                 self._seen[client] = at
+                self._enter(client, at)
                 self._arrived.add(client)
                 self._left.discard(client)
             elif at > last:
                 self._seen[client] = at
-                self._seen.move_to_end(client)
 
     def gone(self, client: str, at: float) -> None:
         """``client`` said at ``at`` that it stopped: forgotten, unless it was seen again since."""
@@ -59,13 +63,22 @@ class Presence:
             return arrived, left
 
     def _expire(self, now: float, window: float) -> None:
-        while self._seen:
-            client, at = next(iter(self._seen.items()))
-            if now - at <= window:
-                return
-            self._forget(client)
+        while self._due and now - self._due[0][0] > window:
+            entered, client = heapq.heappop(self._due)
+            if self._entry.get(client) != entered:  # an entry of a client forgotten since: skipped
+                continue
+            last = self._seen[client]
+            if now - last > window:
+                self._forget(client)
+            else:
+                self._enter(client, last)
+
+    def _enter(self, client: str, at: float) -> None:
+        self._entry[client] = at
+        heapq.heappush(self._due, (at, client))
 
     def _forget(self, client: str) -> None:
         del self._seen[client]
+        del self._entry[client]
         self._left.add(client)
         self._arrived.discard(client)
