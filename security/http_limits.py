@@ -136,6 +136,7 @@ class ConnectionLedger:
 
     def __init__(self) -> None:
         self._open: Counter[str] = Counter()
+        self.long_idle: dict[str, GuardedProtocol] = {}  # per identity, the connection on the long timer
 
     def admit(self, key: str, cap: int) -> bool:
         if self._open[key] >= cap:
@@ -206,6 +207,7 @@ class GuardedProtocol(MutualTLSProtocol):
         self._head_timer: asyncio.TimerHandle | None = None
         self._body_timer: asyncio.TimerHandle | None = None
         self._abort_timer: asyncio.TimerHandle | None = None
+        self._idle_since = 0.0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -215,6 +217,9 @@ class GuardedProtocol(MutualTLSProtocol):
         if not self._admitted:  # refused before it costs more than its handshake: not kept waiting to ask
             self._refuse(429, "too_many_connections", f"{self._key} already holds {cap} connections")
             return
+        waiting = self.ledger.long_idle.pop(self._key, None)
+        if waiting is not None:  # no longer the identity's only connection: the short timeout, from now on
+            waiting.shorten_idle()
         # uvicorn starts its idle timer only after a response: a connection that never sends would stay.
         self.timeout_keep_alive_task = self.loop.call_later(
             self.limits.idle_timeout, self.timeout_keep_alive_handler
@@ -226,6 +231,8 @@ class GuardedProtocol(MutualTLSProtocol):
         super().data_received(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.ledger.long_idle.get(self._key) is self:
+            del self.ledger.long_idle[self._key]
         if self._admitted:
             self.ledger.release(self._key)
             self._admitted = False
@@ -253,7 +260,19 @@ class GuardedProtocol(MutualTLSProtocol):
         """uvicorn arms the idle timer here with ``timeout_keep_alive``: set it first, by the policy."""
         identified = self._key != UNAUTHENTICATED
         self.timeout_keep_alive = idle_timeout_for(self.limits, identified, self.ledger.held(self._key))
+        if self.timeout_keep_alive > self.limits.idle_timeout:
+            self.ledger.long_idle[self._key] = self
+        self._idle_since = self.loop.time()
         super().on_response_complete()
+
+    def shorten_idle(self) -> None:
+        """Another connection of this identity opened: this one's idle time counts against the short
+        timeout again (at once, if it has been idle longer)."""
+        self.timeout_keep_alive = self.limits.idle_timeout
+        if self.timeout_keep_alive_task is not None:
+            self.timeout_keep_alive_task.cancel()
+            left = max(0.0, self.limits.idle_timeout - (self.loop.time() - self._idle_since))
+            self.timeout_keep_alive_task = self.loop.call_later(left, self.timeout_keep_alive_handler)
 
     def timeout_keep_alive_handler(self) -> None:
         super().timeout_keep_alive_handler()
