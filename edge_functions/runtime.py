@@ -150,11 +150,12 @@ class _Worker:
 
 
 class WarmPool:
-    def __init__(self, workers: int, keep_alive: float | None = None) -> None:
-        """``workers`` at most at once; with ``keep_alive``, a worker idle that long is retired."""
+    def __init__(self, workers: int, keep_alive: float | None = None, threads: int | None = None) -> None:
+        """``workers`` at most at once; with ``keep_alive``, a worker idle that long is retired. Each
+        worker's torch uses ``threads`` (the cores shared among the pool's workers, unless told)."""
         self.workers = workers
         self.keep_alive = keep_alive
-        self._threads = max(1, (os.cpu_count() or 1) // workers)
+        self._threads = threads or max(1, (os.cpu_count() or 1) // workers)
         self._lock = threading.Lock()
         self._idle: list[_Worker] = []
         self._busy = 0

@@ -14,6 +14,7 @@ from fedge.security import pki
 from fedge.security.http_limits import Limits, idle_timeout_for
 from fedge.server.schedule import select
 from fedge.server.trust import Trust
+from fedge.sim.sharded import ShardedPool
 
 
 def _limited(soft: int, hard: int) -> None:
@@ -103,3 +104,19 @@ def test_live_selection_hears_only_arrivals_and_departures(fresh_pki: Path) -> N
     assert trust.eligible(180.0, now + 100) == ["alice"]  # bob's sighting is past the window
     trust.presence.gone("alice", now + 1)
     assert trust.eligible(180.0, now + 100) == []
+
+
+def test_the_local_pool_sends_each_client_to_the_same_worker_every_round() -> None:
+    """So a client's connection and data share stay warm in one worker, instead of in every worker."""
+    pool = ShardedPool(2)
+    try:
+        pool.warm()
+        rounds = [
+            {i: pool.invoke("operator:is_not", {"data": {"index": i}}).result().pid for i in range(6)}
+            for _ in range(3)
+        ]
+    finally:
+        pool.close()
+    assert rounds[0] == rounds[1] == rounds[2]
+    assert {rounds[0][i] for i in (0, 2, 4)} != {rounds[0][i] for i in (1, 3, 5)}
+    assert len(set(rounds[0].values())) == 2

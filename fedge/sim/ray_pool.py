@@ -28,6 +28,7 @@ from pydantic import BaseModel
 from fedge import extras
 from fedge.console import UserError
 from fedge.edge_functions.runtime import Invocation, resolve
+from fedge.sim.sharded import payload_of, shard_of
 
 
 def require_ray() -> None:
@@ -76,7 +77,7 @@ class RayPool:
         )  # fmt: skip
         host = ray.remote(num_cpus=1)(_Host)
         self._actors = [host.options(scheduling_strategy="SPREAD").remote() for _ in range(workers)]
-        self._next = itertools.count()
+        self._spare = itertools.count()
         self._lock = threading.Lock()
         self.nodes: Counter[str] = Counter()  # invocations per Ray node id
 
@@ -90,10 +91,8 @@ class RayPool:
     ) -> Future[Invocation]:
         """Run ``function(event)`` on the actor that serves this client (any, for a client-less event).
         ``timeout`` is the local pool's; an actor past it is not killed, Ray's own task limits apply."""
-        payload = event.model_dump(mode="json") if isinstance(event, BaseModel) else event
-        index = (payload.get("data") or {}).get("index")
-        slot = next(self._next) if index is None else index
-        actor = self._actors[slot % len(self._actors)]
+        payload = payload_of(event)
+        actor = self._actors[shard_of(payload, len(self._actors), self._spare)]
         done: Future[Invocation] = Future()
         pending = actor.call.remote(function, payload).future()
         pending.add_done_callback(lambda f: self._settle(function, f, done))

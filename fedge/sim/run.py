@@ -41,6 +41,7 @@ from fedge.sim.emulation import EMULATED_TRAIN, AttackSpec, EmulatedTrainEvent
 from fedge.sim.fleet import Device, Fleet, Outcome, Pool, Rule
 from fedge.sim.ray_pool import RayPool, require_ray
 from fedge.sim.report import Report, RoundMetrics
+from fedge.sim.sharded import ShardedPool
 from fedge.transport import FedgeClient, ServerError
 from fedge.wire import RoundInfo, RoundState, TrainConfig
 
@@ -108,7 +109,9 @@ def _pool(settings: SimulationSettings, workers: int) -> Pool:
     """The local warm pool, or Ray actors (``--backend ray``): the drivers see the same three calls."""
     if settings.backend == "ray":
         return RayPool(workers, settings.ray_address)
-    return WarmPool(workers)
+    if settings.profile is not None:  # a device per worker already: each device's own
+        return WarmPool(workers)
+    return ShardedPool(workers)
 
 
 def _descriptors_needed(clients: int, workers: int) -> int:
