@@ -40,16 +40,27 @@ def ray_cluster() -> Iterator[str]:
     try:
         _ray(
             "start", "--head", "--port", str(port), "--temp-dir", temp, "--include-dashboard=false",
-            "--disable-usage-stats", *common,
+            "--ray-client-server-port", str(free_port()), "--disable-usage-stats", *common,
         )  # fmt: skip
         _ray("start", "--address", address, *common)
         yield address
     finally:
-        mine = [p for p in psutil.process_iter(["cmdline"]) if temp in " ".join(p.info["cmdline"] or ())]
+        mine = [p for p in psutil.process_iter() if _of_cluster(p, temp)]
         for process in mine:
             process.kill()
         psutil.wait_procs(mine, timeout=30)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def _of_cluster(process: psutil.Process, temp: str) -> bool:
+    """Whether ``process`` is one of this cluster's: it names the cluster's directory, or holds a file in it
+    (Ray's agents rename themselves, ``ray::DashboardAgent``, but keep their logs open there)."""
+    try:
+        return temp in " ".join(process.cmdline()) or any(
+            f.path.startswith(temp) for f in process.open_files()
+        )
+    except psutil.Error:
+        return False
 
 
 def test_a_federation_runs_on_both_nodes_of_a_ray_cluster(ray_cluster: str, tmp_path: Path) -> None:
