@@ -31,6 +31,7 @@ import asyncio
 import hashlib
 import json
 import re
+from asyncio import sslproto
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,6 +48,7 @@ UNAUTHENTICATED = "unauthenticated"
 # A closed TLS connection waits for the peer's close_notify (asyncio: 30 s); one that never reads would keep
 # its memory that long. After this grace, which lets a refusal reach a reading client, it is dropped.
 CLOSE_GRACE = 2.0
+TLS_READ_BUFFER = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -386,9 +388,22 @@ def guarded_protocol(limits: Limits, caps: BodyCaps) -> type[GuardedProtocol]:
     return type("GuardedProtocol", (GuardedProtocol,), attributes)
 
 
+def size_tls_buffers(size: int = TLS_READ_BUFFER) -> None:
+    """Every TLS connection of an asyncio server gets a read buffer of ``SSLProtocol.max_size`` (256 KiB),
+    allocated zeroed, so resident from the start: with connections kept between rounds, 306 KiB of server
+    memory per idle client (measured, 300 connections; uvloop's, a compile-time constant, costs the same).
+    A TLS record holds at most 16 KiB, so 64 KiB still reads four records per call; measured: 114 KiB
+    per idle connection. The class attribute is the one knob Python has, and only asyncio's loop reads it,
+    hence ``loop="asyncio"`` in ``uvicorn_options``; it applies to the process that calls this."""
+    sslproto.SSLProtocol.max_size = size
+
+
 def uvicorn_options(limits: Limits, caps: BodyCaps) -> dict[str, Any]:
-    """The ``uvicorn.Config`` arguments that apply ``limits``: uvicorn's own knobs where they do the job."""
+    """The ``uvicorn.Config`` arguments that apply ``limits``: uvicorn's own knobs where they do the job,
+    on asyncio's loop with TLS read buffers sized by ``size_tls_buffers``."""
+    size_tls_buffers()
     return {
+        "loop": "asyncio",
         "http": guarded_protocol(limits, caps),
         "timeout_keep_alive": limits.idle_timeout,
         "h11_max_incomplete_event_size": limits.max_head,

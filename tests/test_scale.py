@@ -1,6 +1,6 @@
 """Cheap clients at scale: descriptors checked before a run, an idle policy that keeps a client's one
 connection across rounds, a shutdown that does not wait on idle connections, selection that costs what it
-selects."""
+selects, TLS buffers sized for the traffic."""
 
 from __future__ import annotations
 
@@ -10,11 +10,16 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
+from conftest import federation_pki, toy_server_args
+
 from fedge.security import pki
 from fedge.security.http_limits import Limits, idle_timeout_for
+from fedge.server.launcher import launch
 from fedge.server.schedule import select
 from fedge.server.trust import Trust
 from fedge.sim.sharded import ShardedPool
+from fedge.transport import FedgeClient
 
 
 def _limited(soft: int, hard: int) -> None:
@@ -120,3 +125,28 @@ def test_the_local_pool_sends_each_client_to_the_same_worker_every_round() -> No
     assert rounds[0] == rounds[1] == rounds[2]
     assert {rounds[0][i] for i in (0, 2, 4)} != {rounds[0][i] for i in (1, 3, 5)}
     assert len(set(rounds[0].values())) == 2
+
+
+def test_an_idle_client_connection_costs_the_server_well_under_a_256_kib_tls_buffer(
+    tmp_path: Path,
+) -> None:
+    """asyncio's default gives each TLS connection a zeroed 256 KiB read buffer: 306 KiB per connection
+    measured; the server's 64 KiB buffers bring it to about 114 KiB."""
+    clients = tuple(f"c{i:03d}" for i in range(100))
+    root = federation_pki(tmp_path / "pki", "test", clients)
+    args = [*toy_server_args(root, tmp_path / "initial.safetensors"), "--min-clients", "101"]
+    server = launch(args, tmp_path / "server", tmp_path / "server.log")
+    apis = []
+    try:
+        process = psutil.Process(server.process.pid)
+        FedgeClient(server.url, pki.credentials(root, pki.Role.CLIENT, "c000")).close()  # warm-up
+        before = process.memory_info().rss
+        for client in clients:
+            apis.append(FedgeClient(server.url, pki.credentials(root, pki.Role.CLIENT, client)))
+            apis[-1].current_round()
+        per_connection = (process.memory_info().rss - before) / len(clients)
+    finally:
+        for api in apis:
+            api.close()
+        server.stop()
+    assert per_connection < 200 * 1024
