@@ -150,3 +150,13 @@ def test_an_idle_client_connection_costs_the_server_well_under_a_256_kib_tls_buf
             api.close()
         server.stop()
     assert per_connection < 200 * 1024
+
+
+def test_more_clients_than_examples_is_one_line_before_anything_starts(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "fedge", "simulate", "--clients", "5000", "--out", str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "5000 clients but mnist has 4000 training examples" in done.stderr
+    assert "Traceback" not in done.stderr

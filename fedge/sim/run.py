@@ -128,6 +128,12 @@ def _check(settings: SimulationSettings) -> None:
         partition.parse(settings.partition)
     except partition.PartitionError as exc:
         raise UserError(str(exc)) from None
+    examples = len(datasets.load(settings.dataset).y_train)
+    if settings.clients > examples:  # found here, not by every worker once the run has begun
+        raise UserError(
+            f"{settings.clients} clients but {settings.dataset} has {examples} training examples: "
+            "use fewer clients or a larger data set (shakespeare)"
+        )
     if settings.attack is not None and settings.attack not in attacks.KINDS:
         raise UserError(f"unknown attack {settings.attack!r}: choose from {', '.join(attacks.KINDS)}")
     if settings.compression not in compression.KINDS:
