@@ -64,7 +64,7 @@ def bad_values(path: tuple[str, ...], w: Path) -> dict[str, str]:
         "--bind": "999.1.1.1", "--server": "ftp://example", "--token": "forged", "--ca-fingerprint": "00",
         "--federation": "Bad Name!", "--client": "../x", "--admin": "../x", "--id": "../x",
         "--executor": "nonsense" if path[0] == "agent" else "../x", "--mqtt": "no-port",
-        "--broker": "no-port",
+        "--broker": "no-port", "--backend": "nowhere", "--ray-address": "127.0.0.1:1",
     }  # fmt: skip
 
 

@@ -71,10 +71,15 @@ class RayPool:
         import ray
 
         self._ray = ray
-        ray.init(
-            address=address, include_dashboard=False, log_to_driver=False, configure_logging=False,
-            num_cpus=None if address else workers,
-        )  # fmt: skip
+        try:
+            ray.init(
+                address=address, include_dashboard=False, log_to_driver=False, configure_logging=False,
+                num_cpus=None if address else workers,
+            )  # fmt: skip
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise UserError(
+                f"cannot start or reach Ray{f' at {address}' if address else ''}: {exc}"
+            ) from None
         host = ray.remote(num_cpus=1)(_Host)
         self._actors = [host.options(scheduling_strategy="SPREAD").remote() for _ in range(workers)]
         self._spare = itertools.count()

@@ -144,6 +144,8 @@ def _check(settings: SimulationSettings) -> None:
         raise UserError("--attackers needs --attack sign-flip|scale|noise")
     if settings.backend not in BACKENDS:
         raise UserError(f"unknown backend {settings.backend!r}: choose from {', '.join(BACKENDS)}")
+    if settings.ray_address is not None and settings.backend != "ray":
+        raise UserError("--ray-address needs --backend ray")
     if settings.backend == "ray":
         if settings.profile is not None:
             raise UserError("--backend ray runs plain clients: it cannot be combined with --profile")
