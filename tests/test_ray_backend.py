@@ -81,3 +81,15 @@ def test_without_ray_the_backend_is_refused_in_one_line(tmp_path: Path) -> None:
     assert done.returncode != 0
     assert "unknown backend 'nowhere'" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_ray_address_nothing_answers_at_is_one_line_not_a_wait(tmp_path: Path) -> None:
+    if not RAY.exists() and not os.environ.get("CI"):
+        pytest.skip("ray is not installed (pip install 'fedge[ray]')")
+    done = run_cli(
+        "simulate", "--backend", "ray", "--ray-address", f"127.0.0.1:{free_port()}", "--clients", "2",
+        "--dataset", "digits", "--out", str(tmp_path / "run"),
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "no Ray cluster answers at 127.0.0.1:" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import os
+import socket
 import threading
 import time
 from collections import Counter
@@ -36,6 +37,15 @@ def require_ray() -> None:
     absent = extras.missing("ray", extras.is_installed)
     if absent or importlib.util.find_spec("ray") is None:
         raise UserError(extras.message(("simulate", "--backend", "ray"), "ray", absent or ["ray"]))
+
+
+def _reachable(address: str) -> None:
+    """Ray waits on a cluster address that answers nothing for minutes, in silence: ask it first."""
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=5).close()
+    except (OSError, ValueError) as exc:
+        raise UserError(f"no Ray cluster answers at {address}: {exc}") from None
 
 
 class _Host:
@@ -71,6 +81,8 @@ class RayPool:
         import ray
 
         self._ray = ray
+        if address is not None:
+            _reachable(address)
         try:
             ray.init(
                 address=address, include_dashboard=False, log_to_driver=False, configure_logging=False,
