@@ -85,11 +85,11 @@ def idle_timeout_for(limits: Limits, identified: bool, connections: int) -> floa
     than any short timeout, or every client pays a full mutual-TLS handshake every round. Both hold when
     the long wait is a privilege of proof, one per identity: a connection that completed a request under
     a client certificate, while it is the only connection that identity holds, may stay idle for
-    ``sole_idle_timeout``; every other idle connection (no certificate, no request yet, or an identity's
-    second and later) is cut after ``idle_timeout``. So long-idle sockets number at most the enrolled
-    identities, which the operator controls, and an anonymous peer or a certificate holder opening many
-    gains nothing over the short timeout. A client keeps one pooled connection (``fedge.transport``),
-    which is then the sole one."""
+    ``sole_idle_timeout`` (a second connection puts it back on the short timeout); every other idle
+    connection (no certificate, no request yet, an identity's second and later) is cut after
+    ``idle_timeout``. So long-idle sockets number at most the enrolled identities, which the operator
+    controls, and an anonymous peer or a certificate holder opening many gains nothing over the short
+    timeout. A client keeps one pooled connection (``fedge.transport``), which is then the sole one."""
     return limits.sole_idle_timeout if identified and connections == 1 else limits.idle_timeout
 
 
