@@ -60,26 +60,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("name", help="a benchmark (a module of bench/, e.g. vs-flower), or 'all'")
     parser.add_argument("--quick", action="store_true", help="smallest size; checks it runs, writes nothing")
-    args = parser.parse_args()
+    args, rest = parser.parse_known_args()  # the rest is the benchmark's own (e.g. vs-flower --noop)
     available = benchmarks()
     if args.name != "all" and args.name not in available:
         sys.exit(f"error: no benchmark {args.name!r}; available: {', '.join(available)}")
     for name in available if args.name == "all" else [args.name]:
-        run_one(name, args.quick)
+        run_one(name, args.quick, rest)
 
 
-def run_one(name: str, quick: bool) -> None:
+def run_one(name: str, quick: bool, argv: list[str] | None = None) -> None:
     module = importlib.import_module(f"bench.{name.replace('-', '_')}")
     started = time.time()
-    result = module.run(quick=quick)
+    result = module.run(quick=quick, argv=argv) if argv else module.run(quick=quick)
     result |= {
-        "command": shlex.join(["python", "-m", "bench", name]),
+        "command": shlex.join(["python", "-m", "bench", name, *(argv or [])]),
         "date": time.strftime("%Y-%m-%d", time.gmtime(started)),
         "seconds": round(time.time() - started, 1),
         "machine": machine(),
     }
     print(json.dumps(result, indent=2))
-    if not quick:
+    if argv:  # a variant of the benchmark: its table is printed, the committed results stay as they are
+        print(module.render(result))
+    elif not quick:
         RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
         if hasattr(module, "plot"):

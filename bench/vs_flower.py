@@ -13,6 +13,7 @@ round, which carries each framework's start-up, is reported apart.
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
 import os
@@ -32,7 +33,21 @@ QUICK = {"clients": 3, "rounds": 2, "epochs": 1, "noop_clients": [3], "noop_roun
 WORKER_MARKERS = {"fedge": "multiprocessing.spawn", "flower": "ClientAppActor"}
 
 
-def run(quick: bool) -> dict:
+def options(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench vs-flower")
+    parser.add_argument("--noop", action="store_true", help="framework overhead only: no training")
+    parser.add_argument("--clients", help="with --noop: comma-separated federation sizes [10,50,200]")
+    parser.add_argument("--pairs", type=int, default=3, help="with --noop: interleaved pairs per size [3]")
+    return parser.parse_args(argv)
+
+
+def run(quick: bool, argv: list[str] | None = None) -> dict:
+    chosen = options(argv or [])
+    if chosen.noop:
+        sizes = [int(n) for n in chosen.clients.split(",")] if chosen.clients else FULL["noop_clients"]
+        if quick:
+            return noop_pairs(QUICK["noop_clients"], 1, QUICK["noop_rounds"])
+        return noop_pairs(sizes, chosen.pairs)
     size = QUICK if quick else FULL
     result: dict = {"workload": {k: v for k, v in size.items()}, "fedge": {}, "flower": {}}
     for framework in ("fedge", "flower"):
@@ -55,6 +70,65 @@ def run(quick: bool) -> dict:
         },
     }
     return result
+
+
+def noop_pairs(sizes: list[int], pairs: int, rounds: int = FULL["noop_rounds"]) -> dict:
+    """No-op federations of each size, fedge and Flower back to back (who goes first alternates by pair),
+    the sizes interleaved within each pair, so a machine shared with other work loads both alike; ratios
+    are taken per pair, then summarized."""
+    runs: dict[str, dict[str, list[dict]]] = {str(n): {"fedge": [], "flower": []} for n in sizes}
+    for pair in range(pairs):
+        for n in sizes:
+            order = ("fedge", "flower") if pair % 2 == 0 else ("flower", "fedge")
+            for framework in order:
+                runs[str(n)][framework].append(measure(framework, n, rounds, 0))
+                done = runs[str(n)][framework][-1]
+                print(f"pair {pair + 1}, {n} clients, {framework}: {done['seconds_per_round']:.3f} s/round, "
+                      f"{done['peak_rss_mb']:.0f} MB", file=sys.stderr, flush=True)  # fmt: skip
+    summary = {}
+    for n, by in runs.items():
+        per_pair = list(zip(by["fedge"], by["flower"], strict=True))
+        summary[n] = {
+            "seconds_per_round": {f: _spread([r["seconds_per_round"] for r in by[f]]) for f in by},
+            "ms_per_client": {
+                f: _spread([1000 * r["seconds_per_round"] / int(n) for r in by[f]]) for f in by
+            },
+            "first_round_seconds": {f: _spread([r["first_round_seconds"] for r in by[f]]) for f in by},
+            "peak_rss_mb": {f: _spread([r["peak_rss_mb"] for r in by[f]]) for f in by},
+            "ratio_seconds_per_round": _spread(
+                [a["seconds_per_round"] / b["seconds_per_round"] for a, b in per_pair]
+            ),
+            "ratio_peak_rss": _spread([a["peak_rss_mb"] / b["peak_rss_mb"] for a, b in per_pair]),
+        }
+    return {"mode": "noop", "workload": {"sizes": sizes, "pairs": pairs, "rounds": rounds}, "noop": summary}
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    return {"min": min(values), "median": statistics.median(values), "max": max(values), "n": len(values)}
+
+
+def render_noop(result: dict) -> str:
+    w = result["workload"]
+    lines = [
+        f"Framework overhead, no-op training (the model is sent back untrained), {w['rounds']} rounds, "
+        f"{w['pairs']} interleaved pairs per size: median (min-max).",
+        "",
+        "| clients | fedge s/round | Flower s/round | fedge/Flower | fedge ms/client | Flower ms/client "
+        "| peak MB fedge/Flower |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for n, row in result["noop"].items():
+
+        def cell(spread: dict, fmt: str = "{:.2f}") -> str:
+            return f"{fmt.format(spread['median'])} ({fmt.format(spread['min'])}-{fmt.format(spread['max'])})"
+
+        s, ms = row["seconds_per_round"], row["ms_per_client"]
+        lines.append(
+            f"| {n} | {cell(s['fedge'])} | {cell(s['flower'])} | {cell(row['ratio_seconds_per_round'])}x "
+            f"| {cell(ms['fedge'], '{:.1f}')} | {cell(ms['flower'], '{:.1f}')} "
+            f"| {cell(row['ratio_peak_rss'])}x |"
+        )
+    return "\n".join(lines)
 
 
 def measure(
@@ -153,6 +227,8 @@ class _MemorySampler(threading.Thread):
 
 
 def plot(result: dict, path: Path) -> None:
+    if result.get("mode") == "noop":
+        return
     import matplotlib
 
     matplotlib.use("Agg")
@@ -193,6 +269,8 @@ def _meaning(ratios: dict) -> str:
 
 
 def render(result: dict) -> str:
+    if result.get("mode") == "noop":
+        return render_noop(result)
     fedge, flower, ratios = result["fedge"], result["flower"], result["ratios"]
     w = result["workload"]
     rows = [

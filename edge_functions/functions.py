@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedge import compression
+from fedge import compression, descriptors
 from fedge.codec import Tensors, decode, encode, encode_hashed
 from fedge.edge_functions import partition, tasks
 from fedge.edge_functions.events import (
@@ -61,15 +61,22 @@ class Context:
     model_round: int = 0
     model: Tensors = field(default_factory=dict)
     partitions: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    splits: partition.Splits = field(default_factory=partition.Splits)
     connections: dict[tuple[str, Path, int], FedgeClient] = field(default_factory=dict)
 
     def api(self, server: str, creds: Credentials) -> FedgeClient:
         """A client kept open across invocations, as warm FaaS instances keep theirs: the mutual TLS handshake
-        is paid once per party, not once per round. A renewed certificate opens a new one."""
+        is paid once per party, not once per round. A renewed certificate opens a new one. A worker serving
+        thousands of simulated clients keeps the most recent ``CONNECTIONS_PER_WORKER``, so its descriptors
+        (and the server's) stay bounded."""
         key = (server, creds.cert, creds.cert.stat().st_mtime_ns)
-        if key not in self.connections:
-            self.connections[key] = FedgeClient(server, creds)
-        return self.connections[key]
+        api = self.connections.pop(key, None)
+        if api is None:
+            if len(self.connections) >= descriptors.CONNECTIONS_PER_WORKER:  # bounded: least recently used
+                self.connections.pop(next(iter(self.connections))).close()
+            api = FedgeClient(server, creds)
+        self.connections[key] = api  # the most recently used last
+        return api
 
     def fetch_model(self, api: FedgeClient, expected_sha256: str | None = None) -> int:
         """Bring the cached global model up to date; returns the bytes downloaded (0 on an ETag hit).
@@ -90,10 +97,10 @@ class Context:
             return self._local(key, spec.path)
         if key not in self.partitions:
             data = task.load_data()
-            parts = partition.split(
-                data.y_train, spec.num_clients, spec.partition, spec.seed, data.groups_train
-            )
-            mine = parts[spec.index]
+            mine = self.splits.share(
+                task.name, data.y_train, spec.num_clients, spec.partition, spec.seed, spec.index,
+                data.groups_train,
+            )  # fmt: skip
             self.partitions[key] = (data.x_train[mine], data.y_train[mine])
         return self.partitions[key]
 

@@ -68,3 +68,25 @@ def dirichlet(
             donor = max(range(num_clients), key=lambda c: len(parts[c]))
             parts[client].append(parts[donor].pop())
     return [np.sort(np.array(p, dtype=np.int64)) for p in parts]
+
+
+class Splits:
+    """The splits one worker has made, keyed by what decides them and never by the client: a worker that
+    serves many clients of one federation splits the data set once, not once per client (that made a
+    round of N clients cost O(N²) in the workers)."""
+
+    def __init__(self) -> None:
+        self._made: dict[tuple[str, int, str, int], list[np.ndarray]] = {}
+
+    def share(
+        self, name: str, labels: np.ndarray, num_clients: int, spec: str, seed: int, index: int,
+        groups: np.ndarray | None = None,
+    ) -> np.ndarray:  # fmt: skip
+        """Indices of client ``index``'s examples of data set ``name`` (whose ``labels`` and ``groups``)."""
+        key = (name, num_clients, spec, seed)
+        if key not in self._made:
+            self._made[key] = split(labels, num_clients, spec, seed, groups)
+        return self._made[key][index]
+
+    def __len__(self) -> int:
+        return len(self._made)

@@ -59,14 +59,18 @@ def _serve(conn: Connection, threads: int) -> None:
         function, event = request
         started = time.perf_counter()
         try:
-            result = _resolve(function, FUNCTIONS)(event, context)
+            result = resolve(function, FUNCTIONS)(event, context)
         except Exception as exc:
             conn.send(("error", _portable(exc)))
         else:
             conn.send(("ok", (result, time.perf_counter() - started)))
+    conn.close()
+    # Everything a worker owes went down the pipe; the interpreter's teardown (torch's, mostly) would add
+    # a second to every pool's close, so the worker leaves without it.
+    os._exit(0)
 
 
-def _resolve(function: str, builtin: dict[str, Any]) -> Any:
+def resolve(function: str, builtin: dict[str, Any]) -> Any:
     """A built-in function by name, or ``module:attr`` (a host's wrapper of one, e.g. the simulation's
     emulated ``train``): the pool's own parent names it, so the import trusts no one the worker does not."""
     if function in builtin:
@@ -131,10 +135,13 @@ class _Worker:
             raise payload
         return payload
 
+    def ask_to_stop(self) -> None:
+        with contextlib.suppress(OSError):
+            self._conn.send(None)
+
     def stop(self, force: bool = False) -> None:
         if self._process.is_alive() and not force:
-            with contextlib.suppress(OSError):
-                self._conn.send(None)
+            self.ask_to_stop()
             self._process.join(5)
         if self._process.is_alive():
             self._process.kill()
@@ -143,11 +150,12 @@ class _Worker:
 
 
 class WarmPool:
-    def __init__(self, workers: int, keep_alive: float | None = None) -> None:
-        """``workers`` at most at once; with ``keep_alive``, a worker idle that long is retired."""
+    def __init__(self, workers: int, keep_alive: float | None = None, threads: int | None = None) -> None:
+        """``workers`` at most at once; with ``keep_alive``, a worker idle that long is retired. Each
+        worker's torch uses ``threads`` (the cores shared among the pool's workers, unless told)."""
         self.workers = workers
         self.keep_alive = keep_alive
-        self._threads = max(1, (os.cpu_count() or 1) // workers)
+        self._threads = threads or max(1, (os.cpu_count() or 1) // workers)
         self._lock = threading.Lock()
         self._idle: list[_Worker] = []
         self._busy = 0
@@ -220,5 +228,7 @@ class WarmPool:
         self._calls.shutdown(wait=True, cancel_futures=True)
         with self._lock:
             idle, self._idle = self._idle, []
+        for worker in idle:  # all told first, so they wind down together, not one after another
+            worker.ask_to_stop()
         for worker in idle:
             worker.stop()

@@ -90,6 +90,12 @@ def simulate(
     dashboard: Annotated[
         int | None, typer.Option(help="serve the live dashboard on this port of 127.0.0.1 during the run")
     ] = None,
+    backend: Annotated[
+        str | None, typer.Option(help="where clients run: local (warm workers) or ray [local]")
+    ] = None,
+    ray_address: Annotated[
+        str | None, typer.Option(help="with --backend ray: a cluster's address [a local one]")
+    ] = None,
     **knobs: Any,
 ) -> None:
     """Run a federation on this machine: real mTLS, a real server process, warm client functions."""
@@ -102,7 +108,7 @@ def simulate(
             attack=attack, attackers=attackers, attack_scale=attack_scale, fraction=fraction, buffer=buffer,
             max_staleness=max_staleness, staleness_exponent=staleness_exponent, stragglers=stragglers,
             straggler_delay=straggler_delay, compression=compression, profile=profile, placement=placement,
-            train_memory_mb=train_memory_mb, **knobs,
+            train_memory_mb=train_memory_mb, backend=backend, ray_address=ray_address, **knobs,
         )  # fmt: skip
         strategy_of(settings)  # a bad strategy is refused here, not by the server it would start
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())

@@ -123,3 +123,5 @@ class SimulationSettings(TrainingSettings):
     profile: Path | None = None  # device profiles (fedge.sim.profiles): slow, small, flaky, far devices
     placement: str = "fedge"  # with a profile: fedge, or a baseline (fedge.sim.fleet.Rule)
     train_memory_mb: float = Field(256.0, gt=0)  # with a profile: what a training run needs on a device
+    backend: str = "local"  # where client invocations run: local (a warm pool) or ray (fedge.sim.ray_pool)
+    ray_address: str | None = None  # with --backend ray: a running cluster's address, else a local one

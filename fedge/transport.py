@@ -45,10 +45,17 @@ class ModelDownload:
     round: int
 
 
+# One pooled connection, kept between rounds: the server lets an identity's sole connection idle for 900 s
+# (security.http_limits.idle_timeout_for), so it is never the server that closes the one reused here.
+KEEP_ALIVE = httpx.Limits(max_keepalive_connections=1, keepalive_expiry=600.0)
+
+
 class FedgeClient:
     def __init__(self, url: str, creds: Credentials, timeout: float = 60.0) -> None:
         self._creds = creds
-        self._http = httpx.Client(base_url=url, verify=client_context(creds), timeout=timeout)
+        self._http = httpx.Client(
+            base_url=url, verify=client_context(creds), timeout=timeout, limits=KEEP_ALIVE
+        )
 
     @functools.cached_property
     def identity(self) -> Identity:

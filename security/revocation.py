@@ -73,6 +73,12 @@ class RevocationList:
         self._serials: dict[int, dt.datetime] = {}
         self._refresh()
 
+    def version(self) -> tuple[int, int] | None:
+        """Which list is in force (changed whenever the CRL is reloaded), re-read as ``is_revoked`` does."""
+        if time.monotonic() - self._checked >= RECHECK_SECONDS:
+            self._refresh()
+        return self._seen
+
     def is_revoked(self, serial: int) -> bool:
         if time.monotonic() - self._checked >= RECHECK_SECONDS:
             self._refresh()

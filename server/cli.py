@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
+from fedge import descriptors
 from fedge.console import UserError, user_errors, warn
 from fedge.files import made_dir
 from fedge.security import pki
@@ -164,6 +165,8 @@ def server(
 
         creds = pki.credentials(settings.pki, pki.Role.SERVER, "server")
         trust = Trust.load(settings.pki)
+        clients = max(settings.min_clients, len(pki.issued(settings.pki, pki.Role.CLIENT)))
+        descriptors.ensure(descriptors.needed_for(clients), f"a server of {clients} clients")
         sock = service.bind(settings.host, settings.port)
         if settings.init_model is None:
             _check_task(settings.task)

@@ -4,10 +4,17 @@ A device is seen when it makes any request the certificate gate lets through (se
 its status on its MQTT topic, which only its own certificate may write (server.announce). An agent asks the
 server for the current round at least once a minute even while MQTT brings the announcements, so a device
 that runs is seen well within the default window; one that said it stopped is forgotten at once.
+
+Each client seen has one entry in a heap by the time it was entered with; when that entry falls out of the
+window, the client's latest sighting decides: forgotten, or entered again with it. So a round costs the
+entries that came due (each client at most once per window), sightings arriving out of order (a retained
+MQTT status) cost nothing more, and selection (``server.roster``) hears only who arrived and who left since
+it last asked, never a scan of everyone seen.
 """
 
 from __future__ import annotations
 
+import heapq
 import threading
 
 from fedge.server.schedule import live
@@ -19,22 +26,32 @@ class Presence:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._seen: dict[str, float] = {}
+        self._due: list[tuple[float, str]] = []  # (a sighting of the client, the client)
+        self._entry: dict[str, float] = {}  # each live client's one current entry in _due
+        self._arrived: set[str] = set()
+        self._left: set[str] = set()
 
     def seen(self, client: str, at: float) -> None:
         with self._lock:
-            self._seen[client] = max(at, self._seen.get(client, at))
+            last = self._seen.get(client)
+            if last is None:
+                self._seen[client] = at
+                self._enter(client, at)
+                self._arrived.add(client)
+                self._left.discard(client)
+            elif at > last:
+                self._seen[client] = at
 
     def gone(self, client: str, at: float) -> None:
         """``client`` said at ``at`` that it stopped: forgotten, unless it was seen again since."""
         with self._lock:
-            if self._seen.get(client, at) <= at:
-                self._seen.pop(client, None)
+            if client in self._seen and self._seen[client] <= at:
+                self._forget(client)
 
     def live(self, now: float, window: float) -> list[str]:
         """The clients seen within ``window`` seconds of ``now``, sorted; older sightings are dropped."""
         with self._lock:
-            for client in [c for c, t in self._seen.items() if now - t > window]:
-                del self._seen[client]
+            self._expire(now, window)
             return live(self._seen, now, window)
 
     def sightings(self) -> dict[str, float]:
@@ -47,3 +64,32 @@ class Presence:
         than selection's must not make selection forget a client)."""
         with self._lock:
             return len(live(self._seen, now, window))
+
+    def changes(self, now: float, window: float) -> tuple[set[str], set[str]]:
+        """Who arrived and who left (stopped, or unseen within ``window`` of ``now``) since the last call."""
+        with self._lock:
+            self._expire(now, window)
+            arrived, left = self._arrived, self._left
+            self._arrived, self._left = set(), set()
+            return arrived, left
+
+    def _expire(self, now: float, window: float) -> None:
+        while self._due and now - self._due[0][0] > window:
+            entered, client = heapq.heappop(self._due)
+            if self._entry.get(client) != entered:  # an entry of a client forgotten since: skipped
+                continue
+            last = self._seen[client]
+            if now - last > window:
+                self._forget(client)
+            else:
+                self._enter(client, last)
+
+    def _enter(self, client: str, at: float) -> None:
+        self._entry[client] = at
+        heapq.heappush(self._due, (at, client))
+
+    def _forget(self, client: str) -> None:
+        del self._seen[client]
+        del self._entry[client]
+        self._left.add(client)
+        self._arrived.discard(client)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from enum import Enum
 
 import numpy as np
@@ -29,12 +29,13 @@ def decide(
     return Action.AGGREGATE if updates >= max(min_updates, 1) else Action.FAIL
 
 
-def select(clients: list[str], round_: int, fraction: float, minimum: int, seed: int) -> list[str]:
-    """Flower's sample size of the live ``clients`` (``live``), ``max(ceil(fraction * n), minimum)``, drawn
-    at random but reproducibly per round and set of clients."""
+def select(clients: Sequence[str], round_: int, fraction: float, minimum: int, seed: int) -> list[str]:
+    """Flower's sample size of the live ``clients``, ``max(ceil(fraction * n), minimum)``, drawn at random
+    but reproducibly per round and set of clients. ``clients`` come sorted (``live``, ``Trust.eligible``):
+    the draw picks positions in them, so it costs what it picks, not what it passes over."""
     size = min(len(clients), max(math.ceil(fraction * len(clients)), minimum))
     rng = np.random.default_rng([seed, round_])
-    return sorted(rng.choice(sorted(clients), size=size, replace=False).tolist())
+    return sorted(clients[int(i)] for i in rng.choice(len(clients), size=size, replace=False))
 
 
 def live(last_seen: Mapping[str, float], now: float, window: float) -> list[str]:

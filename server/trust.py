@@ -8,6 +8,7 @@ as they change.
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from fedge.security import pki, signing
 from fedge.security.revocation import Standing
 from fedge.server.presence import Presence
+from fedge.server.roster import IssuedIds, Roster
 
 
 @dataclass
@@ -29,6 +31,12 @@ class Trust:
     signer: str
     presence: Presence = field(default_factory=Presence)
     _model_signatures: dict[tuple[int, str], str] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self.live_roster = Roster(self.standing)
+        self.enrolled_roster = Roster(self.standing)
+        self._issued = IssuedIds(self.pki_dir)
 
     @classmethod
     def load(cls, pki_dir: Path) -> Trust:
@@ -44,13 +52,15 @@ class Trust:
         )
 
     def eligible(self, window: float, now: float | None = None) -> list[str]:
-        """The clients selection may pick: seen within ``window`` seconds (``server.presence``) and holding
-        a certificate that counts now; with a window of 0, every client whose certificate counts, seen or
-        not (a fleet known to be always on, or one whose clients speak only when asked)."""
+        """The clients selection may pick, sorted: seen within ``window`` seconds (``server.presence``) and
+        holding a certificate that counts now; with a window of 0, every client whose certificate counts,
+        seen or not (a fleet known to be always on, or one whose clients speak only when asked). Kept by
+        change (``server.roster``): a round costs what changed since the last, not what is registered."""
         moment = time.time() if now is None else now
-        if window == 0:
-            return pki.active(self.pki_dir, pki.Role.CLIENT)
-        return [c for c in self.presence.live(moment, window) if self.standing.counts(pki.Role.CLIENT, c)]
+        with self._lock:
+            if window == 0:
+                return self.enrolled_roster.update(*self._issued.changes(), moment)
+            return self.live_roster.update(*self.presence.changes(moment, window), moment)
 
     def model_signature(self, round_: int, sha256: str) -> str:
         """The server's signature on a global model, made once per model version."""

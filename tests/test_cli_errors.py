@@ -65,6 +65,7 @@ def bad_values(path: tuple[str, ...], w: Path) -> dict[str, str]:
         "--federation": "Bad Name!", "--client": "../x", "--admin": "../x", "--id": "../x",
         "--executor": "nonsense" if path[0] == "agent" else "../x", "--mqtt": "no-port",
         "--broker": "no-port", "--eval-data": str(w / "notes.npz"), "--log-format": "yaml",
+        "--backend": "nowhere", "--ray-address": "127.0.0.1:1",
     }  # fmt: skip
 
 

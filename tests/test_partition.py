@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedge.edge_functions.partition import PartitionError, parse, split
+from fedge.edge_functions.partition import PartitionError, Splits, parse, split
 
 LABELS = np.repeat(np.arange(10), 100)
 
@@ -57,3 +57,13 @@ def test_natural_partition_needs_owners_and_enough_of_them() -> None:
         split(LABELS, 3, "natural", seed=0)
     with pytest.raises(PartitionError, match="only 2 natural owners"):
         split(np.zeros(10), 3, "natural", seed=0, groups=np.repeat([0, 1], 5))
+
+
+def test_a_worker_splits_once_for_all_the_clients_it_serves() -> None:
+    splits = Splits()
+    shares = [splits.share("labels", LABELS, 50, "dirichlet:0.5", 7, index) for index in range(50)]
+    assert len(splits) == 1
+    expected = split(LABELS, 50, "dirichlet:0.5", seed=7)
+    assert all(np.array_equal(a, b) for a, b in zip(shares, expected, strict=True))
+    splits.share("labels", LABELS, 50, "dirichlet:0.5", 8, 0)  # another seed is another split
+    assert len(splits) == 2

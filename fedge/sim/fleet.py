@@ -20,12 +20,14 @@ import math
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from enum import StrEnum
+from typing import Protocol
 
 import httpx
 import numpy as np
+from pydantic import BaseModel
 
 from fedge.client.planner import ExecutorTarget, Placer, steps_of
 from fedge.client.policy import EDGE, Cost, Kind, OffloadSetting, Placement, Situation, fastest, place
@@ -34,7 +36,7 @@ from fedge.client.targets import Point, Target, TargetFailed, Trained
 from fedge.client.targets.device import DeviceTarget
 from fedge.client.targets.executor import HttpsExecutor, shard_bytes
 from fedge.edge_functions.events import DataSpec, TrainResult
-from fedge.edge_functions.runtime import Invocation, WarmPool
+from fedge.edge_functions.runtime import Invocation
 from fedge.security.offload import encode_shard
 from fedge.security.pki import Credentials
 from fedge.sim.emulation import (
@@ -49,6 +51,19 @@ from fedge.transport import FedgeClient, ServerError
 from fedge.wire import RoundInfo, TrainConfig
 
 log = logging.getLogger("fedge.sim.fleet")
+
+
+class Pool(Protocol):
+    """Where client functions run: the local warm pool (``edge_functions.runtime.WarmPool``) or Ray actors
+    (``fedge.sim.ray_pool.RayPool``)."""
+
+    def warm(self, wait: bool = True) -> None: ...
+
+    def invoke(
+        self, function: str, event: BaseModel | dict, timeout: float | None = None
+    ) -> Future[Invocation]: ...
+
+    def close(self) -> None: ...
 
 
 class Rule(StrEnum):
@@ -112,7 +127,7 @@ class Fleet:
         self,
         devices: list[Device],
         rule: Rule,
-        pool: WarmPool,
+        pool: Pool,
         server: str,
         executor: ExecutorTarget | None,
         train_event: Callable[[RoundInfo, str], EmulatedTrainEvent],

@@ -41,6 +41,7 @@ class Report:
     agreements: list[bool] = field(default_factory=list, repr=False)
     client_placements: dict[str, dict[str, int]] = field(default_factory=dict)  # client -> where -> rounds
     client_raw_bytes: dict[str, int] = field(default_factory=dict)  # client -> raw data it offloaded
+    nodes: dict[str, int] = field(default_factory=dict)  # with --backend ray: invocations per Ray node
 
     @property
     def completion_rate(self) -> float | None:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedge import compression
+from fedge import compression, descriptors
 from fedge.client.planner import ExecutorTarget, Placer
 from fedge.client.policy import Kind, OffloadSetting
 from fedge.codec import decode
@@ -39,8 +39,10 @@ from fedge.server.launcher import ServerProcess, launch
 from fedge.settings import SimulationSettings
 from fedge.sim import attacks, profiles
 from fedge.sim.emulation import EMULATED_TRAIN, AttackSpec, EmulatedTrainEvent
-from fedge.sim.fleet import Device, Fleet, Outcome, Rule
+from fedge.sim.fleet import Device, Fleet, Outcome, Pool, Rule
+from fedge.sim.ray_pool import RayPool, require_ray
 from fedge.sim.report import Report, RoundMetrics
+from fedge.sim.sharded import ShardedPool
 from fedge.transport import FedgeClient, ServerError
 from fedge.wire import RoundInfo, RoundState, TrainConfig
 
@@ -60,6 +62,10 @@ def simulate(
             devices = profiles.assign(profiles.load(settings.profile), settings.clients, settings.seed)
         except profiles.ProfileError as exc:
             raise UserError(str(exc)) from None
+    workers = settings.workers if devices is None else settings.clients + 1
+    descriptors.ensure(
+        _descriptors_needed(settings.clients, workers), f"a simulation of {settings.clients} clients"
+    )
     started = time.perf_counter()
     report = Report(settings=settings.model_dump(mode="json"))
     report.attackers = pick_clients(settings.clients, settings.attackers, settings.seed)
@@ -68,7 +74,7 @@ def simulate(
         work = Path(tmp)
         observer = _make_pki(work / "pki", settings.clients)
         # With profiles, each device has its own worker: a slowed device waits, and must wait alone.
-        pool = WarmPool(settings.workers if devices is None else settings.clients + 1)
+        pool = _pool(settings, workers)
         try:
             pool.warm()
             event = events.InitialModelEvent(task=settings.dataset, seed=settings.seed)
@@ -96,6 +102,8 @@ def simulate(
                 server.stop()
         finally:
             pool.close()
+    if isinstance(pool, RayPool):
+        report.nodes = dict(pool.nodes)
     report.seconds = time.perf_counter() - started
     write_file(settings.out / "metrics.json", report.to_json().encode())
     return report
@@ -116,6 +124,24 @@ def _dashboard(port: int | None, url: str, observer: pki.Credentials, report: Re
         yield
 
 
+BACKENDS = ("local", "ray")
+
+
+def _pool(settings: SimulationSettings, workers: int) -> Pool:
+    """The local warm pool, or Ray actors (``--backend ray``): the drivers see the same three calls."""
+    if settings.backend == "ray":
+        return RayPool(workers, settings.ray_address)
+    if settings.profile is not None:  # a device per worker already: each device's own
+        return WarmPool(workers)
+    return ShardedPool(workers)
+
+
+def _descriptors_needed(clients: int, workers: int) -> int:
+    """The server holds a connection per client whose worker keeps one open (each worker keeps at most
+    ``CONNECTIONS_PER_WORKER``); the pool's pipes and the observer's connections are in the base."""
+    return descriptors.needed_for(min(clients, workers * descriptors.CONNECTIONS_PER_WORKER) + workers)
+
+
 def _check(settings: SimulationSettings) -> None:
     """Refuse settings no run can honour, with a one-line message, before anything starts."""
     if settings.dataset not in datasets.NAMES:
@@ -124,6 +150,12 @@ def _check(settings: SimulationSettings) -> None:
         partition.parse(settings.partition)
     except partition.PartitionError as exc:
         raise UserError(str(exc)) from None
+    examples = len(datasets.load(settings.dataset).y_train)
+    if settings.clients > examples:  # found here, not by every worker once the run has begun
+        raise UserError(
+            f"{settings.clients} clients but {settings.dataset} has {examples} training examples: "
+            "use fewer clients or a larger data set (shakespeare)"
+        )
     if settings.attack is not None and settings.attack not in attacks.KINDS:
         raise UserError(f"unknown attack {settings.attack!r}: choose from {', '.join(attacks.KINDS)}")
     if settings.compression not in compression.KINDS:
@@ -132,6 +164,14 @@ def _check(settings: SimulationSettings) -> None:
         )
     if settings.attackers > 0 and settings.attack is None:
         raise UserError("--attackers needs --attack sign-flip|scale|noise")
+    if settings.backend not in BACKENDS:
+        raise UserError(f"unknown backend {settings.backend!r}: choose from {', '.join(BACKENDS)}")
+    if settings.ray_address is not None and settings.backend != "ray":
+        raise UserError("--ray-address needs --backend ray")
+    if settings.backend == "ray":
+        if settings.profile is not None:
+            raise UserError("--backend ray runs plain clients: it cannot be combined with --profile")
+        require_ray()
     if settings.placement not in tuple(Rule):
         raise UserError(f"unknown placement {settings.placement!r}: choose from {', '.join(Rule)}")
 
@@ -180,7 +220,7 @@ class _Run:
 
     api: FedgeClient
     url: str
-    pool: WarmPool
+    pool: Pool
     pki_dir: Path
     observer: pki.Credentials
     settings: SimulationSettings

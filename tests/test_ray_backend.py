@@ -1,0 +1,95 @@
+"""``fedge simulate --backend ray`` on a real two-node Ray cluster on loopback: one CPU per node, so the two
+client actors must land one on each node, and both nodes' clients reach the real server over mutual TLS."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import free_port
+from test_simulate import run_cli
+
+RAY = Path(sys.executable).parent / "ray"
+
+
+def _ray(*args: str) -> None:
+    done = subprocess.run([str(RAY), *args], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.fixture
+def ray_cluster() -> Iterator[str]:
+    """A head and a second node, each of one CPU, in a temporary directory of their own; stopped by the
+    processes that directory names (``ray stop`` would stop every Ray on the machine, not just these)."""
+    if not RAY.exists():
+        if os.environ.get("CI"):
+            pytest.fail("ray is not installed (the bench extra brings it)")
+        pytest.skip("ray is not installed (pip install 'fedge[ray]')")
+    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # Ray's socket paths must stay short
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    common = ("--num-cpus", "1", "--node-ip-address", "127.0.0.1", "--object-store-memory", str(100 << 20))
+    try:
+        _ray(
+            "start", "--head", "--port", str(port), "--temp-dir", temp, "--include-dashboard=false",
+            "--ray-client-server-port", str(free_port()), "--disable-usage-stats", *common,
+        )  # fmt: skip
+        _ray("start", "--address", address, *common)
+        yield address
+    finally:
+        mine = [p for p in psutil.process_iter() if _of_cluster(p, temp)]
+        for process in mine:
+            process.kill()
+        psutil.wait_procs(mine, timeout=30)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _of_cluster(process: psutil.Process, temp: str) -> bool:
+    """Whether ``process`` is one of this cluster's: it names the cluster's directory, or holds a file in it
+    (Ray's agents rename themselves, ``ray::DashboardAgent``, but keep their logs open there)."""
+    try:
+        return temp in " ".join(process.cmdline()) or any(
+            f.path.startswith(temp) for f in process.open_files()
+        )
+    except psutil.Error:
+        return False
+
+
+def test_a_federation_runs_on_both_nodes_of_a_ray_cluster(ray_cluster: str, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    done = run_cli(
+        "simulate", "--backend", "ray", "--ray-address", ray_cluster, "--workers", "2", "--clients", "4",
+        "--rounds", "2", "--local-epochs", "0", "--dataset", "digits", "--out", str(out),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [r["updates"] for r in metrics["rounds"]] == [4, 4]
+    assert len(metrics["nodes"]) == 2  # each node's actor ran invocations
+    assert all(count >= 4 for count in metrics["nodes"].values())  # 2 clients x 2 rounds each, at least
+
+
+def test_without_ray_the_backend_is_refused_in_one_line(tmp_path: Path) -> None:
+    done = run_cli("simulate", "--backend", "nowhere", "--out", str(tmp_path / "run"))
+    assert done.returncode != 0
+    assert "unknown backend 'nowhere'" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_a_ray_address_nothing_answers_at_is_one_line_not_a_wait(tmp_path: Path) -> None:
+    if not RAY.exists() and not os.environ.get("CI"):
+        pytest.skip("ray is not installed (pip install 'fedge[ray]')")
+    done = run_cli(
+        "simulate", "--backend", "ray", "--ray-address", f"127.0.0.1:{free_port()}", "--clients", "2",
+        "--dataset", "digits", "--out", str(tmp_path / "run"),
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "no Ray cluster answers at 127.0.0.1:" in done.stderr
+    assert "Traceback" not in done.stderr
