@@ -88,7 +88,10 @@ def simulate(
         float | None, typer.Option(help="with --profile: memory a training run needs on a device [256]")
     ] = None,
     dashboard: Annotated[
-        int | None, typer.Option(help="serve the live dashboard on this port of 127.0.0.1 during the run")
+        int | None,
+        typer.Option(
+            min=1, max=65535, help="serve the live dashboard on this port of 127.0.0.1 during the run"
+        ),
     ] = None,
     backend: Annotated[
         str | None, typer.Option(help="where clients run: local (warm workers) or ray [local]")

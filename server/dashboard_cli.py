@@ -18,7 +18,9 @@ def dashboard(
     ca: Annotated[Path, typer.Option(help="the federation's CA certificate")],
     cert: Annotated[Path, typer.Option(help="an admin certificate (fedge pki issue --role admin)")],
     key: Annotated[Path, typer.Option(help="its private key")],
-    port: Annotated[int, typer.Option(help="port on 127.0.0.1 to serve the page on")] = 8500,
+    port: Annotated[
+        int, typer.Option(min=1, max=65535, help="port on 127.0.0.1 to serve the page on")
+    ] = 8500,
     refresh: Annotated[float, typer.Option(help="seconds between refreshes within a round", min=0.1)] = 1.0,
 ) -> None:
     """Serve a live page of the federation on 127.0.0.1: rounds, curves, clients, stragglers, expiring
