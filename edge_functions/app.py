@@ -18,6 +18,7 @@ import functools
 import importlib
 import math
 import numbers
+import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
@@ -109,6 +110,24 @@ def load(spec: str) -> App:
     raise AppError(
         f"unknown app {spec!r}: give module:attr, a task's name or a name under the entry points {GROUP!r}"
     )
+
+
+def parse_run_config(text: str) -> dict[str, Scalar]:
+    """``"k=v k=v"`` as ``flwr run --run-config`` takes it: each value a TOML value (a number, a boolean, a
+    quoted string); an unquoted word is a string."""
+    config: dict[str, Scalar] = {}
+    for pair in text.split():
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise AppError(f"--run-config takes key=value pairs, not {pair!r}")
+        try:
+            parsed = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            parsed = value
+        if not isinstance(parsed, bool | int | float | str):
+            raise AppError(f"--run-config {key!r}: a number, a boolean or a string, not {value!r}")
+        config[key] = parsed
+    return config
 
 
 def run(step: Callable[[], Any], what: str) -> Any:

@@ -108,9 +108,10 @@ class Context:
         state = self.app_states.setdefault(f"{spec}:{index}/{clients}", {})
         return AppContext(index, clients, {**extra, **run_config}, state)
 
-    def data(self, loaded: App, spec: DataSpec | LocalData | AppData, context: AppContext) -> Any:
+    def data(self, loaded: App, spec: DataSpec | LocalData | AppData, context: AppContext, task: str) -> Any:
         """The examples ``loaded`` trains on: a device's own file (read again only when it changed: its data
-        may grow between rounds), else what the app loads itself, once per instance."""
+        may grow between rounds), else what the app loads itself, else (a simulation's client of an app
+        that loads nothing) its share of ``task``'s data; once per instance."""
         key = f"{loaded.name}:{spec.model_dump_json()}"
         if isinstance(spec, LocalData):
             stat = spec.path.stat() if spec.path.is_file() else None
@@ -120,9 +121,12 @@ class Context:
                 self.partitions[stamped] = datafiles.load(spec.path, spec.label)
             return self.partitions[stamped]
         if key not in self.partitions:
-            self.partitions[key] = (
-                app.run(lambda: loaded.load_data(context), "load_data") if loaded.load_data else None
-            )
+            if loaded.load_data is not None:
+                self.partitions[key] = app.run(lambda: loaded.load_data(context), "load_data")
+            elif isinstance(spec, DataSpec):
+                self.partitions[key] = TaskApp(tasks.get(task)).load_data(context)
+            else:
+                self.partitions[key] = None  # the app (a Flower client) reads its own
         return self.partitions[key]
 
 
@@ -194,7 +198,7 @@ def train(event: dict, context: Context, hooks: Hooks = NO_HOOKS) -> dict:
     spec = ev.app or ev.task
     loaded = load_app(spec)
     app_context = context.app_context(spec, ev.data, ev.run_config)
-    data = context.data(loaded, ev.data, app_context)
+    data = context.data(loaded, ev.data, app_context, ev.task)
     api = context.api(ev.server, ev.credentials.get())
     fetching = time.perf_counter()
     bytes_down = context.fetch_model(api, ev.model_sha256)
@@ -241,7 +245,7 @@ def calibrate(event: dict, context: Context) -> dict:
     ev = CalibrateEvent.model_validate(event)
     task = tasks.get(ev.task)
     loaded = load_app(ev.task)
-    x, y = context.data(loaded, ev.data, context.app_context(ev.task, ev.data, {}))
+    x, y = context.data(loaded, ev.data, context.app_context(ev.task, ev.data, {}), ev.task)
     small, large = timed_fits(task, x, y, ev.config, ev.steps)
     return CalibrateResult(points=(small, large)).model_dump()
 
@@ -276,7 +280,7 @@ def evaluate(event: dict, context: Context) -> dict:
     loaded = load_app(spec)
     app_context = context.app_context(spec, ev.data, ev.run_config)
     if ev.data is not None:
-        data = context.data(loaded, ev.data, app_context)
+        data = context.data(loaded, ev.data, app_context, ev.task)
     elif loaded.load_test_data is not None:
         test = loaded.load_test_data
         data = context.partitions.setdefault(f"{spec}:test", app.run(test, "load_test_data"))
@@ -323,7 +327,7 @@ def check_data(event: dict, context: Context) -> dict:
     spec = ev.app or ev.task
     loaded = load_app(spec)
     app_context = context.app_context(spec, ev.data, ev.run_config)
-    data = context.data(loaded, ev.data, app_context)
+    data = context.data(loaded, ev.data, app_context, ev.task)
     examples = len(data[1]) if isinstance(data, tuple) and len(data) == 2 else 1
     if loaded.initial_params is not None and isinstance(data, tuple) and len(data) == 2:
         x, y = data

@@ -120,3 +120,6 @@ class SimulationSettings(TrainingSettings):
     profile: Path | None = None  # device profiles (fedge.sim.profiles): slow, small, flaky, far devices
     placement: str = "fedge"  # with a profile: fedge, or a baseline (fedge.sim.fleet.Rule)
     train_memory_mb: float = Field(256.0, gt=0)  # with a profile: what a training run needs on a device
+    app: str | None = None  # the clients' app (fedge.edge_functions.app): module:attr, or an entry point
+    flower_app: Path | None = None  # a Flower app directory, run as ``flwr run`` would
+    run_config: str = ""  # "k=v k=v": overrides the Flower app's [tool.flwr.app.config]

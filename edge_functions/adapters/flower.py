@@ -50,14 +50,14 @@ from flwr.serverapp import ServerApp
 from flwr.serverapp import strategy as message_api
 
 from fedge.codec import Tensors
-from fedge.edge_functions.app import App, AppContext, AppFailed, Result, weighted_mean
+from fedge.edge_functions.app import App, AppContext, AppError, AppFailed, Result, weighted_mean
 
 Pairs = list[tuple[int, Mapping[str, Any]]]
 _LEGACY_STRATEGIES = (legacy.FedAvg, legacy.FedProx)
 _MESSAGE_STRATEGIES = (message_api.FedAvg, message_api.FedProx)
 
 
-class FlowerAppError(ValueError):
+class FlowerAppError(AppError):
     """A Flower app fedge cannot run as it is: one line naming what is missing or unsupported."""
 
 
@@ -74,21 +74,6 @@ class Plan:
     aggregate_train: Callable[[Pairs], dict[str, float]]
     aggregate_evaluate: Callable[[Pairs], dict[str, float]]
     weighted_by_key: str = "num-examples"  # Message API: the metric that counts a reply's examples
-
-
-def parse_run_config(text: str) -> dict[str, Any]:
-    """``"k=v k=v"`` as ``flwr run --run-config`` takes it: each value a TOML value (a number, a boolean, a
-    quoted string); an unquoted word is a string."""
-    config: dict[str, Any] = {}
-    for pair in text.split():
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise FlowerAppError(f"--run-config takes key=value pairs, not {pair!r}")
-        try:
-            config[key] = tomllib.loads(f"v = {value}")["v"]
-        except tomllib.TOMLDecodeError:
-            config[key] = value
-    return config
 
 
 @dataclass(frozen=True, eq=False)  # one per directory (``load``): hashed by identity, for ``_plan``'s cache
