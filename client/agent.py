@@ -19,7 +19,7 @@ import math
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
@@ -36,7 +36,17 @@ from fedge.client.status import AgentState, AgentStatus, LastInvocation, Transpo
 from fedge.client.targets import Target, TargetFailed
 from fedge.client.targets.device import DeviceTarget
 from fedge.client.targets.executor import HttpsExecutor, shard_bytes
-from fedge.edge_functions.events import CalibrateEvent, CredentialPaths, LocalData, TrainEvent
+from fedge.edge_functions import datafiles
+from fedge.edge_functions.events import (
+    AppData,
+    CalibrateEvent,
+    CheckDataEvent,
+    CheckDataResult,
+    CredentialPaths,
+    LocalData,
+    Scalar,
+    TrainEvent,
+)
 from fedge.edge_functions.runtime import WarmPool
 from fedge.files import write_file
 from fedge.security.broker import username
@@ -73,7 +83,7 @@ def plan(info: RoundInfo, me: str, done_round: int, now: float) -> tuple[Step, s
 @dataclass(frozen=True)
 class AgentConfig:
     state_dir: Path
-    data: Path
+    data: Path | None  # None: the app loads its own (its load_data)
     server: str
     broker: mqtt.BrokerAddress | None
     creds: Credentials
@@ -84,6 +94,10 @@ class AgentConfig:
     executors: tuple[ExecutorTarget, ...] = ()
     train_memory: int = 0  # bytes a training run needs on the device; less free: it cannot train here
     expires: dt.datetime | None = None  # when the client certificate stops being valid
+    app: str | None = None  # the owner's app (fedge.edge_functions.app); None: the round's task trains
+    run_config: dict[str, Scalar] = field(default_factory=dict)  # the app's context.run_config
+    label: str | None = None  # a CSV's label column
+    partition: tuple[int, int] = (0, 1)  # an app's partition-id of num-partitions (a Flower node_config)
 
 
 class Agent:
@@ -101,6 +115,7 @@ class Agent:
         self._mqtt: paho.Client | None = None
         self.refused = ""  # why the server refuses this device's certificate, once it does: the agent stops
         self._status_lock = threading.Lock()
+        self._fits: dict[str, int] = {}  # examples of the device's data, by the app they were checked for
         self._status = AgentStatus(
             client=config.identity.id, state=AgentState.IDLE, transport=self._transport()
         )
@@ -125,6 +140,7 @@ class Agent:
         self._report(AgentState.IDLE, detail="started")
         try:
             with FedgeClient(self.config.server, self.config.creds) as api:
+                self._check_data(self.config.app or self._announced_task(api))
                 self._send_outbox(api)
                 while not self._stop.is_set():
                     info = self._next_announcement(api)
@@ -215,8 +231,9 @@ class Agent:
             self._finish(info.round, AgentState.SKIPPED, why)
             return
         self.pool.warm(wait=False)
-        with np.load(self.config.data, allow_pickle=False) as arrays:
-            examples = len(arrays["y"])
+        examples = self._check_data(self.config.app or info.task)
+        if examples is None:
+            return
         targets = self._targets(api, info)
         offloads = self.config.offload is not OffloadSetting.NEVER
         if offloads and not self.placer.predictor.knows(EDGE, info.task):
@@ -235,7 +252,10 @@ class Agent:
                 self._report(AgentState.ERROR, info.round, f"round {info.round} stopped: {exc}")
             else:
                 rounds_log.warning("round %d failed: %s", info.round, exc)
-                self._finish(info.round, AgentState.ERROR, f"round {info.round} failed: {exc}")
+                notice = self._skip(
+                    api, info, f"failed on the device: {exc}"[:200]
+                )  # no wait for the deadline
+                self._finish(info.round, AgentState.ERROR, f"round {info.round} failed: {exc}; {notice}")
             return
         self._played(info.round, played, told)
 
@@ -331,19 +351,50 @@ class Agent:
             self.placer.calibrated(target.id, info.task, small, large)
 
     def _calibrate_event(self, task: str, config: TrainConfig) -> CalibrateEvent:
-        return CalibrateEvent(task=task, config=config, data=LocalData(path=self.config.data))
+        data = self._data()
+        assert isinstance(data, LocalData)  # offload needs the device's own file (the CLI says so)
+        return CalibrateEvent(task=task, config=config, data=data)
 
     def _train_event(self, info: RoundInfo) -> TrainEvent:
         return TrainEvent(
             server=self.config.server, credentials=CredentialPaths.of(self.config.creds), task=info.task,
-            round=info.round, config=info.config, data=LocalData(path=self.config.data), outbox=self._outbox,
-            model_sha256=info.model_sha256,
+            round=info.round, config=info.config, data=self._data(), outbox=self._outbox,
+            model_sha256=info.model_sha256, app=self.config.app, run_config=self.config.run_config,
         )  # fmt: skip
+
+    def _data(self) -> LocalData | AppData:
+        if self.config.data is None:
+            return AppData(index=self.config.partition[0], num_clients=self.config.partition[1])
+        return LocalData(path=self.config.data, label=self.config.label)
+
+    def _announced_task(self, api: FedgeClient) -> str | None:
+        """The federation's task, to check the data against at start; unknown while the server is not
+        reachable (the first round's announcement brings it)."""
+        try:
+            return api.current_round().task
+        except (ServerError, httpx.HTTPError):
+            return None
+
+    def _check_data(self, app: str | None) -> int | None:
+        """The device's examples, once they are known to fit ``app``'s model (asked once per app, in a
+        worker): data that does not fit stops the agent with one line, at start rather than each round."""
+        if app is None or app in self._fits:
+            return self._fits.get(app or "")
+        event = CheckDataEvent(
+            task=app, app=self.config.app, run_config=self.config.run_config, data=self._data()
+        )
+        try:
+            checked = self.pool.invoke("check_data", event).result()
+        except Exception as exc:  # the app's one line, a file that cannot be read, a crashed worker
+            self._refused(f"the data does not fit the app {app!r}: {exc}")
+            return None
+        self._fits[app] = CheckDataResult.model_validate(checked.result).examples
+        return self._fits[app]
 
     def _shard(self) -> tuple[np.ndarray, np.ndarray]:
         """The device's examples as an offload sends them."""
-        with np.load(self.config.data, allow_pickle=False) as arrays:
-            return arrays["x"].astype(np.float32), arrays["y"].astype(np.int64)
+        assert self.config.data is not None  # offload needs the device's own file (cli)
+        return datafiles.load(self.config.data, self.config.label)
 
     def _prewarm(self) -> None:
         """Offload looks likely next round: wake the executors now, so a cold start is not on its clock."""

@@ -27,13 +27,13 @@ def load(path: Path, label: str | None = None) -> Examples:
     if path.is_dir():
         return _images(path)
     if not path.is_file():
-        raise DataError(f"{path} does not exist")
+        raise DataError(f"cannot read data {path}: it does not exist")
     if path.suffix.lower() == ".csv":
         return _csv(path, label)
     with path.open("rb") as f:
         if f.read(len(ZIP_MAGIC)) != ZIP_MAGIC:
             raise DataError(
-                f"{path} is neither an .npz archive (numpy.savez, arrays x and y), a .csv, nor a folder"
+                f"{path} is not an .npz archive (numpy.savez) with arrays x and y, a .csv, nor a folder"
             )
     try:
         with np.load(path, allow_pickle=False) as arrays:
