@@ -381,8 +381,9 @@ class Agent:
         if app is None or app in self._fits:
             return self._fits.get(app or "")
         event = CheckDataEvent(
-            task=app, app=self.config.app, run_config=self.config.run_config, data=self._data()
-        )
+            server=self.config.server, credentials=CredentialPaths.of(self.config.creds), task=app,
+            app=self.config.app, run_config=self.config.run_config, data=self._data(),
+        )  # fmt: skip
         try:
             checked = self.pool.invoke("check_data", event).result()
         except Exception as exc:  # the app's one line, a file that cannot be read, a crashed worker

@@ -125,8 +125,11 @@ class EvaluateResult(BaseModel):
 
 
 class CheckDataEvent(BaseModel):
-    """Whether a device's data fits the app's model, asked once at agent start."""
+    """Whether a device's data fits the app's model (the server's current one; without a server, the app's
+    ``initial_params``), asked once at agent start."""
 
+    server: str | None = None
+    credentials: CredentialPaths | None = None
     task: str
     app: str | None = None
     run_config: dict[str, Scalar] = {}

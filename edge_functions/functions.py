@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import torch
 from torch import nn
@@ -40,7 +41,7 @@ from fedge.edge_functions.events import (
 )
 from fedge.files import write_file
 from fedge.security.pki import Credentials
-from fedge.transport import FedgeClient
+from fedge.transport import FedgeClient, ServerError
 from fedge.wire import TrainConfig, UpdateMeta
 
 
@@ -321,21 +322,33 @@ def initial_model(event: dict, _: Context) -> bytes:
 
 
 def check_data(event: dict, context: Context) -> dict:
-    """Whether the device's data fits the app: its ``evaluate`` of the first global model on a few examples
-    runs (an input of the wrong shape, a label past the model's classes fail here, in one line, once)."""
+    """Whether the device's data fits the app: its ``evaluate`` of the global model on a few examples runs
+    (an input of the wrong shape, a label past the model's classes fail here, in one line, once). The
+    model is the server's (kept: the first round need not download it), else the app's first one."""
     ev = CheckDataEvent.model_validate(event)
     spec = ev.app or ev.task
     loaded = load_app(spec)
     app_context = context.app_context(spec, ev.data, ev.run_config)
     data = context.data(loaded, ev.data, app_context, ev.task)
-    examples = len(data[1]) if isinstance(data, tuple) and len(data) == 2 else 1
-    if loaded.initial_params is not None and isinstance(data, tuple) and len(data) == 2:
-        x, y = data
-        params = app.run(loaded.initial_params, "initial_params")
+    if not (isinstance(data, tuple) and len(data) == 2):  # the app reads its own, in its own form
+        return CheckDataResult(examples=1).model_dump()
+    x, y = data
+    params = _model_to_check(ev, context, loaded)
+    if params is not None:
         app.checked_evaluate(
             app.run(lambda: loaded.evaluate(params, (x[:8], y[:8]), {}, app_context), "evaluate")
         )
-    return CheckDataResult(examples=examples).model_dump()
+    return CheckDataResult(examples=len(y)).model_dump()
+
+
+def _model_to_check(ev: CheckDataEvent, context: Context, loaded: App) -> Tensors | None:
+    if ev.server is not None and ev.credentials is not None:
+        try:
+            context.fetch_model(context.api(ev.server, ev.credentials.get()))
+            return dict(context.model)
+        except (httpx.HTTPError, ServerError):
+            pass  # the server is not reachable yet: the app's own first model, if it has one
+    return app.run(loaded.initial_params, "initial_params") if loaded.initial_params else None
 
 
 def fit(
