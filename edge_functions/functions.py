@@ -175,8 +175,10 @@ class TaskApp:
 def load_app(spec: str) -> App:
     """A task's name, ``flower:DIR`` (a Flower app directory), or what ``app.load`` finds."""
     if spec.startswith("flower:"):
-        from fedge.edge_functions.adapters import flower
-
+        try:
+            from fedge.edge_functions.adapters import flower
+        except ImportError as exc:
+            raise app.AppError(f"a Flower app needs flwr installed beside fedge ({exc})") from None
         return flower.load(Path(spec.removeprefix("flower:"))).app
     try:
         return App.of(spec, TaskApp(tasks.get(spec)))
