@@ -104,6 +104,8 @@ def _check(settings: SimulationSettings) -> None:
     """Refuse settings no run can honour, with a one-line message, before anything starts."""
     if settings.app is not None and settings.flower_app is not None:
         raise UserError("--app and --flower-app name the clients' app twice: give one")
+    if settings.profile is not None and (settings.app is not None or settings.flower_app is not None):
+        raise UserError("--profile places rounds of the data set's own task: not of --app or --flower-app")
     if settings.flower_app is None and settings.dataset not in datasets.NAMES:
         raise UserError(f"unknown data set {settings.dataset!r}: choose from {', '.join(datasets.NAMES)}")
     try:
