@@ -285,8 +285,10 @@ def evaluate(event: dict, context: Context) -> dict:
     if ev.data is not None:
         data = context.data(loaded, ev.data, app_context, ev.task)
     elif loaded.load_test_data is not None:
-        test = loaded.load_test_data
-        data = context.partitions.setdefault(f"{spec}:test", app.run(test, "load_test_data"))
+        test, key = loaded.load_test_data, f"{spec}:test"
+        if key not in context.partitions:  # once per warm instance
+            context.partitions[key] = app.run(test, "load_test_data")
+        data = context.partitions[key]
     else:
         raise app.AppError(f"app {spec!r} has no load_test_data() for a central evaluation")
     api = context.api(ev.server, ev.credentials.get())
