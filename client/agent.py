@@ -13,12 +13,14 @@ download, the upload, a skip notice) is tried again with backoff until the round
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import logging
 import math
 import queue
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -47,7 +49,7 @@ from fedge.edge_functions.events import (
     Scalar,
     TrainEvent,
 )
-from fedge.edge_functions.runtime import WarmPool
+from fedge.edge_functions.runtime import Invocation, WarmPool
 from fedge.files import write_file
 from fedge.security.broker import username
 from fedge.security.pki import Credentials, Identity, Role
@@ -115,7 +117,8 @@ class Agent:
         self._mqtt: paho.Client | None = None
         self.refused = ""  # why the server refuses this device's certificate, once it does: the agent stops
         self._status_lock = threading.Lock()
-        self._fits: dict[str, int] = {}  # examples of the device's data, by the app they were checked for
+        self._checks: dict[str, Future[Invocation]] = {}  # the data's check against each app's model
+        self._fits: dict[str, int] = {}  # examples of the device's data, by the app they fit
         self._status = AgentStatus(
             client=config.identity.id, state=AgentState.IDLE, transport=self._transport()
         )
@@ -231,9 +234,11 @@ class Agent:
             self._finish(info.round, AgentState.SKIPPED, why)
             return
         self.pool.warm(wait=False)
-        examples = self._check_data(self.config.app or info.task)
-        if examples is None:
-            return
+        app = self.config.app or info.task
+        self._check_data(app)
+        if self.config.app is not None and not self._data_checked(app, self._checks[app]):
+            return  # the owner's app was checked from the start: its rounds wait for the answer
+        examples = self._examples(app)
         targets = self._targets(api, info)
         offloads = self.config.offload is not OffloadSetting.NEVER
         if offloads and not self.placer.predictor.knows(EDGE, info.task):
@@ -375,22 +380,35 @@ class Agent:
         except (ServerError, httpx.HTTPError):
             return None
 
-    def _check_data(self, app: str | None) -> int | None:
-        """The device's examples, once they are known to fit ``app``'s model (asked once per app, in a
-        worker): data that does not fit stops the agent with one line, at start rather than each round."""
-        if app is None or app in self._fits:
-            return self._fits.get(app or "")
+    def _check_data(self, app: str | None) -> None:
+        """Check, once per app and beside the rounds (in a worker, which then stays warm), that the device's
+        data fits ``app``'s model: data that does not stops the agent with one line, at start rather than
+        at each round."""
+        if app is None or app in self._checks:
+            return
         event = CheckDataEvent(
             server=self.config.server, credentials=CredentialPaths.of(self.config.creds), task=app,
             app=self.config.app, run_config=self.config.run_config, data=self._data(),
         )  # fmt: skip
+        self._checks[app] = self.pool.invoke("check_data", event)
+        self._checks[app].add_done_callback(functools.partial(self._data_checked, app))
+
+    def _data_checked(self, app: str, done: Future[Invocation]) -> bool:
+        """The check's answer (waited for): whether the data fits; if not, the agent is stopped."""
         try:
-            checked = self.pool.invoke("check_data", event).result()
+            self._fits[app] = CheckDataResult.model_validate(done.result().result).examples
         except Exception as exc:  # the app's one line, a file that cannot be read, a crashed worker
             self._refused(f"the data does not fit the app {app!r}: {exc}")
-            return None
-        self._fits[app] = CheckDataResult.model_validate(checked.result).examples
-        return self._fits[app]
+            return False
+        return True
+
+    def _examples(self, app: str) -> int:
+        """How many examples the device holds: as checked, else (the check still running) counted here."""
+        if app in self._fits:
+            return self._fits[app]
+        if self.config.data is None:
+            return 1  # the app reads its own, in its own form
+        return len(datafiles.load(self.config.data, self.config.label)[1])
 
     def _shard(self) -> tuple[np.ndarray, np.ndarray]:
         """The device's examples as an offload sends them."""
