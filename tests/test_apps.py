@@ -22,7 +22,7 @@ from fedge.edge_functions import app, datafiles, functions
 from fedge.edge_functions.app import AppContext, AppFailed, Result
 from fedge.edge_functions.functions import Context
 from fedge.security import pki
-from fedge.wire import UpdateMeta
+from fedge.wire import MetadataError, UpdateMeta
 
 HERE = Path(__file__).resolve().parent
 MODEL = {"layer.weight": np.zeros((4, 3), np.float32), "layer.bias": np.zeros(3, np.float32)}
@@ -319,3 +319,13 @@ def test_simulate_runs_a_numpy_app_on_its_clients_and_evaluates_it_centrally(
     rounds = json.loads((out / "metrics.json").read_text())["rounds"]
     assert rounds[-1]["accuracy"] > 0.8  # softmax regression on 8x8 digits, by the app's own evaluate
     assert all(r["train_metrics"]["train_loss"] > 0 for r in rounds)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["not json", '{"loss": NaN}', '{"loss": [1]}', '{"loss": true}', '{"loss": 1e999}', "[1]", "1" * 99],
+)
+def test_an_updates_metrics_that_are_not_finite_numbers_are_refused(text: str) -> None:
+    with pytest.raises(MetadataError, match="metrics must be a JSON object of name -> finite number"):
+        UpdateMeta.from_metadata({"num_examples": "3", "metrics": text})
+    assert UpdateMeta.from_metadata({"num_examples": "3", "metrics": '{"a": 2}'}).metrics == {"a": 2.0}
