@@ -132,6 +132,10 @@ def _config(settings: AgentSettings) -> AgentConfig:
     if not server.startswith("https://"):
         raise UserError(f"--server must be an https:// URL, not {server!r}")
     app, run_config, partition = _app(settings)
+    if settings.label is not None and (settings.data is None or settings.data.suffix.lower() != ".csv"):
+        raise UserError(
+            f"--label names a CSV's label column, and --data {settings.data or '(none)'} is no .csv"
+        )
     if settings.data is not None:
         with user_errors(DataError):
             datafiles.load(settings.data, settings.label)  # a file that cannot be read is said now, once

@@ -64,7 +64,9 @@ def bad_values(path: tuple[str, ...], w: Path) -> dict[str, str]:
         "--bind": "999.1.1.1", "--server": "ftp://example", "--token": "forged", "--ca-fingerprint": "00",
         "--federation": "Bad Name!", "--client": "../x", "--admin": "../x", "--id": "../x",
         "--executor": "nonsense" if path[0] == "agent" else "../x", "--mqtt": "no-port",
-        "--broker": "no-port",
+        "--broker": "no-port", "--app": "no_such_module:app", "--flower-app": str(w / "a-file"),
+        "--run-config": "no-equals-sign", "--label": "species",
+        "--node-config": "partition-id=3 num-partitions=2",
     }  # fmt: skip
 
 
