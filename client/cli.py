@@ -182,9 +182,22 @@ def _app(settings: AgentSettings) -> tuple[str | None, dict, tuple[int, int]]:
         raise UserError("--node-config: partition-id and num-partitions are whole numbers")
     if not 0 <= partition[0] < partition[1]:
         raise UserError("--node-config: partition-id must be at least 0 and below num-partitions")
+    if settings.app is not None and ":" in settings.app and not _findable(settings.app.partition(":")[0]):
+        raise UserError(f"--app {settings.app}: no module {settings.app.partition(':')[0]!r} on this device")
     if settings.flower_app is not None:
         return f"flower:{settings.flower_app.resolve()}", run_config, partition  # type: ignore[return-value]
     return settings.app, run_config, partition  # type: ignore[return-value]
+
+
+def _findable(module: str) -> bool:
+    """Whether the module is on the path, without running it here (the agent's process stays free of
+    torch; a worker imports the app)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def _broker(address: str) -> BrokerAddress:
