@@ -39,6 +39,8 @@ from fedge.client.targets import Target, TargetFailed
 from fedge.client.targets.device import DeviceTarget
 from fedge.client.targets.executor import HttpsExecutor, shard_bytes
 from fedge.edge_functions import datafiles
+from fedge.edge_functions.app import AppFailed
+from fedge.edge_functions.datafiles import DataError
 from fedge.edge_functions.events import (
     AppData,
     CalibrateEvent,
@@ -397,9 +399,14 @@ class Agent:
         """The check's answer (waited for): whether the data fits; if not, the agent is stopped."""
         try:
             self._fits[app] = CheckDataResult.model_validate(done.result().result).examples
-        except Exception as exc:  # the app's one line, a file that cannot be read, a crashed worker
+        except (AppFailed, DataError) as exc:  # the app's one line on this data, a file it cannot read
             self._refused(f"the data does not fit the app {app!r}: {exc}")
             return False
+        except Exception as exc:  # e.g. a task this device lacks: each round says so, the server is told
+            if self.config.app is not None:  # the owner's own app cannot run here at all
+                self._refused(f"the app {app!r} cannot run here: {exc}")
+                return False
+            rounds_log.warning("could not check the data against %r: %s", app, exc)
         return True
 
     def _examples(self, app: str) -> int:
