@@ -145,7 +145,7 @@ class Agent:
         self._report(AgentState.IDLE, detail="started")
         try:
             with FedgeClient(self.config.server, self.config.creds) as api:
-                self._check_data(self.config.app or self._announced_task(api))
+                self._check_data(self.config.app)  # a task's, once the first round names it
                 self._send_outbox(api)
                 while not self._stop.is_set():
                     info = self._next_announcement(api)
@@ -373,14 +373,6 @@ class Agent:
         if self.config.data is None:
             return AppData(index=self.config.partition[0], num_clients=self.config.partition[1])
         return LocalData(path=self.config.data, label=self.config.label)
-
-    def _announced_task(self, api: FedgeClient) -> str | None:
-        """The federation's task, to check the data against at start; unknown while the server is not
-        reachable (the first round's announcement brings it)."""
-        try:
-            return api.current_round().task
-        except (ServerError, httpx.HTTPError):
-            return None
 
     def _check_data(self, app: str | None) -> None:
         """Check, once per app and beside the rounds (in a worker, which then stays warm), that the device's
