@@ -13,13 +13,15 @@ download, the upload, a skip notice) is tried again with backoff until the round
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import logging
 import math
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
@@ -36,8 +38,20 @@ from fedge.client.status import AgentState, AgentStatus, LastInvocation, Transpo
 from fedge.client.targets import Target, TargetFailed
 from fedge.client.targets.device import DeviceTarget
 from fedge.client.targets.executor import HttpsExecutor, shard_bytes
-from fedge.edge_functions.events import CalibrateEvent, CredentialPaths, LocalData, TrainEvent
-from fedge.edge_functions.runtime import WarmPool
+from fedge.edge_functions import datafiles
+from fedge.edge_functions.app import AppFailed
+from fedge.edge_functions.datafiles import DataError
+from fedge.edge_functions.events import (
+    AppData,
+    CalibrateEvent,
+    CheckDataEvent,
+    CheckDataResult,
+    CredentialPaths,
+    LocalData,
+    Scalar,
+    TrainEvent,
+)
+from fedge.edge_functions.runtime import Invocation, WarmPool
 from fedge.files import write_file
 from fedge.security.broker import username
 from fedge.security.pki import Credentials, Identity, Role
@@ -73,7 +87,7 @@ def plan(info: RoundInfo, me: str, done_round: int, now: float) -> tuple[Step, s
 @dataclass(frozen=True)
 class AgentConfig:
     state_dir: Path
-    data: Path
+    data: Path | None  # None: the app loads its own (its load_data)
     server: str
     broker: mqtt.BrokerAddress | None
     creds: Credentials
@@ -85,6 +99,10 @@ class AgentConfig:
     train_memory: int = 0  # bytes a training run needs on the device; less free: it cannot train here
     expires: dt.datetime | None = None  # when the client certificate stops being valid
     renew_at: dt.datetime | None = None  # when to renew the enrolled certificate (None: not the agent's job)
+    app: str | None = None  # the owner's app (fedge.edge_functions.app); None: the round's task trains
+    run_config: dict[str, Scalar] = field(default_factory=dict)  # the app's context.run_config
+    label: str | None = None  # a CSV's label column
+    partition: tuple[int, int] = (0, 1)  # an app's partition-id of num-partitions (a Flower node_config)
 
 
 class Agent:
@@ -104,6 +122,8 @@ class Agent:
         self.refused = ""  # why the server refuses this device's certificate, once it does: the agent stops
         self.renewed = False  # it renewed its certificate and stopped, for a fresh agent on the new files
         self._status_lock = threading.Lock()
+        self._checks: dict[str, Future[Invocation]] = {}  # the data's check against each app's model
+        self._fits: dict[str, int] = {}  # examples of the device's data, by the app they fit
         self._status = AgentStatus(
             client=config.identity.id, state=AgentState.IDLE, transport=self._transport()
         )
@@ -149,6 +169,7 @@ class Agent:
         self._report(AgentState.IDLE, detail="started")
         try:
             with FedgeClient(self.config.server, self.config.creds) as api:
+                self._check_data(self.config.app)  # a task's, once the first round names it
                 self._send_outbox(api)
                 while not self._stop.is_set() and not self._renew_if_due():
                     info = self._next_announcement(api)
@@ -241,8 +262,11 @@ class Agent:
             self._finish(info.round, AgentState.SKIPPED, why)
             return
         self.pool.warm(wait=False)
-        with np.load(self.config.data, allow_pickle=False) as arrays:
-            examples = len(arrays["y"])
+        app = self.config.app or info.task
+        self._check_data(app)
+        if self.config.app is not None and not self._data_checked(app, self._checks[app]):
+            return  # the owner's app was checked from the start: its rounds wait for the answer
+        examples = self._examples(app)
         targets = self._targets(api, info)
         offloads = self.config.offload is not OffloadSetting.NEVER
         if offloads and not self.placer.predictor.knows(EDGE, info.task):
@@ -261,7 +285,10 @@ class Agent:
                 self._report(AgentState.ERROR, info.round, f"round {info.round} stopped: {exc}")
             else:
                 rounds_log.warning("round %d failed: %s", info.round, exc)
-                self._finish(info.round, AgentState.ERROR, f"round {info.round} failed: {exc}")
+                notice = self._skip(
+                    api, info, f"failed on the device: {exc}"[:200]
+                )  # no wait for the deadline
+                self._finish(info.round, AgentState.ERROR, f"round {info.round} failed: {exc}; {notice}")
             return
         self._played(info.round, played, told)
 
@@ -370,19 +397,61 @@ class Agent:
             self.placer.calibrated(target.id, info.task, small, large)
 
     def _calibrate_event(self, task: str, config: TrainConfig) -> CalibrateEvent:
-        return CalibrateEvent(task=task, config=config, data=LocalData(path=self.config.data))
+        data = self._data()
+        assert isinstance(data, LocalData)  # offload needs the device's own file (the CLI says so)
+        return CalibrateEvent(task=task, config=config, data=data)
 
     def _train_event(self, info: RoundInfo) -> TrainEvent:
         return TrainEvent(
             server=self.config.server, credentials=CredentialPaths.of(self.config.creds), task=info.task,
-            round=info.round, config=info.config, data=LocalData(path=self.config.data), outbox=self._outbox,
-            model_sha256=info.model_sha256,
+            round=info.round, config=info.config, data=self._data(), outbox=self._outbox,
+            model_sha256=info.model_sha256, app=self.config.app, run_config=self.config.run_config,
         )  # fmt: skip
+
+    def _data(self) -> LocalData | AppData:
+        if self.config.data is None:
+            return AppData(index=self.config.partition[0], num_clients=self.config.partition[1])
+        return LocalData(path=self.config.data, label=self.config.label)
+
+    def _check_data(self, app: str | None) -> None:
+        """Check, once per app and beside the rounds (in a worker, which then stays warm), that the device's
+        data fits ``app``'s model: data that does not stops the agent with one line, at start rather than
+        at each round."""
+        if app is None or app in self._checks:
+            return
+        event = CheckDataEvent(
+            server=self.config.server, credentials=CredentialPaths.of(self.config.creds), task=app,
+            app=self.config.app, run_config=self.config.run_config, data=self._data(),
+        )  # fmt: skip
+        self._checks[app] = self.pool.invoke("check_data", event)
+        self._checks[app].add_done_callback(functools.partial(self._data_checked, app))
+
+    def _data_checked(self, app: str, done: Future[Invocation]) -> bool:
+        """The check's answer (waited for): whether the data fits; if not, the agent is stopped."""
+        try:
+            self._fits[app] = CheckDataResult.model_validate(done.result().result).examples
+        except (AppFailed, DataError) as exc:  # the app's one line on this data, a file it cannot read
+            self._refused(f"the data does not fit the app {app!r}: {exc}")
+            return False
+        except Exception as exc:  # e.g. a task this device lacks: each round says so, the server is told
+            if self.config.app is not None:  # the owner's own app cannot run here at all
+                self._refused(f"the app {app!r} cannot run here: {exc}")
+                return False
+            rounds_log.warning("could not check the data against %r: %s", app, exc)
+        return True
+
+    def _examples(self, app: str) -> int:
+        """How many examples the device holds: as checked, else (the check still running) counted here."""
+        if app in self._fits:
+            return self._fits[app]
+        if self.config.data is None:
+            return 1  # the app reads its own, in its own form
+        return len(datafiles.load(self.config.data, self.config.label)[1])
 
     def _shard(self) -> tuple[np.ndarray, np.ndarray]:
         """The device's examples as an offload sends them."""
-        with np.load(self.config.data, allow_pickle=False) as arrays:
-            return arrays["x"].astype(np.float32), arrays["y"].astype(np.int64)
+        assert self.config.data is not None  # offload needs the device's own file (cli)
+        return datafiles.load(self.config.data, self.config.label)
 
     def _prewarm(self) -> None:
         """Offload looks likely next round: wake the executors now, so a cold start is not on its clock."""

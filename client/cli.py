@@ -21,7 +21,6 @@ if TYPE_CHECKING:
     from fedge.mqtt import BrokerAddress
 
 app = command_group("The edge agent a device runs: enroll, renew, run, status.")
-ZIP_MAGIC = b"PK\x03\x04"  # an .npz is a zip archive of .npy files
 StateDir = Annotated[
     Path, typer.Option("--dir", file_okay=False, help="the agent's state directory (credentials)")
 ]
@@ -33,7 +32,21 @@ def run(
         Path | None, typer.Option("--dir", file_okay=False, help="the agent's state directory")
     ] = None,
     data: Annotated[
-        Path | None, typer.Option(help="this device's examples: .npz with arrays x and y")
+        Path | None,
+        typer.Option(
+            help="this device's examples: .npz (x, y), .csv, or a folder of class folders of images"
+        ),
+    ] = None,
+    label: Annotated[str | None, typer.Option(help="a CSV's label column [the last]")] = None,
+    app_: Annotated[
+        str | None, typer.Option("--app", help="the owner's app: module:attr, or an entry point name")
+    ] = None,
+    flower_app: Annotated[
+        Path | None, typer.Option(help="a Flower app directory whose ClientApp trains here, unmodified")
+    ] = None,
+    run_config: Annotated[str | None, typer.Option(help='the app\'s run config: "k=v k=v"')] = None,
+    node_config: Annotated[
+        str | None, typer.Option(help='the Flower client\'s node: "partition-id=0 num-partitions=1"')
     ] = None,
     server: Annotated[str | None, typer.Option(help="aggregation service [the one enrolled with]")] = None,
     broker: Annotated[str | None, typer.Option(help="MQTT broker HOST:PORT [long-poll the server]")] = None,
@@ -61,7 +74,8 @@ def run(
         settings = AgentSettings.from_flags(
             dir=state_dir, data=data, server=server, broker=broker, ca=ca, cert=cert, key=key,
             keep_alive=keep_alive, poll_wait=poll_wait, offload=offload, executor=executor,
-            train_memory_mb=train_memory_mb,
+            train_memory_mb=train_memory_mb, label=label, app=app_, flower_app=flower_app,
+            run_config=run_config, node_config=node_config,
         )  # fmt: skip
         agent = Agent(_config(settings))
     # The handlers stop whichever agent runs: after renewing its certificate, a fresh one on the new files.
@@ -89,12 +103,14 @@ def run(
 
 def _config(settings: AgentSettings) -> AgentConfig:
     """Check everything a user gave before the agent starts, so mistakes are one line, not a crash."""
-    import numpy as np
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
 
     from fedge.client.agent import AgentConfig
     from fedge.client.planner import ExecutorTarget
+    from fedge.client.policy import OffloadSetting
+    from fedge.edge_functions import datafiles
+    from fedge.edge_functions.datafiles import DataError
     from fedge.security import pki
     from fedge.security.tls import client_context
 
@@ -127,17 +143,25 @@ def _config(settings: AgentSettings) -> AgentConfig:
     server = settings.server or _enrolled_server(settings.dir)
     if not server.startswith("https://"):
         raise UserError(f"--server must be an https:// URL, not {server!r}")
-    if settings.data.is_file() and _head(settings.data) != ZIP_MAGIC:
-        raise UserError(f"{settings.data} is not an .npz archive (numpy.savez) with arrays x and y")
-    try:
-        with np.load(settings.data, allow_pickle=False) as arrays:
-            if "x" not in arrays or "y" not in arrays or len(arrays["x"]) != len(arrays["y"]):
-                raise UserError(f"{settings.data} needs arrays x and y of the same length")
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot read data {settings.data}: {exc}") from None
+    app, run_config, partition = _app(settings)
+    if settings.label is not None and (settings.data is None or settings.data.suffix.lower() != ".csv"):
+        raise UserError(
+            f"--label names a CSV's label column, and --data {settings.data or '(none)'} is no .csv"
+        )
+    if settings.data is not None:
+        with user_errors(DataError):
+            datafiles.load(settings.data, settings.label)  # a file that cannot be read is said now, once
+    elif settings.flower_app is None and settings.app is None:
+        raise UserError("--data is needed: this device's examples (.npz, .csv or a folder of images)")
+    if settings.offload is not OffloadSetting.NEVER and (app is not None or settings.data is None):
+        raise UserError("--offload trains the federation's task on --data: it cannot send an app's rounds")
     return AgentConfig(
         state_dir=settings.dir,
-        data=settings.data.resolve(),
+        data=None if settings.data is None else settings.data.resolve(),
+        app=app,
+        run_config=run_config,
+        partition=partition,
+        label=settings.label,
         server=server,
         broker=_broker(settings.broker) if settings.broker else None,
         creds=pki.Credentials(creds.ca.resolve(), creds.cert.resolve(), creds.key.resolve()),
@@ -155,6 +179,43 @@ def _config(settings: AgentSettings) -> AgentConfig:
     )
 
 
+def _app(settings: AgentSettings) -> tuple[str | None, dict, tuple[int, int]]:
+    """The app that trains here (``--app``, ``--flower-app``), its run config and the client's partition."""
+    from fedge.edge_functions.app import AppError, parse_run_config
+
+    if settings.app is not None and settings.flower_app is not None:
+        raise UserError("--app and --flower-app name the app twice: give one")
+    if settings.flower_app is not None and not (settings.flower_app / "pyproject.toml").is_file():
+        raise UserError(f"--flower-app {settings.flower_app} has no pyproject.toml: it is not a Flower app")
+    with user_errors(AppError):
+        run_config = parse_run_config(settings.run_config)
+        node = parse_run_config(settings.node_config)
+    unknown = sorted(set(node) - {"partition-id", "num-partitions"})
+    if unknown:
+        raise UserError(f"--node-config knows partition-id and num-partitions, not {unknown[0]!r}")
+    partition = (node.get("partition-id", 0), node.get("num-partitions", 1))
+    if not all(isinstance(n, int) and not isinstance(n, bool) for n in partition):
+        raise UserError("--node-config: partition-id and num-partitions are whole numbers")
+    if not 0 <= partition[0] < partition[1]:
+        raise UserError("--node-config: partition-id must be at least 0 and below num-partitions")
+    if settings.app is not None and ":" in settings.app and not _findable(settings.app.partition(":")[0]):
+        raise UserError(f"--app {settings.app}: no module {settings.app.partition(':')[0]!r} on this device")
+    if settings.flower_app is not None:
+        return f"flower:{settings.flower_app.resolve()}", run_config, partition  # type: ignore[return-value]
+    return settings.app, run_config, partition  # type: ignore[return-value]
+
+
+def _findable(module: str) -> bool:
+    """Whether the module is on the path, without running it here (the agent's process stays free of
+    torch; a worker imports the app)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def _broker(address: str) -> BrokerAddress:
     """The broker to hear rounds on; a host that does not resolve now is said once (paho then retries it,
     with backoff, without a word, and the agent long-polls the server meanwhile)."""
@@ -164,11 +225,6 @@ def _broker(address: str) -> BrokerAddress:
     if (why := unresolved(broker)) is not None:
         warn(f"{why}; retrying with backoff, long-polling the server meanwhile")
     return broker
-
-
-def _head(path: Path) -> bytes:
-    with path.open("rb") as f:
-        return f.read(len(ZIP_MAGIC))
 
 
 def _enrolled_server(state_dir: Path) -> str:

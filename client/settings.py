@@ -13,7 +13,12 @@ from fedge.settings import _CommandSettings
 class AgentSettings(_CommandSettings):
     section = "agent"
     dir: Path
-    data: Path
+    data: Path | None = None  # None: the app loads its own
+    label: str | None = None  # a CSV's label column (default: the last)
+    app: str | None = None
+    flower_app: Path | None = None
+    run_config: str = ""
+    node_config: str = ""  # a Flower client's "partition-id=N num-partitions=M"
     server: str | None = None  # default: the server the device enrolled with
     broker: str | None = None
     ca: Path | None = None  # default <dir>/ca.pem

@@ -40,9 +40,21 @@ class DataSpec(BaseModel):
 
 
 class LocalData(BaseModel):
-    """A device's own examples: an ``.npz`` with arrays ``x`` (float32, the task's input shape) and ``y``."""
+    """A device's own examples (``fedge.edge_functions.datafiles``): an ``.npz`` with arrays ``x`` and ``y``,
+    a CSV (``label``: its label column, else the last) or a folder of class folders of images."""
 
     path: Path
+    label: str | None = None
+
+
+class AppData(BaseModel):
+    """The app loads its own examples (its ``load_data``), as client ``index`` of ``num_clients``."""
+
+    num_clients: int = 1
+    index: int = 0
+
+
+Scalar = bool | int | float | str
 
 
 class TrainEvent(BaseModel):
@@ -51,7 +63,9 @@ class TrainEvent(BaseModel):
     task: str
     round: int
     config: TrainConfig
-    data: DataSpec | LocalData
+    data: DataSpec | LocalData | AppData
+    app: str | None = None  # fedge.edge_functions.app: what trains (None: the task's own loop)
+    run_config: dict[str, Scalar] = {}  # the app's context.run_config
     compression: str = "none"  # fedge.compression: none, float16 or int8
     outbox: Path | None = None  # keep the update here for the caller to send, instead of posting it
     model_sha256: str | None = None  # the round's model, as announced: a warm instance may hold it already
@@ -63,11 +77,12 @@ class TrainResult(BaseModel):
     round: int
     num_examples: int
     staleness: int | None  # None: not posted (kept in the outbox, or held back by its host)
-    loss: float
+    loss: float | None
     bytes_up: int
     bytes_down: int
     download_seconds: float  # with bytes_down: the device's bandwidth
     seconds: float  # what the run took on the device
+    metrics: dict[str, float] = {}  # the app's fit metrics that are numbers
 
 
 class CalibrateEvent(BaseModel):
@@ -84,19 +99,45 @@ class CalibrateResult(BaseModel):
 class InitialModelEvent(BaseModel):
     task: str
     seed: int = 0
+    app: str | None = None
+    run_config: dict[str, Scalar] = {}
 
 
 class EvaluateEvent(BaseModel):
+    """The current global model, evaluated by the app: on its held-out data (``data`` None: the app's
+    ``load_test_data``, a task's test set), or on one client's own (``data``: which client)."""
+
     server: str
     credentials: CredentialPaths
     task: str
+    app: str | None = None
+    run_config: dict[str, Scalar] = {}
+    data: DataSpec | AppData | None = None
 
 
 class EvaluateResult(BaseModel):
     model_sha256: str | None
     round: int
     loss: float
-    accuracy: float
+    accuracy: float | None  # the app's ``accuracy`` metric, when it reports one
+    num_examples: int = 1
+    metrics: dict[str, float] = {}
+
+
+class CheckDataEvent(BaseModel):
+    """Whether a device's data fits the app's model (the server's current one; without a server, the app's
+    ``initial_params``), asked once at agent start."""
+
+    server: str | None = None
+    credentials: CredentialPaths | None = None
+    task: str
+    app: str | None = None
+    run_config: dict[str, Scalar] = {}
+    data: LocalData | AppData
+
+
+class CheckDataResult(BaseModel):
+    examples: int
 
 
 class Job(BaseModel):

@@ -32,8 +32,9 @@ from pydantic import ValidationError
 from fedge.codec import decode, encode_hashed
 from fedge.edge_functions import tasks
 from fedge.edge_functions.adapters.http import Receive, Send, _error, _read, _respond
+from fedge.edge_functions.app import AppContext, AppError, checked_train, numeric, run
 from fedge.edge_functions.events import Calibrated, Calibration, Job, JobDone
-from fedge.edge_functions.functions import fit, timed_fits
+from fedge.edge_functions.functions import app_config, load_app, timed_fits
 from fedge.jsonlimits import JSONError, loads
 from fedge.security import offload, signing
 from fedge.security.peer import peer_certificate
@@ -92,8 +93,8 @@ class Executor:
         try:
             context = offload.shard_context(grant.federation, grant.round, grant.client, self.id)
             x, y = offload.decode_shard(offload.open_sealed(self.key, job.shard, context))
-            task = tasks.get(job.task)
-        except (offload.OffloadError, tasks.UnknownTask) as exc:
+            loaded = load_app(job.task)
+        except (offload.OffloadError, AppError) as exc:
             raise JobRefused(400, "bad_job", str(exc)) from None
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         with FedgeClient(self.server, self.creds) as api:
@@ -101,12 +102,18 @@ class Executor:
             download = api.model()
             assert download is not None  # no ETag was sent
             computing = time.perf_counter()
-            model = task.build_model()
-            tasks.load_tensors(model, decode(download.body)[0])
-            loss = fit(model, x, y, job.config, device)
-            examples = max(1, round(len(y) * job.weight))
-            meta = UpdateMeta(examples, loss, download.sha256, raw_bytes=x.nbytes + y.nbytes)
-            body, digest = encode_hashed(tasks.tensors_of(model), meta.to_metadata())
+            base = decode(download.body)[0]
+            config = app_config(job.config, job.round)
+            with torch.device(device):  # the app's model and tensors are made on the executor's device
+                result = checked_train(
+                    run(lambda: loaded.train(base, (x, y), config, AppContext()), "train"), base
+                )
+            assert result.params is not None  # checked_train refuses a result without them
+            metrics = numeric(result.metrics)
+            loss = metrics.get("train_loss", 0.0)
+            examples = max(1, round(result.num_examples * job.weight))
+            meta = UpdateMeta(examples, loss, download.sha256, raw_bytes=x.nbytes + y.nbytes, metrics=metrics)
+            body, digest = encode_hashed(result.params, meta.to_metadata())
             uploading = time.perf_counter()
             receipt = api.post_update(job.round, body, grant=job.grant, body_sha256=digest)
             done = time.perf_counter()

@@ -1,25 +1,36 @@
 """The stateless functions a client runs: ``train`` and ``evaluate``, with the signature of a FaaS handler.
 
+Each runs the client's app (``fedge.edge_functions.app``): a user's own, a Flower app, or a task, which is
+an app of fedge's own SGD loop (``TaskApp``). One path, whoever hosts it.
+
 ``event`` says what to do (server, credentials, round, data); ``context`` is what a warm instance may keep
 between invocations (the model last downloaded, the data partition), never anything another client sent.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import httpx
 import numpy as np
 import torch
 from torch import nn
 
 from fedge import compression, descriptors
 from fedge.codec import Tensors, decode, encode, encode_hashed
-from fedge.edge_functions import partition, tasks
+from fedge.edge_functions import app, datafiles, partition, tasks
+from fedge.edge_functions.app import App, AppContext, Result
+from fedge.edge_functions.datafiles import Examples
 from fedge.edge_functions.events import (
+    AppData,
     CalibrateEvent,
     CalibrateResult,
+    CheckDataEvent,
+    CheckDataResult,
     DataSpec,
     EvaluateEvent,
     EvaluateResult,
@@ -30,7 +41,7 @@ from fedge.edge_functions.events import (
 )
 from fedge.files import write_file
 from fedge.security.pki import Credentials
-from fedge.transport import FedgeClient
+from fedge.transport import FedgeClient, ServerError
 from fedge.wire import TrainConfig, UpdateMeta
 
 
@@ -60,9 +71,9 @@ class Context:
     model_sha256: str | None = None
     model_round: int = 0
     model: Tensors = field(default_factory=dict)
-    partitions: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
-    splits: partition.Splits = field(default_factory=partition.Splits)
+    partitions: dict[str, Any] = field(default_factory=dict)
     connections: dict[tuple[str, Path, int], FedgeClient] = field(default_factory=dict)
+    app_states: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def api(self, server: str, creds: Credentials) -> FedgeClient:
         """A client kept open across invocations, as warm FaaS instances keep theirs: the mutual TLS handshake
@@ -91,51 +102,135 @@ class Context:
         self.model_round = download.round
         return len(download.body)
 
-    def partition(self, task: tasks.Task, spec: DataSpec | LocalData) -> tuple[np.ndarray, np.ndarray]:
-        key = f"{task.name}:{spec.model_dump_json()}"
+    def app_context(
+        self, spec: str, data: DataSpec | LocalData | AppData | None, run_config: dict
+    ) -> AppContext:
+        """Who the client is, for the app; its ``state`` lasts per app and client while warm."""
+        index, clients, extra = 0, 1, {}
+        if isinstance(data, DataSpec):
+            index, clients = data.index, data.num_clients
+            extra = {"partition": data.partition, "seed": data.seed}
+        elif isinstance(data, AppData):
+            index, clients = data.index, data.num_clients
+        state = self.app_states.setdefault(f"{spec}:{index}/{clients}", {})
+        return AppContext(index, clients, {**extra, **run_config}, state)
+
+    def data(self, loaded: App, spec: DataSpec | LocalData | AppData, context: AppContext, task: str) -> Any:
+        """The examples ``loaded`` trains on: a device's own file (read again only when it changed: its data
+        may grow between rounds), else what the app loads itself, else (a simulation's client of an app
+        that loads nothing) its share of ``task``'s data; once per instance."""
+        key = f"{loaded.name}:{spec.model_dump_json()}"
         if isinstance(spec, LocalData):
-            return self._local(key, spec.path)
+            stat = spec.path.stat() if spec.path.is_file() else None
+            stamped = f"{key}:{stat and stat.st_mtime_ns}:{stat and stat.st_size}"
+            if stamped not in self.partitions:
+                self.partitions = {k: v for k, v in self.partitions.items() if not k.startswith(key)}
+                self.partitions[stamped] = datafiles.load(spec.path, spec.label)
+            return self.partitions[stamped]
         if key not in self.partitions:
-            data = task.load_data()
-            mine = self.splits.share(
-                task.name, data.y_train, spec.num_clients, spec.partition, spec.seed, spec.index,
-                data.groups_train,
-            )  # fmt: skip
-            self.partitions[key] = (data.x_train[mine], data.y_train[mine])
+            if loaded.load_data is not None:
+                self.partitions[key] = app.run(lambda: loaded.load_data(context), "load_data")
+            elif isinstance(spec, DataSpec):
+                self.partitions[key] = load_app(task).load_data(context)
+            else:
+                self.partitions[key] = None  # the app (a Flower client) reads its own
         return self.partitions[key]
 
-    def _local(self, key: str, path: Path) -> tuple[np.ndarray, np.ndarray]:
-        """A device's own file, read again only when it changed (its data may grow between rounds)."""
-        stat = path.stat()
-        stamped = f"{key}:{stat.st_mtime_ns}:{stat.st_size}"
-        if stamped not in self.partitions:
-            self.partitions = {k: v for k, v in self.partitions.items() if not k.startswith(key)}
-            with np.load(path, allow_pickle=False) as arrays:
-                self.partitions[stamped] = (arrays["x"].astype(np.float32), arrays["y"].astype(np.int64))
-        return self.partitions[stamped]
+
+@dataclass(frozen=True)
+class TaskApp:
+    """A task (a model and a data set) as an app: fedge's own SGD loop (``fit``) and test (``score``)."""
+
+    task: tasks.Task
+    # The splits this worker made: one per federation's partitioning, never one per client (O(N²) a round).
+    splits: partition.Splits = field(default_factory=partition.Splits, compare=False, repr=False)
+
+    def train(self, params: Tensors, data: Examples, config: dict, context: AppContext) -> Result:
+        x, y = data
+        model = self.task.build_model()
+        tasks.load_tensors(model, params)
+        device = torch.get_default_device()  # a host's ``with torch.device(...)``: an executor's GPU
+        loss = fit(
+            model, x, y, TrainConfig.model_validate(config), None if device.type == "cpu" else device,
+            max_steps=config.get("max-steps"),
+        )  # fmt: skip
+        return Result(tasks.tensors_of(model), len(y), {"train_loss": loss})
+
+    def evaluate(self, params: Tensors, data: Examples, config: dict, context: AppContext) -> Result:
+        x, y = data
+        model = self.task.build_model()
+        tasks.load_tensors(model, params)
+        loss, accuracy = score(model, x, y)
+        return Result(num_examples=len(y), metrics={"accuracy": accuracy}, loss=loss)
+
+    def initial_params(self) -> Tensors:
+        return tasks.tensors_of(self.task.build_model())
+
+    def load_data(self, context: AppContext) -> Examples:
+        """The client's share of the task's training set, split as the run says (``partition``, ``seed``)."""
+        data = self.task.load_data()
+        spec, seed = context.run_config.get("partition", "iid"), int(context.run_config.get("seed", 0))
+        mine = self.splits.share(
+            self.task.name, data.y_train, context.num_partitions, str(spec), seed, context.partition_id,
+            data.groups_train,
+        )  # fmt: skip
+        return data.x_train[mine], data.y_train[mine]
+
+    def load_test_data(self) -> Examples:
+        data = self.task.load_data()
+        return data.x_test, data.y_test
+
+
+@functools.cache
+def load_app(spec: str) -> App:
+    """A task's name, ``flower:DIR`` (a Flower app directory), or what ``app.load`` finds."""
+    if spec.startswith("flower:"):
+        try:
+            from fedge.edge_functions.adapters import flower
+        except ImportError as exc:
+            raise app.AppError(f"a Flower app needs flwr installed beside fedge ({exc})") from None
+        return flower.load(Path(spec.removeprefix("flower:"))).app
+    try:
+        return App.of(spec, TaskApp(tasks.get(spec)))
+    except tasks.UnknownTask:
+        return app.load(spec)
+
+
+def app_config(config: TrainConfig, round_: int, max_steps: int | None = None) -> dict[str, Any]:
+    """The round's configuration as an app gets it: the server's hyper-parameters and the round."""
+    extra = {} if max_steps is None else {"max-steps": max_steps}
+    return {**config.model_dump(), "server-round": round_, **extra}
 
 
 def train(event: dict, context: Context, hooks: Hooks = NO_HOOKS) -> dict:
-    """Train the current global model on this client's data and send the update; returns what happened
-    (a ``TrainResult``)."""
+    """Train the current global model with the client's app on its data and send the update; returns what
+    happened (a ``TrainResult``). An app that fails, or returns what cannot be an update, raises
+    ``AppFailed`` before anything is sent."""
     ev = TrainEvent.model_validate(event)
     started = time.perf_counter()
-    task = tasks.get(ev.task)
-    x, y = context.partition(task, ev.data)
+    spec = ev.app or ev.task
+    loaded = load_app(spec)
+    app_context = context.app_context(spec, ev.data, ev.run_config)
+    data = context.data(loaded, ev.data, app_context, ev.task)
     api = context.api(ev.server, ev.credentials.get())
     fetching = time.perf_counter()
     bytes_down = context.fetch_model(api, ev.model_sha256)
     hooks.downloaded(bytes_down)
     download_seconds = time.perf_counter() - fetching  # with bytes_down: the device's bandwidth
-    model = task.build_model()
-    tasks.load_tensors(model, context.model)
     if isinstance(ev.data, DataSpec):
         torch.manual_seed(ev.data.seed * 1_000_003 + ev.round * 1009 + ev.data.index)
-    loss = fit(model, x, y, ev.config, max_steps=ev.max_steps)
-    tensors = hooks.trained(tasks.tensors_of(model), context.model)
+    config = app_config(ev.config, ev.round, ev.max_steps)
+    base = context.model
+    result = app.checked_train(
+        app.run(lambda: loaded.train(dict(base), data, config, app_context), "train"), base
+    )
+    assert result.params is not None  # checked_train refuses a result without them
+    metrics = app.numeric(result.metrics)
+    loss = metrics.get("train_loss", metrics.get("loss"))
+    tensors = hooks.trained(result.params, context.model)
     tensors, how = compression.compress(tensors, context.model, ev.compression)
-    examples = max(1, round(len(y) * ev.weight))
-    meta = UpdateMeta(examples, loss, context.model_sha256 or "", how, steps=ev.max_steps)
+    examples = max(1, round(result.num_examples * ev.weight))
+    meta = UpdateMeta(examples, loss, context.model_sha256 or "", how, steps=ev.max_steps, metrics=metrics)
     body, digest = encode_hashed(tensors, meta.to_metadata())
     delivered = hooks.ready(time.perf_counter() - started - download_seconds, len(body))  # not the network
     staleness = None
@@ -153,6 +248,7 @@ def train(event: dict, context: Context, hooks: Hooks = NO_HOOKS) -> dict:
         bytes_down=bytes_down,
         download_seconds=download_seconds,
         seconds=time.perf_counter() - started,
+        metrics=metrics,
     ).model_dump()
 
 
@@ -161,7 +257,8 @@ def calibrate(event: dict, context: Context) -> dict:
     seed the placement predictor's line before any round has run here."""
     ev = CalibrateEvent.model_validate(event)
     task = tasks.get(ev.task)
-    x, y = context.partition(task, ev.data)
+    loaded = load_app(ev.task)
+    x, y = context.data(loaded, ev.data, context.app_context(ev.task, ev.data, {}), ev.task)
     small, large = timed_fits(task, x, y, ev.config, ev.steps)
     return CalibrateResult(points=(small, large)).model_dump()
 
@@ -189,25 +286,83 @@ def timed_fits(
 
 
 def evaluate(event: dict, context: Context) -> dict:
-    """Accuracy and loss of the current global model on the task's held-out test set."""
+    """Loss and metrics of the current global model by the app's ``evaluate``: on its held-out data
+    (``load_test_data``; a task's test set), or, when the event names a client, on that client's own."""
     ev = EvaluateEvent.model_validate(event)
-    task = tasks.get(ev.task)
-    data = task.load_data()
+    spec = ev.app or ev.task
+    loaded = load_app(spec)
+    app_context = context.app_context(spec, ev.data, ev.run_config)
+    if ev.data is not None:
+        data = context.data(loaded, ev.data, app_context, ev.task)
+    elif loaded.load_test_data is not None:
+        test, key = loaded.load_test_data, f"{spec}:test"
+        if key not in context.partitions:  # once per warm instance
+            context.partitions[key] = app.run(test, "load_test_data")
+        data = context.partitions[key]
+    else:
+        raise app.AppError(f"app {spec!r} has no load_test_data() for a central evaluation")
     api = context.api(ev.server, ev.credentials.get())
     context.fetch_model(api)
-    model = task.build_model()
-    tasks.load_tensors(model, context.model)
-    loss, accuracy = score(model, data.x_test, data.y_test)
+    model = dict(context.model)
+    result = app.checked_evaluate(
+        app.run(lambda: loaded.evaluate(model, data, {"server-round": context.model_round}, app_context),
+                "evaluate")
+    )  # fmt: skip
+    assert result.loss is not None  # checked_evaluate refuses a result without it
+    metrics = app.numeric(result.metrics)
     return EvaluateResult(
-        model_sha256=context.model_sha256, round=context.model_round, loss=loss, accuracy=accuracy
+        model_sha256=context.model_sha256,
+        round=context.model_round,
+        loss=result.loss,
+        accuracy=metrics.get("accuracy"),
+        num_examples=result.num_examples,
+        metrics=metrics,
     ).model_dump()
 
 
 def initial_model(event: dict, _: Context) -> bytes:
-    """A freshly initialized global model for the event's task, seeded, as a safetensors body."""
+    """The app's first global model (its ``initial_params``), seeded, as a safetensors body."""
     ev = InitialModelEvent.model_validate(event)
-    task = tasks.get(ev.task)
-    return encode(task.initial_tensors(ev.seed), {"round": "0", "task": task.name})
+    spec = ev.app or ev.task
+    loaded = load_app(spec)
+    if loaded.initial_params is None:
+        raise app.AppError(f"app {spec!r} has no initial_params(): give the server --init-model")
+    torch.manual_seed(ev.seed)
+    np.random.seed(ev.seed)
+    params = app.run(loaded.initial_params, "initial_params")
+    if not isinstance(params, dict) or not params:
+        raise app.AppFailed("the app's initial_params returned no dict of tensor name -> array")
+    return encode({k: np.asarray(v) for k, v in params.items()}, {"round": "0", "task": ev.task})
+
+
+def check_data(event: dict, context: Context) -> dict:
+    """Whether the device's data fits the app: its ``evaluate`` of the global model on a few examples runs
+    (an input of the wrong shape, a label past the model's classes fail here, in one line, once). The
+    model is the server's (kept: the first round need not download it), else the app's first one."""
+    ev = CheckDataEvent.model_validate(event)
+    spec = ev.app or ev.task
+    loaded = load_app(spec)
+    app_context = context.app_context(spec, ev.data, ev.run_config)
+    data = context.data(loaded, ev.data, app_context, ev.task)
+    if not (isinstance(data, tuple) and len(data) == 2):  # the app reads its own, in its own form
+        return CheckDataResult(examples=1).model_dump()
+    x, y = data
+    params = _model_to_check(ev, context, loaded)
+    if params is not None:
+        app.checked_evaluate(
+            app.run(lambda: loaded.evaluate(params, (x[:8], y[:8]), {}, app_context), "evaluate")
+        )
+    return CheckDataResult(examples=len(y)).model_dump()
+
+
+def _model_to_check(ev: CheckDataEvent, context: Context, loaded: App) -> Tensors | None:
+    if ev.server is not None and ev.credentials is not None:
+        try:
+            context.fetch_model(context.api(ev.server, ev.credentials.get()))
+            return dict(context.model)
+        except (httpx.HTTPError, ServerError):
+            pass  # the server is not reachable yet: the app's own first model, if it has one
+    return app.run(loaded.initial_params, "initial_params") if loaded.initial_params else None
 
 
 def fit(
@@ -259,4 +414,10 @@ def score(model: nn.Module, x: np.ndarray, y: np.ndarray) -> tuple[float, float]
     return loss, (logits.argmax(dim=1) == targets).float().mean().item()
 
 
-FUNCTIONS = {"train": train, "evaluate": evaluate, "initial_model": initial_model, "calibrate": calibrate}
+FUNCTIONS = {
+    "train": train,
+    "evaluate": evaluate,
+    "initial_model": initial_model,
+    "calibrate": calibrate,
+    "check_data": check_data,
+}

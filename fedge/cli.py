@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -99,6 +100,15 @@ def simulate(
     ray_address: Annotated[
         str | None, typer.Option(help="with --backend ray: a cluster's address [a local one]")
     ] = None,
+    app_: Annotated[
+        str | None, typer.Option("--app", help="the clients' own app: module:attr or an entry point name")
+    ] = None,
+    flower_app: Annotated[
+        Path | None, typer.Option(help="a Flower app directory (its pyproject.toml), run unmodified")
+    ] = None,
+    run_config: Annotated[
+        str | None, typer.Option(help='with --flower-app: "k=v k=v" over [tool.flwr.app.config]')
+    ] = None,
     **knobs: Any,
 ) -> None:
     """Run a federation on this machine: real mTLS, a real server process, warm client functions."""
@@ -111,7 +121,8 @@ def simulate(
             attack=attack, attackers=attackers, attack_scale=attack_scale, fraction=fraction, buffer=buffer,
             max_staleness=max_staleness, staleness_exponent=staleness_exponent, stragglers=stragglers,
             straggler_delay=straggler_delay, compression=compression, profile=profile, placement=placement,
-            train_memory_mb=train_memory_mb, backend=backend, ray_address=ray_address, **knobs,
+            train_memory_mb=train_memory_mb, backend=backend, ray_address=ray_address, app=app_,
+            flower_app=flower_app, run_config=run_config, **knobs,
         )  # fmt: skip
         strategy_of(settings)  # a bad strategy is refused here, not by the server it would start
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -122,11 +133,16 @@ def simulate(
                 progress.update(
                     bar,
                     advance=1,
-                    description=f"round {metrics.round + 1} (accuracy {metrics.accuracy:.3f})",  # type: ignore[attr-defined]
+                    description=f"round {metrics.round + 1} (accuracy {_figure(metrics.accuracy)})",  # type: ignore[attr-defined]
                 )
 
             report = run(settings, on_round=advance, dashboard=dashboard)
     _show(report, settings)
+
+
+def _figure(value: float | None) -> str:
+    """A figure a run may lack (an app that reports no accuracy): a dash then."""
+    return "-" if value is None else f"{value:.4f}"
 
 
 def _show(report: Report, settings: SimulationSettings) -> None:
@@ -138,17 +154,18 @@ def _show(report: Report, settings: SimulationSettings) -> None:
         title=f"fedge simulate: {settings.clients} clients{attacked}, {settings.dataset}, "
         f"{settings.partition}, {settings.strategy}"
     )
-    for column in ("round", "accuracy", "loss", "updates", "seconds", "MB up", "MB down"):
+    for column in ("round", "accuracy", "loss", "updates", "seconds", "MB up", "MB down", "fit metrics"):
         table.add_column(column, justify="right")
     for r in report.rounds:
+        fitted = " ".join(f"{k}={v:.4g}" for k, v in sorted(r.train_metrics.items()))
         table.add_row(
-            str(r.round), f"{r.accuracy:.4f}", f"{r.loss:.4f}", str(r.updates), f"{r.seconds:.2f}",
-            f"{r.bytes_up / 1e6:.2f}", f"{r.bytes_down / 1e6:.2f}",
+            str(r.round), _figure(r.accuracy), f"{r.loss:.4f}", str(r.updates), f"{r.seconds:.2f}",
+            f"{r.bytes_up / 1e6:.2f}", f"{r.bytes_down / 1e6:.2f}", fitted,
         )  # fmt: skip
     console.print(table)
     accuracy_plot(
         [r.round for r in report.rounds],
-        [r.accuracy for r in report.rounds],
+        [math.nan if r.accuracy is None else r.accuracy for r in report.rounds],
         [r.loss for r in report.rounds],
         settings.out / "accuracy.png",
     )

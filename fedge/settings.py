@@ -125,3 +125,6 @@ class SimulationSettings(TrainingSettings):
     train_memory_mb: float = Field(256.0, gt=0)  # with a profile: what a training run needs on a device
     backend: str = "local"  # where client invocations run: local (a warm pool) or ray (fedge.sim.ray_pool)
     ray_address: str | None = None  # with --backend ray: a running cluster's address, else a local one
+    app: str | None = None  # the clients' app (fedge.edge_functions.app): module:attr, or an entry point
+    flower_app: Path | None = None  # a Flower app directory, run as ``flwr run`` would
+    run_config: str = ""  # "k=v k=v": overrides the Flower app's [tool.flwr.app.config]

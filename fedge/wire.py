@@ -104,9 +104,11 @@ STEPS = "steps"  # local steps, when the placement cut the round short (fewer st
 RAW_BYTES = "raw_bytes"  # bytes of a device's raw examples an executor trained on (offload)
 COMPRESSION = "compression"
 INT8_SCALES = "int8_scales"
+METRICS = "metrics"  # the client app's fit metrics: a JSON object of name -> number
 COMPRESSIONS = ("none", "float16", "int8")
 
 _MAX_SCALES_BYTES = 1 << 20
+_MAX_METRICS_BYTES = 16 * 1024
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -155,9 +157,12 @@ class UpdateMeta:
     # Where it was computed, as its producer says (the server logs and counts it; nothing trusts it).
     steps: int | None = None
     raw_bytes: int | None = None
+    metrics: Mapping[str, float] = field(default_factory=dict)
 
     def to_metadata(self) -> dict[str, str]:
         metadata = {NUM_EXAMPLES: str(self.num_examples), **self.compression.to_metadata()}
+        if self.metrics:
+            metadata[METRICS] = json.dumps(dict(self.metrics), sort_keys=True)
         if self.train_loss is not None:
             metadata[TRAIN_LOSS] = f"{self.train_loss:.6f}"
         if self.base_sha256 is not None:
@@ -179,13 +184,10 @@ class UpdateMeta:
         if not 0 < num_examples < 2**31:
             raise MetadataError(f"{NUM_EXAMPLES} must be positive, got {num_examples}")
         return cls(
-            num_examples,
-            _loss(metadata.get(TRAIN_LOSS)),
-            _base(metadata.get(BASE_SHA256)),
-            compression,
-            _count(metadata, STEPS),
-            _count(metadata, RAW_BYTES),
-        )
+            num_examples, _loss(metadata.get(TRAIN_LOSS)), _base(metadata.get(BASE_SHA256)), compression,
+            steps=_count(metadata, STEPS), raw_bytes=_count(metadata, RAW_BYTES),
+            metrics=_metrics(metadata.get(METRICS)),
+        )  # fmt: skip
 
 
 def _scales(text: str | None) -> dict[str, float]:
@@ -205,6 +207,28 @@ def _scales(text: str | None) -> dict[str, float]:
         return {str(k): float(v) for k, v in parsed.items()}
     except OverflowError:  # an integer literal past the float range
         raise CompressionError(f"{problem}: a scale is out of range") from None
+
+
+def _metrics(text: str | None) -> dict[str, float]:
+    """A JSON object of metric name -> finite number, small: what a client app reported of its training."""
+    if text is None:
+        return {}
+    problem = f"{METRICS} must be a JSON object of name -> finite number"
+    try:
+        parsed = loads(text, max_bytes=_MAX_METRICS_BYTES)
+    except JSONError as exc:
+        raise MetadataError(f"{problem} ({exc})") from None
+    if not isinstance(parsed, dict) or not all(
+        isinstance(v, int | float) and not isinstance(v, bool) for v in parsed.values()
+    ):
+        raise MetadataError(problem)
+    try:
+        metrics = {str(k): float(v) for k, v in parsed.items()}
+    except OverflowError:  # an integer literal past the float range
+        raise MetadataError(problem) from None
+    if not all(map(math.isfinite, metrics.values())):
+        raise MetadataError(problem)
+    return metrics
 
 
 def _loss(text: str | None) -> float | None:

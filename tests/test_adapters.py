@@ -1,4 +1,5 @@
-"""The same functions on other platforms: HTTP function in a real uvicorn process, Lambda handler, Flower."""
+"""The same functions on other platforms: HTTP function in a real uvicorn process, Lambda handler. (Flower's
+clients run as apps: tests/test_flower_apps.py.)"""
 
 from __future__ import annotations
 
@@ -6,15 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import flwr
 import httpx
 import numpy as np
 import pytest
 from conftest import client_data, free_port, wait_for
 from test_service import stored_updates
 
-from fedge.edge_functions.adapters import aws_lambda, flower
-from fedge.edge_functions.functions import Context
+from fedge.edge_functions.adapters import aws_lambda
 from fedge.security import pki
 
 
@@ -101,33 +100,3 @@ def test_the_lambda_handler_trains_on_a_real_event_and_stays_warm(
     assert warm["startup_seconds"] == 0
     with pytest.raises(ValueError, match="validation error"):
         aws_lambda.handler({"function": "train", "round": 1}, None)
-
-
-class ToyFlowerClient(flwr.client.NumPyClient):
-    """An ordinary Flower client: adds a step to every parameter."""
-
-    def __init__(self, step: float, shape_bug: bool = False) -> None:
-        self.step = step
-        self.shape_bug = shape_bug
-
-    def fit(self, parameters, config):
-        if self.shape_bug:
-            return [p.ravel() for p in parameters], 7, {}
-        return [p + self.step for p in parameters], 7, {"round": config["round"]}
-
-
-def test_a_flower_numpy_client_runs_as_a_fedge_train_function(start_server, connect, pki_dir: Path) -> None:
-    server = start_server()
-    names = ["layer.weight", "layer.bias"]
-    train = flower.train_function(lambda: ToyFlowerClient(0.5), names)
-    event = {"server": server.url, "credentials": credentials(pki_dir, "alice"), "round": 1}
-    wait_for(lambda: connect(server, "alice").current_round().state == "open", 30, "round 1")
-    result = train(event, Context())
-    assert result["num_examples"] == 7
-    assert result["metrics"] == {"round": 1}
-    assert stored_updates(server.data) == [(1, "alice")]
-    broken = flower.train_function(lambda: ToyFlowerClient(0.5, shape_bug=True), names)
-    bob = {**event, "credentials": credentials(pki_dir, "bob")}
-    with pytest.raises(flower.ShapeMismatch):
-        broken(bob, Context())
-    assert stored_updates(server.data) == [(1, "alice")]

@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from fedge.edge_functions.adapters.instance import Instance, UnknownFunction
+from fedge.edge_functions.app import AppError, AppFailed
 from fedge.jsonlimits import JSONError, loads
 from fedge.transport import ServerError
 
@@ -61,6 +62,10 @@ def _invoke(function: str, body: bytes) -> tuple[int, Any, dict[str, str]]:
         return 502, _error(exc.code, exc.detail), {}
     except _unknown_task() as exc:
         return 400, _error("unknown_task", str(exc)), {}
+    except AppError as exc:
+        return 400, _error("bad_app", str(exc)), {}
+    except AppFailed as exc:  # the round failed in the app: its one line, and nothing was sent
+        return 422, _error("app_failed", str(exc)), {}
     headers = {"x-fedge-cold": str(invocation.cold).lower(), "x-fedge-seconds": f"{invocation.seconds:.6f}"}
     return 200, invocation.result, headers
 

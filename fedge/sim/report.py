@@ -12,7 +12,7 @@ from fedge.sim.fleet import Outcome
 @dataclass
 class RoundMetrics:
     round: int
-    accuracy: float
+    accuracy: float | None  # None: the app reports no accuracy
     loss: float
     updates: int
     seconds: float
@@ -20,6 +20,8 @@ class RoundMetrics:
     bytes_down: int
     ended: float  # Unix time when the round's evaluation finished
     stale_updates: int = 0  # asynchronous mode: updates folded from an older version
+    train_metrics: dict[str, float] = field(default_factory=dict)  # the clients' fit metrics, aggregated
+    evaluate_metrics: dict[str, float] = field(default_factory=dict)  # the evaluation's, aggregated
 
 
 @dataclass

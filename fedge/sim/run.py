@@ -37,7 +37,7 @@ from fedge.files import write_file
 from fedge.security import pki
 from fedge.server.launcher import ServerProcess, launch
 from fedge.settings import SimulationSettings
-from fedge.sim import attacks, profiles
+from fedge.sim import apps, attacks, profiles
 from fedge.sim.emulation import EMULATED_TRAIN, AttackSpec, EmulatedTrainEvent
 from fedge.sim.fleet import Device, Fleet, Outcome, Pool, Rule
 from fedge.sim.ray_pool import RayPool, require_ray
@@ -77,8 +77,14 @@ def simulate(
         pool = _pool(settings, workers)
         try:
             pool.warm()
-            event = events.InitialModelEvent(task=settings.dataset, seed=settings.seed)
-            initial = pool.invoke("initial_model", event).result()
+            settings = apps.settle(pool, settings)
+            report.settings = settings.model_dump(mode="json")
+            event = events.InitialModelEvent(
+                task=settings.dataset, seed=settings.seed, app=apps.spec(settings),
+                run_config=apps.run_config(settings),
+            )  # fmt: skip
+            with apps.refused():
+                initial = pool.invoke("initial_model", event).result()
             (work / "initial.safetensors").write_bytes(initial.result)
             server = _start_server(work, settings)
             try:
@@ -144,7 +150,11 @@ def _descriptors_needed(clients: int, workers: int) -> int:
 
 def _check(settings: SimulationSettings) -> None:
     """Refuse settings no run can honour, with a one-line message, before anything starts."""
-    if settings.dataset not in datasets.NAMES:
+    if settings.app is not None and settings.flower_app is not None:
+        raise UserError("--app and --flower-app name the clients' app twice: give one")
+    if settings.profile is not None and (settings.app is not None or settings.flower_app is not None):
+        raise UserError("--profile places rounds of the data set's own task: not of --app or --flower-app")
+    if settings.flower_app is None and settings.dataset not in datasets.NAMES:
         raise UserError(f"unknown data set {settings.dataset!r}: choose from {', '.join(datasets.NAMES)}")
     try:
         partition.parse(settings.partition)
@@ -250,18 +260,21 @@ class _Run:
         evaluated, which in asynchronous mode may be newer than the one that prompted it). ``offloaded``:
         updates an executor trained, which ran on no worker of this pool."""
         seconds = time.perf_counter() - since
-        evaluation = self.pool.invoke("evaluate", _evaluate_event(self.url, self.observer, self.settings))
-        evaluated = evaluation.result()
-        score = events.EvaluateResult.model_validate(evaluated.result)
+        trained = [events.TrainResult.model_validate(r.result) for r in results]
+        evaluation = _evaluate_event(self.url, self.observer, self.settings)
+        evaluated, score = apps.evaluate(self.pool, self.settings, evaluation, round_ or 0)
         round_ = score.round if round_ is None else round_
-        for invocation in [*results, evaluated]:
+        for invocation in [*results, *evaluated]:
             self.report.cold_invocations += invocation.cold
             self.report.warm_invocations += not invocation.cold
-        trained = [events.TrainResult.model_validate(r.result) for r in results]
         metrics = RoundMetrics(
             round=round_,
             accuracy=score.accuracy,
             loss=score.loss,
+            train_metrics=apps.aggregate(
+                self.pool, self.settings, "train", [(t.num_examples, t.metrics) for t in trained]
+            ),
+            evaluate_metrics=score.metrics,
             updates=len(results) + offloaded,
             seconds=seconds,
             bytes_up=sum(t.bytes_up for t in trained),
@@ -411,7 +424,9 @@ def _train_event(run: _Run, info: RoundInfo, client: str) -> EmulatedTrainEvent:
         task=info.task,
         round=info.round,
         config=info.config,
-        data=_data_event(settings, client),
+        data=apps.data(settings, _data_event(settings, client)),
+        app=apps.spec(settings),
+        run_config=apps.run_config(settings),
         attack=attack,
         delay=settings.straggler_delay if client in report.stragglers else 0.0,
         compression=settings.compression,
@@ -433,5 +448,6 @@ def _evaluate_event(
     url: str, observer: pki.Credentials, settings: SimulationSettings
 ) -> events.EvaluateEvent:
     return events.EvaluateEvent(
-        server=url, credentials=events.CredentialPaths.of(observer), task=settings.dataset
-    )
+        server=url, credentials=events.CredentialPaths.of(observer), task=settings.dataset,
+        app=apps.spec(settings), run_config=apps.run_config(settings),
+    )  # fmt: skip
