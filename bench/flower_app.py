@@ -21,9 +21,7 @@ import argparse
 import functools
 import itertools
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,7 +34,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 from flwr.simulation import run_simulation
 
-from bench.vs_flower import ROOT, WORKER_MARKERS, _MemorySampler
+from bench.vs_flower import ROOT, sampled_run
 from fedge.edge_functions import partition, tasks
 from fedge.edge_functions.functions import fit, score
 from fedge.wire import TrainConfig
@@ -154,17 +152,7 @@ def _measure_app(framework: str, size: dict) -> dict:
                 sys.executable, "-c", "from bench.flower_app import flower_run; flower_run()", str(APP),
                 str(size["clients"]), str(size["workers"]), run_config, str(out / "flower.json"),
             ]  # fmt: skip
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "FEDGE_CONFIG": os.devnull}
-        started = time.time()
-        process = subprocess.Popen(
-            command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
-        sampler = _MemorySampler(process.pid, WORKER_MARKERS[framework])
-        sampler.start()
-        _, stderr = process.communicate(timeout=3600)
-        sampler.stop()
-        if process.returncode != 0:
-            raise RuntimeError(f"{framework} run failed: {stderr.decode(errors='replace')[-2000:]}")
+        started, sampler = sampled_run(command, framework, timeout=3600)
         if framework == "fedge":
             rounds = json.loads((out / "metrics.json").read_text())["rounds"]
         else:

@@ -154,17 +154,7 @@ def measure(
                 sys.executable, "-c", "from bench.flower_app import main; main()", *common, "--task", task,
                 "--epochs", str(epochs), "--out", str(out / "flower.json"),
             ]  # fmt: skip
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "FEDGE_CONFIG": os.devnull}
-        started = time.time()
-        process = subprocess.Popen(
-            command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
-        sampler = _MemorySampler(process.pid, WORKER_MARKERS[framework])
-        sampler.start()
-        _, stderr = process.communicate(timeout=1800)
-        sampler.stop()
-        if process.returncode != 0:
-            raise RuntimeError(f"{framework} run failed: {stderr.decode(errors='replace')[-2000:]}")
+        started, sampler = sampled_run(command, framework, timeout=1800)
         rounds_done = _fedge_rounds(out) if framework == "fedge" else _flower_rounds(out)
     ends = [started] + [r["ended"] for r in rounds_done]
     durations = [b - a for a, b in itertools.pairwise(ends)]
@@ -190,6 +180,20 @@ def _fedge_rounds(out: Path) -> list[dict]:
 def _flower_rounds(out: Path) -> list[dict]:
     events = json.loads((out / "flower.json").read_text())["events"]
     return [{"ended": e["time"], "accuracy": e["accuracy"]} for e in events if e["round"] > 0]
+
+
+def sampled_run(command: list[str], framework: str, timeout: float) -> tuple[float, _MemorySampler]:
+    """Run one side of a comparison from the tree, its memory sampled; when it started, and the sampler."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "FEDGE_CONFIG": os.devnull}
+    started = time.time()
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    sampler = _MemorySampler(process.pid, WORKER_MARKERS[framework])
+    sampler.start()
+    _, stderr = process.communicate(timeout=timeout)
+    sampler.stop()
+    if process.returncode != 0:
+        raise RuntimeError(f"{framework} run failed: {stderr.decode(errors='replace')[-2000:]}")
+    return started, sampler
 
 
 class _MemorySampler(threading.Thread):
