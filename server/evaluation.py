@@ -41,9 +41,7 @@ class ServerEvaluation:
         """The task and the file's examples, checked by scoring a fresh model of the task on them; every
         way this can go wrong is a ``UserError`` naming the file."""
         try:
-            from fedge.edge_functions import tasks
-            from fedge.edge_functions.events import LocalData
-            from fedge.edge_functions.functions import Context
+            from fedge.edge_functions import datafiles, tasks
         except ImportError:
             raise UserError(
                 "--eval-data needs torch to evaluate the model: pip install 'fedge[all]'"
@@ -57,7 +55,7 @@ class ServerEvaluation:
             with path.open("rb") as file:
                 if file.read(len(ZIP_MAGIC)) != ZIP_MAGIC:
                     raise UserError(f"--eval-data {path} is not {expected}")
-            x, y = Context().partition(task, LocalData(path=path))  # as an agent reads its --data
+            x, y = datafiles.load(path)  # as an agent reads its --data
         except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip("'")
             raise UserError(f"cannot read --eval-data {path} ({expected}): {reason}") from None
