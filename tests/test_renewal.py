@@ -79,7 +79,11 @@ def test_an_agent_renews_its_certificate_on_its_own_and_keeps_training(
     assert fresh.not_valid_after_utc - fresh.not_valid_before_utc >= pki.ENROLLED_LIFETIME
     # A fresh agent on the new files goes on in the same process.
     wait_for(lambda: "going on with the new one" in agent.log.read_text(), 60, "the agent to go on")
-    wait_for(
-        lambda: agent.status().get("detail") == "started", 60, "the agent to start on its new certificate"
+    wait_for(  # the old certificate is superseded: only the new one can have this update taken
+        lambda: agent.status().get("detail") == "sent the update of round 1",
+        120,
+        "the agent to train round 1 on its new certificate",
     )
+    log = agent.log.read_text()
+    assert log.index("going on with the new one") < log.index("round 1 sent")
     assert agent.process.poll() is None
