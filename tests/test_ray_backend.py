@@ -68,6 +68,7 @@ def test_a_federation_runs_on_both_nodes_of_a_ray_cluster(ray_cluster: str, tmp_
     done = run_cli(
         "simulate", "--backend", "ray", "--ray-address", ray_cluster, "--workers", "2", "--clients", "4",
         "--rounds", "2", "--local-epochs", "0", "--dataset", "digits", "--out", str(out),
+        cwd=tmp_path,  # Ray puts the driver's cwd on workers' path: the tree's fedge/ shadows the wheel
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     metrics = json.loads((out / "metrics.json").read_text())
