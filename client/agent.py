@@ -464,7 +464,8 @@ class Agent:
 
     def _send_outbox(self, api: FedgeClient, retry_until: float = 0.0) -> dict[int, tuple[int, float]]:
         """Send every kept update, oldest round first; one the server already holds (a resend whose first
-        answer was lost) counts as sent, one it refuses is dropped. A transient failure is tried again
+        answer was lost) counts as sent, one it refuses is dropped; one refused for the device's certificate
+        (revoked, expired) is kept, and the agent stops: a renewed or reissued certificate sends it. A transient failure is tried again
         until ``retry_until`` (the round's deadline; by default, at start and between rounds, never); past
         it the update stays kept for the next try. Returns (bytes, seconds) of each upload the server
         holds, by round: the uplink the predictor learns."""
@@ -485,6 +486,11 @@ class Agent:
                     detail = f"server unreachable, update of round {round_} kept: {exc}"
                     self._report(AgentState.ERROR, round_, detail)
                     self._stop.wait(RETRY_SECONDS)
+                    return sent
+                if isinstance(exc, ServerError) and exc.status == 401:  # the certificate, not the update
+                    self._refused(
+                        f"the server refuses this device's certificate (update of round {round_} kept): {exc}"
+                    )
                     return sent
                 if not (isinstance(exc, ServerError) and exc.code == "duplicate_update"):
                     path.unlink()

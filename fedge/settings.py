@@ -105,6 +105,9 @@ class ServerSettings(TrainingSettings):
     eval_data: Path | None = None  # .npz (x, y): the server scores each new global model on it
     log_format: Literal["text", "json"] = "text"  # the round log: a line per event, or a JSON object
     serve_after_finish: bool = False  # else the server exits (0) once the last round has closed
+    enrolled_days: int = Field(
+        7, ge=1, le=365
+    )  # the lifetime of a certificate issued at enrollment or renewal
 
 
 class SimulationSettings(TrainingSettings):

@@ -40,6 +40,8 @@ from fedge.files import write_file
 CA_LIFETIME = dt.timedelta(days=3650)
 LEAF_LIFETIME = dt.timedelta(days=30)
 ENROLLED_LIFETIME = dt.timedelta(days=7)
+# No leaf outlives this: a CRL entry older than it names a certificate that has expired, so it is pruned.
+MAX_LEAF_LIFETIME = dt.timedelta(days=365)
 CRL_LIFETIME = dt.timedelta(days=365)
 _ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 _FEDERATION_PATTERN = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
@@ -225,9 +227,7 @@ def issue(
     creds = Credentials(
         ca=pki_dir / "ca.pem", cert=pki_dir / role / f"{id_}.pem", key=pki_dir / role / f"{id_}.key"
     )
-    creds.key.parent.mkdir(exist_ok=True)
-    write_file(creds.key, key_pem(key), private=True)
-    sign_certificate(pki_dir, role, id_, key.public_key(), hosts, lifetime)
+    sign_certificate(pki_dir, role, id_, key.public_key(), hosts, lifetime, private_key_pem=key_pem(key))
     return creds
 
 
@@ -238,13 +238,17 @@ def sign_certificate(
     public_key: ec.EllipticCurvePublicKey,
     hosts: tuple[str, ...] = (),
     lifetime: dt.timedelta = LEAF_LIFETIME,
+    private_key_pem: bytes | None = None,
 ) -> bytes:
     """Sign a certificate for a key made elsewhere (an enrolling device's CSR) and keep a copy (PEM).
 
     The profile follows the role: servers and executors get serverAuth, everyone clientAuth; every leaf may
-    only sign (TLS handshakes, updates, models), never issue certificates.
+    only sign (TLS handshakes, updates, models), never issue certificates. ``private_key_pem``, for a key made here,
+    is written only once the certificate is signed, so a refused issue leaves the old key and certificate.
     """
     check_id(id_, f"{role} id")
+    if lifetime > MAX_LEAF_LIFETIME:
+        raise PKIError(f"a certificate lives at most {MAX_LEAF_LIFETIME.days} days, not {lifetime.days}")
     federation = federation_of(pki_dir)
     ca_key = serialization.load_pem_private_key((pki_dir / "ca.key").read_bytes(), password=None)
     ca_cert = x509.load_pem_x509_certificate((pki_dir / "ca.pem").read_bytes())
@@ -284,6 +288,8 @@ def sign_certificate(
     path = pki_dir / role / f"{id_}.pem"
     with locked(pki_dir):
         replaced = _serial_in(path)
+        if private_key_pem is not None:
+            write_file(path.with_suffix(".key"), private_key_pem, private=True)
         write_file(path, pem)
         if replaced is not None:
             _add_to_crl(pki_dir, {replaced: x509.ReasonFlags.superseded})
@@ -339,11 +345,18 @@ def _verified_crl(path: Path, ca: x509.Certificate) -> list[x509.RevokedCertific
 
 
 def _add_to_crl(pki_dir: Path, additions: dict[int, x509.ReasonFlags]) -> None:
-    """Re-sign the CRL with ``additions`` (serial -> reason) added to its entries (under ``locked``)."""
+    """Re-sign the CRL with ``additions`` (serial -> reason) added to its entries (under ``locked``).
+
+    Entries revoked longer ago than any leaf lives are dropped: their certificates have expired, and a CRL
+    that only grows (every renewal supersedes a serial) would be re-read by every server and broker."""
     ca = x509.load_pem_x509_certificate((pki_dir / "ca.pem").read_bytes())
-    kept = _verified_crl(pki_dir / "crl.pem", ca)
-    listed = {entry.serial_number for entry in kept}
     now = dt.datetime.now(dt.UTC)
+    kept = [
+        entry
+        for entry in _verified_crl(pki_dir / "crl.pem", ca)
+        if now - entry.revocation_date_utc <= MAX_LEAF_LIFETIME + dt.timedelta(minutes=5)
+    ]
+    listed = {entry.serial_number for entry in kept}
     added = [
         x509.RevokedCertificateBuilder()
         .serial_number(serial)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import inspect
 import threading
 import time
@@ -140,6 +141,10 @@ def server(
         bool | None,
         typer.Option("--serve-after-finish", help="keep serving once the last round closed [exit 0]"),
     ] = None,
+    enrolled_days: Annotated[
+        int | None,
+        typer.Option(min=1, max=365, help="lifetime of the certificates enrollment and renewal issue [7]"),
+    ] = None,
     **knobs: Any,
 ) -> None:
     """Serve the global model read-only and aggregate each selected client's update, round after round;
@@ -154,7 +159,8 @@ def server(
             local_epochs=local_epochs, batch_size=batch_size, lr=lr, seed=seed, fraction=fraction,
             buffer=buffer, max_staleness=max_staleness, staleness_exponent=staleness_exponent, mqtt=mqtt,
             manual_start=manual_start, presence_window=presence_window, eval_data=eval_data,
-            log_format=log_format, serve_after_finish=serve_after_finish, **knobs,
+            log_format=log_format, serve_after_finish=serve_after_finish, enrolled_days=enrolled_days,
+            **knobs,
         )  # fmt: skip
         chosen = strategy_of(settings)
         from fedge.server import metrics, roundlog, service
@@ -164,7 +170,7 @@ def server(
         from fedge.server.trust import Trust
 
         creds = pki.credentials(settings.pki, pki.Role.SERVER, "server")
-        trust = Trust.load(settings.pki)
+        trust = Trust.load(settings.pki, enrolled_lifetime=dt.timedelta(days=settings.enrolled_days))
         clients = max(settings.min_clients, len(pki.issued(settings.pki, pki.Role.CLIENT)))
         descriptors.ensure(descriptors.needed_for(clients), f"a server of {clients} clients")
         sock = service.bind(settings.host, settings.port)

@@ -95,5 +95,5 @@ def refresh_broker(trust: Trust, what: str) -> None:
 
 
 def _issue(trust: Trust, client: str, key: ec.EllipticCurvePublicKey) -> Enrolled:
-    cert = pki.sign_certificate(trust.pki_dir, pki.Role.CLIENT, client, key, lifetime=pki.ENROLLED_LIFETIME)
+    cert = pki.sign_certificate(trust.pki_dir, pki.Role.CLIENT, client, key, lifetime=trust.enrolled_lifetime)
     return Enrolled(client=client, certificate=cert.decode(), ca=trust.ca_pem.decode())

@@ -8,6 +8,7 @@ as they change.
 
 from __future__ import annotations
 
+import datetime as dt
 import threading
 import time
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ class Trust:
     standing: Standing
     signing_key: ec.EllipticCurvePrivateKey
     signer: str
+    enrolled_lifetime: dt.timedelta = pki.ENROLLED_LIFETIME  # of what enrollment and renewal issue
     presence: Presence = field(default_factory=Presence)
     _model_signatures: dict[tuple[int, str], str] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -39,7 +41,7 @@ class Trust:
         self._issued = IssuedIds(self.pki_dir)
 
     @classmethod
-    def load(cls, pki_dir: Path) -> Trust:
+    def load(cls, pki_dir: Path, enrolled_lifetime: dt.timedelta = pki.ENROLLED_LIFETIME) -> Trust:
         creds = pki.credentials(pki_dir, pki.Role.SERVER, "server")
         ca_pem = creds.ca.read_bytes()
         return cls(
@@ -49,6 +51,7 @@ class Trust:
             standing=Standing(pki_dir),
             signing_key=signing.load_private_key(creds.key.read_bytes()),
             signer=signing.encode_certificate(creds.cert.read_bytes()),
+            enrolled_lifetime=enrolled_lifetime,
         )
 
     def eligible(self, window: float, now: float | None = None) -> list[str]:

@@ -36,7 +36,7 @@ def certificate(path: Path) -> x509.Certificate:
 def test_a_device_enrolls_with_a_one_time_token_and_joins_the_next_round(
     start_server, connect, fresh_pki: Path, tmp_path: Path
 ) -> None:
-    server = start_server(pki_root=fresh_pki)
+    server = start_server("--enrolled-days", "2", pki_root=fresh_pki)
     token = mint(fresh_pki, "dev-1")
     stored = (fresh_pki / "tokens.json").read_text()
     assert token not in stored
@@ -56,9 +56,7 @@ def test_a_device_enrolls_with_a_one_time_token_and_joins_the_next_round(
     assert pki.identity_of(der) == pki.Identity("test", pki.Role.CLIENT, "dev-1")
     key = serialization.load_pem_private_key((state / "client.key").read_bytes(), password=None)
     assert cert.public_key() == key.public_key()
-    assert (cert.not_valid_after_utc - cert.not_valid_before_utc) <= pki.ENROLLED_LIFETIME + timedelta(
-        minutes=5
-    )
+    assert cert.not_valid_after_utc - cert.not_valid_before_utc == timedelta(days=2, minutes=5)  # --enrolled-days
     assert (fresh_pki / "client" / "dev-1.pem").exists()
     assert not (fresh_pki / "client" / "dev-1.key").exists()
 

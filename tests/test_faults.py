@@ -180,3 +180,27 @@ def test_an_agent_resending_an_update_the_closed_round_already_counted_reports_i
     assert shown["detail"] == "sent the update of round 1 (the server already held it)"
     assert not any(outbox.iterdir())
     assert stored_updates(server.data) == [(1, "dev-1")]
+
+
+def test_an_agent_refused_for_its_certificate_keeps_its_update_and_stops(
+    make_pki, start_task_server, start_agent, tmp_path: Path
+) -> None:
+    """A 401 refuses the device, not the update: dropping it would lose training a reissued
+    certificate could still deliver."""
+    pki_dir = make_pki("dev-1")
+    server = start_task_server(pki_dir, "--rounds", "1")
+    (data,) = client_data(tmp_path, 1)
+    with FedgeClient(server.url, pki.credentials(pki_dir, pki.Role.CLIENT, "dev-1")) as api:
+        wait_for(lambda: api.current_round().state is RoundState.OPEN, 60, "round 1 to open")
+        model = api.model()
+        assert model is not None
+        body = encode(decode(model.body)[0], {"num_examples": "10"})
+    outbox = tmp_path / "agent-dev-1" / "outbox"
+    outbox.mkdir(parents=True)
+    (outbox / "round-1.safetensors").write_bytes(body)
+    pki.revoke(pki_dir, pki.Role.CLIENT, "dev-1")
+    agent = start_agent(pki_dir, "dev-1", data, server.url)
+    assert agent.process.wait(60) == 1
+    assert "update of round 1 kept" in agent.log.read_text()
+    assert (outbox / "round-1.safetensors").read_bytes() == body
+    assert stored_updates(server.data) == []
