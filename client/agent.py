@@ -464,11 +464,11 @@ class Agent:
 
     def _send_outbox(self, api: FedgeClient, retry_until: float = 0.0) -> dict[int, tuple[int, float]]:
         """Send every kept update, oldest round first; one the server already holds (a resend whose first
-        answer was lost) counts as sent, one it refuses is dropped; one refused for the device's certificate
-        (revoked, expired) is kept, and the agent stops: a renewed or reissued certificate sends it. A transient failure is tried again
-        until ``retry_until`` (the round's deadline; by default, at start and between rounds, never); past
-        it the update stays kept for the next try. Returns (bytes, seconds) of each upload the server
-        holds, by round: the uplink the predictor learns."""
+        answer was lost) counts as sent, one it refuses is dropped; one refused for the device's
+        certificate (revoked, expired) is kept and the agent stops: a reissued certificate sends it. A
+        transient failure is tried again until ``retry_until`` (the round's deadline; by default, at start
+        and between rounds, never); past it the update stays kept for the next try. Returns (bytes,
+        seconds) of each upload the server holds, by round: the uplink the predictor learns."""
         sent: dict[int, tuple[int, float]] = {}
         kept = sorted(
             self._outbox.glob("round-*.safetensors"), key=lambda p: int(p.stem.removeprefix("round-"))

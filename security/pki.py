@@ -243,8 +243,8 @@ def sign_certificate(
     """Sign a certificate for a key made elsewhere (an enrolling device's CSR) and keep a copy (PEM).
 
     The profile follows the role: servers and executors get serverAuth, everyone clientAuth; every leaf may
-    only sign (TLS handshakes, updates, models), never issue certificates. ``private_key_pem``, for a key made here,
-    is written only once the certificate is signed, so a refused issue leaves the old key and certificate.
+    only sign (TLS handshakes, updates, models), never issue certificates. ``private_key_pem``, for a key
+    made here, is written only once the certificate is signed: a refused issue leaves the old key and cert.
     """
     check_id(id_, f"{role} id")
     if lifetime > MAX_LEAF_LIFETIME:
