@@ -6,6 +6,7 @@ import importlib
 import json
 import pkgutil
 import platform
+import re
 import shlex
 import sys
 import time
@@ -36,10 +37,23 @@ def code_fingerprint(name: str) -> str:
     digest = hashlib.sha256()
     sources = (p for folder in MEASURED_CODE for p in (ROOT / folder).rglob("*"))
     files = [p for p in sources if p.suffix in {".py", ".html"}]
-    files.append(ROOT / "bench" / f"{name.replace('-', '_')}.py")
+    files += _bench_sources(ROOT / "bench" / f"{name.replace('-', '_')}.py")
     for path in sorted(files):
         digest.update(path.relative_to(ROOT).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()
+
+
+def _bench_sources(path: Path) -> set[Path]:
+    """``path`` and the bench modules it imports (``from bench import x``, ``from bench.x import``), so a
+    change to a shared bench helper makes the figures it helped make stale too."""
+    found = {path}
+    for dotted, names in re.findall(r"^\s*from bench(\.\w+)? import ([\w, ]+)", path.read_text(), re.M):
+        modules = [dotted[1:]] if dotted else [n.strip() for n in names.split(",")]
+        for module in modules:
+            source = path.parent / f"{module}.py"
+            if source.exists() and source not in found:
+                found |= _bench_sources(source)
+    return found
 
 
 def regenerate_docs() -> None:

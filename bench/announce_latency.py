@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench import loopback_pki
 from fedge import mqtt
 from fedge.codec import encode
 from fedge.security import broker, pki
@@ -35,10 +36,8 @@ def run(quick: bool) -> dict:
     agents = 10 if quick else 100
     with tempfile.TemporaryDirectory(prefix="fedge-bench-") as tmp:
         work = Path(tmp)
-        pki.init_ca(work / "pki", "bench")
-        pki.issue(work / "pki", pki.Role.SERVER, "server", hosts=("127.0.0.1",))
         ids = [f"agent-{i:03d}" for i in range(agents)]
-        creds = [pki.issue(work / "pki", pki.Role.CLIENT, id_) for id_ in ids]
+        creds = loopback_pki.make(work / "pki", ids)
         port = _free_port()
         files = broker.write_config(
             work / "pki", work / "broker", port, "127.0.0.1", run_as=getpass.getuser()

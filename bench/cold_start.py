@@ -20,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
+from bench import loopback_pki
 from fedge.edge_functions import datasets
 from fedge.edge_functions.events import CredentialPaths, LocalData, TrainEvent
 from fedge.edge_functions.runtime import WarmPool
-from fedge.security import pki
 from fedge.server.launcher import launch
 from fedge.transport import FedgeClient
 from fedge.wire import TrainConfig
@@ -64,9 +64,7 @@ def run(quick: bool) -> dict:
     repeats = 1 if quick else 5
     with tempfile.TemporaryDirectory(prefix="fedge-bench-") as tmp:
         work = Path(tmp)
-        pki.init_ca(work / "pki", "bench")
-        pki.issue(work / "pki", pki.Role.SERVER, "server", hosts=("127.0.0.1",))
-        creds = pki.issue(work / "pki", pki.Role.CLIENT, "device")
+        (creds,) = loopback_pki.make(work / "pki", ["device"])
         digits = datasets.load("mnist")
         x, y = digits.x_train[:EXAMPLES], digits.y_train[:EXAMPLES]
         np.savez(work / "data.npz", x=x, y=y)

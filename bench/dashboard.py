@@ -23,6 +23,7 @@ import httpx
 import numpy as np
 import psutil
 
+from bench import loopback_pki
 from fedge.codec import encode
 from fedge.security import pki
 from fedge.server.dashboard import Watch, serving
@@ -35,10 +36,8 @@ def run(quick: bool) -> dict:
     clients, rounds, window, pairs = (5, 3, 3.0, 1) if quick else (50, 10, 20.0, 3)
     with tempfile.TemporaryDirectory(prefix="fedge-bench-") as tmp:
         work = Path(tmp)
-        pki.init_ca(work / "pki", "bench")
-        pki.issue(work / "pki", pki.Role.SERVER, "server", hosts=("127.0.0.1",))
         ids = [f"client-{i:03d}" for i in range(clients)]
-        creds = [pki.issue(work / "pki", pki.Role.CLIENT, id_) for id_ in ids]
+        creds = loopback_pki.make(work / "pki", ids)
         admin = pki.issue(work / "pki", pki.Role.ADMIN, "ops")
         (work / "model.safetensors").write_bytes(encode(_model(0.0)))
         server = launch(

@@ -33,18 +33,15 @@ _TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def run(quick: bool) -> dict:
+    from bench import loopback_pki
     from fedge.codec import encode, encode_hashed
-    from fedge.security import pki
 
     size = QUICK if quick else FULL
     n, params = size["clients"], size["params"]
     with tempfile.TemporaryDirectory(prefix="fedge-ingest-") as tmp:
         work = Path(tmp)
-        pki.init_ca(work / "pki", "bench")
-        pki.issue(work / "pki", pki.Role.SERVER, "server", hosts=("127.0.0.1",))
         ids = [f"device-{i:04d}" for i in range(n)]
-        for client in ids:
-            pki.issue(work / "pki", pki.Role.CLIENT, client)
+        loopback_pki.make(work / "pki", ids)
         (work / "initial.safetensors").write_bytes(encode({"w": np.zeros(params, np.float32)}))
         bodies = [
             encode_hashed({"w": np.full(params, i, np.float32)}, {"num_examples": "1"}) for i in range(n)

@@ -31,8 +31,9 @@ import numpy as np
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from bench import loopback_pki
 from fedge.codec import encode, encode_hashed, sha256
-from fedge.security import pki, signing
+from fedge.security import signing
 from fedge.security.revocation import CurrentCertificates, RevocationList
 from fedge.security.tls import client_context
 from fedge.server.identity import gate
@@ -69,9 +70,7 @@ def run(quick: bool) -> dict:
     with tempfile.TemporaryDirectory(prefix="fedge-bench-") as tmp:
         work = Path(tmp)
         root = work / "pki"
-        pki.init_ca(root, "bench")
-        pki.issue(root, pki.Role.SERVER, "server", hosts=("127.0.0.1",))
-        clients = [pki.issue(root, pki.Role.CLIENT, f"c{i:03d}") for i in range(uploads + 1)]
+        clients = loopback_pki.make(root, [f"c{i:03d}" for i in range(uploads + 1)])
         model = _model(parameters)
         initial = work / "initial.safetensors"
         initial.write_bytes(encode(model))

@@ -52,3 +52,14 @@ def test_a_file_outside_the_measured_code_leaves_figures_current(bench_main, tmp
     before = bench_main.code_fingerprint("aggregation")
     (tmp_path / "server" / "notes.txt").write_text("not code")
     assert bench_main.code_fingerprint("aggregation") == before
+
+
+def test_a_shared_bench_helper_makes_the_figures_of_its_users_stale(bench_main, tmp_path: Path) -> None:
+    ingestion, aggregation = (
+        bench_main.code_fingerprint("ingestion"),
+        bench_main.code_fingerprint("aggregation"),
+    )
+    helper = tmp_path / "bench" / "loopback_pki.py"  # ingestion makes its PKI with it; aggregation does not
+    helper.write_text(helper.read_text() + "\n# changed\n")
+    assert bench_main.code_fingerprint("ingestion") != ingestion
+    assert bench_main.code_fingerprint("aggregation") == aggregation
