@@ -209,6 +209,8 @@ def test_a_second_server_on_the_same_data_is_refused_and_the_first_keeps_serving
     start_server, tmp_path: Path, pki_dir: Path
 ) -> None:
     first = start_server()
+    # The first round opens just after the service is up (a write of its own): the snapshot is taken after.
+    wait_for(lambda: b"round 1 opened" in first.log.read_bytes(), 30, "round 1 to open")
     before = snapshot(first.data)
     second = run_fedge("server", "--pki", str(pki_dir), "--data", str(first.data), "--port", "0",
                        "--init-model", str(tmp_path / "initial.safetensors"))  # fmt: skip
