@@ -117,6 +117,11 @@ def device_round(seconds: float, gb: float, bytes_down: int) -> Usage:
     )
 
 
+def prices_from(path: Path | None) -> Prices:
+    """A command's ``--prices``: the file's table, or the example rates without one."""
+    return EXAMPLE_PRICES if path is None else load_prices(path)
+
+
 def load_prices(path: Path) -> Prices:
     """The price table in ``path`` (TOML: ``key = number`` per rate). Raises ``PriceError``."""
     try:

@@ -105,6 +105,7 @@ class ServerSettings(TrainingSettings):
     eval_data: Path | None = None  # .npz (x, y): the server scores each new global model on it
     log_format: Literal["text", "json"] = "text"  # the round log: a line per event, or a JSON object
     serve_after_finish: bool = False  # else the server exits (0) once the last round has closed
+    prices: Path | None = None  # price table (TOML, fedge.pricing) rounds are billed at; none: example rates
 
 
 class SimulationSettings(TrainingSettings):
@@ -123,6 +124,8 @@ class SimulationSettings(TrainingSettings):
     profile: Path | None = None  # device profiles (fedge.sim.profiles): slow, small, flaky, far devices
     placement: str = "fedge"  # with a profile: fedge, or a baseline (fedge.sim.fleet.Rule)
     train_memory_mb: float = Field(256.0, gt=0)  # with a profile: what a training run needs on a device
+    prices: Path | None = None  # price table (TOML, fedge.pricing): the server bills rounds at it
+    max_cost: float | None = Field(None, ge=0)  # with a profile: each device's budget per round
     backend: str = "local"  # where client invocations run: local (a warm pool) or ray (fedge.sim.ray_pool)
     ray_address: str | None = None  # with --backend ray: a running cluster's address, else a local one
     app: str | None = None  # the clients' app (fedge.edge_functions.app): module:attr, or an entry point

@@ -6,7 +6,7 @@ import json
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 from pydantic import BaseModel, Field
@@ -163,6 +163,11 @@ class UpdateMeta:
     raw_bytes: int | None = None
     metrics: Mapping[str, float] = field(default_factory=dict)
     usage: Usage | None = None  # what its producer's run consumed, for the round's bill (its own word)
+
+    def received(self, size: int) -> Usage:
+        """The usage the server bills for this update: its producer's figures, with the ``size`` bytes of
+        the body the server itself received as the upload."""
+        return replace(self.usage or Usage(), bytes_up=size)
 
     def to_metadata(self) -> dict[str, str]:
         metadata = {NUM_EXAMPLES: str(self.num_examples), **self.compression.to_metadata()}
