@@ -186,7 +186,8 @@ def runs(
 ) -> None:
     """List a server's rounds, finished and running, with their figures and cost, from its store."""
     with user_errors(OSError, PriceError):
-        figures = round_figures(open_ledger(data, store), time.time(), prices_from(prices))
+        priced = prices_from(prices)  # a bad table is said before the store is opened
+        figures = round_figures(open_ledger(data, store), time.time(), priced)
     table = Table(title=f"rounds in {data}", caption=f"cost of the run: {sum(f.cost for f in figures):.6f}")
     for column in ("round", "state", "selected", "updates", "skipped", "stragglers", "offloaded", "MB",
                    "seconds", "waiting", "arriving", "closing", "accuracy", "loss", "cost"):  # fmt: skip
