@@ -103,7 +103,7 @@ def table(summary: Summary, title: str) -> Table:
         "arriving": [_figure(r.arriving, 2) for r in summary.rows],
         "closing": [_figure(r.closing, 2) for r in summary.rows],
         "MB up": [f"{r.bytes_up / 1e6:.2f}" for r in summary.rows],
-        "cost": [_figure(r.cost, 6) for r in summary.rows],
+        "cost": [_figure(r.cost, 6) if r.cost else None for r in summary.rows],  # a run billed nothing: none
     }
     shown = {name: column for name, column in cells.items() if any(c is not None for c in column)}
     rendered = Table(title=title)
