@@ -110,7 +110,7 @@ class Placer:
     def _cost(self, target: str, task: str, steps: int, fits_memory: bool) -> Cost:
         """Predicted from past runs once there are any; before, optimistic, so the first round is tried
         (its price then only what does not depend on time)."""
-        price, per_s = self._price(target)
+        price, per_s = self.price(target)
         if not self.predictor.knows(target, task):
             self._predicted.pop(target, None)
             return Cost(target, 0.0, 0.0, price, fits_memory, per_s)
@@ -125,7 +125,7 @@ class Placer:
         self._predicted[target] = prediction
         return replace(prediction.cost(target, price, fits_memory), price_per_s=per_s)
 
-    def _price(self, target: str) -> tuple[float, float]:
+    def price(self, target: str) -> tuple[float, float]:
         """(per round, per second) at ``self.prices``: an invocation and the model and update moved, then
         the training run's memory (``train_memory``) for each second, and on an executor its GPU."""
         p, gb = self.prices, self.train_memory / GB

@@ -174,3 +174,34 @@ def test_a_bad_price_file_is_one_line_naming_the_key_from_every_command(
         assert "Traceback" not in done.stderr
     assert not (tmp_path / "state").exists()  # refused before the server made its --data
     assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("budget", [None, 0.5])
+def test_a_device_past_its_budget_skips_instead_of_renting_the_executor(
+    tmp_path: Path, budget: float | None
+) -> None:
+    """Two devices: one ordinary, one memory-starved whose owner allows offload. Without a budget the
+    executor trains for it at 1.0 an invocation; with a budget of 0.5 that is too dear, so it skips, and
+    the run costs nothing."""
+    profile = tmp_path / "devices.toml"
+    profile.write_text(
+        '[default]\noffload = "never"\n\n[[group]]\nshare = 0.5\nmemory_mb = 16\noffload = "when-short"\n'
+    )
+    prices = tmp_path / "prices.toml"
+    prices.write_text("executor_invocation = 1.0\ngb_down = 0\n")
+    out = tmp_path / "run"
+    done = run_cli(
+        "simulate", "--dataset", "digits", "--partition", "iid", "--clients", "2", "--rounds", "2",
+        "--round-timeout", "25", "--profile", str(profile), "--prices", str(prices), "--out", str(out),
+        *([] if budget is None else ["--max-cost", str(budget)]),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    if budget is None:
+        assert metrics["placements"] == {"edge": 2, "offload:executor-0": 2}
+        assert metrics["usage"]["executor_invocations"] == 2
+        assert metrics["cost"] >= 2 * 1.0  # and the executor's memory-seconds at the example rate
+    else:
+        assert metrics["placements"] == {"edge": 2, "skip": 2}
+        assert metrics["usage"]["executor_invocations"] == 0
+        assert metrics["cost"] == 0.0
