@@ -17,7 +17,9 @@ slowed devices' times, so whether they made it was a coin toss in every policy. 
 the deadline, so the time-to-90% ratio is close to that factor when both reach 90% in the same round: it
 says as much about the deadline an operator sets as about fedge. Completion is the updates that arrived
 before their deadline over the updates asked for; time to 90% runs from the opening of round 1 to the end
-of the first round whose model reaches 90% test accuracy.
+of the first round whose model reaches 90% test accuracy. Cost per run is the server's bill of the run's
+usage (``fedge.pricing``) at the example rates: the devices' seconds cost nothing, the executor's
+memory-seconds and invocations do (its GPU-seconds too, on a GPU), and so do the models sent down.
 
 The whole comparison is repeated for several seeds (which devices are slowed, the partition, the drop
 order), with one deadline for all: ``policies`` holds each metric's median over the seeds, its spread
@@ -42,7 +44,7 @@ SEEDS = (0, 1, 2, 3, 4)
 QUICK_SEEDS = (0,)
 DEADLINE_FACTOR = 2.5
 REFERENCE_ROUNDS = 3
-METRICS = ("completion_rate", "time_to_90", "oracle_agreement", "raw_bytes_offloaded")
+METRICS = ("completion_rate", "time_to_90", "cost", "oracle_agreement", "raw_bytes_offloaded")
 QUICK_DEADLINE = 20.0  # --quick proves the runs work; its rounds are too small to time a deadline on
 
 
@@ -128,6 +130,8 @@ def _summary(report: Report, target: float) -> dict:
     return {
         "completion_rate": report.completion_rate,
         "time_to_90": None if reached is None else reached.ended - opened,
+        "cost": report.cost,
+        "usage": report.usage,
         "oracle_agreement": report.oracle_agreement,
         "raw_bytes_offloaded": report.raw_bytes_offloaded,
         "placements": report.placements,
@@ -147,13 +151,14 @@ def render(result: dict) -> str:
         f"the median unslowed round, {w['reference_round_seconds']:.1f} s, measured first); one executor "
         "process on this machine's CPU. Median over the seeds, [min, max] beside it.",
         "",
-        "| placement | completion | time to 90% (s) | agrees with oracle | raw data offloaded (MB) |",
-        "|---|---|---|---|---|",
+        "| placement | completion | time to 90% (s) | cost per run | agrees with oracle "
+        "| raw data offloaded (MB) |",
+        "|---|---|---|---|---|---|",
     ]
     for name, p in policies.items():
         lines.append(
             f"| {name} | {_spread(p, 'completion_rate', '{:.1%}')} | {_spread(p, 'time_to_90', '{:.1f}')} | "
-            f"{_spread(p, 'oracle_agreement', '{:.1%}')} | "
+            f"{_spread(p, 'cost', '{:.6f}')} | {_spread(p, 'oracle_agreement', '{:.1%}')} | "
             f"{_spread(p, 'raw_bytes_offloaded', '{:.1f}', 1e-6)} |"
         )
     lines += ["", "Client-rounds by where they ran, per seed:", ""]

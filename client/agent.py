@@ -53,6 +53,7 @@ from fedge.edge_functions.events import (
 )
 from fedge.edge_functions.runtime import Invocation, WarmPool
 from fedge.files import write_file
+from fedge.pricing import EXAMPLE_PRICES, Prices
 from fedge.security.broker import username
 from fedge.security.pki import Credentials, Identity, Role
 from fedge.security.tls import client_context
@@ -97,6 +98,8 @@ class AgentConfig:
     offload: OffloadSetting = OffloadSetting.NEVER
     executors: tuple[ExecutorTarget, ...] = ()
     train_memory: int = 0  # bytes a training run needs on the device; less free: it cannot train here
+    prices: Prices = EXAMPLE_PRICES  # what each placement is predicted to cost (``--prices``)
+    max_cost: float = math.inf  # the owner's budget per round (``--max-cost``)
     expires: dt.datetime | None = None  # when the client certificate stops being valid
     renew_at: dt.datetime | None = None  # when to renew the enrolled certificate (None: not the agent's job)
     app: str | None = None  # the owner's app (fedge.edge_functions.app); None: the round's task trains
@@ -109,7 +112,10 @@ class Agent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self.pool = WarmPool(1, keep_alive=config.keep_alive)
-        self.placer = Placer(config.offload, config.executors, config.train_memory)
+        self.placer = Placer(
+            config.offload, config.executors, config.train_memory, prices=config.prices,
+            max_cost=config.max_cost,
+        )  # fmt: skip
         self._outbox = config.state_dir / "outbox"
         self._announcements: queue.Queue[RoundInfo] = queue.Queue()
         self._stop = threading.Event()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 import signal
 import ssl
 import time
@@ -12,6 +13,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from fedge import pricing
 from fedge.console import UserError, command_group, console, fail, user_errors, warn
 from fedge.security.pki import PKIError
 
@@ -65,6 +67,13 @@ def run(
     train_memory_mb: Annotated[
         float | None, typer.Option(help="memory a training run needs here; less free: not here [0]")
     ] = None,
+    prices: Annotated[
+        Path | None,
+        typer.Option(dir_okay=False, help="price table (TOML) to price placements [examples]"),
+    ] = None,
+    max_cost: Annotated[
+        float | None, typer.Option(min=0.0, help="budget per round: past it fewer steps or a skip [none]")
+    ] = None,
 ) -> None:
     """Train for the federation whenever a round is announced, until SIGTERM or Ctrl-C."""
     from fedge.client.agent import Agent
@@ -75,7 +84,7 @@ def run(
             dir=state_dir, data=data, server=server, broker=broker, ca=ca, cert=cert, key=key,
             keep_alive=keep_alive, poll_wait=poll_wait, offload=offload, executor=executor,
             train_memory_mb=train_memory_mb, label=label, app=app_, flower_app=flower_app,
-            run_config=run_config, node_config=node_config,
+            run_config=run_config, node_config=node_config, prices=prices, max_cost=max_cost,
         )  # fmt: skip
         agent = Agent(_config(settings))
     # The handlers stop whichever agent runs: after renewing its certificate, a fresh one on the new files.
@@ -171,12 +180,21 @@ def _config(settings: AgentSettings) -> AgentConfig:
         offload=settings.offload,
         executors=tuple(ExecutorTarget.parse(e) for e in settings.executor),
         train_memory=int(settings.train_memory_mb * 2**20),
+        prices=_prices(settings.prices),
+        max_cost=math.inf if settings.max_cost is None else settings.max_cost,
         expires=certificate.not_valid_after_utc,
         # Enrolled credentials renew themselves; files given as flags belong to whoever issued them.
         renew_at=None
         if settings.cert or not (settings.dir / "agent.json").is_file()
         else pki.renewal_time(certificate.not_valid_before_utc, certificate.not_valid_after_utc),
     )
+
+
+def _prices(path: Path | None) -> pricing.Prices:
+    try:
+        return pricing.prices_from(path)
+    except pricing.PriceError as exc:
+        raise UserError(str(exc)) from None
 
 
 def _app(settings: AgentSettings) -> tuple[str | None, dict, tuple[int, int]]:

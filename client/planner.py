@@ -6,10 +6,11 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from fedge.client.policy import EDGE, Cost, OffloadSetting, Placement, Situation, on_device, place
 from fedge.client.predictor import Prediction, Predictor, Run
+from fedge.pricing import EXAMPLE_PRICES, GB, Prices
 from fedge.wire import RoundInfo, TrainConfig
 
 log = logging.getLogger("fedge.placement")
@@ -19,11 +20,10 @@ AVOID_ROUNDS = 2  # decisions an executor that just failed sits out: long enough
 
 @dataclass(frozen=True)
 class ExecutorTarget:
-    """A cloud executor the owner allows: ``--executor ID=URL``; ``price`` per round ranks them."""
+    """A cloud executor the owner allows: ``--executor ID=URL``; the price table ranks them."""
 
     id: str
     url: str
-    price: float = 1.0
 
     @classmethod
     def parse(cls, text: str) -> ExecutorTarget:
@@ -40,8 +40,12 @@ class Placer:
         executors: tuple[ExecutorTarget, ...],
         train_memory: int,
         policy: Callable[[Situation], Placement] = place,
+        prices: Prices = EXAMPLE_PRICES,
+        max_cost: float = math.inf,
     ) -> None:
         self.setting = setting
+        self.prices = prices  # what each target's round is predicted to cost (``fedge.pricing``)
+        self.max_cost = max_cost  # the owner's budget per round
         self.policy = policy  # fedge's; a simulation may compare a baseline (policy.fastest)
         self.executors = executors
         self.train_memory = train_memory  # bytes a training run needs on the device
@@ -57,12 +61,14 @@ class Placer:
         """``free``: bytes of memory the device has now (``capacity.free_memory`` on a device, the profile's
         limit in a simulation)."""
         steps = steps_of(info.config, examples)
-        edge = self._cost(EDGE, info.task, steps, 0.0, free >= self.train_memory)
+        edge = self._cost(EDGE, info.task, steps, free >= self.train_memory)
         candidates = [e for e in self.executors if e.id not in self._avoid]
         self._avoid = {id_: n - 1 for id_, n in self._avoid.items() if n > 1}
-        executors = tuple(self._cost(e.id, info.task, steps, e.price, True) for e in candidates)
+        executors = tuple(self._cost(e.id, info.task, steps, True) for e in candidates)
         deadline = info.seconds_left(now)
-        situation = Situation(self.setting, deadline, steps, edge, executors, previous=self.previous)
+        situation = Situation(
+            self.setting, deadline, steps, edge, executors, previous=self.previous, max_cost=self.max_cost
+        )
         self.previous = placement = self.policy(situation)
         predicted = dict(self._predicted)
         log.info(
@@ -78,9 +84,10 @@ class Placer:
         The executor sits out the next ``AVOID_ROUNDS`` decisions."""
         self._avoid[failed] = AVOID_ROUNDS
         steps = steps_of(info.config, examples)
-        edge = self._cost(EDGE, info.task, steps, 0.0, free >= self.train_memory)
+        edge = self._cost(EDGE, info.task, steps, free >= self.train_memory)
         deadline = info.seconds_left(now)
-        self.previous = placement = on_device(Situation(self.setting, deadline, steps, edge))
+        situation = Situation(self.setting, deadline, steps, edge, max_cost=self.max_cost)
+        self.previous = placement = on_device(situation)
         log.info(
             "round %d: %s failed, fell back to %s on %s, %d steps, weight %.3f (%s); deadline in %.1f s",
             info.round, failed, placement.kind, placement.target, placement.steps, placement.weight,
@@ -100,11 +107,13 @@ class Placer:
         self._update_bytes = run.bytes_up or self._update_bytes
         log.info("%s ran %d steps: actual %s, predicted %s", target, run.steps, run, predicted)
 
-    def _cost(self, target: str, task: str, steps: int, price: float, fits_memory: bool) -> Cost:
-        """Predicted from past runs once there are any; before, optimistic, so the first round is tried."""
+    def _cost(self, target: str, task: str, steps: int, fits_memory: bool) -> Cost:
+        """Predicted from past runs once there are any; before, optimistic, so the first round is tried
+        (its price then only what does not depend on time)."""
+        price, per_s = self.price(target)
         if not self.predictor.knows(target, task):
             self._predicted.pop(target, None)
-            return Cost(target, 0.0, 0.0, price, fits_memory)
+            return Cost(target, 0.0, 0.0, price, fits_memory, per_s)
         # Each target moves the model and the update over its own link (timed from its own runs); an
         # executor's job also waits for the device to upload the shard, at the device's uplink until timed.
         shard_bytes, uplink = (
@@ -114,7 +123,16 @@ class Placer:
             target, task, steps, self._model_bytes, self._update_bytes, shard_bytes, uplink
         )
         self._predicted[target] = prediction
-        return prediction.cost(target, price, fits_memory)
+        return replace(prediction.cost(target, price, fits_memory), price_per_s=per_s)
+
+    def price(self, target: str) -> tuple[float, float]:
+        """(per round, per second) at ``self.prices``: an invocation and the model and update moved, then
+        the training run's memory (``train_memory``) for each second, and on an executor its GPU."""
+        p, gb = self.prices, self.train_memory / GB
+        transfer = self._model_bytes / GB * p.gb_down + self._update_bytes / GB * p.gb_up
+        if target == EDGE:
+            return p.device_invocation + transfer, gb * p.device_gb_second
+        return p.executor_invocation + transfer, gb * p.executor_gb_second + p.executor_gpu_second
 
 
 def steps_of(config: TrainConfig, examples: int) -> int:

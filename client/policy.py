@@ -15,6 +15,10 @@ would have to start to make the deadline itself: ``offload_wait``), ``on_device`
 time left, as if no executor had been allowed; the caller leaves that executor out of its next decisions,
 so one broken executor does not cost every round a failed attempt first.
 
+A per-round budget (``max_cost``, in the currency of the price table, ``fedge.pricing``) bounds what a
+placement may cost: executors over it are not taken, and a device whose own round would cost more than it
+trains fewer steps, or skips the round. Within the deadline and the budget the cheapest executor wins.
+
 Hysteresis: once a client offloads, it comes back to the device only when the device's prediction is
 below ``(1 - band)`` of the deadline, so a prediction hovering at the deadline does not flip the placement
 every round (and re-ship the shard every other one).
@@ -46,16 +50,21 @@ class Kind(StrEnum):
 @dataclass(frozen=True)
 class Cost:
     """A target's predicted seconds for a round: ``fixed_s`` (start-up, transfers, margin) plus
-    ``per_step_s`` for each local step; ``price`` per round (0 on the device)."""
+    ``per_step_s`` for each local step; its predicted price: ``price`` per round (an invocation, the bytes
+    moved) plus ``price_per_s`` for each second it runs (memory- and GPU-seconds)."""
 
     target: str
     fixed_s: float
     per_step_s: float
     price: float = 0.0
     fits_memory: bool = True
+    price_per_s: float = 0.0
 
     def seconds(self, steps: int) -> float:
         return self.fixed_s + self.per_step_s * steps
+
+    def price_of(self, steps: int) -> float:
+        return self.price + self.price_per_s * self.seconds(steps)
 
 
 @dataclass(frozen=True)
@@ -68,6 +77,7 @@ class Situation:
     min_steps: int = 1  # fewer steps than this are not worth sending
     previous: Placement | None = None  # last round's placement, for hysteresis
     band: float = 0.2
+    max_cost: float = math.inf  # the owner's budget for one round (``--max-cost``)
 
 
 @dataclass(frozen=True)
@@ -88,7 +98,7 @@ class Placement:
 def place(s: Situation) -> Placement:
     """The placement for one round; see the module docstring for the order of preference."""
     edge_s = s.edge.seconds(s.steps)
-    edge_fits = s.edge.fits_memory and edge_s <= s.deadline_s
+    edge_fits = s.edge.fits_memory and edge_s <= s.deadline_s and s.edge.price_of(s.steps) <= s.max_cost
     near = edge_s > (1 - s.band) * s.deadline_s
     executor = None if s.setting is OffloadSetting.NEVER else _cheapest_fitting(s)
     prewarm = s.setting is not OffloadSetting.NEVER and bool(s.executors) and (near or not edge_fits)
@@ -97,7 +107,7 @@ def place(s: Situation) -> Placement:
         stay = s.previous is not None and s.previous.kind is Kind.OFFLOAD and near
         if s.setting is OffloadSetting.ALWAYS or not edge_fits or stay:
             why = "owner prefers offload" if s.setting is OffloadSetting.ALWAYS else (
-                "edge would miss the deadline or memory" if not edge_fits else "hysteresis: edge too close"
+                "edge misses deadline, memory or budget" if not edge_fits else "hysteresis: edge too close"
             )  # fmt: skip
             wait = offload_wait(s.deadline_s, s.edge, executor, s.steps)
             return Placement(Kind.OFFLOAD, executor.target, s.steps, 1.0, why, prewarm, wait)
@@ -107,14 +117,27 @@ def place(s: Situation) -> Placement:
 def on_device(s: Situation, prewarm: bool = False) -> Placement:
     """The best the device can do alone: all steps, fewer, or skip. ``place``'s answer when no executor is
     taken, and the agent's fallback when an offload failed (``s.deadline_s`` then the time still left)."""
-    if s.edge.fits_memory and s.edge.seconds(s.steps) <= s.deadline_s:
+    affordable = s.edge.price_of(s.steps) <= s.max_cost
+    if s.edge.fits_memory and s.edge.seconds(s.steps) <= s.deadline_s and affordable:
         return Placement(Kind.EDGE, s.edge.target, s.steps, 1.0, "edge fits", prewarm)
-    steps = fewer_steps(s.edge, s.deadline_s, s.steps)
+    in_time = fewer_steps(s.edge, s.deadline_s, s.steps)
+    steps = min(in_time, steps_within_budget(s.edge, s.max_cost, s.steps))
+    what = "the deadline" if steps == in_time else "the budget"
     if s.edge.fits_memory and steps >= s.min_steps:
-        reason = f"{steps} of {s.steps} steps fit the deadline"
+        reason = f"{steps} of {s.steps} steps fit {what}"
         return Placement(Kind.FEWER_STEPS, s.edge.target, steps, steps / s.steps, reason, prewarm)
-    reason = "out of memory" if not s.edge.fits_memory else "not even the fewest steps fit"
+    reason = "out of memory" if not s.edge.fits_memory else f"not even the fewest steps fit {what}"
     return Placement(Kind.SKIP, None, 0, 0.0, reason, prewarm)
+
+
+def steps_within_budget(target: Cost, max_cost: float, steps: int) -> int:
+    """The most local steps (at most ``steps``) whose predicted price stays within ``max_cost``; 0 if none."""
+    if target.price_of(steps) <= max_cost:
+        return steps
+    per_step = target.price_per_s * target.per_step_s
+    if per_step <= 0:
+        return 0
+    return max(0, min(steps, math.floor((max_cost - target.price_of(0)) / per_step)))
 
 
 def offload_wait(deadline_s: float, edge: Cost, executor: Cost, steps: int) -> float:
@@ -144,5 +167,8 @@ def fewer_steps(edge: Cost, deadline_s: float, steps: int) -> int:
 
 
 def _cheapest_fitting(s: Situation) -> Cost | None:
-    fitting = [e for e in s.executors if e.fits_memory and e.seconds(s.steps) <= s.deadline_s]
-    return min(fitting, key=lambda e: (e.price, e.seconds(s.steps)), default=None)
+    fitting = [
+        e for e in s.executors
+        if e.fits_memory and e.seconds(s.steps) <= s.deadline_s and e.price_of(s.steps) <= s.max_cost
+    ]  # fmt: skip
+    return min(fitting, key=lambda e: (e.price_of(s.steps), e.seconds(s.steps)), default=None)

@@ -29,3 +29,5 @@ class AgentSettings(_CommandSettings):
     offload: OffloadSetting = OffloadSetting.NEVER  # may this device's data go, sealed, to an executor?
     executor: list[str] = []  # ID=https://HOST:PORT of the executors the owner allows
     train_memory_mb: float = Field(0.0, ge=0)  # memory a training run needs here
+    prices: Path | None = None  # price table (TOML, fedge.pricing) placements are priced at
+    max_cost: float | None = Field(None, ge=0)  # the owner's budget per round, at those prices

@@ -23,6 +23,10 @@ def executor(
     server: Annotated[str, typer.Option(help="the aggregation server's URL")],
     port: Annotated[int, typer.Option(min=0, max=65535, help="port to listen on (0: a free one)")] = 8443,
     host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    memory_gb: Annotated[
+        float | None,
+        typer.Option(min=0.0, help="memory size a job is billed for (GB-s); default: the process's peak"),
+    ] = None,
 ) -> None:
     """Train clients' rounds for them on this machine's GPU (CPU without one), under their grants."""
     if not server.startswith("https://"):
@@ -33,10 +37,10 @@ def executor(
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     with tempfile.TemporaryDirectory(prefix="fedge-executor-") as scratch:
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", scratch)
-        _serve(pki_dir, id_, server, port, host)
+        _serve(pki_dir, id_, server, port, host, memory_gb)
 
 
-def _serve(pki_dir: Path, id_: str, server: str, port: int, host: str) -> None:
+def _serve(pki_dir: Path, id_: str, server: str, port: int, host: str, memory_gb: float | None) -> None:
     import torch
     import uvicorn
 
@@ -55,7 +59,7 @@ def _serve(pki_dir: Path, id_: str, server: str, port: int, host: str) -> None:
         standing = Standing(pki_dir)
         listener = socket.create_server((host, port))
     config = uvicorn.Config(
-        make_app(Executor(id_, federation, server, creds, standing)),
+        make_app(Executor(id_, federation, server, creds, standing, memory_gb)),
         # A job carries a sealed shard; a calibration request is a small JSON.
         **uvicorn_options(
             Limits(), lambda _method, path: BodyCap(MAX_JOB if path == "/v1/jobs" else 1 << 20)

@@ -29,12 +29,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from pydantic import ValidationError
 
+from fedge import pricing
 from fedge.codec import decode, encode_hashed
 from fedge.edge_functions import tasks
 from fedge.edge_functions.adapters.http import Receive, Send, _error, _read, _respond
 from fedge.edge_functions.app import AppContext, AppError, checked_train, numeric, run
 from fedge.edge_functions.events import Calibrated, Calibration, Job, JobDone
-from fedge.edge_functions.functions import app_config, load_app, timed_fits
+from fedge.edge_functions.functions import app_config, load_app, peak_memory_gb, timed_fits
 from fedge.jsonlimits import JSONError, loads
 from fedge.security import offload, signing
 from fedge.security.peer import peer_certificate
@@ -59,6 +60,7 @@ class Executor:
     server: str
     creds: Credentials
     standing: Standing  # the federation's CRL and current certificates (the executor's --pki directory)
+    memory_gb: float | None = None  # the function's memory size, as billed (``--memory-gb``); None: its peak
     key: X25519PrivateKey = field(default_factory=X25519PrivateKey.generate)
 
     def key_statement(self) -> dict[str, str]:
@@ -112,7 +114,12 @@ class Executor:
             metrics = numeric(result.metrics)
             loss = metrics.get("train_loss", 0.0)
             examples = max(1, round(result.num_examples * job.weight))
-            meta = UpdateMeta(examples, loss, download.sha256, raw_bytes=x.nbytes + y.nbytes, metrics=metrics)
+            seconds = time.perf_counter() - started
+            gb = self.memory_gb if self.memory_gb is not None else peak_memory_gb()
+            usage = pricing.executor_round(seconds, gb, device.type == "cuda", len(download.body))
+            meta = UpdateMeta(
+                examples, loss, download.sha256, raw_bytes=x.nbytes + y.nbytes, metrics=metrics, usage=usage
+            )
             body, digest = encode_hashed(result.params, meta.to_metadata())
             uploading = time.perf_counter()
             receipt = api.post_update(job.round, body, grant=job.grant, body_sha256=digest)

@@ -10,6 +10,7 @@ between invocations (the model last downloaded, the data partition), never anyth
 from __future__ import annotations
 
 import functools
+import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedge import compression, descriptors
+from fedge import compression, descriptors, pricing
 from fedge.codec import Tensors, decode, encode, encode_hashed
 from fedge.edge_functions import app, datafiles, partition, tasks
 from fedge.edge_functions.app import App, AppContext, Result
@@ -59,6 +60,10 @@ class Hooks:
     def ready(self, work_seconds: float, size: int) -> bool:
         """The update of ``size`` bytes is encoded after ``work_seconds`` of work: False holds it back."""
         return True
+
+    def billed(self, seconds: float) -> float:
+        """The function seconds ``seconds`` of work here take on the device whose bill is counted."""
+        return seconds
 
 
 NO_HOOKS = Hooks()
@@ -230,7 +235,10 @@ def train(event: dict, context: Context, hooks: Hooks = NO_HOOKS) -> dict:
     tensors = hooks.trained(result.params, context.model)
     tensors, how = compression.compress(tensors, context.model, ev.compression)
     examples = max(1, round(result.num_examples * ev.weight))
-    meta = UpdateMeta(examples, loss, context.model_sha256 or "", how, steps=ev.max_steps, metrics=metrics)
+    usage = pricing.device_round(hooks.billed(time.perf_counter() - started), peak_memory_gb(), bytes_down)
+    meta = UpdateMeta(
+        examples, loss, context.model_sha256 or "", how, steps=ev.max_steps, metrics=metrics, usage=usage
+    )
     body, digest = encode_hashed(tensors, meta.to_metadata())
     delivered = hooks.ready(time.perf_counter() - started - download_seconds, len(body))  # not the network
     staleness = None
@@ -250,6 +258,12 @@ def train(event: dict, context: Context, hooks: Hooks = NO_HOOKS) -> dict:
         seconds=time.perf_counter() - started,
         metrics=metrics,
     ).model_dump()
+
+
+def peak_memory_gb() -> float:
+    """The most memory this function's process has held (Linux reports KiB): a device has no configured
+    memory size to bill by, so its GB-seconds count what it used."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / pricing.GB
 
 
 def calibrate(event: dict, context: Context) -> dict:

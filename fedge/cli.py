@@ -88,6 +88,13 @@ def simulate(
     train_memory_mb: Annotated[
         float | None, typer.Option(help="with --profile: memory a training run needs on a device [256]")
     ] = None,
+    prices: Annotated[
+        Path | None,
+        typer.Option(dir_okay=False, help="price table (TOML) rounds are billed at [example rates]"),
+    ] = None,
+    max_cost: Annotated[
+        float | None, typer.Option(min=0.0, help="with --profile: each device's budget per round [none]")
+    ] = None,
     dashboard: Annotated[
         int | None,
         typer.Option(
@@ -122,7 +129,7 @@ def simulate(
             max_staleness=max_staleness, staleness_exponent=staleness_exponent, stragglers=stragglers,
             straggler_delay=straggler_delay, compression=compression, profile=profile, placement=placement,
             train_memory_mb=train_memory_mb, backend=backend, ray_address=ray_address, app=app_,
-            flower_app=flower_app, run_config=run_config, **knobs,
+            flower_app=flower_app, run_config=run_config, prices=prices, max_cost=max_cost, **knobs,
         )  # fmt: skip
         strategy_of(settings)  # a bad strategy is refused here, not by the server it would start
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -145,6 +152,10 @@ def _figure(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
+def _cost(value: float | None) -> str:
+    return "-" if value is None else f"{value:.6f}"
+
+
 def _show(report: Report, settings: SimulationSettings) -> None:
     """What a person reads after a simulation: a table per round, the plot, and the run's totals."""
     from fedge.sim.plots import accuracy_plot
@@ -154,13 +165,14 @@ def _show(report: Report, settings: SimulationSettings) -> None:
         title=f"fedge simulate: {settings.clients} clients{attacked}, {settings.dataset}, "
         f"{settings.partition}, {settings.strategy}"
     )
-    for column in ("round", "accuracy", "loss", "updates", "seconds", "MB up", "MB down", "fit metrics"):
+    for column in ("round", "accuracy", "loss", "updates", "seconds", "MB up", "MB down", "cost",
+                   "fit metrics"):  # fmt: skip
         table.add_column(column, justify="right")
     for r in report.rounds:
         fitted = " ".join(f"{k}={v:.4g}" for k, v in sorted(r.train_metrics.items()))
         table.add_row(
             str(r.round), _figure(r.accuracy), f"{r.loss:.4f}", str(r.updates), f"{r.seconds:.2f}",
-            f"{r.bytes_up / 1e6:.2f}", f"{r.bytes_down / 1e6:.2f}", fitted,
+            f"{r.bytes_up / 1e6:.2f}", f"{r.bytes_down / 1e6:.2f}", _cost(r.cost), fitted,
         )  # fmt: skip
     console.print(table)
     accuracy_plot(
@@ -183,6 +195,9 @@ def _show(report: Report, settings: SimulationSettings) -> None:
             "" if report.oracle_agreement is None else f"; {report.oracle_agreement:.1%} as the oracle"
         )
         console.print(f"raw data offloaded: {report.raw_bytes_offloaded / 1e6:.2f} MB (sealed){agreement}")
+    if report.cost is not None:
+        rates = settings.prices or "the example rates (--prices to set your own)"
+        console.print(f"cost of the run: {report.cost:.6f} at {rates}")
     sent = sum(r.bytes_up for r in report.rounds)
     console.print(f"updates sent: {sent / 1e6:.2f} MB ({settings.compression} compression)")
     console.print(

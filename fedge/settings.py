@@ -108,6 +108,7 @@ class ServerSettings(TrainingSettings):
     enrolled_days: int = Field(
         7, ge=1, le=365
     )  # the lifetime of a certificate issued at enrollment or renewal
+    prices: Path | None = None  # price table (TOML, fedge.pricing) rounds are billed at; none: example rates
 
 
 class SimulationSettings(TrainingSettings):
@@ -126,6 +127,8 @@ class SimulationSettings(TrainingSettings):
     profile: Path | None = None  # device profiles (fedge.sim.profiles): slow, small, flaky, far devices
     placement: str = "fedge"  # with a profile: fedge, or a baseline (fedge.sim.fleet.Rule)
     train_memory_mb: float = Field(256.0, gt=0)  # with a profile: what a training run needs on a device
+    prices: Path | None = None  # price table (TOML, fedge.pricing): the server bills rounds at it
+    max_cost: float | None = Field(None, ge=0)  # with a profile: each device's budget per round
     backend: str = "local"  # where client invocations run: local (a warm pool) or ray (fedge.sim.ray_pool)
     ray_address: str | None = None  # with --backend ray: a running cluster's address, else a local one
     app: str | None = None  # the clients' app (fedge.edge_functions.app): module:attr, or an entry point

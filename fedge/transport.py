@@ -10,6 +10,7 @@ import functools
 import time
 from dataclasses import dataclass
 from types import TracebackType
+from typing import Any
 
 import httpx
 from cryptography import x509
@@ -102,6 +103,16 @@ class FedgeClient:
         response = self._http.get("/v1/model/meta")
         raise_for_error(response)
         return ModelMeta.model_validate_json(response.content)
+
+    def overview(self) -> dict[str, Any]:
+        """Admin: the federation's rounds and clients with their figures (``GET /v1/admin/overview``), as
+        the server's JSON (its types live in the server, above this module)."""
+        response = self._http.get("/v1/admin/overview")
+        raise_for_error(response)
+        body = response.json()
+        if not isinstance(body, dict):
+            raise ServerError(response.status_code, "bad_overview", "the overview is not a JSON object")
+        return body
 
     def start(self) -> RoundInfo:
         """Admin: let a federation served with ``--manual-start`` open round 1."""

@@ -6,12 +6,13 @@ import json
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 from pydantic import BaseModel, Field
 
 from fedge.jsonlimits import JSONError, loads
+from fedge.pricing import Usage
 
 
 def rounds_topic(federation: str) -> str:
@@ -105,10 +106,13 @@ RAW_BYTES = "raw_bytes"  # bytes of a device's raw examples an executor trained 
 COMPRESSION = "compression"
 INT8_SCALES = "int8_scales"
 METRICS = "metrics"  # the client app's fit metrics: a JSON object of name -> number
+USAGE = "usage"  # what computing the update consumed (fedge.pricing.Usage): a JSON object of field -> number
 COMPRESSIONS = ("none", "float16", "int8")
 
 _MAX_SCALES_BYTES = 1 << 20
 _MAX_METRICS_BYTES = 16 * 1024
+_MAX_USAGE_BYTES = 2048
+_MAX_USAGE = 1e15  # past any real round's seconds or bytes: a larger figure is a lie or a bug
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -158,11 +162,19 @@ class UpdateMeta:
     steps: int | None = None
     raw_bytes: int | None = None
     metrics: Mapping[str, float] = field(default_factory=dict)
+    usage: Usage | None = None  # what its producer's run consumed, for the round's bill (its own word)
+
+    def received(self, size: int) -> Usage:
+        """The usage the server bills for this update: its producer's figures, with the ``size`` bytes of
+        the body the server itself received as the upload."""
+        return replace(self.usage or Usage(), bytes_up=size)
 
     def to_metadata(self) -> dict[str, str]:
         metadata = {NUM_EXAMPLES: str(self.num_examples), **self.compression.to_metadata()}
         if self.metrics:
             metadata[METRICS] = json.dumps(dict(self.metrics), sort_keys=True)
+        if self.usage is not None:
+            metadata[USAGE] = json.dumps({k: v for k, v in self.usage.as_dict().items() if v}, sort_keys=True)
         if self.train_loss is not None:
             metadata[TRAIN_LOSS] = f"{self.train_loss:.6f}"
         if self.base_sha256 is not None:
@@ -186,8 +198,36 @@ class UpdateMeta:
         return cls(
             num_examples, _loss(metadata.get(TRAIN_LOSS)), _base(metadata.get(BASE_SHA256)), compression,
             steps=_count(metadata, STEPS), raw_bytes=_count(metadata, RAW_BYTES),
-            metrics=_metrics(metadata.get(METRICS)),
+            metrics=_metrics(metadata.get(METRICS)), usage=_usage(metadata.get(USAGE)),
         )  # fmt: skip
+
+
+def _usage(text: str | None) -> Usage | None:
+    """A small JSON object of ``Usage`` field -> finite non-negative number (counts as integers); fields
+    this version does not know are ignored, as unknown metadata keys are."""
+    if text is None:
+        return None
+    problem = f"{USAGE} must be a JSON object of usage field -> non-negative number below {_MAX_USAGE:g}"
+    try:
+        parsed = loads(text, max_bytes=_MAX_USAGE_BYTES)
+    except JSONError as exc:
+        raise MetadataError(f"{problem} ({exc})") from None
+    if not isinstance(parsed, dict):
+        raise MetadataError(problem)
+    known = Usage.__dataclass_fields__
+    values: dict[str, float | int] = {}
+    for key, value in parsed.items():
+        if key not in known:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise MetadataError(f"{problem}: {key!r}")
+        if not (math.isfinite(value) and 0 <= value < _MAX_USAGE):
+            raise MetadataError(f"{problem}: {key!r}")
+        counted = known[key].type in ("int", int)
+        if counted and value != int(value):
+            raise MetadataError(f"{USAGE} field {key!r} must be an integer")
+        values[key] = int(value) if counted else float(value)
+    return Usage(**values)  # type: ignore[arg-type]
 
 
 def _scales(text: str | None) -> dict[str, float]:

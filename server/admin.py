@@ -158,7 +158,7 @@ def _overview(federation: Federation, trust: Trust, info: RoundInfo) -> str:
         federation=trust.federation,
         now=now,
         round=info,
-        rounds=round_figures(ledger, now),
+        rounds=round_figures(ledger, now, federation.settings.prices),
         clients=client_figures(
             ledger,
             [cert for cert, _ in certificates],

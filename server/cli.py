@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
-from fedge import descriptors
+from fedge import descriptors, pricing
 from fedge.console import UserError, user_errors, warn
 from fedge.files import made_dir
 from fedge.security import pki
@@ -71,20 +71,23 @@ def strategy_of(settings: TrainingSettings) -> Strategy:
         raise UserError(str(exc)) from None
 
 
-def federation_settings(settings: ServerSettings, federation: str) -> FederationSettings:
-    """The round control's settings: every field they share with the server's, copied by name."""
+def federation_settings(
+    settings: ServerSettings, federation: str, prices: pricing.Prices
+) -> FederationSettings:
+    """The round control's settings: every field they share with the server's, copied by name, and the
+    price table its ``--prices`` file holds."""
     from fedge.server.rounds import FederationSettings
     from fedge.wire import TrainConfig
 
     shared = {
         f.name: getattr(settings, f.name)
         for f in fields(FederationSettings)
-        if f.name in ServerSettings.model_fields
+        if f.name in ServerSettings.model_fields and f.name != "prices"  # a file there, its table here
     }
     train = TrainConfig(
         local_epochs=settings.local_epochs, batch_size=settings.batch_size, learning_rate=settings.lr
     )
-    return FederationSettings(federation=federation, train=train, **shared)
+    return FederationSettings(federation=federation, train=train, prices=prices, **shared)
 
 
 @strategy_options
@@ -145,13 +148,17 @@ def server(
         int | None,
         typer.Option(min=1, max=365, help="lifetime of the certificates enrollment and renewal issue [7]"),
     ] = None,
+    prices: Annotated[
+        Path | None,
+        typer.Option(dir_okay=False, help="price table (TOML) rounds are billed at [example rates]"),
+    ] = None,
     **knobs: Any,
 ) -> None:
     """Serve the global model read-only and aggregate each selected client's update, round after round;
     exit once the last round has closed."""
     from fedge.server.store import Store, StoreError
 
-    with user_errors(pki.PKIError, ValueError, OSError, StoreError):
+    with user_errors(pki.PKIError, ValueError, OSError, StoreError, pricing.PriceError):
         settings = ServerSettings.with_knobs(registry.settings_fields()).from_flags(
             pki=pki_dir, data=data, store=store, host=host, port=port, task=task, init_model=init_model,
             rounds=rounds, min_clients=min_clients, min_updates=min_updates, round_timeout=round_timeout,
@@ -160,8 +167,9 @@ def server(
             buffer=buffer, max_staleness=max_staleness, staleness_exponent=staleness_exponent, mqtt=mqtt,
             manual_start=manual_start, presence_window=presence_window, eval_data=eval_data,
             log_format=log_format, serve_after_finish=serve_after_finish, enrolled_days=enrolled_days,
-            **knobs,
+            prices=prices, **knobs,
         )  # fmt: skip
+        priced = pricing.prices_from(settings.prices)
         chosen = strategy_of(settings)
         from fedge.server import metrics, roundlog, service
         from fedge.server.app import create_app
@@ -190,7 +198,7 @@ def server(
             store = Store(settings.data, settings.store)
             federation = Federation(
                 store,
-                federation_settings(settings, pki.federation_of(settings.pki)),
+                federation_settings(settings, pki.federation_of(settings.pki), priced),
                 registered_clients=lambda: trust.eligible(settings.presence_window),
                 initial_model=_initial_model(settings) if store.get_meta("global_sha256") is None else None,
                 strategy=chosen,
@@ -198,6 +206,7 @@ def server(
             )
         announcer = None if broker is None else _announcer(federation, broker, creds, trust)
         metrics.start(federation.round_info())
+        metrics.price_with(priced)
         metrics.watch(creds.cert.read_bytes(), trust.ca_pem, settings.pki / "crl.pem", trust.presence)
         log.emit(roundlog.serving(f"https://{settings.host}:{sock.getsockname()[1]}", time.time()))
         if evaluation is not None:

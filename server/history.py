@@ -23,6 +23,7 @@ from pydantic import BaseModel, Field
 from rich.table import Table
 
 from fedge.console import UserError, console, user_errors
+from fedge.pricing import EXAMPLE_PRICES, PriceError, Prices, Usage, cost, prices_from
 from fedge.security.pki import CertificateInfo
 from fedge.server.store import Ledger, Store, StoreError, read_ledger
 
@@ -48,6 +49,10 @@ class RoundFigures(BaseModel):
     stragglers: list[str] = Field(description="selected, closed without an update or a skip from them")
     accuracy: float | None = Field(None, description="the server's evaluation of the model it produced")
     loss: float | None = None
+    cost: float = Field(0.0, description="what its updates' usage cost at the server's prices")
+    usage: dict[str, float] = Field(
+        default_factory=dict, description="what its bill is made of (fedge.pricing.Usage), summed"
+    )
 
 
 class ClientFigures(BaseModel):
@@ -63,7 +68,8 @@ class ClientFigures(BaseModel):
     certificate_status: str | None = None
 
 
-def round_figures(ledger: Ledger, now: float) -> list[RoundFigures]:
+def round_figures(ledger: Ledger, now: float, prices: Prices = EXAMPLE_PRICES) -> list[RoundFigures]:
+    """``prices``: what the rounds' usage is billed at (the server's ``--prices``)."""
     by_round: dict[int, list[float]] = {}
     sizes: dict[int, int] = {}
     offloaded: dict[int, int] = {}
@@ -94,6 +100,7 @@ def round_figures(ledger: Ledger, now: float) -> list[RoundFigures]:
                 stragglers=[c for c in r.selected if r.state in CLOSED and (r.round, c) not in reported],
                 accuracy=scored[r.round].accuracy if r.round in scored else None,
                 loss=scored[r.round].loss if r.round in scored else None,
+                cost=cost(used := ledger.usage.get(r.round, Usage()), prices).total, usage=used.as_dict(),
             )
         )  # fmt: skip
     return figures
@@ -173,19 +180,23 @@ def _check_sqlite(data: Path) -> None:
 def runs(
     data: Annotated[Path, typer.Option(help="the server's --data directory")],
     store: Annotated[str | None, typer.Option(help="its PostgreSQL store, when it has one")] = None,
+    prices: Annotated[
+        Path | None, typer.Option(help="price table (TOML) to bill the rounds at; default: example rates")
+    ] = None,
 ) -> None:
-    """List a server's rounds, finished and running, with their figures, from its store."""
-    with user_errors(OSError):
-        figures = round_figures(open_ledger(data, store), time.time())
-    table = Table(title=f"rounds in {data}")
+    """List a server's rounds, finished and running, with their figures and cost, from its store."""
+    with user_errors(OSError, PriceError):
+        priced = prices_from(prices)  # a bad table is said before the store is opened
+        figures = round_figures(open_ledger(data, store), time.time(), priced)
+    table = Table(title=f"rounds in {data}", caption=f"cost of the run: {sum(f.cost for f in figures):.6f}")
     for column in ("round", "state", "selected", "updates", "skipped", "stragglers", "offloaded", "MB",
-                   "seconds", "waiting", "arriving", "closing", "accuracy", "loss"):  # fmt: skip
+                   "seconds", "waiting", "arriving", "closing", "accuracy", "loss", "cost"):  # fmt: skip
         table.add_column(column, justify="right")
     for f in figures:
         table.add_row(
             str(f.round), f.state, str(f.selected), str(f.updates), str(f.skipped), str(len(f.stragglers)),
             str(f.offloaded), f"{f.bytes / 1e6:.2f}", f"{f.seconds:.2f}", _seconds(f.waiting),
-            _seconds(f.arriving), _seconds(f.closing), _figure(f.accuracy), _figure(f.loss),
+            _seconds(f.arriving), _seconds(f.closing), _figure(f.accuracy), _figure(f.loss), f"{f.cost:.6f}",
         )  # fmt: skip
     console.print(table if figures else f"no rounds in {data} yet")
 

@@ -4,6 +4,8 @@ The round series are set from the round log's events (``record`` listens to serv
 step of a round is a log line and a series from the same facts; the certificate and presence gauges are
 read when Prometheus scrapes. A labelled series appears once it has a value: accuracy and loss carry
 ``source`` ("server": ``fedge server --eval-data``), and a source that never reports exports nothing.
+The usage and cost series are exported from the start (at 0), by place and component: an update's usage
+(``fedge.pricing``) moves them, priced at the server's ``--prices``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 from cryptography import x509
 from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram
 
+from fedge.pricing import EXAMPLE_PRICES, Prices, Usage, cost
 from fedge.server.presence import Presence
 from fedge.server.roundlog import Event, RoundEvent, Where
 from fedge.wire import RoundInfo, RoundState
@@ -90,6 +93,35 @@ agents_seen = Gauge(
     "Clients seen (a request, an MQTT status) in the last 60 s",
     registry=registry,
 )
+function_seconds = Counter(
+    "fedge_function_seconds", "Function seconds the updates took, as their producers report",
+    ["place"], registry=registry,
+)  # fmt: skip
+gb_seconds = Counter(
+    "fedge_gb_seconds", "Memory-seconds (GB-s) the updates took, as their producers report",
+    ["place"], registry=registry,
+)  # fmt: skip
+invocations = Counter(
+    "fedge_invocations", "Function invocations behind the updates", ["place"], registry=registry
+)
+gpu_seconds = Counter("fedge_gpu_seconds", "GPU-seconds executors spent on updates", registry=registry)
+transfer_bytes = Counter(
+    "fedge_transfer_bytes", "Bytes billed as transferred: updates up, models down", ["direction"],
+    registry=registry,
+)  # fmt: skip
+costs = Counter("fedge_cost", "What the updates cost at the server's prices, by component", ["component"],
+                registry=registry)  # fmt: skip
+round_cost = Gauge("fedge_round_cost", "What the current round has cost so far", registry=registry)
+PLACES = ("device", "executor")
+COMPONENTS = ("device", "executor", "gpu", "transfer")
+for _place in PLACES:
+    for _counter in (function_seconds, gb_seconds, invocations):
+        _counter.labels(place=_place)
+for _direction in ("up", "down"):
+    transfer_bytes.labels(direction=_direction)
+for _component in COMPONENTS:
+    costs.labels(component=_component)
+_prices = [EXAMPLE_PRICES]  # the server's --prices (``price_with``)
 PRESENCE_WINDOW = 60.0
 SKIP = "skip"
 
@@ -104,6 +136,7 @@ def record(event: RoundEvent) -> None:
             selected.set(float(fields["selected"]))
             received.set(0)
             skipped.set(0)
+            round_cost.set(0)
         case Event.UPDATE:
             size = float(fields["bytes"])
             received.inc()
@@ -112,6 +145,8 @@ def record(event: RoundEvent) -> None:
             placements.labels(kind=str(fields["where"])).inc()
             if fields["where"] == Where.OFFLOAD and "raw_bytes" in fields:
                 raw_bytes_offloaded.inc(float(fields["raw_bytes"]))
+            if isinstance(usage := fields.get("usage"), dict):
+                charge(Usage(**usage))
         case Event.SKIP:
             skipped.inc()
             placements.labels(kind=SKIP).inc()
@@ -128,6 +163,30 @@ def record(event: RoundEvent) -> None:
             evaluated_round.labels(source=source).set(event.round)
         case Event.FINISHED:
             round_state.state(RoundState.FINISHED)
+
+
+def charge(usage: Usage) -> None:
+    """Count one update's usage and what it cost."""
+    u = usage
+    for place, seconds, gbs, calls in (
+        ("device", u.device_seconds, u.device_gb_seconds, u.device_invocations),
+        ("executor", u.executor_seconds, u.executor_gb_seconds, u.executor_invocations),
+    ):
+        function_seconds.labels(place=place).inc(seconds)
+        gb_seconds.labels(place=place).inc(gbs)
+        invocations.labels(place=place).inc(calls)
+    gpu_seconds.inc(u.gpu_seconds)
+    transfer_bytes.labels(direction="up").inc(u.bytes_up)
+    transfer_bytes.labels(direction="down").inc(u.bytes_down)
+    bill = cost(u, _prices[0])
+    for component in COMPONENTS:
+        costs.labels(component=component).inc(getattr(bill, component))
+    round_cost.inc(bill.total)
+
+
+def price_with(prices: Prices) -> None:
+    """Price usage at ``prices`` from now on (the server's ``--prices``)."""
+    _prices[0] = prices
 
 
 def start(info: RoundInfo) -> None:

@@ -74,6 +74,7 @@ def update(round_: int, client: str, size: int, computed_by: str, meta: UpdateMe
     for name in ("steps", "raw_bytes"):
         if (value := getattr(meta, name)) is not None:
             fields[name] = value
+    fields["usage"] = meta.received(size).as_dict()  # what the round's bill counts (fedge.pricing)
     return RoundEvent(Event.UPDATE, round_, at, fields)
 
 

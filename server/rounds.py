@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 
 from fedge.codec import Tensors, decode, encode, mapped
+from fedge.pricing import EXAMPLE_PRICES, Prices
 from fedge.server import aggregation
 from fedge.server.errors import Rejected
 from fedge.server.intake import CheckedUpdate
@@ -54,6 +55,7 @@ class FederationSettings:
     staleness_exponent: float = 0.5
     manual_start: bool = False  # round 1 waits for an admin's POST /v1/admin/start
     train: TrainConfig = field(default_factory=TrainConfig)
+    prices: Prices = EXAMPLE_PRICES  # what a round's usage costs (``--prices``; fedge.pricing)
 
 
 @dataclass(frozen=True)
@@ -204,6 +206,7 @@ class Federation:
                     round_, client, update.sha256, len(update.body), examples, update.provenance, staleness,
                     update.restored is not None,
                 )  # fmt: skip
+                self._store.record_usage(round_, client, update.meta.received(len(update.body)))
             self._fold(update.tensors, examples, staleness)
             self.log.update(round_, client, len(update.body), update.provenance.computed_by, update.meta)
             changed = self._advance(time.time())

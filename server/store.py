@@ -16,12 +16,13 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, overload
 
 from fedge.codec import Tensors, mapped, sha256
 from fedge.files import write_file
+from fedge.pricing import Usage
 from fedge.wire import TrainConfig
 
 _SCHEMA = """
@@ -67,7 +68,22 @@ CREATE TABLE IF NOT EXISTS evaluations (
     evaluated_at DOUBLE PRECISION NOT NULL,
     PRIMARY KEY (round, source)
 );
+CREATE TABLE IF NOT EXISTS usage (  -- what each update's run consumed (fedge.pricing.Usage), for the bill
+    round INTEGER NOT NULL,
+    client TEXT NOT NULL,
+    device_seconds DOUBLE PRECISION NOT NULL,
+    device_gb_seconds DOUBLE PRECISION NOT NULL,
+    device_invocations BIGINT NOT NULL,
+    executor_seconds DOUBLE PRECISION NOT NULL,
+    executor_gb_seconds DOUBLE PRECISION NOT NULL,
+    executor_invocations BIGINT NOT NULL,
+    gpu_seconds DOUBLE PRECISION NOT NULL,
+    bytes_up BIGINT NOT NULL,           -- the update body the server received
+    bytes_down BIGINT NOT NULL,         -- the global model its producer fetched
+    PRIMARY KEY (round, client)
+);
 """
+_USAGE_KINDS = [int if f.type in ("int", int) else float for f in fields(Usage)]  # SUM gives Decimal on PG
 
 
 class StoreError(Exception):
@@ -359,6 +375,28 @@ class Store:
              time.time()),
         )  # fmt: skip
 
+    def record_usage(self, round_: int, client: str, usage: Usage) -> None:
+        """What computing ``client``'s update of ``round_`` consumed; recorded once, with the update."""
+        u = usage
+        self._execute(
+            "INSERT INTO usage (round, client, device_seconds, device_gb_seconds, device_invocations,"
+            " executor_seconds, executor_gb_seconds, executor_invocations, gpu_seconds, bytes_up, bytes_down)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (round, client) DO NOTHING",
+            (round_, client, u.device_seconds, u.device_gb_seconds, u.device_invocations, u.executor_seconds,
+             u.executor_gb_seconds, u.executor_invocations, u.gpu_seconds, u.bytes_up, u.bytes_down),
+        )  # fmt: skip
+
+    def usage_by_round(self) -> dict[int, Usage]:
+        """Each round's usage, summed over its updates: what its bill is made of."""
+        rows = self._execute(
+            "SELECT round, SUM(device_seconds), SUM(device_gb_seconds), SUM(device_invocations),"
+            " SUM(executor_seconds), SUM(executor_gb_seconds), SUM(executor_invocations), SUM(gpu_seconds),"
+            " SUM(bytes_up), SUM(bytes_down) FROM usage GROUP BY round ORDER BY round"
+        ).fetchall()
+        return {  # PostgreSQL sums integers as numeric: each figure is made the type Usage holds
+            row[0]: Usage(*(kind(v) for kind, v in zip(_USAGE_KINDS, row[1:], strict=True))) for row in rows
+        }
+
     def evaluations(self) -> list[Evaluation]:
         """Every stored evaluation, by round then source."""
         rows = self._execute(
@@ -477,6 +515,7 @@ class Ledger:
     updates: list[UpdateRow]
     skips: list[SkipRow]
     evaluations: list[Evaluation]
+    usage: dict[int, Usage] = field(default_factory=dict)  # round -> what its updates consumed
 
 
 def read_ledger(store: Store) -> Ledger:
@@ -495,4 +534,5 @@ def read_ledger(store: Store) -> Ledger:
         updates=[UpdateRow(*u) for u in updates],
         skips=[SkipRow(*s) for s in skips],
         evaluations=store.evaluations(),
+        usage=store.usage_by_round(),
     )

@@ -68,7 +68,7 @@ def bad_values(path: tuple[str, ...], w: Path) -> dict[str, str]:
         "--backend": "nowhere", "--ray-address": "127.0.0.1:1",
         "--app": "no_such_module:app", "--flower-app": str(w / "a-file"),
         "--run-config": "no-equals-sign", "--label": "species",
-        "--node-config": "partition-id=3 num-partitions=2",
+        "--node-config": "partition-id=3 num-partitions=2", "--prices": str(w / "notes.npz"),
     }  # fmt: skip
 
 

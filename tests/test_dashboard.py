@@ -218,6 +218,7 @@ def test_chromium_shows_the_current_round_a_point_per_finished_round_and_every_c
     assert sorted(re.findall(r'class="client" data-id="([^"]+)"', dom)) == [
         "client-0000", "client-0001", "client-0002",
     ]  # fmt: skip
+    assert float(re.search(r'id="cost-total">([\d.]+)<', dom).group(1)) >= 0  # the run's bill, shown
     assert shot.stat().st_size > 10_000
     keep_artifact(shot)
 

@@ -32,6 +32,14 @@ def computed(server) -> list[tuple[int, str, str]]:
         return db.execute("SELECT round, client, computed_by FROM updates ORDER BY 1, 2").fetchall()
 
 
+def billed(server) -> list[tuple]:
+    with sqlite3.connect(server.data / "state.db") as db:
+        return db.execute(
+            "SELECT client, executor_invocations, executor_seconds, executor_gb_seconds, gpu_seconds,"
+            " device_invocations, bytes_up, bytes_down FROM usage"
+        ).fetchall()
+
+
 def tree(directory: Path) -> list[str]:
     return sorted(str(p.relative_to(directory)) for p in directory.rglob("*"))
 
@@ -133,6 +141,14 @@ def test_an_offloaded_round_is_trained_by_the_executor_under_the_grant_and_leave
         assert done.job_bytes > done.raw_bytes  # sealed and base64: a third more than the raw examples
         assert done.raw_bytes >= alice_data[0].nbytes + alice_data[1].nbytes
         assert computed(server) == [(r, "alice", "gpu-1")]
+        # What the job consumed is on the round's bill: one executor invocation, its seconds and memory
+        # (GPU-seconds only on CUDA), the model it fetched and the update the server received.
+        ((client, calls, seconds, gb_seconds, gpu_seconds, device_calls, up, down),) = billed(server)
+        assert (client, calls, device_calls) == ("alice", 1, 0)
+        assert 0 < seconds <= done.result.seconds
+        assert gb_seconds > 0
+        assert (gpu_seconds > 0) == (done.result.device == "cuda")
+        assert (up, down) == (done.result.bytes_up, done.result.bytes_down)
 
         # One grant, one update: the same job again is refused by the server.
         with pytest.raises(ServerError, match="duplicate_update"):

@@ -141,15 +141,13 @@ def test_an_offload_is_waited_for_only_as_long_as_the_device_could_still_take_ov
 
 
 def test_a_failed_executor_sits_out_the_next_rounds_then_is_tried_again() -> None:
-    placer = Placer(
-        ALWAYS, (ExecutorTarget("gpu-1", "https://a"), ExecutorTarget("gpu-2", "https://b", 2.0)), 0
-    )
+    placer = Placer(ALWAYS, (ExecutorTarget("gpu-1", "https://a"), ExecutorTarget("gpu-2", "https://b")), 0)
     placer.calibrated("edge", "digits", (10, 1.0), (100, 10.0))  # 0.1 s a step
     info = RoundInfo(
         round=1, state=RoundState.OPEN, model_sha256="0" * 64, task="digits", config=TrainConfig()
     )
     steps = TrainConfig().local_epochs * 4  # 100 examples, batches of 32
-    assert placer.decide(info, 100, 0, free=1).target == "gpu-1"  # the cheaper one
+    assert placer.decide(info, 100, 0, free=1).target == "gpu-1"  # equal prices: the first
     fallback = placer.fallback("gpu-1", info, 100, 0, free=1)
     assert (fallback.kind, fallback.steps) == (Kind.EDGE, steps)
     targets = [

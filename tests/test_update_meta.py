@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from fedge.pricing import Usage
 from fedge.wire import Compression, CompressionError, MetadataError, UpdateMeta
 
 SHA = "ab" * 32
@@ -51,3 +52,29 @@ def test_names_with_brackets_inside_strings_are_not_nesting() -> None:
         {"num_examples": "1", "compression": "int8", "int8_scales": '{"a[0]{": 1}'}
     )
     assert meta.compression.int8_scales == {"a[0]{": 1.0}
+
+
+def test_usage_round_trips_and_unknown_usage_fields_are_ignored() -> None:
+    usage = Usage(executor_seconds=2.5, executor_gb_seconds=5.0, executor_invocations=1, gpu_seconds=2.5)
+    meta = UpdateMeta(4, usage=usage)
+    assert UpdateMeta.from_metadata(meta.to_metadata()).usage == usage
+    later = {"num_examples": "4", "usage": '{"device_seconds": 1, "tpu_seconds": 3}'}
+    assert UpdateMeta.from_metadata(later).usage == Usage(device_seconds=1.0)
+    assert UpdateMeta.from_metadata({"num_examples": "4"}).usage is None
+
+
+@pytest.mark.parametrize(
+    "usage",
+    [
+        "[1, 2]",
+        '{"device_seconds": -1}',
+        '{"device_seconds": 1e300}',
+        '{"device_seconds": "1"}',
+        '{"device_seconds": true}',
+        '{"device_invocations": 1.5}',
+        '{"bytes_down": ' + "9" * 3000 + "}",
+    ],
+)
+def test_bad_usage_is_refused(usage: str) -> None:
+    with pytest.raises(MetadataError, match="usage"):
+        UpdateMeta.from_metadata({"num_examples": "1", "usage": usage})

@@ -279,13 +279,20 @@ class Fleet:
         link = profile.bandwidth or math.inf
         steps = steps_of(info.config, examples)
         update = self._model_bytes  # an update is as large as the model
-        edge = Cost(EDGE, (self._model_bytes + update) / link, machine * profile.slowdown)
-        edge = replace(edge, fits_memory=free >= self.train_memory)
+        price, per_s = device.placer.price(EDGE)  # priced as the device's planner prices its targets
+        edge = Cost(EDGE, (self._model_bytes + update) / link, machine * profile.slowdown, price,
+                    free >= self.train_memory, per_s)  # fmt: skip
         shard = shard_bytes(device.data)
-        executors = () if self.executor is None else (Cost(self.executor.id, shard / link, remote, 1.0),)
+        executors: tuple[Cost, ...] = ()
+        if self.executor is not None:
+            price, per_s = device.placer.price(self.executor.id)
+            executors = (Cost(self.executor.id, shard / link, remote, price, True, per_s),)
         deadline = info.seconds_left(now)
         setting = self.rule.setting(profile.offload)
-        return Situation(setting, deadline, steps, edge, executors, previous=device.placer.previous)
+        return Situation(
+            setting, deadline, steps, edge, executors, previous=device.placer.previous,
+            max_cost=device.placer.max_cost,
+        )  # fmt: skip
 
     def _skip(self, api: FedgeClient, device: Device, info: RoundInfo, reason: str) -> None:
         """Tell the server now, so the round need not wait for this device until its deadline."""

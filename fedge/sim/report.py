@@ -22,6 +22,7 @@ class RoundMetrics:
     stale_updates: int = 0  # asynchronous mode: updates folded from an older version
     train_metrics: dict[str, float] = field(default_factory=dict)  # the clients' fit metrics, aggregated
     evaluate_metrics: dict[str, float] = field(default_factory=dict)  # the evaluation's, aggregated
+    cost: float | None = None  # what the server billed the round's updates at its --prices
 
 
 @dataclass
@@ -44,6 +45,8 @@ class Report:
     client_placements: dict[str, dict[str, int]] = field(default_factory=dict)  # client -> where -> rounds
     client_raw_bytes: dict[str, int] = field(default_factory=dict)  # client -> raw data it offloaded
     nodes: dict[str, int] = field(default_factory=dict)  # with --backend ray: invocations per Ray node
+    cost: float | None = None  # the run's bill: every round's, at the server's --prices
+    usage: dict[str, float] = field(default_factory=dict)  # what the bill is made of, summed over the run
 
     @property
     def completion_rate(self) -> float | None:
@@ -64,6 +67,20 @@ class Report:
         if outcome.agrees is not None:
             self.agreements.append(outcome.agrees)
             self.oracle_agreement = sum(self.agreements) / len(self.agreements)
+
+    def bill(self, rounds: list[dict[str, Any]]) -> None:
+        """Each round's cost and usage as the server billed them (its overview's ``rounds``), and the run's
+        totals."""
+        by_round = {int(r["round"]): r for r in rounds}
+        for row in self.rounds:
+            if (billed := by_round.get(row.round)) is not None:
+                row.cost = float(billed["cost"])
+        self.cost = sum(float(r["cost"]) for r in rounds)
+        usage: dict[str, float] = {}
+        for r in rounds:
+            for name, value in r["usage"].items():
+                usage[name] = usage.get(name, 0) + value
+        self.usage = usage
 
     def live(self) -> dict[str, Any]:
         """What the dashboard adds to the server's view while the run goes on (``server.dashboard``): each

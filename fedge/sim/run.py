@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedge import compression, descriptors
+from fedge import compression, descriptors, pricing
 from fedge.client.planner import ExecutorTarget, Placer
 from fedge.client.policy import Kind, OffloadSetting
 from fedge.codec import decode
@@ -99,6 +99,7 @@ def simulate(
                         _run_async(run)
                     else:
                         _run_rounds(run)
+                    report.bill(api.overview()["rounds"])
                     final = api.model()
                 assert final is not None
                 report.model_metadata = decode(final.body)[1]
@@ -184,6 +185,12 @@ def _check(settings: SimulationSettings) -> None:
         require_ray()
     if settings.placement not in tuple(Rule):
         raise UserError(f"unknown placement {settings.placement!r}: choose from {', '.join(Rule)}")
+    if settings.max_cost is not None and settings.profile is None:
+        raise UserError("--max-cost is a device's budget: it needs --profile")
+    try:
+        pricing.prices_from(settings.prices)
+    except pricing.PriceError as exc:
+        raise UserError(str(exc)) from None
 
 
 def _make_pki(pki_dir: Path, clients: int) -> pki.Credentials:
@@ -214,6 +221,7 @@ def _start_server(work: Path, settings: SimulationSettings) -> ServerProcess:
         "--batch-size", str(settings.batch_size), "--lr", str(settings.lr), "--seed", str(settings.seed),
         *settings.aggregation_flags(), *(["--manual-start"] if settings.profile is not None else []),
         "--presence-window", "0",  # the simulated clients speak only when a round asks them: all count
+        *(["--prices", str(settings.prices)] if settings.prices is not None else []),
     ]  # fmt: skip
     return launch(args, work / "server", work / "server.log")
 
@@ -395,6 +403,8 @@ def _fleet(
         data.y_train, settings.clients, settings.partition, settings.seed, data.groups_train
     )
     train_memory = int(settings.train_memory_mb * 1024 * 1024)
+    prices = pricing.prices_from(settings.prices)
+    max_cost = math.inf if settings.max_cost is None else settings.max_cost
     devices = []
     for index, profile in enumerate(profiled):
         client = client_id(index)
@@ -404,7 +414,7 @@ def _fleet(
             Device(
                 client, index, profile, pki.credentials(run.pki_dir, pki.Role.CLIENT, client),
                 (data.x_train[parts[index]].astype(np.float32), data.y_train[parts[index]].astype(np.int64)),
-                Placer(setting, executors, train_memory, rule.policy), threading.Lock(),
+                Placer(setting, executors, train_memory, rule.policy, prices, max_cost), threading.Lock(),
             )
         )  # fmt: skip
     return Fleet(

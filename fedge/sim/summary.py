@@ -33,6 +33,7 @@ class SummaryRow:
     waiting: float | None = None  # open to the first update
     arriving: float | None = None  # first update to the last: clients training and uploading
     closing: float | None = None  # last update to close: aggregation
+    cost: float | None = None  # what the round's updates were billed (fedge.pricing)
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ def _from_metrics(path: Path) -> Summary:
             SummaryRow(
                 round=int(r["round"]), state="done", updates=int(r["updates"]), seconds=float(r["seconds"]),
                 bytes_up=int(r["bytes_up"]), accuracy=float(r["accuracy"]), loss=float(r["loss"]),
+                cost=None if r.get("cost") is None else float(r["cost"]),
             )
             for r in metrics["rounds"]
         ]  # fmt: skip
@@ -76,7 +78,7 @@ def _from_store(directory: Path) -> Summary:
     rows = [
         SummaryRow(
             round=f.round, state=f.state, updates=f.updates, seconds=f.seconds, bytes_up=f.bytes,
-            waiting=f.waiting, arriving=f.arriving, closing=f.closing,
+            waiting=f.waiting, arriving=f.arriving, closing=f.closing, cost=f.cost,
         )
         for f in round_figures(ledger, time.time())
     ]  # fmt: skip
@@ -101,6 +103,7 @@ def table(summary: Summary, title: str) -> Table:
         "arriving": [_figure(r.arriving, 2) for r in summary.rows],
         "closing": [_figure(r.closing, 2) for r in summary.rows],
         "MB up": [f"{r.bytes_up / 1e6:.2f}" for r in summary.rows],
+        "cost": [_figure(r.cost, 6) if r.cost else None for r in summary.rows],  # a run billed nothing: none
     }
     shown = {name: column for name, column in cells.items() if any(c is not None for c in column)}
     rendered = Table(title=title)
@@ -154,6 +157,8 @@ def report(
         target.mkdir(parents=True, exist_ok=True)
         plots = write_plots(summary, target)
     console.print(table(summary, f"fedge report: {directory} ({summary.source})"))
+    if any(r.cost is not None for r in summary.rows):
+        console.print(f"cost of the run: {sum(r.cost or 0.0 for r in summary.rows):.6f}")
     if summary.placements:
         where = ", ".join(f"{n} {kind}" for kind, n in sorted(summary.placements.items()))
         console.print(f"client-rounds: {where}")

@@ -41,6 +41,9 @@ class _Emulation(functions.Hooks):
             self.ev.device.transferred(size)
         return True
 
+    def billed(self, seconds: float) -> float:
+        return seconds * self.ev.device.slowdown
+
 
 def train(event: dict, context: functions.Context) -> dict:
     """The production ``train``, as the emulated device runs it: ``seconds`` is what it took, or would
