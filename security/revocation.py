@@ -6,15 +6,17 @@ to every connection and to the signer of every executor grant, the executor to i
 grants they bring, and selection to every client it may pick. The broker gets the same answer from the CRL,
 because issuing a new certificate for an id puts the one it replaces on the CRL as superseded (pki.py).
 
-``fedge pki revoke`` rewrites the CRL; a service on the same PKI directory notices within
-``RECHECK_SECONDS`` and refuses the revoked certificate from its next request on, without a restart.
+``fedge pki revoke`` rewrites the CRL; a service on the same PKI directory refuses the revoked certificate
+from its next request on, without a restart: every check stats ``crl.pem`` (about a microsecond) and
+re-reads it when it changed. An earlier version re-checked at most once a second, and an agent started
+within that second of a revocation still had an update accepted.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
-import time
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,7 +24,6 @@ from cryptography import x509
 
 from fedge.security.pki import Identity, PKIError, Role, federation_of, identity_in, load_crl
 
-RECHECK_SECONDS = 1.0
 log = logging.getLogger(__name__)
 
 
@@ -69,37 +70,33 @@ class RevocationList:
         self._path = crl_path
         self._ca = ca
         self._seen: tuple[int, int] | None = None
-        self._checked = 0.0
+        self._lock = threading.Lock()  # selection threads check standing beside the event loop
         self._serials: dict[int, dt.datetime] = {}
         self._refresh()
 
     def version(self) -> tuple[int, int] | None:
         """Which list is in force (changed whenever the CRL is reloaded), re-read as ``is_revoked`` does."""
-        if time.monotonic() - self._checked >= RECHECK_SECONDS:
-            self._refresh()
-        return self._seen
+        return self._refresh()[0]
 
     def is_revoked(self, serial: int) -> bool:
-        if time.monotonic() - self._checked >= RECHECK_SECONDS:
-            self._refresh()
-        return serial in self._serials
+        return serial in self._refresh()[1]
 
-    def _refresh(self) -> None:
-        """Reload a changed file; a CRL whose signature fails is ignored and the last good one kept."""
-        self._checked = time.monotonic()
-        try:
-            stat = self._path.stat()
-        except FileNotFoundError:
-            return
-        seen = (stat.st_mtime_ns, stat.st_size)
-        if seen == self._seen:
-            return
-        try:
-            self._serials = load_crl(self._path, self._ca)
-        except (PKIError, ValueError) as exc:
-            log.error("keeping the previous revocation list: %s", exc)
-            return
-        self._seen = seen
+    def _refresh(self) -> tuple[tuple[int, int] | None, dict[int, dt.datetime]]:
+        """The list in force, reloaded first when the file changed; a CRL whose signature fails is ignored
+        and the last good one kept."""
+        with self._lock:
+            try:
+                stat = self._path.stat()
+            except FileNotFoundError:
+                return self._seen, self._serials
+            seen = (stat.st_mtime_ns, stat.st_size)
+            if seen != self._seen:
+                try:
+                    self._serials = load_crl(self._path, self._ca)
+                    self._seen = seen
+                except (PKIError, ValueError) as exc:
+                    log.error("keeping the previous revocation list: %s", exc)
+            return self._seen, self._serials
 
 
 class CurrentCertificates:
