@@ -47,6 +47,8 @@ from fedge.edge_functions.events import (
     CheckDataEvent,
     CheckDataResult,
     CredentialPaths,
+    EvaluateEvent,
+    EvaluateResult,
     LocalData,
     Scalar,
     TrainEvent,
@@ -105,6 +107,7 @@ class AgentConfig:
     app: str | None = None  # the owner's app (fedge.edge_functions.app); None: the round's task trains
     run_config: dict[str, Scalar] = field(default_factory=dict)  # the app's context.run_config
     label: str | None = None  # a CSV's label column
+    eval_data: Path | None = None  # held-out examples for federated evaluation (None: ``data``)
     partition: tuple[int, int] = (0, 1)  # an app's partition-id of num-partitions (a Flower node_config)
 
 
@@ -180,6 +183,7 @@ class Agent:
                 while not self._stop.is_set() and not self._renew_if_due():
                     info = self._next_announcement(api)
                     if info is not None:
+                        self._evaluate_if_asked(info)  # first: training may move the model on
                         self._handle(api, info)
                     if any(self._outbox.glob("round-*.safetensors")) and not self._stop.is_set():
                         self._send_outbox(api)
@@ -297,6 +301,39 @@ class Agent:
                 self._finish(info.round, AgentState.ERROR, f"round {info.round} failed: {exc}; {notice}")
             return
         self._played(info.round, played, told)
+
+    def _evaluate_if_asked(self, info: RoundInfo) -> None:
+        """Score the model the server asks this device about on its held-out data and send the figures,
+        once per asked round; a failure is said in a line and not tried again (the server does not wait
+        for it beyond the request's deadline)."""
+        ask = info.evaluate
+        if ask is None or self.config.identity.id not in ask.clients or time.time() >= ask.deadline:
+            return
+        path = self.config.state_dir / "evaluated.json"
+        if path.exists() and json.loads(path.read_text())["round"] >= ask.round:
+            return
+        self.pool.warm(wait=False)
+        data = (
+            self._data()
+            if self.config.eval_data is None
+            else LocalData(path=self.config.eval_data, label=self.config.label)
+        )
+        event = EvaluateEvent(
+            server=self.config.server, credentials=CredentialPaths.of(self.config.creds), task=info.task,
+            app=self.config.app, run_config=self.config.run_config, data=data, asked=ask,
+        )  # fmt: skip
+        try:
+            result = EvaluateResult.model_validate(self.pool.invoke("evaluate", event).result().result)
+        except Exception as exc:  # the app raised, the server refused, the worker died
+            rounds_log.warning("round %d evaluation failed: %s", ask.round, exc)
+        else:
+            accuracy = "" if result.accuracy is None else f", accuracy {result.accuracy:.4f}"
+            sent = "sent" if result.sent else "not sent: the server serves a newer model already"
+            rounds_log.info(
+                "round %d evaluated on %d examples: loss %.4f%s, %s",
+                ask.round, result.num_examples, result.loss, accuracy, sent,
+            )  # fmt: skip
+        write_file(path, json.dumps({"round": ask.round}).encode())
 
     def _retrying(self, round_: int) -> Retrying:
         """How this round's requests wait out a transient failure: stopped by SIGTERM, and shown."""

@@ -40,6 +40,10 @@ def run(
         ),
     ] = None,
     label: Annotated[str | None, typer.Option(help="a CSV's label column [the last]")] = None,
+    eval_data: Annotated[
+        Path | None,
+        typer.Option(help="held-out examples (as --data) to score the models the server asks about [--data]"),
+    ] = None,
     app_: Annotated[
         str | None, typer.Option("--app", help="the owner's app: module:attr, or an entry point name")
     ] = None,
@@ -83,8 +87,9 @@ def run(
         settings = AgentSettings.from_flags(
             dir=state_dir, data=data, server=server, broker=broker, ca=ca, cert=cert, key=key,
             keep_alive=keep_alive, poll_wait=poll_wait, offload=offload, executor=executor,
-            train_memory_mb=train_memory_mb, label=label, app=app_, flower_app=flower_app,
-            run_config=run_config, node_config=node_config, prices=prices, max_cost=max_cost,
+            train_memory_mb=train_memory_mb, label=label, eval_data=eval_data, app=app_,
+            flower_app=flower_app, run_config=run_config, node_config=node_config, prices=prices,
+            max_cost=max_cost,
         )  # fmt: skip
         agent = Agent(_config(settings))
     # The handlers stop whichever agent runs: after renewing its certificate, a fresh one on the new files.
@@ -162,11 +167,15 @@ def _config(settings: AgentSettings) -> AgentConfig:
             datafiles.load(settings.data, settings.label)  # a file that cannot be read is said now, once
     elif settings.flower_app is None and settings.app is None:
         raise UserError("--data is needed: this device's examples (.npz, .csv or a folder of images)")
+    if settings.eval_data is not None:
+        with user_errors(DataError):
+            datafiles.load(settings.eval_data, settings.label)
     if settings.offload is not OffloadSetting.NEVER and (app is not None or settings.data is None):
         raise UserError("--offload trains the federation's task on --data: it cannot send an app's rounds")
     return AgentConfig(
         state_dir=settings.dir,
         data=None if settings.data is None else settings.data.resolve(),
+        eval_data=None if settings.eval_data is None else settings.eval_data.resolve(),
         app=app,
         run_config=run_config,
         partition=partition,

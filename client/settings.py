@@ -15,6 +15,7 @@ class AgentSettings(_CommandSettings):
     dir: Path
     data: Path | None = None  # None: the app loads its own
     label: str | None = None  # a CSV's label column (default: the last)
+    eval_data: Path | None = None  # held-out examples to score asked-for models on (default: --data)
     app: str | None = None
     flower_app: Path | None = None
     run_config: str = ""

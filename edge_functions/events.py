@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator
 
 from fedge.security.pki import Credentials
-from fedge.wire import TrainConfig
+from fedge.wire import EvaluationAsk, TrainConfig
 
 
 class CredentialPaths(BaseModel):
@@ -37,6 +38,7 @@ class DataSpec(BaseModel):
     index: int
     partition: str = "iid"
     seed: int = 0
+    split: Literal["train", "test"] = "train"  # test: its share of the held-out set, split evenly
 
 
 class LocalData(BaseModel):
@@ -105,14 +107,17 @@ class InitialModelEvent(BaseModel):
 
 class EvaluateEvent(BaseModel):
     """The current global model, evaluated by the app: on its held-out data (``data`` None: the app's
-    ``load_test_data``, a task's test set), or on one client's own (``data``: which client)."""
+    ``load_test_data``, a task's test set), or on one client's own (``data``: which client). ``asked``:
+    the server asked this client to evaluate that round's model (federated evaluation), and the figures
+    are sent to it, signed, when the model it serves is still that one."""
 
     server: str
     credentials: CredentialPaths
     task: str
     app: str | None = None
     run_config: dict[str, Scalar] = {}
-    data: DataSpec | AppData | None = None
+    data: DataSpec | LocalData | AppData | None = None
+    asked: EvaluationAsk | None = None
 
 
 class EvaluateResult(BaseModel):
@@ -122,6 +127,7 @@ class EvaluateResult(BaseModel):
     accuracy: float | None  # the app's ``accuracy`` metric, when it reports one
     num_examples: int = 1
     metrics: dict[str, float] = {}
+    sent: bool = False  # the server took the figures (federated evaluation)
 
 
 class CheckDataEvent(BaseModel):

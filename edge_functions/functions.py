@@ -43,7 +43,7 @@ from fedge.edge_functions.events import (
 from fedge.files import write_file
 from fedge.security.pki import Credentials
 from fedge.transport import FedgeClient, ServerError
-from fedge.wire import TrainConfig, UpdateMeta
+from fedge.wire import EvaluationReport, TrainConfig, UpdateMeta
 
 
 class Hooks:
@@ -114,7 +114,7 @@ class Context:
         index, clients, extra = 0, 1, {}
         if isinstance(data, DataSpec):
             index, clients = data.index, data.num_clients
-            extra = {"partition": data.partition, "seed": data.seed}
+            extra = {"partition": data.partition, "seed": data.seed, "split": data.split}
         elif isinstance(data, AppData):
             index, clients = data.index, data.num_clients
         state = self.app_states.setdefault(f"{spec}:{index}/{clients}", {})
@@ -175,6 +175,12 @@ class TaskApp:
         """The client's share of the task's training set, split as the run says (``partition``, ``seed``)."""
         data = self.task.load_data()
         spec, seed = context.run_config.get("partition", "iid"), int(context.run_config.get("seed", 0))
+        if context.run_config.get("split") == "test":  # held out: an even share, whatever the partition
+            held_out = f"{self.task.name}:test"
+            mine = self.splits.share(
+                held_out, data.y_test, context.num_partitions, "iid", seed, context.partition_id
+            )
+            return data.x_test[mine], data.y_test[mine]
         mine = self.splits.share(
             self.task.name, data.y_train, context.num_partitions, str(spec), seed, context.partition_id,
             data.groups_train,
@@ -316,7 +322,7 @@ def evaluate(event: dict, context: Context) -> dict:
     else:
         raise app.AppError(f"app {spec!r} has no load_test_data() for a central evaluation")
     api = context.api(ev.server, ev.credentials.get())
-    context.fetch_model(api)
+    context.fetch_model(api, None if ev.asked is None else ev.asked.model_sha256)
     model = dict(context.model)
     result = app.checked_evaluate(
         app.run(lambda: loaded.evaluate(model, data, {"server-round": context.model_round}, app_context),
@@ -324,6 +330,14 @@ def evaluate(event: dict, context: Context) -> dict:
     )  # fmt: skip
     assert result.loss is not None  # checked_evaluate refuses a result without it
     metrics = app.numeric(result.metrics)
+    sent = False
+    if ev.asked is not None and context.model_sha256 == ev.asked.model_sha256:
+        report = EvaluationReport(
+            model_sha256=ev.asked.model_sha256, loss=result.loss, num_examples=result.num_examples,
+            metrics=metrics,
+        )  # fmt: skip
+        api.post_evaluation(ev.asked.round, report)
+        sent = True
     return EvaluateResult(
         model_sha256=context.model_sha256,
         round=context.model_round,
@@ -331,6 +345,7 @@ def evaluate(event: dict, context: Context) -> dict:
         accuracy=metrics.get("accuracy"),
         num_examples=result.num_examples,
         metrics=metrics,
+        sent=sent,
     ).model_dump()
 
 

@@ -19,7 +19,9 @@ from fedge.security.broker_cli import app as broker_app
 from fedge.security.cli import app as pki_app
 from fedge.server.cli import (
     Buffer,
+    EvaluateEvery,
     Fraction,
+    FractionEvaluate,
     MaxStaleness,
     StalenessExponent,
     server,
@@ -68,6 +70,8 @@ def simulate(
     attackers: Annotated[float | None, typer.Option(help="share of clients that attack [0]")] = None,
     attack_scale: Annotated[float | None, typer.Option(help="how far attackers push [4.0]")] = None,
     fraction: Fraction = None,
+    fraction_evaluate: FractionEvaluate = None,
+    evaluate_every: EvaluateEvery = None,
     buffer: Buffer = None,
     max_staleness: MaxStaleness = None,
     staleness_exponent: StalenessExponent = None,
@@ -126,7 +130,8 @@ def simulate(
             clients=clients, rounds=rounds, local_epochs=local_epochs, dataset=dataset, partition=partition,
             seed=seed, out=out, workers=workers, batch_size=batch_size, lr=lr, round_timeout=round_timeout,
             attack=attack, attackers=attackers, attack_scale=attack_scale, fraction=fraction, buffer=buffer,
-            max_staleness=max_staleness, staleness_exponent=staleness_exponent, stragglers=stragglers,
+            fraction_evaluate=fraction_evaluate, evaluate_every=evaluate_every, max_staleness=max_staleness,
+            staleness_exponent=staleness_exponent, stragglers=stragglers,
             straggler_delay=straggler_delay, compression=compression, profile=profile, placement=placement,
             train_memory_mb=train_memory_mb, backend=backend, ray_address=ray_address, app=app_,
             flower_app=flower_app, run_config=run_config, prices=prices, max_cost=max_cost, **knobs,

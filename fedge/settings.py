@@ -45,7 +45,9 @@ def _toml_table(section: str) -> dict[str, Any]:
 
 
 # Who is selected and when a version is made (``fedge.server.rounds.FederationSettings``).
-ROUND_CONTROL = ("fraction", "buffer", "max_staleness", "staleness_exponent")
+ROUND_CONTROL = (
+    "fraction", "buffer", "max_staleness", "staleness_exponent", "fraction_evaluate", "evaluate_every"
+)  # fmt: skip
 
 
 class TrainingSettings(_CommandSettings):
@@ -64,6 +66,8 @@ class TrainingSettings(_CommandSettings):
     round_timeout: float = Field(600.0, gt=0)
     seed: int = Field(0, ge=0)
     fraction: float = Field(1.0, gt=0, le=1)
+    fraction_evaluate: float = Field(0.0, ge=0, le=1)  # share of clients asked to score each new model
+    evaluate_every: int = Field(1, ge=1)  # ...every this many rounds (and the last)
     strategy: str = "fedavg"
     buffer: int = Field(0, ge=0)
     max_staleness: int = Field(5, ge=0)

@@ -21,7 +21,16 @@ from fedge.codec import sha256
 from fedge.security import signing
 from fedge.security.pki import Credentials, Identity, identity_of
 from fedge.security.tls import client_context
-from fedge.wire import ErrorBody, ModelMeta, RoundInfo, SkipNotice, SkipReceipt, UpdateReceipt
+from fedge.wire import (
+    ErrorBody,
+    EvaluationReceipt,
+    EvaluationReport,
+    ModelMeta,
+    RoundInfo,
+    SkipNotice,
+    SkipReceipt,
+    UpdateReceipt,
+)
 
 
 class ServerError(Exception):
@@ -152,6 +161,23 @@ class FedgeClient:
         response = self._http.post(f"/v1/rounds/{round_}/skip", json=notice.model_dump())
         raise_for_error(response)
         return SkipReceipt.model_validate_json(response.content)
+
+    def post_evaluation(self, round_: int, report: EvaluationReport) -> EvaluationReceipt:
+        """Send this client's evaluation of the model ``round_`` produced (it was asked to, in the round
+        announcement), signed as an evaluation over the JSON body it sends."""
+        body = report.model_dump_json().encode()
+        nonce = signing.new_nonce()
+        claim = signing.UpdateClaim(
+            self.identity.federation, round_, self.identity.id, sha256(body), nonce, kind="evaluation"
+        )
+        headers = {
+            "Content-Type": "application/json",
+            signing.SIGNATURE_HEADER: signing.sign(self._key, claim.message()),
+            signing.NONCE_HEADER: nonce,
+        }
+        response = self._http.post(f"/v1/rounds/{round_}/evaluation", content=body, headers=headers)
+        raise_for_error(response)
+        return EvaluationReceipt.model_validate_json(response.content)
 
     def sign_update(
         self, round_: int, body: bytes, client: str | None = None, body_sha256: str | None = None

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from fedge.jsonlimits import JSONError, loads
 from fedge.pricing import Usage
@@ -46,6 +46,16 @@ class TrainConfig(BaseModel):
     proximal_mu: float = Field(0.0, ge=0, description="FedProx: weight of mu/2 * ||w - w_global||^2")
 
 
+class EvaluationAsk(BaseModel):
+    """Federated evaluation: the clients asked to score the model round ``round`` produced on their own
+    held-out data, and send back their figures (``POST /v1/rounds/{round}/evaluation``) once each."""
+
+    round: int
+    model_sha256: str
+    clients: list[str]
+    deadline: float = Field(description="Unix time after which their reports are refused")
+
+
 class RoundInfo(BaseModel):
     round: int
     state: RoundState
@@ -54,6 +64,7 @@ class RoundInfo(BaseModel):
     task: str
     selected: list[str] = []
     config: TrainConfig = TrainConfig()
+    evaluate: EvaluationAsk | None = None  # the latest request for federated evaluation, while it is open
 
     @property
     def etag(self) -> str:
@@ -90,6 +101,32 @@ class SkipReceipt(BaseModel):
     round: int
     client: str
     reason: str
+
+
+class EvaluationReport(BaseModel):
+    """A client's evaluation of a round's model on its own held-out data (signed like an update, over the
+    sha256 of this JSON body, with kind ``evaluation``)."""
+
+    model_sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="the model it evaluated")
+    loss: float = Field(allow_inf_nan=False)
+    num_examples: int = Field(ge=1, le=2**40, strict=True)
+    metrics: dict[str, float] = Field({}, max_length=64, description="the app's metrics that are numbers")
+
+    @field_validator("metrics")
+    @classmethod
+    def _finite_names(cls, metrics: dict[str, float]) -> dict[str, float]:
+        for name, value in metrics.items():
+            if not 0 < len(name) <= 64 or not name.isprintable():
+                raise ValueError(f"a metric name is 1-64 printable characters, not {name[:70]!r}")
+            if not math.isfinite(value):
+                raise ValueError(f"metric {name!r} is not a finite number")
+        return metrics
+
+
+class EvaluationReceipt(BaseModel):
+    round: int
+    client: str
+    num_examples: int
 
 
 class ErrorBody(BaseModel):

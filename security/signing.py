@@ -42,17 +42,19 @@ class SignatureError(Exception):
 
 @dataclass(frozen=True)
 class UpdateClaim:
-    """What a client's update signature vouches for."""
+    """What a client's signature on a report vouches for: its update (``kind`` update) or its evaluation
+    of a round's model (``kind`` evaluation). The kind is signed, so neither passes for the other."""
 
     federation: str
     round: int
     client: str
     body_sha256: str
     nonce: str
+    kind: str = "update"
 
     def message(self) -> bytes:
         fields = (
-            "fedge-update-v1",
+            f"fedge-{self.kind}-v1",
             self.federation,
             str(self.round),
             self.client,

@@ -7,6 +7,7 @@ Only an admin certificate reaches them; nothing here reads or writes the global 
 from __future__ import annotations
 
 import datetime as dt
+import math
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -57,8 +58,9 @@ class RoundStatus(BaseModel):
 
 class EvaluationPoint(BaseModel):
     round: int = Field(description="the round whose model was scored; 0 is the initial model")
-    accuracy: float
+    accuracy: float | None = Field(description="none where the clients' app reports no accuracy")
     loss: float
+    source: str = Field(description="server (--eval-data) or federated (the clients asked)")
 
 
 class Overview(BaseModel):
@@ -70,7 +72,9 @@ class Overview(BaseModel):
     round: RoundInfo
     rounds: list[RoundFigures]
     clients: list[ClientFigures]
-    evaluations: list[EvaluationPoint] = Field(description="the server's own evaluations (--eval-data)")
+    evaluations: list[EvaluationPoint] = Field(
+        description="the server's own evaluations (--eval-data) and the clients' (federated evaluation)"
+    )
 
 
 class StrategyChoice(BaseModel):
@@ -166,7 +170,13 @@ def _overview(federation: Federation, trust: Trust, info: RoundInfo) -> str:
             trust.presence.sightings(),
         ),
         evaluations=[
-            EvaluationPoint(round=e.round, accuracy=e.accuracy, loss=e.loss) for e in ledger.evaluations
+            EvaluationPoint(
+                round=e.round,
+                accuracy=None if math.isnan(e.accuracy) else e.accuracy,
+                loss=e.loss,
+                source=e.source,
+            )
+            for e in ledger.evaluations
         ],
     ).model_dump_json()
 

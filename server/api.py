@@ -6,12 +6,13 @@ import re
 import time
 from typing import Annotated
 
+from cryptography import x509
 from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BeforeValidator
+from pydantic import BeforeValidator, ValidationError
 
-from fedge.codec import signature_of
+from fedge.codec import sha256, signature_of
 from fedge.security import signing
 from fedge.security.peer import peer_certificate
 from fedge.security.pki import Identity, Role
@@ -23,7 +24,15 @@ from fedge.server.feed import MAX_WAIT, next_round
 from fedge.server.identity import Admin, Caller, Client, Submitter
 from fedge.server.jsonbody import BoundedJSONRoute
 from fedge.server.trust import Trust
-from fedge.wire import ModelMeta, RoundInfo, SkipNotice, SkipReceipt, UpdateReceipt
+from fedge.wire import (
+    EvaluationReceipt,
+    EvaluationReport,
+    ModelMeta,
+    RoundInfo,
+    SkipNotice,
+    SkipReceipt,
+    UpdateReceipt,
+)
 
 router = APIRouter(route_class=BoundedJSONRoute)
 _PLAIN_ROUND = re.compile(r"0|[1-9][0-9]{0,9}")
@@ -173,6 +182,61 @@ def post_skip(
         raise
     metrics.skips_accepted.inc()
     return receipt
+
+
+@router.post("/v1/rounds/{round_}/evaluation", responses=RESPONSES)
+async def post_evaluation(
+    round_: RoundNumber,
+    request: Request,
+    federation: FederationDep,
+    trust: TrustDep,
+    identity: Client,
+    x_fedge_signature: Annotated[str | None, Header(description="client's signature, base64")] = None,
+    x_fedge_nonce: Annotated[str | None, Header(description="32-64 hex digits, fresh per report")] = None,
+) -> EvaluationReceipt:
+    """A client's evaluation of the model ``round_`` produced, on its own held-out data: only from a
+    client asked to (``RoundInfo.evaluate``), for that model, once, signed by the certificate's key over
+    (federation, round, client id, sha256 of the JSON body, nonce) with kind ``evaluation``."""
+    try:
+        if not x_fedge_signature or not x_fedge_nonce:
+            raise Rejected("missing_signature", "an evaluation needs X-Fedge-Signature and X-Fedge-Nonce")
+        body = await _read_capped(request, limits.SMALL_BODY)
+        peer = peer_certificate(request.scope)  # type: ignore[arg-type]
+        assert peer is not None  # a client: the gate let no connection without a certificate through
+        _verify_report(peer, trust.federation, round_, identity.id, body, x_fedge_signature, x_fedge_nonce)
+        try:
+            report = EvaluationReport.model_validate_json(body)
+        except ValidationError as exc:
+            raise Rejected("invalid_evaluation", _first_error(exc)) from None
+        receipt = await run_in_threadpool(
+            federation.evaluate, round_, identity.id, report, x_fedge_signature, x_fedge_nonce
+        )
+    except Rejected as exc:
+        metrics.evaluations_rejected.labels(code=exc.code).inc()
+        raise
+    metrics.evaluations_accepted.inc()
+    return receipt
+
+
+def _verify_report(
+    peer_der: bytes, federation: str, round_: int, client: str, body: bytes, signature: str, nonce: str
+) -> None:
+    """The evaluation must be signed by the key behind this connection's certificate, as an evaluation."""
+    claim = signing.UpdateClaim(federation, round_, client, sha256(body), nonce, kind="evaluation")
+    try:
+        signing.check_nonce(nonce)
+    except signing.SignatureError as exc:
+        raise Rejected("bad_nonce", str(exc)) from None
+    try:
+        signing.verify(x509.load_der_x509_certificate(peer_der).public_key(), claim.message(), signature)
+    except signing.SignatureError as exc:
+        raise Rejected("bad_signature", f"evaluation signature: {exc}") from None
+
+
+def _first_error(exc: ValidationError) -> str:
+    error = exc.errors()[0]
+    where = ".".join(str(part) for part in error["loc"]) or "body"
+    return f"{where}: {error['msg']}"
 
 
 def _slot_owner(identity: Identity, grant_header: str | None, round_: int, trust: Trust) -> str:

@@ -30,6 +30,13 @@ if TYPE_CHECKING:
 
 # Selection and mode, shared with ``fedge simulate`` (the strategies' own options come from the registry).
 Fraction = Annotated[float | None, typer.Option(help="share of clients selected per round [1.0]")]
+FractionEvaluate = Annotated[
+    float | None,
+    typer.Option(help="share of clients asked to score each new model on their own held-out data [0]"),
+]
+EvaluateEvery = Annotated[
+    int | None, typer.Option(help="federated evaluation every K rounds, and the last [1]")
+]
 Buffer = Annotated[
     int | None, typer.Option(help="asynchronous (FedBuff): a version every K updates; 0 = rounds [0]")
 ]
@@ -119,6 +126,8 @@ def server(
         int | None, typer.Option(help="seed of the initial model, selection and noise [0]")
     ] = None,
     fraction: Fraction = None,
+    fraction_evaluate: FractionEvaluate = None,
+    evaluate_every: EvaluateEvery = None,
     buffer: Buffer = None,
     max_staleness: MaxStaleness = None,
     staleness_exponent: StalenessExponent = None,
@@ -164,7 +173,8 @@ def server(
             rounds=rounds, min_clients=min_clients, min_updates=min_updates, round_timeout=round_timeout,
             max_update_norm=max_update_norm,
             local_epochs=local_epochs, batch_size=batch_size, lr=lr, seed=seed, fraction=fraction,
-            buffer=buffer, max_staleness=max_staleness, staleness_exponent=staleness_exponent, mqtt=mqtt,
+            fraction_evaluate=fraction_evaluate, evaluate_every=evaluate_every, buffer=buffer,
+            max_staleness=max_staleness, staleness_exponent=staleness_exponent, mqtt=mqtt,
             manual_start=manual_start, presence_window=presence_window, eval_data=eval_data,
             log_format=log_format, serve_after_finish=serve_after_finish, enrolled_days=enrolled_days,
             prices=prices, **knobs,

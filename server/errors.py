@@ -26,13 +26,14 @@ STATUS: dict[str, int] = {
     "certificate_expired": 401, "unknown_certificate": 401, "certificate_superseded": 401,
     "invalid_token": 401, "token_used": 401, "token_expired": 401,
     "wrong_federation": 403, "wrong_role": 403, "missing_grant": 403, "bad_grant": 403, "bad_signature": 403,
-    "not_selected": 403,
+    "not_selected": 403, "not_asked": 403,
     # what is sent, against the model
     "tensor_mismatch": 422, "non_finite": 422, "norm_too_large": 422, "invalid_strategy": 422,
+    "invalid_evaluation": 422,
     # the federation's state
     "round_not_open": 409, "round_closed": 409, "too_stale": 409, "duplicate_update": 409,
     "already_skipped": 409, "asynchronous_mode": 409, "already_started": 409, "already_revoked": 409,
-    "client_active": 409,
+    "client_active": 409, "duplicate_evaluation": 409, "evaluation_closed": 409, "wrong_model": 409,
     "unknown_client": 404,
     # how much, how often
     "rate_limited": 429,

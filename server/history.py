@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import math
 import sqlite3
 import time
 from collections import Counter, defaultdict
@@ -25,6 +26,8 @@ from rich.table import Table
 from fedge.console import UserError, console, user_errors
 from fedge.pricing import EXAMPLE_PRICES, PriceError, Prices, Usage, cost, prices_from
 from fedge.security.pki import CertificateInfo
+from fedge.server.evaluation import SOURCE as SERVER
+from fedge.server.federated_evaluation import SOURCE as FEDERATED
 from fedge.server.store import Ledger, Store, StoreError, read_ledger
 
 CLOSED = ("done", "failed")
@@ -49,6 +52,9 @@ class RoundFigures(BaseModel):
     stragglers: list[str] = Field(description="selected, closed without an update or a skip from them")
     accuracy: float | None = Field(None, description="the server's evaluation of the model it produced")
     loss: float | None = None
+    federated_accuracy: float | None = Field(None, description="the asked clients', on their own data")
+    federated_loss: float | None = None
+    federated_examples: int = Field(0, description="examples the federated figures are over")
     cost: float = Field(0.0, description="what its updates' usage cost at the server's prices")
     usage: dict[str, float] = Field(
         default_factory=dict, description="what its bill is made of (fedge.pricing.Usage), summed"
@@ -81,7 +87,8 @@ def round_figures(ledger: Ledger, now: float, prices: Prices = EXAMPLE_PRICES) -
     for s in ledger.skips:
         skips.setdefault(s.round, {})[s.client] = s.reason
     reported = _reported(ledger)
-    scored = {e.round: e for e in ledger.evaluations}
+    scored = {e.round: e for e in ledger.evaluations if e.source == SERVER}
+    federated = {e.round: e for e in ledger.evaluations if e.source == FEDERATED}
     figures = []
     for r in ledger.rounds:
         arrivals = sorted(by_round.get(r.round, []))
@@ -100,6 +107,8 @@ def round_figures(ledger: Ledger, now: float, prices: Prices = EXAMPLE_PRICES) -
                 stragglers=[c for c in r.selected if r.state in CLOSED and (r.round, c) not in reported],
                 accuracy=scored[r.round].accuracy if r.round in scored else None,
                 loss=scored[r.round].loss if r.round in scored else None,
+                federated_accuracy=_number(f.accuracy) if (f := federated.get(r.round)) else None,
+                federated_loss=f.loss if f else None, federated_examples=f.examples if f else 0,
                 cost=cost(used := ledger.usage.get(r.round, Usage()), prices).total, usage=used.as_dict(),
             )
         )  # fmt: skip
@@ -190,19 +199,26 @@ def runs(
         figures = round_figures(open_ledger(data, store), time.time(), priced)
     table = Table(title=f"rounds in {data}", caption=f"cost of the run: {sum(f.cost for f in figures):.6f}")
     for column in ("round", "state", "selected", "updates", "skipped", "stragglers", "offloaded", "MB",
-                   "seconds", "waiting", "arriving", "closing", "accuracy", "loss", "cost"):  # fmt: skip
+                   "seconds", "waiting", "arriving", "closing", "accuracy", "loss", "fed. accuracy",
+                   "fed. loss", "cost"):  # fmt: skip
         table.add_column(column, justify="right")
     for f in figures:
         table.add_row(
             str(f.round), f.state, str(f.selected), str(f.updates), str(f.skipped), str(len(f.stragglers)),
             str(f.offloaded), f"{f.bytes / 1e6:.2f}", f"{f.seconds:.2f}", _seconds(f.waiting),
-            _seconds(f.arriving), _seconds(f.closing), _figure(f.accuracy), _figure(f.loss), f"{f.cost:.6f}",
+            _seconds(f.arriving), _seconds(f.closing), _figure(f.accuracy), _figure(f.loss),
+            _figure(f.federated_accuracy), _figure(f.federated_loss), f"{f.cost:.6f}",
         )  # fmt: skip
     console.print(table if figures else f"no rounds in {data} yet")
 
 
 def _seconds(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
+
+
+def _number(value: float) -> float | None:
+    """A stored figure, None where it is NaN: an app that reports no accuracy."""
+    return None if math.isnan(value) else value
 
 
 def _figure(value: float | None) -> str:

@@ -29,6 +29,12 @@ updates_accepted = Counter("fedge_updates_accepted", "Updates stored and folded"
 updates_rejected = Counter("fedge_updates_rejected", "Updates refused", ["code"], registry=registry)
 skips_accepted = Counter("fedge_skips_accepted", "Skip notices stored", registry=registry)
 skips_rejected = Counter("fedge_skips_rejected", "Skip notices refused", ["code"], registry=registry)
+evaluations_accepted = Counter(
+    "fedge_evaluations_accepted", "Client evaluations stored (federated evaluation)", registry=registry
+)
+evaluations_rejected = Counter(
+    "fedge_evaluations_rejected", "Client evaluations refused", ["code"], registry=registry
+)
 update_seconds = Histogram(
     "fedge_update_seconds", "Time to validate, store and fold one update", registry=registry
 )

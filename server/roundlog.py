@@ -104,8 +104,19 @@ def closed(
     )
 
 
-def evaluated(round_: int, source: str, loss: float, accuracy: float, examples: int, at: float) -> RoundEvent:
-    fields = {"source": source, "loss": loss, "accuracy": accuracy, "examples": examples}
+def evaluated(
+    round_: int,
+    source: str,
+    loss: float,
+    accuracy: float,
+    examples: int,
+    at: float,
+    reported: tuple[int, int] | None = None,
+) -> RoundEvent:
+    """``reported``: federated evaluation's (clients that reported so far, clients asked)."""
+    fields: dict[str, object] = {"source": source, "loss": loss, "accuracy": accuracy, "examples": examples}
+    if reported is not None:
+        fields["reported"], fields["asked"] = reported
     return RoundEvent(Event.EVALUATED, round_, at, fields)
 
 
@@ -151,8 +162,9 @@ def human(event: RoundEvent) -> str:
                 f"{f['why']}"
             )
         case Event.EVALUATED:
+            clients = f" by {f['reported']} of {_count(f['asked'], 'client')}" if "asked" in f else ""
             text = (
-                f"round {r} evaluated ({f['source']}, {f['examples']} examples): "
+                f"round {r} evaluated ({f['source']}{clients}, {f['examples']} examples): "
                 f"accuracy {f['accuracy']:.4f}, loss {f['loss']:.4f}"
             )
         case Event.FINISHED:
@@ -210,15 +222,19 @@ class RoundLog:
         strategy: str,
         aggregation_seconds: float,
         model_sha256: str | None,
-        finished_now: bool,
     ) -> None:
-        """``counts``: (updates, skips, quorum) of the round; ``finished_now``: it was the last one."""
+        """``counts``: (updates, skips, quorum) of the round."""
         updates, skips, quorum = counts
         why = "" if model_sha256 else why_failed(updates, skips, len(record.selected), quorum, strategy)
-        now = time.time()
-        self.emit(closed(record, updates, skips, aggregation_seconds, model_sha256, why, now))
-        if finished_now:
-            self.emit(finished(record.round, now))
+        self.emit(closed(record, updates, skips, aggregation_seconds, model_sha256, why, time.time()))
+
+    def evaluated(
+        self, round_: int, source: str, loss: float, accuracy: float, examples: int, reported: tuple[int, int]
+    ) -> None:
+        self.emit(evaluated(round_, source, loss, accuracy, examples, time.time(), reported))
+
+    def finished(self, last_round: int) -> None:
+        self.emit(finished(last_round, time.time()))
 
 
 class LineWriter:

@@ -19,14 +19,16 @@ from dataclasses import asdict, dataclass, field
 
 from fedge.codec import Tensors, decode, encode, mapped
 from fedge.pricing import EXAMPLE_PRICES, Prices
-from fedge.server import aggregation
+from fedge.server import aggregation, federated_evaluation
 from fedge.server.errors import Rejected
 from fedge.server.intake import CheckedUpdate
 from fedge.server.roundlog import RoundLog
 from fedge.server.schedule import Action, decide, select
 from fedge.server.store import (
     AlreadySkipped,
+    DuplicateEvaluation,
     DuplicateUpdate,
+    Evaluation,
     Ledger,
     RoundHistory,
     RoundRecord,
@@ -35,7 +37,16 @@ from fedge.server.store import (
 )
 from fedge.server.strategies import Strategy, StrategyError, create, pick
 from fedge.server.strategies.fedavg import FedAvg
-from fedge.wire import RoundInfo, RoundState, SkipReceipt, TrainConfig, UpdateReceipt
+from fedge.wire import (
+    EvaluationAsk,
+    EvaluationReceipt,
+    EvaluationReport,
+    RoundInfo,
+    RoundState,
+    SkipReceipt,
+    TrainConfig,
+    UpdateReceipt,
+)
 
 
 @dataclass(frozen=True)
@@ -48,6 +59,8 @@ class FederationSettings:
     round_timeout: float = 600.0
     max_update_norm: float | None = None
     fraction: float = 1.0  # share of live clients selected each round (at least the quorum)
+    fraction_evaluate: float = 0.0  # share asked to score each new model on their own data (federated)
+    evaluate_every: int = 1  # ...every this many rounds, and the last
     seed: int = 0
     # Asynchronous mode (FedBuff) when > 0: a new version every ``buffer`` updates, late updates welcome.
     buffer: int = 0
@@ -92,6 +105,8 @@ class Federation:
         self._received = 0
         self._skipped = 0
         self._finished = False
+        self._said_finished = False  # the finished event waits for the last model's evaluation
+        self._ask: EvaluationAsk | None = None
         self._pending: Strategy | None = None
         self._load(initial_model)
 
@@ -113,6 +128,7 @@ class Federation:
                     task=self.settings.task,
                     selected=self._open.selected,
                     config=self._open.config,
+                    evaluate=self._asking(),
                 )
             last = self._store.last_round()
             return RoundInfo(
@@ -120,7 +136,13 @@ class Federation:
                 state=RoundState.FINISHED if self._finished else RoundState.WAITING,
                 model_sha256=self._model.sha256,
                 task=self.settings.task,
+                evaluate=self._asking(),
             )
+
+    def _asking(self) -> EvaluationAsk | None:
+        """The open request for federated evaluation, if any: its deadline has not passed."""
+        ask = self._ask
+        return ask if ask is not None and time.time() < ask.deadline else None
 
     def history(self) -> list[RoundHistory]:
         """Every round with the clients that sent an update in it (never the updates themselves) and those
@@ -141,9 +163,62 @@ class Federation:
     def tick(self, now: float | None = None) -> None:
         """Close an overdue round and open the next one when enough clients are live."""
         with self._lock:
-            changed = self._advance(time.time() if now is None else now)
+            moment = time.time() if now is None else now
+            changed = self._advance(moment)
+            self._finish_if_evaluated(moment)
         if changed:
             self._notify()
+
+    def evaluate(
+        self, round_: int, client: str, report: EvaluationReport, signature: str, nonce: str
+    ) -> EvaluationReceipt:
+        """Record an asked client's signed evaluation of the model ``round_`` produced, and store what the
+        reports so far add up to (``federated_evaluation.combine``). Only the clients asked, for the model
+        they were asked about, before the request's deadline, once; a refusal stores nothing."""
+        with self._lock:
+            ask = self._ask
+            if ask is None or ask.round != round_:
+                raise Rejected("not_asked", f"no evaluation of round {round_} is asked for now")
+            if client not in ask.clients:
+                raise Rejected("not_asked", f"client {client!r} was not asked to evaluate round {round_}")
+            if time.time() >= ask.deadline:
+                raise Rejected("evaluation_closed", f"the evaluation of round {round_} passed its deadline")
+            if report.model_sha256 != ask.model_sha256:
+                raise Rejected(
+                    "wrong_model", f"round {round_}'s model is {ask.model_sha256[:12]}, not the one evaluated"
+                )
+            try:
+                self._store.add_client_evaluation(round_, client, report, signature, nonce)
+            except DuplicateEvaluation:
+                raise Rejected(
+                    "duplicate_evaluation", f"{client!r} already sent its evaluation of round {round_}"
+                ) from None
+            reports = self._store.client_evaluations(round_)
+            together = federated_evaluation.combine(reports)
+            self._store.add_evaluation(
+                Evaluation(round_, federated_evaluation.SOURCE, together.loss, together.accuracy,
+                           together.examples)
+            )  # fmt: skip
+            self.log.evaluated(
+                round_, federated_evaluation.SOURCE, together.loss, together.accuracy, together.examples,
+                (len(reports), len(ask.clients)),
+            )  # fmt: skip
+            self._finish_if_evaluated(time.time())
+        return EvaluationReceipt(round=round_, client=client, num_examples=report.num_examples)
+
+    def _finish_if_evaluated(self, now: float) -> None:
+        """Say the federation finished once its last round closed and the evaluation of its model, if one
+        was asked, is in from everyone asked or past its deadline. Caller holds the lock."""
+        if not self._finished or self._said_finished:
+            return
+        ask = self._ask
+        last = self._store.last_round()
+        assert last is not None
+        waiting = ask is not None and ask.round == last.round and now < ask.deadline
+        if waiting and len(self._store.client_evaluations(last.round)) < len(ask.clients):
+            return
+        self._said_finished = True
+        self.log.finished(last.round)
 
     def base_for(self, round_: int, client: str, base_sha256: str | None) -> Tensors:
         """The model an update for ``round_`` trained from ``base_sha256`` (its metadata) starts from, for
@@ -352,9 +427,24 @@ class Federation:
         self._sum = None
         self._finished = record.round >= self.settings.rounds
         counts = (self._received, self._skipped, self._quorum())
-        self.log.closed(
-            record, counts, self.strategy.name, time.perf_counter() - started, result, self._finished
+        self.log.closed(record, counts, self.strategy.name, time.perf_counter() - started, result)
+        if result is not None:
+            self._ask_evaluation(record.round, result)
+        self._finish_if_evaluated(time.time())
+
+    def _ask_evaluation(self, round_: int, model_sha256: str) -> None:
+        """Ask a share of the clients to score the model ``round_`` made, when that round is due; the ask
+        rides on the announcements from now on, until its deadline (one round's timeout)."""
+        s = self.settings
+        if not federated_evaluation.due(round_, s.evaluate_every, s.rounds):
+            return
+        asked = federated_evaluation.evaluators(self._registered(), round_, s.fraction_evaluate, s.seed)
+        if not asked:
+            return
+        self._ask = EvaluationAsk(
+            round=round_, model_sha256=model_sha256, clients=asked, deadline=time.time() + s.round_timeout
         )
+        self._store.ask_evaluation(self._ask)
 
     def _aggregate(self, round_: int) -> Tensors | None:
         """The round's new model, or None when the strategy cannot aggregate its updates (it fails)."""
@@ -465,6 +555,8 @@ class Federation:
                 self._fold(decode(update.path.read_bytes())[0], update.num_examples, update.staleness)
             self._skipped = len(self._store.skips(last.round))
         self._finished = self._open is None and last is not None and last.round >= self.settings.rounds
+        self._said_finished = self._finished  # a restarted server says so at start (fedge server)
+        self._ask = self._store.last_ask()
 
     def _notify(self) -> None:
         for listener in self._listeners:

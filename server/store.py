@@ -23,7 +23,7 @@ from typing import Any, overload
 from fedge.codec import Tensors, mapped, sha256
 from fedge.files import write_file
 from fedge.pricing import Usage
-from fedge.wire import TrainConfig
+from fedge.wire import EvaluationAsk, EvaluationReport, TrainConfig
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -61,12 +61,29 @@ CREATE TABLE IF NOT EXISTS skips (
 );
 CREATE TABLE IF NOT EXISTS evaluations (
     round INTEGER NOT NULL,         -- the round whose model was evaluated (0: the initial model)
-    source TEXT NOT NULL,           -- server: fedge server --eval-data
+    source TEXT NOT NULL,           -- server: fedge server --eval-data, federated: the clients asked
     loss DOUBLE PRECISION NOT NULL,
     accuracy DOUBLE PRECISION NOT NULL,
     examples INTEGER NOT NULL,
     evaluated_at DOUBLE PRECISION NOT NULL,
     PRIMARY KEY (round, source)
+);
+CREATE TABLE IF NOT EXISTS evaluation_asks (  -- federated evaluation: whom each round's model was sent to
+    round INTEGER PRIMARY KEY,      -- the round whose model is evaluated
+    model_sha256 TEXT NOT NULL,
+    clients TEXT NOT NULL,          -- JSON list of client ids
+    deadline DOUBLE PRECISION NOT NULL
+);
+CREATE TABLE IF NOT EXISTS client_evaluations (  -- what each asked client reported, signed
+    round INTEGER NOT NULL,
+    client TEXT NOT NULL,
+    loss DOUBLE PRECISION NOT NULL,
+    num_examples BIGINT NOT NULL,
+    metrics TEXT NOT NULL,          -- JSON object of name -> number
+    signature TEXT NOT NULL,        -- the client's, over (federation, round, client, sha256, nonce)
+    nonce TEXT NOT NULL,
+    received_at DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (round, client)
 );
 CREATE TABLE IF NOT EXISTS usage (  -- what each update's run consumed (fedge.pricing.Usage), for the bill
     round INTEGER NOT NULL,
@@ -96,6 +113,10 @@ class DuplicateUpdate(Exception):
 
 class AlreadySkipped(Exception):
     """The client already told the server it skips this round."""
+
+
+class DuplicateEvaluation(Exception):
+    """The client already reported its evaluation of this round's model."""
 
 
 @dataclass(frozen=True)
@@ -374,6 +395,44 @@ class Store:
             (evaluation.round, evaluation.source, evaluation.loss, evaluation.accuracy, evaluation.examples,
              time.time()),
         )  # fmt: skip
+
+    def ask_evaluation(self, ask: EvaluationAsk) -> None:
+        self._execute(
+            "INSERT INTO evaluation_asks (round, model_sha256, clients, deadline) VALUES (?, ?, ?, ?)",
+            (ask.round, ask.model_sha256, json.dumps(ask.clients), ask.deadline),
+        )
+
+    def last_ask(self) -> EvaluationAsk | None:
+        row = self._execute(
+            "SELECT round, model_sha256, clients, deadline FROM evaluation_asks ORDER BY round DESC LIMIT 1"
+        ).fetchone()
+        if row is None:
+            return None
+        return EvaluationAsk(round=row[0], model_sha256=row[1], clients=json.loads(row[2]), deadline=row[3])
+
+    def add_client_evaluation(
+        self, round_: int, client: str, report: EvaluationReport, signature: str, nonce: str
+    ) -> None:
+        """Record an asked client's evaluation; each client reports once per round."""
+        if self._execute(
+            "SELECT 1 FROM client_evaluations WHERE round = ? AND client = ?", (round_, client)
+        ).fetchone():
+            raise DuplicateEvaluation(client)
+        self._execute(
+            "INSERT INTO client_evaluations (round, client, loss, num_examples, metrics, signature, nonce,"
+            " received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (round_, client, report.loss, report.num_examples, json.dumps(report.metrics), signature, nonce,
+             time.time()),
+        )  # fmt: skip
+
+    def client_evaluations(self, round_: int) -> dict[str, tuple[float, int, dict[str, float]]]:
+        """The round's client evaluations, client -> (loss, examples, metrics), in the order they came."""
+        rows = self._execute(
+            "SELECT client, loss, num_examples, metrics FROM client_evaluations WHERE round = ?"
+            " ORDER BY received_at, client",
+            (round_,),
+        ).fetchall()
+        return {client: (loss, int(n), json.loads(metrics)) for client, loss, n, metrics in rows}
 
     def record_usage(self, round_: int, client: str, usage: Usage) -> None:
         """What computing ``client``'s update of ``round_`` consumed; recorded once, with the update."""
