@@ -170,13 +170,15 @@ def _show(report: Report, settings: SimulationSettings) -> None:
         title=f"fedge simulate: {settings.clients} clients{attacked}, {settings.dataset}, "
         f"{settings.partition}, {settings.strategy}"
     )
-    for column in ("round", "accuracy", "loss", "updates", "seconds", "MB up", "MB down", "cost",
-                   "fit metrics"):  # fmt: skip
+    federated = settings.fraction_evaluate > 0  # the asked clients' figures, beside the central ones
+    for column in ("round", "accuracy", "loss", *(("fed. accuracy", "fed. loss") if federated else ()),
+                   "updates", "seconds", "MB up", "MB down", "cost", "fit metrics"):  # fmt: skip
         table.add_column(column, justify="right")
     for r in report.rounds:
         fitted = " ".join(f"{k}={v:.4g}" for k, v in sorted(r.train_metrics.items()))
+        beside = (_figure(r.federated_accuracy), _figure(r.federated_loss)) if federated else ()
         table.add_row(
-            str(r.round), _figure(r.accuracy), f"{r.loss:.4f}", str(r.updates), f"{r.seconds:.2f}",
+            str(r.round), _figure(r.accuracy), f"{r.loss:.4f}", *beside, str(r.updates), f"{r.seconds:.2f}",
             f"{r.bytes_up / 1e6:.2f}", f"{r.bytes_down / 1e6:.2f}", _cost(r.cost), fitted,
         )  # fmt: skip
     console.print(table)

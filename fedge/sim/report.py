@@ -23,6 +23,11 @@ class RoundMetrics:
     train_metrics: dict[str, float] = field(default_factory=dict)  # the clients' fit metrics, aggregated
     evaluate_metrics: dict[str, float] = field(default_factory=dict)  # the evaluation's, aggregated
     cost: float | None = None  # what the server billed the round's updates at its --prices
+    # Federated evaluation (--fraction-evaluate): the asked clients' figures on their own held-out shares,
+    # as the server combined and stored them, beside the central ones above.
+    federated_accuracy: float | None = None
+    federated_loss: float | None = None
+    federated_examples: int = 0
 
 
 @dataclass

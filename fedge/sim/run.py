@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, as_completed, wait
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -185,6 +186,11 @@ def _check(settings: SimulationSettings) -> None:
         require_ray()
     if settings.placement not in tuple(Rule):
         raise UserError(f"unknown placement {settings.placement!r}: choose from {', '.join(Rule)}")
+    if settings.fraction_evaluate > 0 and (settings.buffer or settings.profile or settings.flower_app):
+        raise UserError(
+            "--fraction-evaluate asks clients after each synchronous round: not with --buffer or --profile,"
+            " and a Flower app's share is its ServerApp's fraction_evaluate"
+        )
     if settings.max_cost is not None and settings.profile is None:
         raise UserError("--max-cost is a device's budget: it needs --profile")
     try:
@@ -257,22 +263,56 @@ class _Run:
             self.report.refused[exc.code] = self.report.refused.get(exc.code, 0) + 1
             return None
 
+    def evaluate_asked(self, info: RoundInfo, round_: int) -> list[Invocation]:
+        """Federated evaluation: each client the server asked about the model ``round_`` made scores it
+        on its share of the held-out set and sends the figures, signed, as an agent does."""
+        ask = info.evaluate
+        if ask is None or ask.round != round_:
+            return []
+        settings = self.settings
+        futures = [
+            self.pool.invoke("evaluate", events.EvaluateEvent(
+                server=self.url, credentials=events.CredentialPaths.of(
+                    pki.credentials(self.pki_dir, pki.Role.CLIENT, client)),
+                task=settings.dataset, app=apps.spec(settings), run_config=apps.run_config(settings),
+                data=_data_event(settings, client).model_copy(update={"split": "test"}), asked=ask,
+            ))
+            for client in ask.clients
+        ]  # fmt: skip
+        return [future.result() for future in futures]
+
+    def _federated(self, round_: int) -> dict[str, Any]:
+        """The server's combined figures of the clients' evaluations of round ``round_``'s model."""
+        figures = next(r for r in self.api.overview()["rounds"] if r["round"] == round_)
+        return {
+            "federated_accuracy": figures["federated_accuracy"], "federated_loss": figures["federated_loss"],
+            "federated_examples": figures["federated_examples"],
+        }  # fmt: skip
+
     def wait_until_open(self, info: RoundInfo | None = None) -> RoundInfo:
         info = info or self.api.current_round()
         while info.state is RoundState.WAITING:
             info = self.api.current_round(wait=5, etag=info.etag)
         return info
 
-    def record(self, round_: int | None, results: list[Invocation], since: float, offloaded: int = 0) -> int:
+    def record(
+        self,
+        round_: int | None,
+        results: list[Invocation],
+        since: float,
+        offloaded: int = 0,
+        asked: list[Invocation] | None = None,
+    ) -> int:
         """Evaluate the current model and add a row for it (labelled ``round_``, else the version
         evaluated, which in asynchronous mode may be newer than the one that prompted it). ``offloaded``:
-        updates an executor trained, which ran on no worker of this pool."""
+        updates an executor trained, which ran on no worker of this pool; ``asked``: the clients' own
+        evaluations (``evaluate_asked``), whose combined figures the row takes from the server."""
         seconds = time.perf_counter() - since
         trained = [events.TrainResult.model_validate(r.result) for r in results]
         evaluation = _evaluate_event(self.url, self.observer, self.settings)
         evaluated, score = apps.evaluate(self.pool, self.settings, evaluation, round_ or 0)
         round_ = score.round if round_ is None else round_
-        for invocation in [*results, *evaluated]:
+        for invocation in [*results, *evaluated, *(asked or [])]:
             self.report.cold_invocations += invocation.cold
             self.report.warm_invocations += not invocation.cold
         metrics = RoundMetrics(
@@ -289,6 +329,7 @@ class _Run:
             bytes_down=sum(t.bytes_down for t in trained),
             stale_updates=sum((t.staleness or 0) > 0 for t in trained),
             ended=time.time(),
+            **(self._federated(round_) if asked else {}),
         )
         self.report.rounds.append(metrics)
         self.on_round(metrics)
@@ -308,7 +349,8 @@ def _run_rounds(run: _Run) -> None:
         next_info = run.api.current_round()
         while next_info.etag == info.etag:
             next_info = run.api.current_round(wait=30, etag=info.etag)
-        run.record(info.round, results, opened)
+        evaluated = run.evaluate_asked(next_info, info.round)
+        run.record(info.round, results, opened, asked=evaluated)
         info = run.wait_until_open(next_info)
 
 

@@ -34,6 +34,8 @@ class SummaryRow:
     arriving: float | None = None  # first update to the last: clients training and uploading
     closing: float | None = None  # last update to close: aggregation
     cost: float | None = None  # what the round's updates were billed (fedge.pricing)
+    federated_accuracy: float | None = None  # the asked clients', on their own held-out data
+    federated_loss: float | None = None
 
 
 @dataclass(frozen=True)
@@ -59,8 +61,10 @@ def _from_metrics(path: Path) -> Summary:
         rows = [
             SummaryRow(
                 round=int(r["round"]), state="done", updates=int(r["updates"]), seconds=float(r["seconds"]),
-                bytes_up=int(r["bytes_up"]), accuracy=float(r["accuracy"]), loss=float(r["loss"]),
-                cost=None if r.get("cost") is None else float(r["cost"]),
+                bytes_up=int(r["bytes_up"]), accuracy=_optional(r["accuracy"]), loss=float(r["loss"]),
+                cost=_optional(r.get("cost")),
+                federated_accuracy=_optional(r.get("federated_accuracy")),
+                federated_loss=_optional(r.get("federated_loss")),
             )
             for r in metrics["rounds"]
         ]  # fmt: skip
@@ -78,7 +82,8 @@ def _from_store(directory: Path) -> Summary:
     rows = [
         SummaryRow(
             round=f.round, state=f.state, updates=f.updates, seconds=f.seconds, bytes_up=f.bytes,
-            waiting=f.waiting, arriving=f.arriving, closing=f.closing, cost=f.cost,
+            waiting=f.waiting, arriving=f.arriving, closing=f.closing, cost=f.cost, accuracy=f.accuracy,
+            loss=f.loss, federated_accuracy=f.federated_accuracy, federated_loss=f.federated_loss,
         )
         for f in round_figures(ledger, time.time())
     ]  # fmt: skip
@@ -97,6 +102,8 @@ def table(summary: Summary, title: str) -> Table:
         "state": [r.state for r in summary.rows],
         "accuracy": [_figure(r.accuracy, 4) for r in summary.rows],
         "loss": [_figure(r.loss, 4) for r in summary.rows],
+        "fed. accuracy": [_figure(r.federated_accuracy, 4) for r in summary.rows],
+        "fed. loss": [_figure(r.federated_loss, 4) for r in summary.rows],
         "updates": [str(r.updates) for r in summary.rows],
         "seconds": [f"{r.seconds:.2f}" for r in summary.rows],
         "waiting": [_figure(r.waiting, 2) for r in summary.rows],
@@ -112,6 +119,11 @@ def table(summary: Summary, title: str) -> Table:
     for values in zip(*shown.values(), strict=True):
         rendered.add_row(*(v if v is not None else "-" for v in values))
     return rendered
+
+
+def _optional(value: object) -> float | None:
+    """A figure a run may lack: an app without accuracy, a round not billed or not evaluated by clients."""
+    return None if value is None else float(value)  # type: ignore[arg-type]
 
 
 def _figure(value: float | None, digits: int) -> str | None:
