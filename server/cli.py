@@ -20,7 +20,6 @@ from fedge.security import pki
 from fedge.server import lock
 from fedge.server.strategies import Strategy, StrategyError, registry
 from fedge.settings import ServerSettings, TrainingSettings
-from fedge.wire import RoundState
 
 if TYPE_CHECKING:
     from fedge.mqtt import BrokerAddress
@@ -222,8 +221,6 @@ def server(
         if evaluation is not None:
             model = federation.model
             evaluation.start(Store(settings.data, settings.store), log, model.round, model.sha256)
-        if federation.round_info().state is RoundState.FINISHED:
-            log.emit(roundlog.finished(federation.round_info().round, time.time()))
     try:
         service.serve(
             create_app(federation, trust), creds, sock, settings.data / "endpoint.json",

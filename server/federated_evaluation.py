@@ -10,7 +10,6 @@ report it, weighted by theirs.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -28,9 +27,9 @@ class Combined:
     metrics: dict[str, float]
 
     @property
-    def accuracy(self) -> float:
-        """The ``accuracy`` metric, or NaN where the app reports none (the store keeps a number)."""
-        return self.metrics.get("accuracy", math.nan)
+    def accuracy(self) -> float | None:
+        """The ``accuracy`` metric, or None where the app reports none."""
+        return self.metrics.get("accuracy")
 
 
 def due(round_: int, every: int, last_round: int) -> bool:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import math
 import sqlite3
 import time
 from collections import Counter, defaultdict
@@ -107,7 +106,7 @@ def round_figures(ledger: Ledger, now: float, prices: Prices = EXAMPLE_PRICES) -
                 stragglers=[c for c in r.selected if r.state in CLOSED and (r.round, c) not in reported],
                 accuracy=scored[r.round].accuracy if r.round in scored else None,
                 loss=scored[r.round].loss if r.round in scored else None,
-                federated_accuracy=_number(f.accuracy) if (f := federated.get(r.round)) else None,
+                federated_accuracy=f.accuracy if (f := federated.get(r.round)) else None,
                 federated_loss=f.loss if f else None, federated_examples=f.examples if f else 0,
                 cost=cost(used := ledger.usage.get(r.round, Usage()), prices).total, usage=used.as_dict(),
             )
@@ -214,11 +213,6 @@ def runs(
 
 def _seconds(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
-
-
-def _number(value: float) -> float | None:
-    """A stored figure, None where it is NaN: an app that reports no accuracy."""
-    return None if math.isnan(value) else value
 
 
 def _figure(value: float | None) -> str:

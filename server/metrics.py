@@ -164,7 +164,8 @@ def record(event: RoundEvent) -> None:
             rounds_closed.labels(outcome="done" if event.event is Event.CLOSED else "failed").inc()
         case Event.EVALUATED:
             source = str(fields["source"])
-            accuracy.labels(source=source).set(float(fields["accuracy"]))
+            if fields["accuracy"] is not None:  # a clients' app may report no accuracy
+                accuracy.labels(source=source).set(float(fields["accuracy"]))
             loss.labels(source=source).set(float(fields["loss"]))
             evaluated_round.labels(source=source).set(event.round)
         case Event.FINISHED:

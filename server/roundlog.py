@@ -108,7 +108,7 @@ def evaluated(
     round_: int,
     source: str,
     loss: float,
-    accuracy: float,
+    accuracy: float | None,
     examples: int,
     at: float,
     reported: tuple[int, int] | None = None,
@@ -163,9 +163,10 @@ def human(event: RoundEvent) -> str:
             )
         case Event.EVALUATED:
             clients = f" by {f['reported']} of {_count(f['asked'], 'client')}" if "asked" in f else ""
+            scored = "" if f["accuracy"] is None else f"accuracy {f['accuracy']:.4f}, "
             text = (
                 f"round {r} evaluated ({f['source']}{clients}, {f['examples']} examples): "
-                f"accuracy {f['accuracy']:.4f}, loss {f['loss']:.4f}"
+                f"{scored}loss {f['loss']:.4f}"
             )
         case Event.FINISHED:
             text = f"federation finished: {_count(f['rounds'], 'round')} done"
@@ -229,7 +230,13 @@ class RoundLog:
         self.emit(closed(record, updates, skips, aggregation_seconds, model_sha256, why, time.time()))
 
     def evaluated(
-        self, round_: int, source: str, loss: float, accuracy: float, examples: int, reported: tuple[int, int]
+        self,
+        round_: int,
+        source: str,
+        loss: float,
+        accuracy: float | None,
+        examples: int,
+        reported: tuple[int, int],
     ) -> None:
         self.emit(evaluated(round_, source, loss, accuracy, examples, time.time(), reported))
 

@@ -105,7 +105,7 @@ class Federation:
         self._received = 0
         self._skipped = 0
         self._finished = False
-        self._said_finished = False  # the finished event waits for the last model's evaluation
+        self._said_finished = False  # said by the first tick or report after the last model's evaluation
         self._ask: EvaluationAsk | None = None
         self._pending: Strategy | None = None
         self._load(initial_model)
@@ -555,7 +555,6 @@ class Federation:
                 self._fold(decode(update.path.read_bytes())[0], update.num_examples, update.staleness)
             self._skipped = len(self._store.skips(last.round))
         self._finished = self._open is None and last is not None and last.round >= self.settings.rounds
-        self._said_finished = self._finished  # a restarted server says so at start (fedge server)
         self._ask = self._store.last_ask()
 
     def _notify(self) -> None:

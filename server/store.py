@@ -63,7 +63,7 @@ CREATE TABLE IF NOT EXISTS evaluations (
     round INTEGER NOT NULL,         -- the round whose model was evaluated (0: the initial model)
     source TEXT NOT NULL,           -- server: fedge server --eval-data, federated: the clients asked
     loss DOUBLE PRECISION NOT NULL,
-    accuracy DOUBLE PRECISION NOT NULL,
+    accuracy DOUBLE PRECISION,      -- none: the clients' app reports no accuracy
     examples INTEGER NOT NULL,
     evaluated_at DOUBLE PRECISION NOT NULL,
     PRIMARY KEY (round, source)
@@ -177,7 +177,7 @@ class Evaluation:
     round: int
     source: str
     loss: float
-    accuracy: float
+    accuracy: float | None  # None: the clients' app reports no accuracy (federated evaluation)
     examples: int
 
 
@@ -204,6 +204,21 @@ class Store:
         with self._transaction():
             for statement in filter(str.strip, _SCHEMA.split(";")):
                 self._execute(statement)
+            self._allow_unscored()
+
+    def _allow_unscored(self) -> None:
+        """A store made before federated evaluation required every evaluation to have an accuracy; a
+        clients' app may report none, so the column takes NULL from now on (caller holds a transaction)."""
+        if self._postgres:
+            self._execute("ALTER TABLE evaluations ALTER COLUMN accuracy DROP NOT NULL")
+            return
+        (made,) = self._execute("SELECT sql FROM sqlite_master WHERE name = 'evaluations'").fetchone()
+        required = "accuracy DOUBLE PRECISION NOT NULL"
+        if required in made:  # SQLite changes a column's constraints only by copying the table
+            self._execute("ALTER TABLE evaluations RENAME TO evaluations_required")
+            self._execute(made.replace(required, "accuracy DOUBLE PRECISION"))
+            self._execute("INSERT INTO evaluations SELECT * FROM evaluations_required")
+            self._execute("DROP TABLE evaluations_required")
 
     def close(self) -> None:
         self._db.close()

@@ -5,7 +5,6 @@ them and stores them per round. Refusals store nothing."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import sqlite3
 import subprocess
@@ -15,12 +14,16 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import client_data, wait_for
+from conftest import client_data, submit, toy_model, update_body, wait_for
 
 from fedge.codec import decode, encode, sha256
 from fedge.security import pki, signing
 from fedge.security.tls import client_context
 from fedge.server import federated_evaluation
+from fedge.server.errors import Rejected
+from fedge.server.roundlog import Event, RoundEvent, RoundLog
+from fedge.server.rounds import Federation, FederationSettings
+from fedge.server.store import Evaluation, Store
 from fedge.transport import FedgeClient, ServerError
 from fedge.wire import EvaluationReport, RoundState
 
@@ -33,7 +36,7 @@ def test_reports_combine_weighted_by_examples_and_metrics_over_those_that_report
     assert combined.loss == pytest.approx((30 * 1.0 + 10 * 2.0) / 40)
     assert combined.accuracy == pytest.approx((30 * 0.5 + 10 * 0.9) / 40)
     assert combined.metrics["f1"] == pytest.approx(0.2)
-    assert math.isnan(federated_evaluation.combine({"a": (1.0, 3, {})}).accuracy)
+    assert federated_evaluation.combine({"a": (1.0, 3, {})}).accuracy is None
 
 
 def test_evaluators_are_a_share_of_the_clients_at_least_one_and_none_at_zero() -> None:
@@ -189,7 +192,8 @@ def test_a_simulation_shows_the_clients_figures_beside_the_central_ones(tmp_path
     done = subprocess.run(
         [sys.executable, "-m", "fedge", "simulate", "--dataset", "digits", "--clients", "3", "--rounds", "2",
          "--workers", "2", "--fraction-evaluate", "1", "--out", str(out), "--partition", "iid"],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "FEDGE_CONFIG": os.devnull, "COLUMNS": "200"},
+        capture_output=True, text=True, timeout=600,
+        env={**os.environ, "FEDGE_CONFIG": os.devnull, "COLUMNS": "200"},
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "fed. accuracy" in done.stdout
@@ -199,3 +203,66 @@ def test_a_simulation_shows_the_clients_figures_beside_the_central_ones(tmp_path
         assert r["federated_examples"] > 0
         assert r["federated_loss"] == pytest.approx(r["loss"], rel=1e-5)
         assert r["federated_accuracy"] == pytest.approx(r["accuracy"], rel=1e-6)  # float32 sums
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest) -> str | None:
+    return request.getfixturevalue("postgres_url") if request.param == "postgresql" else None
+
+
+def test_a_restarted_server_keeps_the_ask_and_the_reports_and_says_finished_once_all_are_in(
+    store_url: str | None, tmp_path: Path
+) -> None:
+    """The ask and every acknowledged report are in the store: a crash between two reports loses neither,
+    and the restarted federation still refuses a second report from the same client."""
+    events: list[RoundEvent] = []
+    settings = FederationSettings(
+        federation="edge", task="toy", rounds=1, min_updates=2, fraction_evaluate=1.0
+    )
+
+    def federation() -> Federation:
+        return Federation(
+            Store(tmp_path / "data", store_url), settings, lambda: ["alice", "bob"], encode(toy_model()),
+            log=RoundLog(events.append),
+        )  # fmt: skip
+
+    first = federation()
+    first.tick()
+    submit(first, 1, "alice", update_body(1.0))
+    submit(first, 1, "bob", update_body(3.0))
+    ask = first.round_info().evaluate
+    assert ask is not None
+    assert (ask.round, ask.clients, ask.model_sha256) == (1, ["alice", "bob"], first.model.sha256)
+    report = EvaluationReport(model_sha256=ask.model_sha256, loss=2.0, num_examples=10)
+    first.evaluate(1, "alice", report, "sig", "nonce")
+    assert Event.FINISHED not in [e.event for e in events]  # bob has not reported yet
+
+    second = federation()
+    assert second.round_info().evaluate == ask
+    with pytest.raises(Rejected) as caught:
+        second.evaluate(1, "alice", report, "sig", "nonce")
+    assert caught.value.code == "duplicate_evaluation"
+    second.evaluate(1, "bob", report.model_copy(update={"loss": 4.0, "num_examples": 30}), "sig", "nonce")
+    assert [e.event for e in events].count(Event.FINISHED) == 1
+    federated = [e for e in Store(tmp_path / "data", store_url).evaluations() if e.source == "federated"]
+    assert [(e.round, e.loss, e.examples) for e in federated] == [(1, (2.0 * 10 + 4.0 * 30) / 40, 40)]
+
+
+def test_a_store_made_when_every_evaluation_had_an_accuracy_takes_one_without_and_keeps_its_rows(
+    store_url: str | None, tmp_path: Path
+) -> None:
+    made = Store(tmp_path / "data", store_url)
+    made._execute("DROP TABLE evaluations")
+    made._execute(
+        "CREATE TABLE evaluations (round INTEGER NOT NULL, source TEXT NOT NULL,"
+        " loss DOUBLE PRECISION NOT NULL, accuracy DOUBLE PRECISION NOT NULL, examples INTEGER NOT NULL,"
+        " evaluated_at DOUBLE PRECISION NOT NULL, PRIMARY KEY (round, source))"
+    )
+    made.add_evaluation(Evaluation(1, "server", 0.5, 0.9, 100))
+    made.close()
+    reopened = Store(tmp_path / "data", store_url)
+    reopened.add_evaluation(Evaluation(1, "federated", 0.7, None, 40))
+    assert reopened.evaluations() == [
+        Evaluation(1, "federated", 0.7, None, 40),
+        Evaluation(1, "server", 0.5, 0.9, 100),
+    ]
