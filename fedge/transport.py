@@ -166,28 +166,26 @@ class FedgeClient:
         """Send this client's evaluation of the model ``round_`` produced (it was asked to, in the round
         announcement), signed as an evaluation over the JSON body it sends."""
         body = report.model_dump_json().encode()
-        nonce = signing.new_nonce()
-        claim = signing.UpdateClaim(
-            self.identity.federation, round_, self.identity.id, sha256(body), nonce, kind="evaluation"
-        )
-        headers = {
-            "Content-Type": "application/json",
-            signing.SIGNATURE_HEADER: signing.sign(self._key, claim.message()),
-            signing.NONCE_HEADER: nonce,
-        }
+        headers = {"Content-Type": "application/json", **self.sign_update(round_, body, kind="evaluation")}
         response = self._http.post(f"/v1/rounds/{round_}/evaluation", content=body, headers=headers)
         raise_for_error(response)
         return EvaluationReceipt.model_validate_json(response.content)
 
     def sign_update(
-        self, round_: int, body: bytes, client: str | None = None, body_sha256: str | None = None
+        self,
+        round_: int,
+        body: bytes,
+        client: str | None = None,
+        body_sha256: str | None = None,
+        kind: str = "update",
     ) -> dict[str, str]:
-        """The signature headers of an update in ``client``'s slot (default: our own); ``body_sha256``
-        when the body was hashed as it was encoded (``codec.encode_hashed``)."""
+        """The signature headers of an update in ``client``'s slot (default: our own), or of another
+        ``kind`` of report (an evaluation); ``body_sha256`` when the body was hashed as it was encoded
+        (``codec.encode_hashed``)."""
         nonce = signing.new_nonce()
         owner = client or self.identity.id
         digest = body_sha256 or sha256(body)
-        claim = signing.UpdateClaim(self.identity.federation, round_, owner, digest, nonce)
+        claim = signing.UpdateClaim(self.identity.federation, round_, owner, digest, nonce, kind)
         return {
             signing.SIGNATURE_HEADER: signing.sign(self._key, claim.message()),
             signing.NONCE_HEADER: nonce,

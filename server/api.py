@@ -6,7 +6,6 @@ import re
 import time
 from typing import Annotated
 
-from cryptography import x509
 from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -19,7 +18,7 @@ from fedge.security.pki import Identity, Role
 from fedge.security.revocation import NotStanding
 from fedge.server import intake, limits, metrics
 from fedge.server.deps import FederationDep, FeedDep, TrustDep
-from fedge.server.errors import RESPONSES, Rejected
+from fedge.server.errors import RESPONSES, Rejected, invalid
 from fedge.server.feed import MAX_WAIT, next_round
 from fedge.server.identity import Admin, Caller, Client, Submitter
 from fedge.server.jsonbody import BoundedJSONRoute
@@ -203,11 +202,12 @@ async def post_evaluation(
         body = await _read_capped(request, limits.SMALL_BODY)
         peer = peer_certificate(request.scope)  # type: ignore[arg-type]
         assert peer is not None  # a client: the gate let no connection without a certificate through
-        _verify_report(peer, trust.federation, round_, identity.id, body, x_fedge_signature, x_fedge_nonce)
+        signed = intake.Signed(peer, trust.federation, x_fedge_signature, x_fedge_nonce)
+        intake.verify(signed, round_, identity.id, sha256(body), kind="evaluation")
         try:
             report = EvaluationReport.model_validate_json(body)
         except ValidationError as exc:
-            raise Rejected("invalid_evaluation", _first_error(exc)) from None
+            raise Rejected("invalid_evaluation", invalid(exc.errors()[0])) from None
         receipt = await run_in_threadpool(
             federation.evaluate, round_, identity.id, report, x_fedge_signature, x_fedge_nonce
         )
@@ -216,27 +216,6 @@ async def post_evaluation(
         raise
     metrics.evaluations_accepted.inc()
     return receipt
-
-
-def _verify_report(
-    peer_der: bytes, federation: str, round_: int, client: str, body: bytes, signature: str, nonce: str
-) -> None:
-    """The evaluation must be signed by the key behind this connection's certificate, as an evaluation."""
-    claim = signing.UpdateClaim(federation, round_, client, sha256(body), nonce, kind="evaluation")
-    try:
-        signing.check_nonce(nonce)
-    except signing.SignatureError as exc:
-        raise Rejected("bad_nonce", str(exc)) from None
-    try:
-        signing.verify(x509.load_der_x509_certificate(peer_der).public_key(), claim.message(), signature)
-    except signing.SignatureError as exc:
-        raise Rejected("bad_signature", f"evaluation signature: {exc}") from None
-
-
-def _first_error(exc: ValidationError) -> str:
-    error = exc.errors()[0]
-    where = ".".join(str(part) for part in error["loc"]) or "body"
-    return f"{where}: {error['msg']}"
 
 
 def _slot_owner(identity: Identity, grant_header: str | None, round_: int, trust: Trust) -> str:

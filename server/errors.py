@@ -68,13 +68,13 @@ def describe(exc: Exception) -> tuple[int, str, str, dict[str, str] | None]:
         return exc.status, exc.code, exc.detail, None
     if isinstance(exc, RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
-        return STATUS["invalid_request"], "invalid_request", _invalid(first), None
+        return STATUS["invalid_request"], "invalid_request", invalid(first), None
     if isinstance(exc, HTTPException):
         return exc.status_code, _HTTP_CODES.get(exc.status_code, "http_error"), str(exc.detail), exc.headers
     raise TypeError(f"no error body for {type(exc).__name__}")
 
 
-def _invalid(error: dict[str, Any]) -> str:
+def invalid(error: dict[str, Any]) -> str:
     """Where a request breaks its schema and how; for a body that is not JSON (or is, past the bounds of
     ``fedge.jsonlimits``), the parser's reason rather than its byte offset."""
     if error.get("type") == "json_invalid":

@@ -70,7 +70,7 @@ def check(
 ) -> CheckedUpdate:
     """The checked update, or ``Rejected`` with the first reason it cannot be taken."""
     digest = sha256(body)  # the one pass hashing makes over the body: it releases the GIL
-    provenance = _verify(signed, round_, client, digest) if signed else Provenance(body_sha256=digest)
+    provenance = verify(signed, round_, client, digest) if signed else Provenance(body_sha256=digest)
     try:
         tensors, metadata = decode_view(body)
     except CodecError as exc:
@@ -88,10 +88,11 @@ def check(
     return CheckedUpdate(client, round_, meta, full, body, restored, digest, provenance)
 
 
-def _verify(signed: Signed, round_: int, client: str, digest: str) -> Provenance:
+def verify(signed: Signed, round_: int, client: str, digest: str, kind: str = "update") -> Provenance:
     """The key that signed must be the one behind this connection's certificate: the client's own (or the
-    executor's, which api.py has already matched to the client's grant)."""
-    claim = signing.UpdateClaim(signed.federation, round_, client, digest, signed.nonce)
+    executor's, which api.py has already matched to the client's grant). ``kind``: what the client signed,
+    an update or an evaluation (``signing.UpdateClaim``)."""
+    claim = signing.UpdateClaim(signed.federation, round_, client, digest, signed.nonce, kind)
     try:
         signing.check_nonce(claim.nonce)
     except signing.SignatureError as exc:
@@ -100,7 +101,7 @@ def _verify(signed: Signed, round_: int, client: str, digest: str) -> Provenance
         key = x509.load_der_x509_certificate(signed.peer_der).public_key()
         signing.verify(key, claim.message(), signed.signature)
     except signing.SignatureError as exc:
-        raise Rejected("bad_signature", f"update signature: {exc}") from None
+        raise Rejected("bad_signature", f"{kind} signature: {exc}") from None
     return Provenance(signed.signature, signed.nonce, digest, signed.computed_by)
 
 
