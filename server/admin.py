@@ -11,6 +11,7 @@ import math
 import time
 from pathlib import Path
 from typing import Annotated, Any
+from weakref import WeakKeyDictionary
 
 from fastapi import APIRouter, Header, Query, Response
 from fastapi.concurrency import run_in_threadpool
@@ -25,6 +26,7 @@ from fedge.server.history import ClientFigures, RoundFigures, client_figures, ro
 from fedge.server.identity import Admin
 from fedge.server.jsonbody import BoundedJSONRoute
 from fedge.server.rounds import Federation
+from fedge.server.store import Ledger
 from fedge.server.trust import Trust
 from fedge.wire import RoundInfo
 
@@ -155,10 +157,18 @@ async def overview(
 
 
 def _overview(federation: Federation, trust: Trust, info: RoundInfo) -> str:
-    ledger = federation.ledger()
+    """Built again only when what it shows changed: the ledger (a new object once the store wrote), who was
+    seen when, a certificate's status, the round. Otherwise the last one is sent with the time moved on,
+    which is all a dashboard's once-a-second request finds new in a quiet round."""
     now = time.time()
     certificates = _client_certificates(trust, dt.datetime.fromtimestamp(now, dt.UTC))
-    return Overview(
+    ledger = federation.ledger()
+    sightings = trust.presence.sightings()
+    key = (sightings, [(cert.id, status) for cert, status in certificates], info)
+    built = _overviews.get(federation)
+    if built is not None and built[0] is ledger and built[1] == key:
+        return _moved_on(built[2], now).model_dump_json()
+    overview = Overview(
         federation=trust.federation,
         now=now,
         round=info,
@@ -167,7 +177,7 @@ def _overview(federation: Federation, trust: Trust, info: RoundInfo) -> str:
             ledger,
             [cert for cert, _ in certificates],
             {cert.id: status for cert, status in certificates},
-            trust.presence.sightings(),
+            sightings,
         ),
         evaluations=[
             EvaluationPoint(
@@ -178,7 +188,21 @@ def _overview(federation: Federation, trust: Trust, info: RoundInfo) -> str:
             )
             for e in ledger.evaluations
         ],
-    ).model_dump_json()
+    )
+    _overviews[federation] = (ledger, key, overview)
+    return overview.model_dump_json()
+
+
+def _moved_on(overview: Overview, now: float) -> Overview:
+    """The overview as of ``now``: only a round still open has a length that grows with the clock."""
+    rounds = [
+        f if f.closed_at is not None else f.model_copy(update={"seconds": now - f.opened_at})
+        for f in overview.rounds
+    ]
+    return overview.model_copy(update={"now": now, "rounds": rounds})
+
+
+_overviews: WeakKeyDictionary[Federation, tuple[Ledger, tuple[Any, ...], Overview]] = WeakKeyDictionary()
 
 
 def _client_certificates(trust: Trust, now: dt.datetime) -> list[tuple[pki.CertificateInfo, str]]:

@@ -108,6 +108,7 @@ class Federation:
         self._said_finished = False  # said by the first tick or report after the last model's evaluation
         self._ask: EvaluationAsk | None = None
         self._pending: Strategy | None = None
+        self._ledger: tuple[int, Ledger] | None = None  # (the store's revision it was read at, the ledger)
         self._load(initial_model)
 
     def subscribe(self, listener: Callable[[], None]) -> None:
@@ -151,9 +152,13 @@ class Federation:
             return self._store.history()
 
     def ledger(self) -> Ledger:
-        """Every round, update and skip as metadata rows (``store.read_ledger``), for operators' views."""
+        """Every round, update and skip as metadata rows (``store.read_ledger``), for operators' views; read
+        again only when the store has written since (a dashboard asks every second, mostly for nothing new).
+        The same object comes back while nothing changed, so a view of it may be cached on it too."""
         with self._lock:
-            return read_ledger(self._store)
+            if self._ledger is None or self._ledger[0] != self._store.revision:
+                self._ledger = (self._store.revision, read_ledger(self._store))
+            return self._ledger[1]
 
     def open_skips(self) -> dict[str, str]:
         """The open round's skip notices, client -> reason (none when no round is open)."""

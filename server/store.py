@@ -200,6 +200,7 @@ class Store:
         (data_dir / "updates").mkdir(exist_ok=True)
         (data_dir / "strategy").mkdir(exist_ok=True)
         self._postgres = url is not None
+        self.revision = 0  # rises with every statement that may write: what a cache of the ledger keys on
         self._db: Any = _postgres(url) if url is not None else _sqlite(data_dir / "state.db")
         with self._transaction():
             for statement in filter(str.strip, _SCHEMA.split(";")):
@@ -224,6 +225,8 @@ class Store:
         self._db.close()
 
     def _execute(self, sql: str, args: Sequence[object] = ()) -> Any:
+        if not sql.startswith("SELECT"):
+            self.revision += 1
         return self._db.execute(sql.replace("?", "%s") if self._postgres else sql, args)
 
     def get_meta(self, key: str) -> str | None:

@@ -71,6 +71,30 @@ def test_the_overview_counts_updates_skips_stragglers_and_failures(
     assert all(c["certificate_status"] == "valid" for c in clients.values())
 
 
+def test_a_quiet_rounds_overview_moves_on_with_the_clock_and_shows_an_update_at_once(
+    start_server, connect, pki_dir, tmp_path
+) -> None:
+    server = start_server("--rounds", "2", "--round-timeout", "60", data=tmp_path / "state")
+    alice = connect(server, "alice")
+    info = open_round(alice)
+    with admin_http(server, pki_dir) as admin:
+        before = admin.get("/v1/admin/overview").json()
+        time.sleep(0.3)
+        quiet = admin.get("/v1/admin/overview").json()
+        alice.post_update(info.round, update_body(1.0))
+        after = admin.get("/v1/admin/overview").json()
+    assert quiet["now"] > before["now"]
+    assert quiet["rounds"][0]["seconds"] == pytest.approx(
+        quiet["now"] - quiet["rounds"][0]["opened_at"], abs=1e-6
+    )
+    assert quiet["rounds"][0]["seconds"] > before["rounds"][0]["seconds"]
+    assert {k: v for k, v in quiet.items() if k not in ("now", "rounds")} == {
+        k: v for k, v in before.items() if k not in ("now", "rounds")
+    }
+    assert (before["rounds"][0]["updates"], after["rounds"][0]["updates"]) == (0, 1)
+    assert {c["id"]: c["trained"] for c in after["clients"]}["alice"] == 1
+
+
 def test_a_client_certificate_reads_no_overview(start_server, connect) -> None:
     refused = connect(start_server(), "alice")._http.get("/v1/admin/overview")
     assert (refused.status_code, refused.json()["error"]) == (403, "wrong_role")

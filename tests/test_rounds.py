@@ -74,6 +74,19 @@ def test_a_round_averages_the_updates_weighted_by_examples(tmp_path: Path) -> No
     assert fed.round_info().round == 2
 
 
+def test_the_ledger_is_read_again_only_after_the_store_wrote(tmp_path: Path) -> None:
+    fed = federation(tmp_path)
+    fed.tick()
+    first = fed.ledger()
+    assert fed.ledger() is first  # nothing written: the rows read last time stand
+    submit(fed, 1, "alice", update_body(1.0))
+    after = fed.ledger()
+    assert after is not first
+    assert [(u.round, u.client) for u in after.updates] == [(1, "alice")]
+    fed.skip(1, "bob", "battery low")
+    assert [(s.client, s.reason) for s in fed.ledger().skips] == [("bob", "battery low")]
+
+
 @pytest.mark.parametrize(
     ("round_", "client", "body", "status", "code"),
     [
