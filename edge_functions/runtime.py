@@ -175,7 +175,7 @@ class WarmPool:
         workers: int,
         keep_alive: float | None = None,
         threads: int | None = None,
-        instances: Callable[[int], Instance] = _Worker,
+        instances: Callable[[int], Instance] | None = None,
     ) -> None:
         """``workers`` at most at once; with ``keep_alive``, a worker idle that long is retired. Each
         worker's torch uses ``threads`` (the cores shared among the pool's workers, unless told).
@@ -183,7 +183,7 @@ class WarmPool:
         self.workers = workers
         self.keep_alive = keep_alive
         self._threads = threads or max(1, (os.cpu_count() or 1) // workers)
-        self._instances = instances
+        self._instances = instances or _Worker
         self._lock = threading.Lock()
         self._idle: list[Instance] = []
         self._busy = 0
