@@ -8,6 +8,7 @@ without Docker, a developer's machine skips these with a reason and CI fails the
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -23,6 +24,7 @@ from conftest import client_data, require_docker, wait_for
 from test_agent import finished
 from test_runtime import INITIAL, train_event
 from test_service import stored_updates
+from test_simulate import run_cli
 
 from fedge.codec import decode
 from fedge.edge_functions import containers
@@ -215,3 +217,24 @@ def test_an_agent_with_the_container_runtime_trains_every_round(
     assert stored_updates(server.data) == [(1, "dev-1"), (2, "dev-1")]
     assert agent.stop(signal.SIGTERM) == 0
     assert not daemon.containers.list(all=True, filters={"label": containers.LABEL})  # stopped and removed
+
+
+def test_a_simulation_with_the_container_runtime_completes_its_rounds(
+    daemon: docker.DockerClient, tmp_path: Path
+) -> None:
+    """Two clients on two containers, each invocation with only its own client's credential."""
+    done = run_cli("simulate", "--runtime", "container", "--image", IMAGE, "--clients", "2", "--rounds", "2",
+                   "--workers", "2", "--dataset", "digits", "--out", str(tmp_path / "run"))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    rounds = json.loads((tmp_path / "run" / "metrics.json").read_text())["rounds"]
+    assert [(r["round"], r["updates"]) for r in rounds] == [(1, 2), (2, 2)]
+    assert rounds[-1]["accuracy"] > 0.5
+    assert not daemon.containers.list(all=True, filters={"label": containers.LABEL})
+
+
+def test_without_the_image_the_runtime_says_so_in_a_line(daemon: docker.DockerClient, tmp_path: Path) -> None:
+    done = run_cli("simulate", "--runtime", "container", "--image", "fedge/no-such-image:0", "--clients", "2",
+                   "--out", str(tmp_path / "run"))  # fmt: skip
+    assert done.returncode != 0
+    assert "no image fedge/no-such-image:0" in done.stderr + done.stdout
+    assert "Traceback" not in done.stderr
