@@ -220,9 +220,12 @@ class WarmPool:
             worker = self._idle.pop() if self._idle else None
         healthy = False
         try:
+            made = 0.0  # a cold start counts from the making (a container's start through Docker's API)
             if worker is None:
+                making = time.perf_counter()
                 worker = self._instances(self._threads)
-            startup = worker.start_up()
+                made = time.perf_counter() - making
+            startup = made + worker.start_up()
             cold = startup > 0
             try:
                 result, seconds = worker.call(function, event, timeout)

@@ -2,7 +2,7 @@
 same results as worker processes, what a container can see, crashes, hangs, keep-alive, limits, and an
 agent that trains its rounds with ``--runtime container``.
 
-``FEDGE_TEST_IMAGE`` names another image to run (one layered on the agent image with this tree's wheel);
+``FEDGE_IMAGE`` names another image to run (one layered on the agent image with this tree's wheel);
 without Docker, a developer's machine skips these with a reason and CI fails them (``require_docker``).
 """
 
@@ -32,7 +32,7 @@ from fedge.edge_functions.app import AppError
 from fedge.edge_functions.runtime import WarmPool, WorkerFailed
 from fedge.security import pki
 
-IMAGE = os.environ.get("FEDGE_TEST_IMAGE", containers.DEFAULT_IMAGE)
+IMAGE = os.environ.get("FEDGE_IMAGE", containers.DEFAULT_IMAGE)
 MEMORY = 1536 * 2**20
 
 
