@@ -221,8 +221,6 @@ def _containers(settings: AgentSettings) -> ContainerSettings | None:
     from fedge.edge_functions import containers
 
     if settings.runtime != "container":
-        if settings.image is not None or settings.function_cpus is not None:
-            raise UserError("--image and --function-cpus are the container's: they need --runtime container")
         return None
     return containers.ContainerSettings(
         image=settings.image or containers.DEFAULT_IMAGE,

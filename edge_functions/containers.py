@@ -281,6 +281,9 @@ class _Container:
         """Its exit code and the end of its output, for the line that says it failed."""
         with contextlib.suppress(Exception):
             code = self._container.wait(timeout=_STOP_SECONDS)["StatusCode"]
+            self._container.reload()
+            if self._container.attrs["State"]["OOMKilled"]:
+                return f"exit code {code}: killed for using more than its memory limit"
             tail = self._container.logs(tail=5).decode(errors="replace").strip().replace("\n", " | ")
             return f"exit code {code}{': ' + tail if tail else ''}"
         return "no exit code"

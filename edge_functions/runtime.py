@@ -193,10 +193,13 @@ class WarmPool:
             threading.Thread(target=self._retire_idle, name="fedge-keep-alive", daemon=True).start()
 
     def warm(self, wait: bool = True) -> None:
-        """Start workers up to the pool's size now, so the next invocations do not pay a cold start."""
+        """Start workers up to the pool's size now, so the next invocations do not pay a cold start. One
+        that cannot even be made (Docker's daemon gone) is left to the next invocation, which says so."""
         with self._lock:
             missing = self.workers - len(self._idle) - self._busy
-            self._idle.extend(self._instances(self._threads) for _ in range(missing))
+            with contextlib.suppress(WorkerFailed):
+                for _ in range(missing):
+                    self._idle.append(self._instances(self._threads))
             starting = [w for w in self._idle if not w.ready]
         if wait:
             for worker in starting:

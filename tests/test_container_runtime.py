@@ -205,6 +205,20 @@ def test_an_idle_container_retires_after_its_keep_alive_and_the_next_invocation_
     assert again.pid != first.pid
 
 
+def test_a_container_over_its_memory_limit_is_killed_and_the_invocation_says_so(
+    daemon: docker.DockerClient,
+) -> None:
+    small = containers.ContainerSettings(image=IMAGE, memory=64 * 2**20)  # less than `import torch` takes
+    pool = containers.pool(1, small)
+    try:
+        with pytest.raises(WorkerFailed, match="more than its memory limit"):
+            pool.invoke("initial_model", INITIAL).result()
+        assert pool.live_workers() == 0
+    finally:
+        pool.close()
+    assert not daemon.containers.list(all=True, filters={"label": containers.LABEL})
+
+
 def test_an_agent_with_the_container_runtime_trains_every_round(
     daemon: docker.DockerClient, make_pki, start_task_server, start_agent, tmp_path: Path
 ) -> None:

@@ -193,8 +193,6 @@ def _check(settings: SimulationSettings) -> None:
         raise UserError("--ray-address needs --backend ray")
     if settings.runtime == "container" and settings.backend == "ray":
         raise UserError("--runtime container hosts the local backend's clients: not with --backend ray")
-    if settings.image is not None and settings.runtime != "container":
-        raise UserError("--image is the containers' image: it needs --runtime container")
     if settings.backend == "ray":
         if settings.profile is not None:
             raise UserError("--backend ray runs plain clients: it cannot be combined with --profile")
