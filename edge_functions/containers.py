@@ -114,6 +114,7 @@ class _Container:
     """One warm container and the agent's end of its socket (``runtime.Instance``)."""
 
     def __init__(self, client: docker.DockerClient, settings: ContainerSettings, threads: int) -> None:
+        settings.cache.mkdir(parents=True, exist_ok=True)  # Docker mounts only what exists
         # 0700 and the agent's; the container runs as the agent's user, so it may use what is in there.
         self._home = Path(tempfile.mkdtemp(prefix="fedge-function-"))
         (self._home / "io").mkdir()
@@ -126,7 +127,6 @@ class _Container:
         self.ready = False
         self.pid = 0
         self.idle_since = time.monotonic()
-        settings.cache.mkdir(parents=True, exist_ok=True)
         mounts = [
             Mount(_IO, str(self._home / "io"), type="bind"),
             Mount(_CREDENTIALS, str(self._home / "credentials"), type="bind", read_only=True),
@@ -184,11 +184,15 @@ class _Container:
     def call(self, function: str, event: dict, timeout: float | None) -> tuple[Any, float]:
         assert self._conn is not None
         staged, outbox = self._stage(event)
+        give_up = time.monotonic() + (timeout or float("inf"))
+        self._within(give_up)
         try:
             send(self._conn, {"function": function, "event": staged})
+        except TimeoutError:
+            raise WorkerFailed(f"container {self.name} hung before running {function}") from None
         except OSError:
             raise WorkerFailed(f"container {self.name} crashed before running {function}") from None
-        reply = self._receive(time.monotonic() + (timeout or float("inf")), f"running {function}")
+        reply = self._receive(give_up, f"running {function}")
         if "error" in reply:
             raise self._parsed(function, lambda: decode_error(reply["error"]))
         result, seconds = self._parsed(
@@ -207,8 +211,7 @@ class _Container:
 
     def _receive(self, give_up: float, what: str) -> dict:
         assert self._conn is not None
-        left = give_up - time.monotonic()
-        self._conn.settimeout(None if left == float("inf") else max(left, 0.001))
+        self._within(give_up)
         try:
             reply = receive(self._conn)
         except TimeoutError:
@@ -219,6 +222,12 @@ class _Container:
         if not isinstance(reply, dict):
             raise WorkerFailed(f"container {self.name} sent a malformed reply {what}")
         return reply
+
+    def _within(self, give_up: float) -> None:
+        """The socket's reads and writes time out at ``give_up`` (a monotonic time; infinite: never)."""
+        assert self._conn is not None
+        left = give_up - time.monotonic()
+        self._conn.settimeout(None if left == float("inf") else max(left, 0.001))
 
     def _stage(self, event: dict) -> tuple[dict, str | None]:
         """The event as the container sees it: the client's credentials copied into its directory, the
