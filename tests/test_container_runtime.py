@@ -12,11 +12,14 @@ import json
 import os
 import shutil
 import signal
+import socket
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 
 import docker
 import docker.errors
+import httpx
 import numpy as np
 import psutil
 import pytest
@@ -27,10 +30,11 @@ from test_service import stored_updates
 from test_simulate import run_cli
 
 from fedge.codec import decode
-from fedge.edge_functions import containers
-from fedge.edge_functions.app import AppError
+from fedge.edge_functions import container_worker, containers
+from fedge.edge_functions.app import AppError, AppFailed
 from fedge.edge_functions.runtime import WarmPool, WorkerFailed
 from fedge.security import pki
+from fedge.transport import ServerError
 
 IMAGE = os.environ.get("FEDGE_IMAGE", containers.DEFAULT_IMAGE)
 MEMORY = 1536 * 2**20
@@ -76,6 +80,36 @@ def pool(daemon: docker.DockerClient) -> Iterator[WarmPool]:
     made = containers.pool(1, settings())
     yield made
     made.close()
+
+
+def test_the_wire_carries_json_only_within_its_limits() -> None:
+    """No Docker needed: what crosses the boundary is a frame of JSON, bounded, and errors come back as the
+    few types callers act on, anything else as text."""
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        container_worker.send(ours, container_worker.encode_result(b"\x00safetensors"))
+        assert container_worker.decode_result(container_worker.receive(theirs)) == b"\x00safetensors"
+        with pytest.raises(ValueError, match="not JSON compliant"):
+            container_worker.send(ours, {"loss": float("nan")})
+        theirs.sendall(struct.pack(">I", container_worker.MAX_FRAME + 1))
+        with pytest.raises(container_worker.FrameError, match="over the limit"):
+            container_worker.receive(ours)
+        body = b"[" * 100 + b"]" * 100
+        theirs.sendall(struct.pack(">I", len(body)) + body)
+        with pytest.raises(container_worker.FrameError, match="deeper"):
+            container_worker.receive(ours)
+
+    def crossed(exc: Exception) -> Exception:
+        return container_worker.decode_error(container_worker.encode_error(exc))
+
+    refusal = crossed(ServerError(409, "duplicate_update", "x"))
+    assert isinstance(refusal, ServerError)
+    assert (refusal.status, refusal.code) == (409, "duplicate_update")
+    assert isinstance(crossed(httpx.ConnectTimeout("slow")), httpx.ConnectTimeout)
+    assert isinstance(crossed(AppFailed("bad")), AppFailed)
+    other = crossed(SystemError("no"))
+    assert type(other) is RuntimeError
+    assert str(other) == "SystemError: no"
 
 
 def test_an_invocation_runs_in_a_container_and_returns_what_a_worker_process_returns(
