@@ -6,9 +6,10 @@ default: the installed wheel with torch) whose main process serves invocations o
 
 - its data, each path mounted read-only where the agent has it (so events need no rewriting);
 - the model and data-set cache (``$FEDGE_CACHE_DIR``), read-only;
-- the credentials of the client the current invocation is for, copied before each invocation into a
-  directory of its own (mounted read-only), the previous client's removed: a simulation's container serves
-  many clients in turn, each invocation with only its own key, and never the agent's state directory;
+- the credentials of the client the current invocation is for, copied into a directory of their own
+  (mounted read-only) for the invocation's time only: a simulation's container serves many clients in
+  turn, each invocation with only its own key, and never the agent's state directory (a connection the
+  function keeps warm holds the key in memory, as a warm worker's does);
 - a directory of its own for its socket and its outbox: the update it leaves there is moved into the
   agent's outbox after the invocation, so the agent's state stays out of its reach.
 
@@ -188,11 +189,13 @@ class _Container:
         self._within(give_up)
         try:
             send(self._conn, {"function": function, "event": staged})
+            reply = self._receive(give_up, f"running {function}")
         except TimeoutError:
             raise WorkerFailed(f"container {self.name} hung before running {function}") from None
         except OSError:
             raise WorkerFailed(f"container {self.name} crashed before running {function}") from None
-        reply = self._receive(give_up, f"running {function}")
+        finally:
+            self._unstage()  # the credentials are on disk for the invocation only
         if "error" in reply:
             raise self._parsed(function, lambda: decode_error(reply["error"]))
         result, seconds = self._parsed(
@@ -248,25 +251,20 @@ class _Container:
         return staged, outbox
 
     def _stage_credentials(self, creds: dict) -> dict:
-        """The client's CA, certificate and key in a directory named for it, copied only when changed (a
-        renewed certificate has a new mtime, which the function's connection cache notices)."""
+        """The client's CA, certificate and key in a directory named for it, with their mtimes: a renewed
+        certificate has a new one, which the function's connection cache notices."""
+        self._unstage()  # what a staging that failed half-way left
         slot = hashlib.sha256(str(creds["cert"]).encode()).hexdigest()[:16]
-        root = self._home / "credentials"
-        for other in root.iterdir():
-            if other.name != slot:
-                shutil.rmtree(other)
-        (root / slot).mkdir(mode=0o700, exist_ok=True)
+        (self._home / "credentials" / slot).mkdir(mode=0o700)
         staged = {}
         for name in ("ca", "cert", "key"):
-            source, target = Path(creds[name]), root / slot / f"{name}.pem"
-            mark = source.stat()
-            if not target.exists() or (target.stat().st_mtime_ns, target.stat().st_size) != (
-                mark.st_mtime_ns,
-                mark.st_size,
-            ):
-                shutil.copy2(source, target)
+            shutil.copy2(creds[name], self._home / "credentials" / slot / f"{name}.pem")
             staged[name] = f"{_CREDENTIALS}/{slot}/{name}.pem"
         return staged
+
+    def _unstage(self) -> None:
+        for slot in (self._home / "credentials").iterdir():
+            shutil.rmtree(slot)
 
     def _deliver(self, outbox: Path) -> None:
         """Move the update the function left into the agent's outbox: regular files of an update's name
