@@ -24,6 +24,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import numpy as np
@@ -61,6 +62,9 @@ from fedge.security.pki import Credentials, Identity, Role
 from fedge.security.tls import client_context
 from fedge.transport import FedgeClient, ServerError
 from fedge.wire import RoundInfo, RoundState, TrainConfig, rounds_topic, status_topic
+
+if TYPE_CHECKING:
+    from fedge.edge_functions.containers import ContainerSettings
 
 rounds_log = logging.getLogger("fedge.agent")  # a line per step of a round, retries and failures, on stderr
 
@@ -109,12 +113,13 @@ class AgentConfig:
     label: str | None = None  # a CSV's label column
     eval_data: Path | None = None  # held-out examples for federated evaluation (None: ``data``)
     partition: tuple[int, int] = (0, 1)  # an app's partition-id of num-partitions (a Flower node_config)
+    containers: ContainerSettings | None = None  # the function's instance in a container; None: a process
 
 
 class Agent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
-        self.pool = WarmPool(1, keep_alive=config.keep_alive)
+        self.pool = self._pool()
         self.placer = Placer(
             config.offload, config.executors, config.train_memory, prices=config.prices,
             max_cost=config.max_cost,
@@ -136,6 +141,14 @@ class Agent:
         self._status = AgentStatus(
             client=config.identity.id, state=AgentState.IDLE, transport=self._transport()
         )
+
+    def _pool(self) -> WarmPool:
+        """The function's one warm instance: a worker process, or a container (``--runtime container``)."""
+        if self.config.containers is None:
+            return WarmPool(1, keep_alive=self.config.keep_alive)
+        from fedge.edge_functions import containers
+
+        return containers.pool(1, self.config.containers, keep_alive=self.config.keep_alive)
 
     def stop(self) -> None:
         """Ask the agent to stop after the step in flight: a training run finishes and its update is kept."""

@@ -20,6 +20,7 @@ from fedge.security.pki import PKIError
 if TYPE_CHECKING:
     from fedge.client.agent import AgentConfig
     from fedge.client.settings import AgentSettings
+    from fedge.edge_functions.containers import ContainerSettings
     from fedge.mqtt import BrokerAddress
 
 app = command_group("The edge agent a device runs: enroll, renew, run, status.")
@@ -60,6 +61,18 @@ def run(
     cert: Annotated[Path | None, typer.Option(help="client certificate [DIR/client.pem]")] = None,
     key: Annotated[Path | None, typer.Option(help="client key [DIR/client.key]")] = None,
     keep_alive: Annotated[float | None, typer.Option(help="seconds an idle worker stays warm [300]")] = None,
+    runtime: Annotated[
+        str | None, typer.Option(help="what hosts the warm function: process or container [process]")
+    ] = None,
+    image: Annotated[
+        str | None, typer.Option(help="with --runtime container: the image [fedge/agent:VERSION]")
+    ] = None,
+    function_memory_mb: Annotated[
+        float | None, typer.Option(help="with --runtime container: the function's memory limit [2048]")
+    ] = None,
+    function_cpus: Annotated[
+        float | None, typer.Option(help="with --runtime container: the function's CPU limit [all cores]")
+    ] = None,
     poll_wait: Annotated[float | None, typer.Option(help="long-poll seconds without a broker [10]")] = None,
     offload: Annotated[
         str | None,
@@ -82,11 +95,13 @@ def run(
     """Train for the federation whenever a round is announced, until SIGTERM or Ctrl-C."""
     from fedge.client.agent import Agent
     from fedge.client.settings import AgentSettings
+    from fedge.edge_functions.containers import ContainerError
 
-    with user_errors(ValueError, OSError):
+    with user_errors(ValueError, OSError, ContainerError):
         settings = AgentSettings.from_flags(
             dir=state_dir, data=data, server=server, broker=broker, ca=ca, cert=cert, key=key,
-            keep_alive=keep_alive, poll_wait=poll_wait, offload=offload, executor=executor,
+            keep_alive=keep_alive, runtime=runtime, image=image, function_memory_mb=function_memory_mb,
+            function_cpus=function_cpus, poll_wait=poll_wait, offload=offload, executor=executor,
             train_memory_mb=train_memory_mb, label=label, eval_data=eval_data, app=app_,
             flower_app=flower_app, run_config=run_config, node_config=node_config, prices=prices,
             max_cost=max_cost,
@@ -107,7 +122,7 @@ def run(
     logging.getLogger("fedge.agent").setLevel(logging.INFO)
     agent.run()
     while agent.renewed and not agent.stopping:
-        with user_errors(ValueError, OSError):
+        with user_errors(ValueError, OSError, ContainerError):
             agent = Agent(_config(settings))
         console.print(f"renewed the certificate of {agent.config.identity.id}: going on with the new one")
         agent.run()
@@ -173,6 +188,7 @@ def _config(settings: AgentSettings) -> AgentConfig:
     if settings.offload is not OffloadSetting.NEVER and (app is not None or settings.data is None):
         raise UserError("--offload trains the federation's task on --data: it cannot send an app's rounds")
     return AgentConfig(
+        containers=_containers(settings),
         state_dir=settings.dir,
         data=None if settings.data is None else settings.data.resolve(),
         eval_data=None if settings.eval_data is None else settings.eval_data.resolve(),
@@ -196,6 +212,21 @@ def _config(settings: AgentSettings) -> AgentConfig:
         renew_at=None
         if settings.cert or not (settings.dir / "agent.json").is_file()
         else pki.renewal_time(certificate.not_valid_before_utc, certificate.not_valid_after_utc),
+    )
+
+
+def _containers(settings: AgentSettings) -> ContainerSettings | None:
+    """With ``--runtime container``: the instance's image and limits, and what it may see (the data and a
+    Flower app's directory, read-only; never the state directory)."""
+    from fedge.edge_functions import containers
+
+    if settings.runtime != "container":
+        return None
+    return containers.ContainerSettings(
+        image=settings.image or containers.DEFAULT_IMAGE,
+        memory=int(settings.function_memory_mb * 2**20),
+        cpus=settings.function_cpus,
+        data=containers.data_mounts((settings.data, settings.eval_data, settings.flower_app), settings.dir),
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 
@@ -26,6 +27,10 @@ class AgentSettings(_CommandSettings):
     cert: Path | None = None  # default <dir>/client.pem
     key: Path | None = None  # default <dir>/client.key
     keep_alive: float = Field(300.0, gt=0)
+    runtime: Literal["process", "container"] = "process"  # what hosts the warm function instance
+    image: str | None = None  # --runtime container: its image (default fedge/agent:<version>)
+    function_memory_mb: float = Field(2048.0, gt=0)  # --runtime container: the instance's memory limit
+    function_cpus: float | None = Field(None, gt=0)  # --runtime container: its CPU limit (None: all cores)
     poll_wait: float = Field(10.0, gt=0, le=60)
     offload: OffloadSetting = OffloadSetting.NEVER  # may this device's data go, sealed, to an executor?
     executor: list[str] = []  # ID=https://HOST:PORT of the executors the owner allows

@@ -1,4 +1,5 @@
-"""A warm pool of worker processes that host the functions, the way a FaaS platform keeps instances warm.
+"""A warm pool of function instances, the way a FaaS platform keeps instances warm: worker processes here,
+containers in ``edge_functions.containers`` (the same pool, with instances of another kind).
 
 Each worker imports torch once, then serves many invocations, keeping its ``Context`` (model cache by
 sha256, data) between them. The parent process never imports torch: it only routes events and collects
@@ -18,14 +19,15 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, Protocol
 
 from pydantic import BaseModel
 
-_START_TIMEOUT = 300.0
+START_TIMEOUT = 300.0
 _PR_SET_PDEATHSIG = 1
 
 
@@ -41,6 +43,24 @@ class Invocation:
 
 class WorkerFailed(RuntimeError):
     """The worker crashed or hung past the deadline; it has been replaced, the invocation is lost."""
+
+
+class Instance(Protocol):
+    """One warm function instance, as the pool drives it: started when made, ``start_up`` waits until it
+    serves, ``call`` runs one invocation (raising ``WorkerFailed`` when the instance died or hung, the
+    function's own error otherwise), ``stop`` ends it (``force``: at once)."""
+
+    pid: int
+    ready: bool
+    idle_since: float
+
+    def start_up(self) -> float: ...
+
+    def call(self, function: str, event: dict, timeout: float | None) -> tuple[Any, float]: ...
+
+    def ask_to_stop(self) -> None: ...
+
+    def stop(self, force: bool = False) -> None: ...
 
 
 def _serve(conn: Connection, threads: int) -> None:
@@ -124,7 +144,7 @@ class _Worker:
         if self.ready:
             return 0.0
         started = time.perf_counter()
-        self._receive(time.monotonic() + _START_TIMEOUT, "while starting")
+        self._receive(time.monotonic() + START_TIMEOUT, "while starting")
         self.ready = True
         return time.perf_counter() - started
 
@@ -150,14 +170,22 @@ class _Worker:
 
 
 class WarmPool:
-    def __init__(self, workers: int, keep_alive: float | None = None, threads: int | None = None) -> None:
+    def __init__(
+        self,
+        workers: int,
+        keep_alive: float | None = None,
+        threads: int | None = None,
+        instances: Callable[[int], Instance] | None = None,
+    ) -> None:
         """``workers`` at most at once; with ``keep_alive``, a worker idle that long is retired. Each
-        worker's torch uses ``threads`` (the cores shared among the pool's workers, unless told)."""
+        worker's torch uses ``threads`` (the cores shared among the pool's workers, unless told).
+        ``instances(threads)`` starts one: a worker process, unless told (``containers.instances``)."""
         self.workers = workers
         self.keep_alive = keep_alive
         self._threads = threads or max(1, (os.cpu_count() or 1) // workers)
+        self._instances = instances or _Worker
         self._lock = threading.Lock()
-        self._idle: list[_Worker] = []
+        self._idle: list[Instance] = []
         self._busy = 0
         self._closed = threading.Event()
         self._calls = ThreadPoolExecutor(workers, thread_name_prefix="fedge-invoke")
@@ -165,10 +193,13 @@ class WarmPool:
             threading.Thread(target=self._retire_idle, name="fedge-keep-alive", daemon=True).start()
 
     def warm(self, wait: bool = True) -> None:
-        """Start workers up to the pool's size now, so the next invocations do not pay a cold start."""
+        """Start workers up to the pool's size now, so the next invocations do not pay a cold start. One
+        that cannot even be made (Docker's daemon gone) is left to the next invocation, which says so."""
         with self._lock:
             missing = self.workers - len(self._idle) - self._busy
-            self._idle.extend(_Worker(self._threads) for _ in range(missing))
+            with contextlib.suppress(WorkerFailed):
+                for _ in range(missing):
+                    self._idle.append(self._instances(self._threads))
             starting = [w for w in self._idle if not w.ready]
         if wait:
             for worker in starting:
@@ -189,10 +220,15 @@ class WarmPool:
     def _run(self, function: str, event: dict, timeout: float | None) -> Invocation:
         with self._lock:
             self._busy += 1
-            worker = self._idle.pop() if self._idle else _Worker(self._threads)
+            worker = self._idle.pop() if self._idle else None
         healthy = False
         try:
-            startup = worker.start_up()
+            made = 0.0  # a cold start counts from the making (a container's start through Docker's API)
+            if worker is None:
+                making = time.perf_counter()
+                worker = self._instances(self._threads)
+                made = time.perf_counter() - making
+            startup = made + worker.start_up()
             cold = startup > 0
             try:
                 result, seconds = worker.call(function, event, timeout)
@@ -206,10 +242,10 @@ class WarmPool:
         finally:
             with self._lock:
                 self._busy -= 1
-                if healthy:
+                if healthy and worker is not None:
                     worker.idle_since = time.monotonic()
                     self._idle.append(worker)
-            if not healthy:
+            if not healthy and worker is not None:
                 worker.stop(force=True)
 
     def _retire_idle(self) -> None:

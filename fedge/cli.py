@@ -111,6 +111,12 @@ def simulate(
     ray_address: Annotated[
         str | None, typer.Option(help="with --backend ray: a cluster's address [a local one]")
     ] = None,
+    runtime: Annotated[
+        str | None, typer.Option(help="what hosts each warm client function: process or container [process]")
+    ] = None,
+    image: Annotated[
+        str | None, typer.Option(help="with --runtime container: the image [fedge/agent:VERSION]")
+    ] = None,
     app_: Annotated[
         str | None, typer.Option("--app", help="the clients' own app: module:attr or an entry point name")
     ] = None,
@@ -133,7 +139,8 @@ def simulate(
             fraction_evaluate=fraction_evaluate, evaluate_every=evaluate_every, max_staleness=max_staleness,
             staleness_exponent=staleness_exponent, stragglers=stragglers,
             straggler_delay=straggler_delay, compression=compression, profile=profile, placement=placement,
-            train_memory_mb=train_memory_mb, backend=backend, ray_address=ray_address, app=app_,
+            train_memory_mb=train_memory_mb, backend=backend, ray_address=ray_address, runtime=runtime,
+            image=image, app=app_,
             flower_app=flower_app, run_config=run_config, prices=prices, max_cost=max_cost, **knobs,
         )  # fmt: skip
         strategy_of(settings)  # a bad strategy is refused here, not by the server it would start

@@ -134,6 +134,8 @@ class SimulationSettings(TrainingSettings):
     prices: Path | None = None  # price table (TOML, fedge.pricing): the server bills rounds at it
     max_cost: float | None = Field(None, ge=0)  # with a profile: each device's budget per round
     backend: str = "local"  # where client invocations run: local (a warm pool) or ray (fedge.sim.ray_pool)
+    runtime: Literal["process", "container"] = "process"  # the local pool's instances: processes, containers
+    image: str | None = None  # with --runtime container: its image [fedge/agent:<version>]
     ray_address: str | None = None  # with --backend ray: a running cluster's address, else a local one
     app: str | None = None  # the clients' app (fedge.edge_functions.app): module:attr, or an entry point
     flower_app: Path | None = None  # a Flower app directory, run as ``flwr run`` would

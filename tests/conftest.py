@@ -40,6 +40,30 @@ from fedge.wire import UpdateReceipt
 CLIENTS = ("alice", "bob", "carol")
 
 
+def require_docker(*images: str) -> None:
+    """Skip without Docker (or without ``images``) on a developer's machine; under CI, whatever is missing
+    is a failure."""
+    docker = shutil.which("docker")
+    reason = None
+    if docker is None:
+        reason = "docker is not installed (apt-get install docker.io; `make images` starts a daemon)"
+    elif subprocess.run([docker, "info"], capture_output=True, timeout=60).returncode != 0:
+        reason = "no Docker daemon answers: `make images` starts one"
+    else:
+        missing = [
+            image
+            for image in images
+            if subprocess.run([docker, "image", "inspect", image], capture_output=True).returncode != 0
+        ]
+        if missing:
+            reason = f"images missing ({', '.join(missing)}): run `make images`"
+    if reason is None:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
 def toy_model(value: float = 0.0) -> Tensors:
     """A model small enough that server tests need no torch: the server only sees named tensors."""
     return {
@@ -190,6 +214,15 @@ def wait_for(condition: Callable[[], object], timeout: float = 60.0, what: str =
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(0.1)
     return value
+
+
+@pytest.fixture
+def silent_server() -> Iterator[str]:
+    """A TCP port that accepts connections and never answers: a server that hangs."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(8)
+        yield f"https://127.0.0.1:{sock.getsockname()[1]}"
 
 
 def free_port() -> int:

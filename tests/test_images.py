@@ -24,7 +24,7 @@ import httpx
 import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
-from conftest import federation_pki, free_port, wait_for
+from conftest import federation_pki, free_port, require_docker, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
@@ -32,28 +32,7 @@ FEDGE = [sys.executable, "-m", "fedge"]
 VERSION = "0.1.0"
 BASE = "python:3.11-slim"  # the Dockerfiles' default base; deploy/images.sh makes it when none can be pulled
 DOCKER = shutil.which("docker")
-
-
-def require_docker() -> None:
-    """Skip without Docker on a developer's machine; under CI, whatever is missing is a failure."""
-    reason = None
-    if DOCKER is None:
-        reason = "docker is not installed (apt-get install docker.io; `make images` starts a daemon)"
-    elif subprocess.run([DOCKER, "info"], capture_output=True, timeout=60).returncode != 0:
-        reason = "no Docker daemon answers: `make images` starts one"
-    else:
-        missing = [
-            image
-            for image in (BASE, *(f"fedge/{n}:{VERSION}" for n in ("server", "agent", "executor", "broker")))
-            if subprocess.run([DOCKER, "image", "inspect", image], capture_output=True).returncode != 0
-        ]
-        if missing:
-            reason = f"images missing ({', '.join(missing)}): run `make images`"
-    if reason is None:
-        return
-    if os.environ.get("CI"):
-        pytest.fail(reason)
-    pytest.skip(reason)
+IMAGES = (BASE, *(f"fedge/{n}:{VERSION}" for n in ("server", "agent", "executor", "broker")))
 
 
 def sh(*args: str | Path, cwd: Path | None = None, env: dict | None = None, timeout: float = 300) -> str:
@@ -104,7 +83,7 @@ class Federation:
 
 @pytest.fixture
 def federation(tmp_path: Path) -> Iterator[Federation]:
-    require_docker()
+    require_docker(*IMAGES)
     running = Federation(tmp_path)
     try:
         yield running
@@ -248,7 +227,7 @@ def test_a_fresh_debian_device_installs_the_agent_from_the_wheel_enrolls_and_tra
     """deploy/install.sh as a device's owner runs it, in a container that has only Debian and Python."""
     from fedge.security import pki, tokens
 
-    require_docker()
+    require_docker(*IMAGES)
     subprocess.run(
         [DOCKER, "build", "--network", "host", "-t", DEVICE_IMAGE, "-"],
         input=DEVICE_DOCKERFILE, text=True, capture_output=True, timeout=600, check=True,

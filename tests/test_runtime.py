@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -17,15 +15,6 @@ from fedge.edge_functions.runtime import WarmPool, WorkerFailed
 from fedge.security import pki
 
 INITIAL = {"task": "digits", "seed": 0}
-
-
-@pytest.fixture
-def silent_server() -> Iterator[str]:
-    """A TCP port that accepts connections and never answers: a server that hangs."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(8)
-        yield f"https://127.0.0.1:{sock.getsockname()[1]}"
 
 
 def train_event(server: str, pki_dir: Path) -> dict:

@@ -136,12 +136,23 @@ BACKENDS = ("local", "ray")
 
 
 def _pool(settings: SimulationSettings, workers: int) -> Pool:
-    """The local warm pool, or Ray actors (``--backend ray``): the drivers see the same three calls."""
+    """The local warm pool (of processes, or containers: ``--runtime container``), or Ray actors
+    (``--backend ray``): the drivers see the same three calls."""
     if settings.backend == "ray":
         return RayPool(workers, settings.ray_address)
+    instances = None
+    if settings.runtime == "container":
+        from fedge.edge_functions import containers
+
+        try:  # a simulated client's data is its share of the data set, in the cache: no data mounts
+            instances = containers.instances(
+                containers.ContainerSettings(settings.image or containers.DEFAULT_IMAGE)
+            )
+        except containers.ContainerError as exc:
+            raise UserError(str(exc)) from None
     if settings.profile is not None:  # a device per worker already: each device's own
-        return WarmPool(workers)
-    return ShardedPool(workers)
+        return WarmPool(workers, instances=instances)
+    return ShardedPool(workers, instances)
 
 
 def _descriptors_needed(clients: int, workers: int) -> int:
@@ -180,6 +191,8 @@ def _check(settings: SimulationSettings) -> None:
         raise UserError(f"unknown backend {settings.backend!r}: choose from {', '.join(BACKENDS)}")
     if settings.ray_address is not None and settings.backend != "ray":
         raise UserError("--ray-address needs --backend ray")
+    if settings.runtime == "container" and settings.backend == "ray":
+        raise UserError("--runtime container hosts the local backend's clients: not with --backend ray")
     if settings.backend == "ray":
         if settings.profile is not None:
             raise UserError("--backend ray runs plain clients: it cannot be combined with --profile")

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 
 from pydantic import BaseModel
 
-from fedge.edge_functions.runtime import Invocation, WarmPool
+from fedge.edge_functions.runtime import Instance, Invocation, WarmPool
 
 
 def payload_of(event: BaseModel | dict) -> dict:
@@ -32,11 +32,12 @@ def shard_of(payload: dict, shards: int, spare: Iterator[int]) -> int:
 
 
 class ShardedPool:
-    """The pool interface (``warm``, ``invoke``, ``close``) over ``workers`` one-worker warm pools."""
+    """The pool interface (``warm``, ``invoke``, ``close``) over ``workers`` one-worker warm pools, of
+    worker processes or of the ``instances`` given (containers)."""
 
-    def __init__(self, workers: int) -> None:
+    def __init__(self, workers: int, instances: Callable[[int], Instance] | None = None) -> None:
         threads = max(1, (os.cpu_count() or 1) // workers)
-        self._shards = [WarmPool(1, threads=threads) for _ in range(workers)]
+        self._shards = [WarmPool(1, threads=threads, instances=instances) for _ in range(workers)]
         self._spare = itertools.count()
 
     def warm(self, wait: bool = True) -> None:
