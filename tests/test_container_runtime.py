@@ -64,13 +64,15 @@ def settings(data: tuple[Path, ...] = ()) -> containers.ContainerSettings:
     return containers.ContainerSettings(image=IMAGE, memory=MEMORY, cpus=1.5, data=data)
 
 
+def function_containers(client: docker.DockerClient, stopped: bool = False) -> list:
+    """The function containers there are; one removed while they are listed is left out, not an error
+    (the SDK inspects each after listing them, and the pool removes what it retires meanwhile)."""
+    return client.containers.list(all=stopped, filters={"label": containers.LABEL}, ignore_removed=True)
+
+
 def container_of(client: docker.DockerClient, pid: int):
     """The function container whose main process is ``pid`` (as the invocation says)."""
-    found = [
-        c
-        for c in client.containers.list(filters={"label": containers.LABEL})
-        if c.attrs["State"]["Pid"] == pid
-    ]
+    found = [c for c in function_containers(client) if c.attrs["State"]["Pid"] == pid]
     assert len(found) == 1, f"no single function container runs pid {pid}"
     return found[0]
 
@@ -194,7 +196,7 @@ def test_a_container_hung_past_the_deadline_is_replaced_and_the_invocation_fails
         with pytest.raises(WorkerFailed, match="hung"):
             hung.result()
         assert pool.live_workers() == 0
-        assert not daemon.containers.list(filters={"label": containers.LABEL})
+        assert not function_containers(daemon)
         after = pool.invoke("initial_model", INITIAL).result()
     finally:
         pool.close()
@@ -231,7 +233,7 @@ def test_an_idle_container_retires_after_its_keep_alive_and_the_next_invocation_
     try:
         first = pool.invoke("initial_model", INITIAL).result()
         wait_for(lambda: pool.live_workers() == 0, 30, "the idle container to retire")
-        wait_for(lambda: not daemon.containers.list(all=True, filters={"label": containers.LABEL}), 30,
+        wait_for(lambda: not function_containers(daemon, stopped=True), 30,
                  "the retired container to be removed")  # fmt: skip
         again = pool.invoke("initial_model", INITIAL).result()
     finally:
@@ -251,7 +253,7 @@ def test_a_container_over_its_memory_limit_is_killed_and_the_invocation_says_so(
         assert pool.live_workers() == 0
     finally:
         pool.close()
-    assert not daemon.containers.list(all=True, filters={"label": containers.LABEL})
+    assert not function_containers(daemon, stopped=True)
 
 
 def test_an_agent_with_the_container_runtime_trains_every_round(
@@ -265,7 +267,7 @@ def test_an_agent_with_the_container_runtime_trains_every_round(
     wait_for(lambda: finished(server, pki_dir), 300, "both rounds to finish")
     assert stored_updates(server.data) == [(1, "dev-1"), (2, "dev-1")]
     assert agent.stop(signal.SIGTERM) == 0
-    assert not daemon.containers.list(all=True, filters={"label": containers.LABEL})  # stopped and removed
+    assert not function_containers(daemon, stopped=True)  # stopped and removed
 
 
 def test_a_simulation_with_the_container_runtime_completes_its_rounds(
@@ -278,7 +280,7 @@ def test_a_simulation_with_the_container_runtime_completes_its_rounds(
     rounds = json.loads((tmp_path / "run" / "metrics.json").read_text())["rounds"]
     assert [(r["round"], r["updates"]) for r in rounds] == [(1, 2), (2, 2)]
     assert rounds[-1]["accuracy"] > 0.5
-    assert not daemon.containers.list(all=True, filters={"label": containers.LABEL})
+    assert not function_containers(daemon, stopped=True)
 
 
 def test_without_the_image_the_runtime_says_so_in_a_line(daemon: docker.DockerClient, tmp_path: Path) -> None:
