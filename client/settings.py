@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field
 
 from fedge.client.policy import OffloadSetting
-from fedge.settings import _CommandSettings
+from fedge.settings import ImageReference, _CommandSettings
 
 
 class AgentSettings(_CommandSettings):
@@ -28,7 +28,7 @@ class AgentSettings(_CommandSettings):
     key: Path | None = None  # default <dir>/client.key
     keep_alive: float = Field(300.0, gt=0)
     runtime: Literal["process", "container"] = "process"  # what hosts the warm function instance
-    image: str | None = None  # --runtime container: its image (default fedge/agent:<version>)
+    image: ImageReference | None = None  # --runtime container: its image (default fedge/agent:<version>)
     function_memory_mb: float = Field(2048.0, gt=0)  # --runtime container: the instance's memory limit
     function_cpus: float | None = Field(None, gt=0)  # --runtime container: its CPU limit (None: all cores)
     poll_wait: float = Field(10.0, gt=0, le=60)

@@ -7,12 +7,28 @@
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Self
+from typing import Annotated, Any, ClassVar, Literal, Self
 
-from pydantic import Field, create_model
+from pydantic import AfterValidator, Field, create_model
 from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+
+_IMAGE = re.compile(
+    r"([\w.-]+(:\d+)?/)?[a-z0-9]+([._-][a-z0-9]+)*(/[a-z0-9]+([._-][a-z0-9]+)*)*(:\w[\w.-]{0,127})?"
+    r"(@sha256:[a-f0-9]{64})?"
+)
+
+
+def _image_reference(value: str) -> str:
+    """A mistyped --image is refused when given, not when a container is first asked for."""
+    if not _IMAGE.fullmatch(value):
+        raise ValueError(f"{value!r} is not a Docker image reference ([registry/]name[:tag], in lower case)")
+    return value
+
+
+ImageReference = Annotated[str, AfterValidator(_image_reference)]
 
 
 class _CommandSettings(BaseSettings):
@@ -135,7 +151,7 @@ class SimulationSettings(TrainingSettings):
     max_cost: float | None = Field(None, ge=0)  # with a profile: each device's budget per round
     backend: str = "local"  # where client invocations run: local (a warm pool) or ray (fedge.sim.ray_pool)
     runtime: Literal["process", "container"] = "process"  # the local pool's instances: processes, containers
-    image: str | None = None  # with --runtime container: its image [fedge/agent:<version>]
+    image: ImageReference | None = None  # with --runtime container: its image [fedge/agent:<version>]
     ray_address: str | None = None  # with --backend ray: a running cluster's address, else a local one
     app: str | None = None  # the clients' app (fedge.edge_functions.app): module:attr, or an entry point
     flower_app: Path | None = None  # a Flower app directory, run as ``flwr run`` would
