@@ -40,7 +40,7 @@ from fedge.sim.run import simulate
 
 FULL = {"clients": 20, "rounds": 6, "epochs": 10, "slow_share": 0.3, "slowdown": 5.0, "target": 0.9}
 QUICK = {"clients": 3, "rounds": 1, "epochs": 1, "slow_share": 0.3, "slowdown": 5.0, "target": 0.9}
-SEEDS = (0, 1, 2, 3, 4)
+SEEDS = (0, 1, 2)  # three, not five: five seeds ran past an hour on 2 cores
 QUICK_SEEDS = (0,)
 DEADLINE_FACTOR = 2.5
 REFERENCE_ROUNDS = 3
