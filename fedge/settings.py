@@ -118,6 +118,7 @@ class ServerSettings(TrainingSettings):
     max_update_norm: float | None = Field(None, gt=0)
     init_model: Path | None = None
     store: str | None = None  # postgresql://... for round state in PostgreSQL; none: SQLite under data
+    blobs: Path | None = None  # models and updates, when not under data: one directory all replicas share
     mqtt: str | None = None  # HOST:PORT of the broker that carries round announcements
     manual_start: bool = False  # hold round 1 until an admin's POST /v1/admin/start
     # A client is selected only if seen (a request, or its MQTT status) this many seconds before; 0: all.

@@ -20,18 +20,21 @@ from fedge.server.errors import Rejected
 from fedge.server.feed import ChangeFeed
 from fedge.server.identity import CertificateGate
 from fedge.server.limits import PublicRateLimit
+from fedge.server.presence import PresenceExchange
 from fedge.server.rounds import Federation
 from fedge.server.trust import Trust
 
 TICK_SECONDS = 0.25
 
 
-def create_app(federation: Federation, trust: Trust) -> FastAPI:
+def create_app(federation: Federation, trust: Trust, exchange: PresenceExchange | None = None) -> FastAPI:
+    """``exchange``: this replica's share of presence with the others on its store, if it has any."""
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.feed = ChangeFeed()
         federation.subscribe(app.state.feed.notify_threadsafe)
-        clock = asyncio.create_task(_round_clock(federation))
+        clock = asyncio.create_task(_round_clock(federation, exchange))
         yield
         clock.cancel()
 
@@ -48,9 +51,12 @@ def create_app(federation: Federation, trust: Trust) -> FastAPI:
     return app
 
 
-async def _round_clock(federation: Federation) -> None:
-    """Deadlines pass and clients register without any request arriving: check on a short period."""
+async def _round_clock(federation: Federation, exchange: PresenceExchange | None) -> None:
+    """Deadlines pass and clients register without any request arriving (or arrive at another replica):
+    check on a short period."""
     while True:
+        if exchange is not None:
+            await run_in_threadpool(exchange.exchange)
         await run_in_threadpool(federation.tick)
         await asyncio.sleep(TICK_SECONDS)
 

@@ -105,6 +105,12 @@ def server(
     store: Annotated[
         str | None, typer.Option(help="round state in PostgreSQL (postgresql://...) [SQLite in --data]")
     ] = None,
+    blobs: Annotated[
+        Path | None,
+        typer.Option(
+            file_okay=False, help="models and updates here, shared by replicas on one --store [in --data]"
+        ),
+    ] = None,
     host: Annotated[str | None, typer.Option(help="address to listen on [127.0.0.1]")] = None,
     port: Annotated[int | None, typer.Option(help="port; 0 picks a free one [8443]")] = None,
     task: Annotated[str | None, typer.Option(help="task the federation trains [mnist]")] = None,
@@ -168,9 +174,9 @@ def server(
 
     with user_errors(pki.PKIError, ValueError, OSError, StoreError, pricing.PriceError):
         settings = ServerSettings.with_knobs(registry.settings_fields()).from_flags(
-            pki=pki_dir, data=data, store=store, host=host, port=port, task=task, init_model=init_model,
-            rounds=rounds, min_clients=min_clients, min_updates=min_updates, round_timeout=round_timeout,
-            max_update_norm=max_update_norm,
+            pki=pki_dir, data=data, store=store, blobs=blobs, host=host, port=port, task=task,
+            init_model=init_model, rounds=rounds, min_clients=min_clients, min_updates=min_updates,
+            round_timeout=round_timeout, max_update_norm=max_update_norm,
             local_epochs=local_epochs, batch_size=batch_size, lr=lr, seed=seed, fraction=fraction,
             fraction_evaluate=fraction_evaluate, evaluate_every=evaluate_every, buffer=buffer,
             max_staleness=max_staleness, staleness_exponent=staleness_exponent, mqtt=mqtt,
@@ -183,6 +189,7 @@ def server(
         from fedge.server import metrics, roundlog, service
         from fedge.server.app import create_app
         from fedge.server.evaluation import ServerEvaluation
+        from fedge.server.presence import PresenceExchange
         from fedge.server.rounds import Federation
         from fedge.server.trust import Trust
 
@@ -204,7 +211,8 @@ def server(
         # again if it was made here and the service still cannot start.
         with made_dir(settings.data):
             held = lock.hold(settings.data)
-            store = Store(settings.data, settings.store)
+            store = Store(settings.data, settings.store, settings.blobs)
+            store.claim_blobs()
             federation = Federation(
                 store,
                 federation_settings(settings, pki.federation_of(settings.pki), priced),
@@ -213,6 +221,10 @@ def server(
                 strategy=chosen,
                 log=log,
             )
+            exchange = None  # replicas may share the store: whom each saw is shared through it
+            if settings.store is not None:
+                own = Store(settings.data, settings.store, settings.blobs)
+                exchange = PresenceExchange(trust.presence, own)
         announcer = None if broker is None else _announcer(federation, broker, creds, trust)
         metrics.start(federation.round_info())
         metrics.price_with(priced)
@@ -220,10 +232,11 @@ def server(
         log.emit(roundlog.serving(f"https://{settings.host}:{sock.getsockname()[1]}", time.time()))
         if evaluation is not None:
             model = federation.model
-            evaluation.start(Store(settings.data, settings.store), log, model.round, model.sha256)
+            own = Store(settings.data, settings.store, settings.blobs)  # it writes from its own thread
+            evaluation.start(own, log, model.round, model.sha256)
     try:
         service.serve(
-            create_app(federation, trust), creds, sock, settings.data / "endpoint.json",
+            create_app(federation, trust, exchange), creds, sock, settings.data / "endpoint.json",
             until=None if settings.serve_after_finish else finished,
         )  # fmt: skip
     finally:

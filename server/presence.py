@@ -10,14 +10,22 @@ window, the client's latest sighting decides: forgotten, or entered again with i
 entries that came due (each client at most once per window), sightings arriving out of order (a retained
 MQTT status) cost nothing more, and selection (``server.roster``) hears only who arrived and who left since
 it last asked, never a scan of everyone seen.
+
+Replicas of one server share their sightings through the store (``PresenceExchange``): each publishes whom
+it saw since the last exchange and hears whom the others saw, so that whichever replica opens a round
+selects from every live client, not only from those whose connections the load balancer gave it.
 """
 
 from __future__ import annotations
 
 import heapq
 import threading
+from typing import TYPE_CHECKING
 
 from fedge.server.schedule import live
+
+if TYPE_CHECKING:
+    from fedge.server.store import Store
 
 
 class Presence:
@@ -30,17 +38,34 @@ class Presence:
         self._entry: dict[str, float] = {}  # each live client's one current entry in _due
         self._arrived: set[str] = set()
         self._left: set[str] = set()
+        self._fresh: dict[str, float] = {}  # sightings made here since the last exchange with replicas
 
     def seen(self, client: str, at: float) -> None:
         with self._lock:
-            last = self._seen.get(client)
-            if last is None:
-                self._seen[client] = at
-                self._enter(client, at)
-                self._arrived.add(client)
-                self._left.discard(client)
-            elif at > last:
-                self._seen[client] = at
+            if at > self._fresh.get(client, 0.0):
+                self._fresh[client] = at
+            self._see(client, at)
+
+    def heard(self, client: str, at: float) -> None:
+        """Another replica saw ``client`` at ``at`` (``PresenceExchange``): counted, not published again."""
+        with self._lock:
+            self._see(client, at)
+
+    def fresh(self) -> dict[str, float]:
+        """The sightings made here since the last call: what the next exchange publishes."""
+        with self._lock:
+            fresh, self._fresh = self._fresh, {}
+            return fresh
+
+    def _see(self, client: str, at: float) -> None:
+        last = self._seen.get(client)
+        if last is None:
+            self._seen[client] = at
+            self._enter(client, at)
+            self._arrived.add(client)
+            self._left.discard(client)
+        elif at > last:
+            self._seen[client] = at
 
     def gone(self, client: str, at: float) -> None:
         """``client`` said at ``at`` that it stopped: forgotten, unless it was seen again since."""
@@ -93,3 +118,18 @@ class Presence:
         del self._entry[client]
         self._left.add(client)
         self._arrived.discard(client)
+
+
+class PresenceExchange:
+    """One replica's side of sharing presence through the store: its own connection, since it runs on the
+    round clock beside the rounds, and the stamp of the last sighting it heard."""
+
+    def __init__(self, presence: Presence, store: Store) -> None:
+        self._presence = presence
+        self._store = store
+        self._heard = 0
+
+    def exchange(self) -> None:
+        heard, self._heard = self._store.share_sightings(self._presence.fresh(), self._heard)
+        for client, at in heard:
+            self._presence.heard(client, at)

@@ -4,8 +4,13 @@ Decisions are pure functions (server.schedule); ``Federation`` is the thin shell
 store and the running aggregate under one lock, and tells listeners (long polls, announcements) about
 changes. Updates reach it checked (server.intake): here they are only authorized for the round, written
 durably (outside the lock, concurrently) and then, under the lock again, authorized once more, recorded and
-folded: the serialized part of an update is one small critical section, which a store shared by several
-servers can hold under a database lock instead.
+folded: the serialized part of an update is one small critical section.
+
+Several servers (replicas) may share one PostgreSQL store: each critical section then also holds the store
+(``Store.exclusive``), and first reads in what the others changed since (``_follow``): a round opened or
+closed elsewhere is read as a restart reads it (``_load``), updates taken elsewhere are folded in. So any
+replica takes updates, a round closes exactly once (whoever holds the store when it is due), and the closing
+replica's sum holds every stored update of the round.
 """
 
 from __future__ import annotations
@@ -109,7 +114,11 @@ class Federation:
         self._ask: EvaluationAsk | None = None
         self._pending: Strategy | None = None
         self._ledger: tuple[int, Ledger] | None = None  # (the store's revision it was read at, the ledger)
-        self._load(initial_model)
+        self._folded: set[str] = set()  # the clients whose updates the open round's sum holds
+        self._followed = False  # _follow saw the round change: listeners are told once the lock is let go
+        self._behind = False  # another replica's changes are not all read in yet
+        with self._store.exclusive():
+            self._load(initial_model)
 
     def subscribe(self, listener: Callable[[], None]) -> None:
         self._listeners.append(listener)
@@ -165,9 +174,45 @@ class Federation:
         with self._lock:
             return self._store.skips(self._open.round) if self._open is not None else {}
 
+    @contextlib.contextmanager
+    def _critical(self) -> Iterator[None]:
+        """Every change of the rounds holds this: the process's lock, then the store against other replicas
+        (a no-op on SQLite), having read in what they changed meanwhile. Never taken twice by one thread."""
+        with self._lock, self._store.exclusive() as moved:
+            if moved or self._behind:
+                self._behind = True  # until the follow is through: one that failed is tried again next time
+                self._follow()
+                self._behind = False
+            yield
+        if self._followed:
+            self._followed = False
+            self._notify()
+
+    def _follow(self) -> None:
+        """Read in what another replica changed in the store: a round opened, closed or finished elsewhere
+        is read as a restart reads it; the same round open, only its new updates and skips (and a strategy
+        chosen for the next round, an evaluation asked) are. Caller holds the lock and the store."""
+        last = self._store.last_round()
+        before = self._view()
+        if self._open is None or last is None or last.state != "open" or last.round != self._open.round:
+            self._load(None)
+        else:
+            for update in self._store.updates(last.round):
+                if update.client not in self._folded:
+                    tensors = decode(update.path.read_bytes())[0]
+                    self._fold(update.client, tensors, update.num_examples, update.staleness)
+            self._skipped = len(self._store.skips(last.round))
+            self._ask = self._store.last_ask()
+            self._read_pending()
+        self._followed |= self._view() != before
+
+    def _view(self) -> tuple[object, ...]:
+        """What long polls and announcements tell of: the open round, the end, the model, the ask."""
+        return (self._open.round if self._open else None, self._finished, self._model.sha256, self._ask)
+
     def tick(self, now: float | None = None) -> None:
         """Close an overdue round and open the next one when enough clients are live."""
-        with self._lock:
+        with self._critical():
             moment = time.time() if now is None else now
             changed = self._advance(moment)
             self._finish_if_evaluated(moment)
@@ -180,7 +225,7 @@ class Federation:
         """Record an asked client's signed evaluation of the model ``round_`` produced, and store what the
         reports so far add up to (``federated_evaluation.combine``). Only the clients asked, for the model
         they were asked about, before the request's deadline, once; a refusal stores nothing."""
-        with self._lock:
+        with self._critical():
             ask = self._ask
             if ask is None or ask.round != round_:
                 raise Rejected("not_asked", f"no evaluation of round {round_} is asked for now")
@@ -229,7 +274,7 @@ class Federation:
         """The model an update for ``round_`` trained from ``base_sha256`` (its metadata) starts from, for
         intake to restore and bound it against; read-only. Refuses, as ``submit`` would, an update that this
         round would not take now, so that who may send is answered before what was sent."""
-        with self._lock:
+        with self._critical():
             return self._base(self._authorize(round_, client, base_sha256))
 
     def submit(self, update: CheckedUpdate) -> UpdateReceipt:
@@ -243,40 +288,46 @@ class Federation:
         is written again for that one."""
         while True:
             round_ = self._reserve(update)
-            receipt = None
+            receipt = blob = None
             try:
-                self._store.write_update(round_, update.client, update.body, update.restored)
-                receipt = self._commit(update, round_)
+                blob = self._store.write_update(round_, update.client, update.body, update.restored)
+                receipt = self._commit(update, round_, blob)
             finally:
-                self._release(round_, update.client, written=receipt is not None)
+                self._release(round_, update.client, None if receipt is not None else blob)
             if receipt is not None:
                 return receipt
 
     def _reserve(self, update: CheckedUpdate) -> int:
         """The open round an update is to be written for, its slot now held by the caller."""
-        with self._lock:
-            round_, _ = self._free_slot(update.round, update.client, update.meta.base_sha256)
+        with self._slot(update.round, update.client, update.meta.base_sha256) as (round_, _):
             with _once(update.client, round_):
                 self._store.check_unreported(round_, update.client)
             self._writing.add((round_, update.client))
             return round_
 
-    def _free_slot(self, round_: int, client: str, base_sha256: str | None) -> tuple[int, int]:
-        """The open round and the staleness of a report from ``client`` for ``round_``, once no update of
-        the client's is being written for it: a second upload waits for the first, and learns that it is a
-        duplicate only if the first was recorded. Caller holds the lock."""
+    @contextlib.contextmanager
+    def _slot(self, round_: int, client: str, base_sha256: str | None) -> Iterator[tuple[int, int]]:
+        """A critical section with the open round and the staleness of a report from ``client`` for
+        ``round_``, entered once no update of the client's is being written here for it: a second upload
+        waits (holding neither lock) for the first, and learns that it is a duplicate only if the first was
+        recorded."""
         while True:
-            staleness = self._authorize(round_, client, base_sha256)
-            assert self._open is not None
-            if (self._open.round, client) not in self._writing:
-                return self._open.round, staleness
-            self._slot_freed.wait()
+            with self._critical():
+                staleness = self._authorize(round_, client, base_sha256)
+                assert self._open is not None
+                slot = (self._open.round, client)
+                if slot not in self._writing:
+                    yield slot[0], staleness
+                    return
+            with self._slot_freed:
+                while slot in self._writing:
+                    self._slot_freed.wait()
 
-    def _commit(self, update: CheckedUpdate, round_: int) -> UpdateReceipt | None:
-        """Record and fold an update written for ``round_``, or None when (asynchronous mode) the open
-        version moved on while it was written; ``Rejected`` when the round no longer takes it."""
+    def _commit(self, update: CheckedUpdate, round_: int, blob: str) -> UpdateReceipt | None:
+        """Record and fold an update written for ``round_`` (as ``blob``), or None when (asynchronous mode)
+        the open version moved on while it was written; ``Rejected`` when the round no longer takes it."""
         client, examples = update.client, update.meta.num_examples
-        with self._lock:
+        with self._critical():
             staleness = self._authorize(update.round, client, update.meta.base_sha256)
             assert self._open is not None
             if self._open.round != round_:
@@ -284,10 +335,10 @@ class Federation:
             with _once(client, round_):
                 record = self._store.record_update(
                     round_, client, update.sha256, len(update.body), examples, update.provenance, staleness,
-                    update.restored is not None,
+                    update.restored is not None, blob,
                 )  # fmt: skip
                 self._store.record_usage(round_, client, update.meta.received(len(update.body)))
-            self._fold(update.tensors, examples, staleness)
+            self._fold(client, update.tensors, examples, staleness)
             self.log.update(round_, client, len(update.body), update.provenance.computed_by, update.meta)
             changed = self._advance(time.time())
         if changed:
@@ -296,12 +347,12 @@ class Federation:
             round=round_, client=client, sha256=record.sha256, num_examples=examples, staleness=staleness
         )
 
-    def _release(self, round_: int, client: str, written: bool) -> None:
-        """Free the slot; the blobs of an update that was not recorded are removed, so an orphan never
-        lingers where a later reader could take it for the client's update."""
-        with self._lock:
-            if not written and not self._store.has_update(round_, client):
-                self._store.discard_update(round_, client)
+    def _release(self, round_: int, client: str, unrecorded: str | None) -> None:
+        """Free the slot; the blobs of an update written but not recorded (``unrecorded``, their name) are
+        removed, so an orphan never lingers in the store."""
+        with self._slot_freed:
+            if unrecorded is not None:
+                self._store.discard_update(round_, unrecorded)
             self._writing.discard((round_, client))
             self._slot_freed.notify_all()
 
@@ -328,8 +379,7 @@ class Federation:
             raise Rejected(
                 "asynchronous_mode", "asynchronous rounds wait for no client: there is no round to skip"
             )
-        with self._lock:
-            open_round, _ = self._free_slot(round_, client, None)
+        with self._slot(round_, client, None) as (open_round, _):
             with _once(client, round_):
                 self._store.add_skip(open_round, client, reason)
             self._skipped += 1
@@ -403,7 +453,7 @@ class Federation:
     def _quorum(self) -> int:
         return max(self.settings.min_updates, self.strategy.min_updates())
 
-    def _fold(self, tensors: Tensors, num_examples: int, staleness: int = 0) -> None:
+    def _fold(self, client: str, tensors: Tensors, num_examples: int, staleness: int = 0) -> None:
         if self.strategy.streaming:
             assert self._sum is not None
             assert self._open is not None
@@ -413,6 +463,7 @@ class Federation:
             prepared = self.strategy.prepare(tensors, self._model.tensors)
             aggregation.fold(self._sum, prepared, float(num_examples))
         self._received += 1
+        self._folded.add(client)
 
     def _close(self, record: RoundRecord, aggregated: bool) -> None:
         started = time.perf_counter()
@@ -465,7 +516,7 @@ class Federation:
 
     def start(self) -> RoundInfo:
         """Let a federation held by ``manual_start`` run: round 1 opens as soon as enough clients are in."""
-        with self._lock:
+        with self._critical():
             if self._started:
                 raise Rejected("already_started", "the federation is already running")
             self._store.set_meta("started", "1")
@@ -485,7 +536,7 @@ class Federation:
             raise Rejected("invalid_strategy", str(exc)) from None
         if self.settings.buffer and not strategy.streaming:
             raise Rejected("asynchronous_mode", f"asynchronous mode needs a streaming strategy, not {name}")
-        with self._lock:
+        with self._critical():
             self._store.set_meta(
                 "strategy_next", json.dumps({"name": name, "params": asdict(strategy.params)})
             )
@@ -528,9 +579,11 @@ class Federation:
         self._sum = aggregation.start(self._model.tensors) if self.strategy.streaming else None
         self._received = 0
         self._skipped = 0
+        self._folded = set()
 
     def _load(self, initial_model: bytes | None) -> None:
-        """Start from the stored global model, resuming an open round with every update already accepted."""
+        """Start from the stored global model, resuming an open round with every update already accepted
+        (at start, and when another replica moved the rounds on)."""
         sha = self._store.get_meta("global_sha256")
         if sha is None:
             if initial_model is None:
@@ -548,19 +601,25 @@ class Federation:
         self._started = not self.settings.manual_start or self._store.get_meta("started") == "1"
         if chosen := self._store.get_meta("strategy"):
             self.strategy = _strategy_from(chosen, self.settings.seed)
-        if pending := self._store.get_meta("strategy_next"):
-            self._pending = _strategy_from(pending, self.settings.seed)
+        self._read_pending()
         if state_sha := self._store.get_meta("strategy_state"):
             self.strategy.load_state(decode(self._store.strategy_state_path(state_sha).read_bytes())[0])
         last = self._store.last_round()
+        self._open = self._sum = None
         if last is not None and last.state == "open":
             self._open = last
             self._begin()
             for update in self._store.updates(last.round):
-                self._fold(decode(update.path.read_bytes())[0], update.num_examples, update.staleness)
+                tensors = decode(update.path.read_bytes())[0]
+                self._fold(update.client, tensors, update.num_examples, update.staleness)
             self._skipped = len(self._store.skips(last.round))
         self._finished = self._open is None and last is not None and last.round >= self.settings.rounds
         self._ask = self._store.last_ask()
+
+    def _read_pending(self) -> None:
+        """The strategy chosen for the next round, if one is (here or on another replica)."""
+        pending = self._store.get_meta("strategy_next")
+        self._pending = _strategy_from(pending, self.settings.seed) if pending else None
 
     def _notify(self) -> None:
         for listener in self._listeners:

@@ -1,17 +1,21 @@
 """Durable state of the aggregation function: round records in SQLite (WAL) or PostgreSQL, tensors as files.
 
-Global models are immutable files named by their sha256. An update is written and fsynced, then recorded in
-the same transaction that makes it count, before the server answers 202: a crash after the answer loses
-nothing, and a crash before it leaves no half-accepted update.
+Global models are immutable files named by their sha256. An update is written and fsynced under a name of
+its own upload, then recorded in the same transaction that makes it count, before the server answers 202: a
+crash after the answer loses nothing, and a crash before it leaves no half-accepted update.
 
-SQLite (``<data>/state.db``) suits one server; PostgreSQL (``--store postgresql://...``) is for deployments.
-Both take the same SQL: ``?`` placeholders are rewritten for psycopg, and the schema uses only types and
-statements (``ON CONFLICT``, ``DOUBLE PRECISION``) that both understand.
+SQLite (``<data>/state.db``) suits one server; PostgreSQL (``--store postgresql://...``) is for deployments,
+and lets several servers (replicas) share one store: each critical section of the rounds holds the store
+(``Store.exclusive``, an advisory lock), and the tensor files live in one blob directory they all mount
+(``--blobs``, a ReadWriteMany volume in Kubernetes). Both take the same SQL: ``?`` placeholders are rewritten
+for psycopg, and the schema uses only types and statements (``ON CONFLICT``, ``DOUBLE PRECISION``) that both
+understand.
 """
 
 from __future__ import annotations
 
 import json
+import secrets
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -50,6 +54,7 @@ CREATE TABLE IF NOT EXISTS updates (
     computed_by TEXT NOT NULL DEFAULT '',  -- the executor that trained it for the client, or ''
     staleness INTEGER NOT NULL DEFAULT 0,  -- asynchronous mode: versions behind the round it joins
     restored INTEGER NOT NULL DEFAULT 0,   -- 1: a compressed body, restored beside it for aggregation
+    blob TEXT NOT NULL DEFAULT '',         -- its files' name in updates/<round>/ ('': the client's id)
     PRIMARY KEY (round, client)
 );
 CREATE TABLE IF NOT EXISTS skips (
@@ -85,6 +90,11 @@ CREATE TABLE IF NOT EXISTS client_evaluations (  -- what each asked client repor
     received_at DOUBLE PRECISION NOT NULL,
     PRIMARY KEY (round, client)
 );
+CREATE TABLE IF NOT EXISTS sightings (  -- replicas' presence: when each client was last seen, by any of them
+    client TEXT PRIMARY KEY,
+    seen_at DOUBLE PRECISION NOT NULL,
+    stamp BIGINT NOT NULL           -- rises with each sighting shared: what a replica has heard up to
+);
 CREATE TABLE IF NOT EXISTS usage (  -- what each update's run consumed (fedge.pricing.Usage), for the bill
     round INTEGER NOT NULL,
     client TEXT NOT NULL,
@@ -100,6 +110,10 @@ CREATE TABLE IF NOT EXISTS usage (  -- what each update's run consumed (fedge.pr
     PRIMARY KEY (round, client)
 );
 """
+# The advisory lock replicas of one federation take around each change of its rounds (any 64-bit number
+# that no other user of the database takes; this one spells "fedge").
+_LOCK_KEY = 0x6665646765
+_SIGHTINGS_KEY = _LOCK_KEY + 1  # the presence exchange's, apart: sharing sightings changes no round
 _USAGE_KINDS = [int if f.type in ("int", int) else float for f in fields(Usage)]  # SUM gives Decimal on PG
 
 
@@ -194,18 +208,24 @@ class Store:
     """Not thread-safe by itself: the round state machine serializes every call but ``write_update``,
     which touches only files and runs outside its lock."""
 
-    def __init__(self, data_dir: Path, url: str | None = None) -> None:
-        self.dir = data_dir
-        (data_dir / "models").mkdir(parents=True, exist_ok=True)
-        (data_dir / "updates").mkdir(exist_ok=True)
-        (data_dir / "strategy").mkdir(exist_ok=True)
+    def __init__(self, data_dir: Path, url: str | None = None, blobs: Path | None = None) -> None:
+        """``blobs``: where models, updates and strategy states are kept, when not in ``data_dir`` (replicas
+        share one; each keeps its own ``data_dir``)."""
+        self.dir = blobs or data_dir
+        (self.dir / "models").mkdir(parents=True, exist_ok=True)
+        (self.dir / "updates").mkdir(exist_ok=True)
+        (self.dir / "strategy").mkdir(exist_ok=True)
         self._postgres = url is not None
         self.revision = 0  # rises with every statement that may write: what a cache of the ledger keys on
+        self._shared: int | None = None  # the store-wide revision as this server last left it (exclusive)
         self._db: Any = _postgres(url) if url is not None else _sqlite(data_dir / "state.db")
         with self._transaction():
+            if self._postgres:  # replicas starting together would race to create the same tables
+                self._execute("SELECT pg_advisory_xact_lock(?)", (_LOCK_KEY,))
             for statement in filter(str.strip, _SCHEMA.split(";")):
                 self._execute(statement)
             self._allow_unscored()
+            self._name_blobs()
 
     def _allow_unscored(self) -> None:
         """A store made before federated evaluation required every evaluation to have an accuracy; a
@@ -221,8 +241,67 @@ class Store:
             self._execute("INSERT INTO evaluations SELECT * FROM evaluations_required")
             self._execute("DROP TABLE evaluations_required")
 
+    def _name_blobs(self) -> None:
+        """A store made before uploads had blob names of their own has no ``blob`` column: its rows get
+        '' (the client's id, as their files are named). Caller holds a transaction."""
+        if self._postgres:
+            self._execute("ALTER TABLE updates ADD COLUMN IF NOT EXISTS blob TEXT NOT NULL DEFAULT ''")
+            return
+        columns = {row[0] for row in self._execute("SELECT name FROM pragma_table_info('updates')")}
+        if "blob" not in columns:
+            self._execute("ALTER TABLE updates ADD COLUMN blob TEXT NOT NULL DEFAULT ''")
+
+    def claim_blobs(self) -> None:
+        """One store, one blob directory: a server given another replica's database but a blob directory
+        of its own would find no model there. The first server to open the store marks its blob directory
+        with the store's id (or takes the mark it finds: a store made again over its old blobs); a
+        directory without that mark is refused in one line."""
+        marker = self.dir / "store-id"
+        with self.exclusive():
+            found = marker.read_text().strip() if marker.is_file() else None
+            known = self.get_meta("store_id")
+            if known is None:
+                known = found or secrets.token_hex(16)
+                if found is None:
+                    write_file(marker, known.encode())
+                    found = known
+                self.set_meta("store_id", known)
+        if found != known:
+            raise StoreError(
+                f"{self.dir} is not the blob directory of this store (its models are elsewhere): every "
+                "replica on one --store shares one --blobs"
+            )
+
     def close(self) -> None:
         self._db.close()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[bool]:
+        """Hold the store against the other servers on it for one critical section of the rounds; yields
+        whether any of them wrote since this one last held it, so that the caller reads its view of the
+        rounds again first. SQLite belongs to one server (``server.lock``): there this says False. In
+        PostgreSQL it is an advisory lock, which the database lets go of when the holder's connection ends
+        (a replica killed holding it blocks nobody), and a revision row that each section that wrote raises.
+        Not re-entrant: the rounds' own lock is taken first, once."""
+        if not self._postgres:
+            yield False
+            return
+        self._execute("SELECT pg_advisory_lock(?)", (_LOCK_KEY,))
+        try:
+            seen = int(self.get_meta("revision") or 0)
+            moved = seen != self._shared
+            if moved:
+                self.revision += 1  # another server's rows: a cached ledger is out of date too
+            before = self.revision
+            try:
+                yield moved
+            finally:
+                if self.revision != before:
+                    seen += 1
+                    self.set_meta("revision", str(seen))
+                self._shared = seen
+        finally:
+            self._execute("SELECT pg_advisory_unlock(?)", (_LOCK_KEY,))
 
     def _execute(self, sql: str, args: Sequence[object] = ()) -> Any:
         if not sql.startswith("SELECT"):
@@ -323,23 +402,26 @@ class Store:
         """Write an update's blobs, then record it: what ``Federation.submit`` does in two steps, the first
         outside its lock, for callers that need no concurrency (restores, tests)."""
         self.check_unreported(round_, client)
-        self.write_update(round_, client, body, restored)
+        blob = self.write_update(round_, client, body, restored)
         proof = provenance or Provenance()
         return self.record_update(
             round_, client, proof.body_sha256 or sha256(body), len(body), num_examples, proof, staleness,
-            restored is not None,
+            restored is not None, blob,
         )  # fmt: skip
 
-    def write_update(self, round_: int, client: str, body: bytes, restored: bytes | None = None) -> None:
+    def write_update(self, round_: int, client: str, body: bytes, restored: bytes | None = None) -> str:
         """Durably write the body as sent (what its signature covers) and, for a compressed one, the full
-        update it stands for (``restored``), which is what aggregation reads. Touches no database, so it is
-        the one store call that may run concurrently: the caller makes sure nobody else writes this
-        (round, client) meanwhile. Until ``record_update`` commits its row the blobs count for nothing."""
-        path = self._update_path(round_, client)
+        update it stands for (``restored``), which is what aggregation reads; returns the blobs' name.
+        Touches no database, so it is the one store call that may run concurrently: the name is this
+        upload's own, so a second upload of the same client (to this server or to another replica) never
+        writes over it. Until ``record_update`` commits its row the blobs count for nothing."""
+        blob = f"{client}.{secrets.token_hex(8)}"
+        path = self._blob_path(round_, blob)
         path.parent.mkdir(exist_ok=True)
         write_file(path, body)
         if restored is not None:
             write_file(_restored_path(path), restored)
+        return blob
 
     def record_update(
         self,
@@ -351,30 +433,32 @@ class Store:
         provenance: Provenance,
         staleness: int,
         restored: bool,
+        blob: str,
     ) -> UpdateRecord:
-        """Make the written update (``write_update``) count: one durable row, refused if the client already
-        reported in this round. The 202 follows this, so an acknowledged update survives a crash."""
+        """Make the written update (``write_update``, which named its ``blob``) count: one durable row,
+        refused if the client already reported in this round. The 202 follows this, so an acknowledged
+        update survives a crash."""
         self.check_unreported(round_, client)
         self._execute(
             "INSERT INTO updates (round, client, sha256, num_examples, bytes, received_at, signature, nonce,"
-            " computed_by, staleness, restored) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " computed_by, staleness, restored, blob) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (round_, client, digest, num_examples, size, time.time(), provenance.signature, provenance.nonce,
-             provenance.computed_by, staleness, int(restored)),
+             provenance.computed_by, staleness, int(restored), blob),
         )  # fmt: skip
-        path = self._update_path(round_, client)
+        path = self._blob_path(round_, blob)
         return UpdateRecord(
             client, digest, num_examples, _restored_path(path) if restored else path, staleness
         )
 
-    def discard_update(self, round_: int, client: str) -> None:
-        """Remove the blobs of a written update that will never be recorded (refused after it was written):
-        the caller owns the (round, client) slot and knows it holds no recorded update."""
-        path = self._update_path(round_, client)
-        for blob in (path, _restored_path(path)):
-            blob.unlink(missing_ok=True)
+    def discard_update(self, round_: int, blob: str) -> None:
+        """Remove the blobs of a written update that will never be recorded (refused after it was written);
+        their name is that upload's own, so nothing recorded goes with them."""
+        path = self._blob_path(round_, blob)
+        for written in (path, _restored_path(path)):
+            written.unlink(missing_ok=True)
 
-    def _update_path(self, round_: int, client: str) -> Path:
-        return self.dir / "updates" / str(round_) / f"{client}.safetensors"
+    def _blob_path(self, round_: int, blob: str) -> Path:
+        return self.dir / "updates" / str(round_) / f"{blob}.safetensors"
 
     def add_skip(self, round_: int, client: str, reason: str) -> None:
         """Record that ``client`` sends no update in ``round_``: each client reports once, update or skip."""
@@ -463,6 +547,27 @@ class Store:
              u.executor_gb_seconds, u.executor_invocations, u.gpu_seconds, u.bytes_up, u.bytes_down),
         )  # fmt: skip
 
+    def share_sightings(self, fresh: dict[str, float], heard: int) -> tuple[list[tuple[str, float]], int]:
+        """Publish this server's ``fresh`` sightings (client -> when) and read every sighting shared since
+        stamp ``heard``, its own included; returns them with the stamp heard up to. Stamps are given under
+        a lock of the exchange's own, so none is read before a lower one is written."""
+        with self._transaction():
+            if self._postgres:
+                self._execute("SELECT pg_advisory_xact_lock(?)", (_SIGHTINGS_KEY,))
+            (stamp,) = self._execute("SELECT COALESCE(MAX(stamp), 0) FROM sightings").fetchone()
+            for client, at in fresh.items():
+                stamp += 1
+                self._execute(
+                    "INSERT INTO sightings (client, seen_at, stamp) VALUES (?, ?, ?) ON CONFLICT (client)"
+                    " DO UPDATE SET stamp = excluded.stamp, seen_at = CASE WHEN excluded.seen_at >"
+                    " sightings.seen_at THEN excluded.seen_at ELSE sightings.seen_at END",
+                    (client, at, stamp),
+                )
+            rows = self._execute(
+                "SELECT client, seen_at, stamp FROM sightings WHERE stamp > ? ORDER BY stamp", (heard,)
+            ).fetchall()
+        return [(client, at) for client, at, _ in rows], max([heard, *(row[2] for row in rows)])
+
     def usage_by_round(self) -> dict[int, Usage]:
         """Each round's usage, summed over its updates: what its bill is made of."""
         rows = self._execute(
@@ -492,13 +597,13 @@ class Store:
 
     def updates(self, round_: int) -> list[UpdateRecord]:
         rows = self._execute(
-            "SELECT client, sha256, num_examples, staleness, restored FROM updates WHERE round = ?"
+            "SELECT client, sha256, num_examples, staleness, restored, blob FROM updates WHERE round = ?"
             " ORDER BY received_at, client",
             (round_,),
         ).fetchall()
         updates = []
-        for client, digest, num_examples, staleness, restored in rows:
-            path = self._update_path(round_, client)
+        for client, digest, num_examples, staleness, restored, blob in rows:
+            path = self._blob_path(round_, blob or client)
             updates.append(
                 UpdateRecord(
                     client, digest, num_examples, _restored_path(path) if restored else path, staleness

@@ -255,7 +255,8 @@ def test_a_users_app_trains_through_the_functions_and_its_metrics_travel_in_the_
         with pytest.raises(AppFailed, match=message.replace("(", r"\(").replace(")", r"\)")):
             functions.train(_event(server, pki_dir, "bob", data, spec), Context())
     assert stored_updates(server.data) == [(1, "alice")]  # nothing of the failed apps
-    _, metadata = decode((server.data / "updates" / "1" / "alice.safetensors").read_bytes())
+    (stored,) = (server.data / "updates" / "1").glob("alice.*.safetensors")
+    _, metadata = decode(stored.read_bytes())
     assert UpdateMeta.from_metadata(metadata).metrics == {"round": 1.0, "train_loss": 0.25}
 
 

@@ -32,7 +32,7 @@ class GatedStore(Store):
         self.writing, self.proceed = threading.Event(), threading.Event()
         self.writes = 0
 
-    def write_update(self, round_: int, client: str, body: bytes, restored: bytes | None = None) -> None:
+    def write_update(self, round_: int, client: str, body: bytes, restored: bytes | None = None) -> str:
         if client == self.client:
             self.writes += 1
             if self.writes == 1:
@@ -40,7 +40,7 @@ class GatedStore(Store):
                 assert self.proceed.wait(10)
                 if self.fail:
                     raise OSError(28, "No space left on device")
-        super().write_update(round_, client, body, restored)
+        return super().write_update(round_, client, body, restored)
 
 
 class Outcome:
@@ -81,8 +81,9 @@ def federation(store: Store, **settings: object) -> Federation:
     return fed
 
 
-def blob(store: Store, round_: int, client: str) -> Path:
-    return store.dir / "updates" / str(round_) / f"{client}.safetensors"
+def blobs(store: Store, round_: int, client: str) -> list[Path]:
+    """The client's update files in the round, recorded or not (each upload names its own)."""
+    return sorted((store.dir / "updates" / str(round_)).glob(f"{client}.*"))
 
 
 @pytest.mark.parametrize("first_fails", [False, True])
@@ -107,7 +108,7 @@ def test_two_uploads_from_one_client_at_once_store_exactly_one(tmp_path: Path, f
         assert code_of(second) == "duplicate_update"
         kept = first_body
     assert [u.client for u in store.updates(1)] == ["alice"]
-    assert blob(store, 1, "alice").read_bytes() == kept
+    assert [path.read_bytes() for path in blobs(store, 1, "alice")] == [kept], "the refused one's is gone"
 
 
 def test_an_update_written_while_its_round_closes_is_refused_and_leaves_no_trace(tmp_path: Path) -> None:
@@ -122,8 +123,8 @@ def test_an_update_written_while_its_round_closes_is_refused_and_leaves_no_trace
     late.join()
     assert code_of(late) == "round_closed"
     assert [u.client for u in store.updates(1)] == ["bob"]
-    assert not blob(store, 1, "alice").exists(), "an orphaned blob is removed, never counted"
-    assert not list(blob(store, 1, "alice").parent.glob("*.tmp"))
+    assert blobs(store, 1, "alice") == [], "an orphaned blob is removed, never counted"
+    assert not list((store.dir / "updates" / "1").glob("*.tmp"))
     for name, tensor in toy_model(2.0).items():  # the new model is bob's update alone
         np.testing.assert_array_equal(fed.model.tensors[name], tensor)
     assert [h.reported for h in fed.history()] == [["bob"], []]  # nothing leaked into round 2
@@ -140,7 +141,7 @@ def test_an_asynchronous_update_overtaken_by_a_new_version_joins_the_next_one(tm
     assert overtaken.error is None
     assert (receipt.round, receipt.staleness) == (2, 1)  # type: ignore[attr-defined]
     assert store.writes == 2, "written again for the version it joins"
-    assert not blob(store, 1, "alice").exists()
+    assert blobs(store, 1, "alice") == []
     assert [u.client for u in store.updates(2)] == ["alice"]
 
 

@@ -154,3 +154,25 @@ def test_the_kubernetes_server_gets_the_whole_pki_in_its_writable_state_volume()
     assert "tar -C " + pki_arg.removeprefix("--pki=") in seed["command"][-1]
     (volume,) = [v for v in pod["volumes"] if v["name"] == "seed"]
     assert volume["secret"]["items"] == [{"key": "pki.tar", "path": "pki.tar"}]
+
+
+def test_the_kubernetes_server_runs_replicas_over_one_store_and_one_shared_volume() -> None:
+    """Replicas need the round state in PostgreSQL, the blobs and PKI on a volume they all mount, and a
+    --data of each pod's own (its lock would otherwise keep all but one from starting)."""
+    docs = [d for d in yaml.safe_load_all((DEPLOY / "kubernetes" / "server.yaml").read_text()) if d]
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    claim = next(d for d in docs if d["kind"] == "PersistentVolumeClaim")
+    pod = deployment["spec"]["template"]["spec"]
+    (server,) = pod["containers"]
+    args = dict(a.removeprefix("--").split("=", 1) for a in server["args"])
+    mounts = {m["mountPath"]: m["name"] for m in server["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert deployment["spec"]["replicas"] > 1
+    (store,) = [e for e in server["env"] if e["name"] == "FEDGE_STORE"]
+    assert store["valueFrom"]["secretKeyRef"]["name"] == "fedge-store"
+    shared = volumes[mounts["/var/lib/fedge"]]
+    assert shared["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    for shared_path in (args["blobs"], args["pki"]):
+        assert shared_path.startswith("/var/lib/fedge/")
+    assert "emptyDir" in volumes[mounts[args["data"]]], "each replica's --data is its pod's own"
