@@ -9,8 +9,8 @@ updates."""
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +18,8 @@ from pathlib import Path
 import httpx
 import psycopg
 import pytest
-from conftest import CLIENTS, free_port, submit, toy_model, update_body, wait_for
+from conftest import CLIENTS, free_port, submit, tls_for, toy_model, update_body, wait_for
+from raw_http import open_tls, read_until_closed
 
 from fedge.codec import encode, sha256
 from fedge.security import pki
@@ -148,6 +149,12 @@ class Haproxy:
             [HAPROXY, "-f", str(config), "-db"], stdout=self.log.open("w"), stderr=subprocess.STDOUT
         )
         self.url = f"https://127.0.0.1:{self.port}"
+        wait_for(self._listening, 10, "haproxy to listen")
+
+    def _listening(self) -> bool:
+        assert self.process.poll() is None, self.log.read_text()
+        with socket.socket() as probe:
+            return probe.connect_ex(("127.0.0.1", self.port)) == 0
 
     def stop(self) -> None:
         self.process.terminate()
@@ -157,7 +164,7 @@ class Haproxy:
 @pytest.fixture
 def replicas(
     tmp_path: Path, pki_dir: Path, postgres_url: str
-) -> Iterator[tuple[list[ServerProcess | None], Haproxy, list[list[str]]]]:
+) -> Iterator[tuple[list[ServerProcess], Haproxy, list[list[str]]]]:
     if not Path(HAPROXY).exists():
         pytest.fail("haproxy is not installed: `make system` installs it")  # the test setup's own step
     initial = tmp_path / "initial.safetensors"
@@ -169,15 +176,14 @@ def replicas(
         "--min-updates", str(len(CLIENTS)), "--round-timeout", "120",
     ]  # fmt: skip
     flags = [[*shared, "--port", str(port)] for port in ports]
-    servers: list[ServerProcess | None] = [
+    servers: list[ServerProcess] = [
         launch(args, tmp_path / f"replica{i}", tmp_path / f"replica{i}.log") for i, args in enumerate(flags)
     ]
     balancer = Haproxy(tmp_path, ports)
     yield servers, balancer, flags
     balancer.stop()
     for server in servers:
-        if server is not None:
-            server.stop()
+        server.stop()
 
 
 def test_replicas_behind_haproxy_lose_nothing_acknowledged_when_one_is_killed_mid_round(
@@ -189,9 +195,8 @@ def test_replicas_behind_haproxy_lose_nothing_acknowledged_when_one_is_killed_mi
         for name in CLIENTS
     }
     acknowledged: dict[tuple[int, str], str] = {}
-    lock = threading.Lock()
 
-    def deliver(round_: int, name: str, kill_at_first: threading.Event | None = None) -> None:
+    def deliver(round_: int, name: str) -> None:
         """Send as an agent does: again after a lost connection, and a duplicate means delivered."""
         body = update_body(VALUES[round_, name], EXAMPLES[name])
         give_up = time.monotonic() + 60
@@ -206,11 +211,7 @@ def test_replicas_behind_haproxy_lose_nothing_acknowledged_when_one_is_killed_mi
                 if exc.code != "duplicate_update":
                     raise
                 return  # recorded before the kill; the answer was lost with the connection
-            with lock:
-                acknowledged[round_, name] = receipt.sha256
-                if kill_at_first is not None and not kill_at_first.is_set():
-                    kill_at_first.set()
-                    servers[0].process.kill()  # while the others' uploads may be on their way to it
+            acknowledged[round_, name] = receipt.sha256
             return
 
     def open_round(round_: int) -> None:
@@ -230,15 +231,24 @@ def test_replicas_behind_haproxy_lose_nothing_acknowledged_when_one_is_killed_mi
     for name in CLIENTS:
         deliver(1, name)
     open_round(2)
-    killed = threading.Event()
-    racing = [threading.Thread(target=deliver, args=(2, name, killed)) for name in CLIENTS]
-    for thread in racing:
-        thread.start()
-    for thread in racing:
-        thread.join(90)
-    assert killed.is_set()
+    # Replica 0 acknowledges bob's update, has carol's half received, and is killed.
+    with FedgeClient(servers[0].url, pki.credentials(pki_dir, pki.Role.CLIENT, "bob")) as direct:
+        acknowledged[2, "bob"] = direct.post_update(2, update_body(VALUES[2, "bob"], EXAMPLES["bob"])).sha256
+    body = update_body(VALUES[2, "carol"], EXAMPLES["carol"])
+    head = {**clients["carol"].sign_update(2, body), "Content-Length": str(len(body))}
+    in_flight = open_tls(servers[0].url, tls_for(pki_dir, pki.Role.CLIENT, "carol"))
+    in_flight.sendall(
+        b"POST /v1/rounds/2/updates HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        + "".join(f"{name}: {value}\r\n" for name, value in head.items()).encode()
+        + b"\r\n"
+        + body[: len(body) // 2]
+    )
+    servers[0].process.kill()
     servers[0].process.wait(10)
-    servers[0] = None
+    assert read_until_closed(in_flight)[0] == b"", "carol's upload died with its replica, unanswered"
+    in_flight.close()
+    for name in ("alice", "carol"):  # as agents do: carol sends again, and haproxy takes both to replica 1
+        deliver(2, name)
     # The killed replica comes back on its port and follows the rounds the other moved on meanwhile.
     servers[0] = launch(flags[0], tmp_path / "replica0", tmp_path / "replica0.log")
     open_round(3)
