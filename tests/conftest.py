@@ -7,14 +7,12 @@ from __future__ import annotations
 import getpass
 import json
 import os
-import pwd
 import shutil
 import signal
 import socket
 import ssl
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -25,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import paho.mqtt.client as mqtt_client
 import pytest
+from loopback import free_port, postgres_cluster
 
 from fedge.codec import Tensors, encode
 from fedge.edge_functions.launcher import ExecutorProcess, launch_executor
@@ -163,36 +162,10 @@ def update_body(value: float, num_examples: int = 10, model: Tensors | None = No
 
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[str]:
-    """A PostgreSQL cluster of its own in a temporary directory, reached over its Unix socket there; yields
-    the URL of its ``postgres`` database. PostgreSQL refuses to run as root, so as root (CI) it runs as
-    ``nobody``."""
-    pg_ctl = shutil.which("pg_ctl") or "/usr/local/bin/pg_ctl"
-    initdb = str(Path(pg_ctl).with_name("initdb"))
-    directory = Path(tempfile.mkdtemp(prefix="fedge-pg-"))
-    as_user: list[str] = []
-    if os.geteuid() == 0:
-        nobody = pwd.getpwnam("nobody")
-        os.chown(directory, nobody.pw_uid, nobody.pw_gid)
-        as_user = ["runuser", "-u", "nobody", "--"]
-    data = directory / "data"
-    with socket.create_server(("127.0.0.1", 0)) as probe:
-        port = probe.getsockname()[1]
-    subprocess.run(
-        [*as_user, initdb, "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"],
-        check=True,
-        capture_output=True,
-    )
-    options = f"-k {directory} -p {port} -c listen_addresses= -c fsync=on"
-    subprocess.run(
-        [*as_user, pg_ctl, "-D", str(data), "-l", str(directory / "log"), "-o", options, "-w", "start"],
-        check=True,
-        capture_output=True,
-    )
-    try:
-        yield f"postgresql://postgres@/postgres?host={directory}&port={port}"
-    finally:
-        subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
-        shutil.rmtree(directory, ignore_errors=True)
+    """The session's PostgreSQL cluster (``loopback.postgres_cluster``): the URL of its ``postgres``
+    database."""
+    with postgres_cluster() as url:
+        yield url
 
 
 @pytest.fixture
@@ -223,12 +196,6 @@ def silent_server() -> Iterator[str]:
         sock.bind(("127.0.0.1", 0))
         sock.listen(8)
         yield f"https://127.0.0.1:{sock.getsockname()[1]}"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"

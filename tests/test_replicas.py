@@ -8,9 +8,6 @@ updates."""
 
 from __future__ import annotations
 
-import shutil
-import socket
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +15,8 @@ from pathlib import Path
 import httpx
 import psycopg
 import pytest
-from conftest import CLIENTS, free_port, submit, tls_for, toy_model, update_body, wait_for
+from conftest import CLIENTS, submit, tls_for, toy_model, update_body, wait_for
+from loopback import Haproxy, free_port
 from raw_http import open_tls, read_until_closed
 
 from fedge.codec import encode, sha256
@@ -31,7 +29,6 @@ from fedge.server.store import Store, StoreError
 from fedge.transport import FedgeClient, ServerError
 from fedge.wire import RoundState
 
-HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 ROUNDS = 3
 # Each client's update in each round: small integers and weights, so every sum is exact in any order and a
 # model's sha256 says whether two servers made the same one.
@@ -127,46 +124,10 @@ def test_a_replica_with_a_blob_directory_of_its_own_is_refused(tmp_path: Path, p
         Store(tmp_path / "two", postgres_url, tmp_path / "elsewhere").claim_blobs()
 
 
-class Haproxy:
-    """A real haproxy in TCP mode in front of the replicas: TLS passes through, so each replica sees the
-    client's certificate; a replica that stops answering is taken out within a second (health checks)."""
-
-    def __init__(self, directory: Path, backends: list[int]) -> None:
-        self.port = free_port()
-        config = directory / "haproxy.cfg"
-        servers = "\n".join(
-            f"    server replica{i} 127.0.0.1:{port} check inter 200ms fall 2 rise 2"
-            for i, port in enumerate(backends)
-        )
-        config.write_text(
-            "defaults\n    mode tcp\n    timeout connect 2s\n    timeout client 120s\n"
-            "    timeout server 120s\n    retries 3\n    option redispatch\n"
-            f"frontend fedge\n    bind 127.0.0.1:{self.port}\n    default_backend replicas\n"
-            f"backend replicas\n    balance roundrobin\n{servers}\n"
-        )
-        self.log = directory / "haproxy.log"
-        self.process = subprocess.Popen(
-            [HAPROXY, "-f", str(config), "-db"], stdout=self.log.open("w"), stderr=subprocess.STDOUT
-        )
-        self.url = f"https://127.0.0.1:{self.port}"
-        wait_for(self._listening, 10, "haproxy to listen")
-
-    def _listening(self) -> bool:
-        assert self.process.poll() is None, self.log.read_text()
-        with socket.socket() as probe:
-            return probe.connect_ex(("127.0.0.1", self.port)) == 0
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(10)
-
-
 @pytest.fixture
 def replicas(
     tmp_path: Path, pki_dir: Path, postgres_url: str
 ) -> Iterator[tuple[list[ServerProcess], Haproxy, list[list[str]]]]:
-    if not Path(HAPROXY).exists():
-        pytest.fail("haproxy is not installed: `make system` installs it")  # the test setup's own step
     initial = tmp_path / "initial.safetensors"
     initial.write_bytes(encode(toy_model()))
     ports = [free_port(), free_port()]
