@@ -66,7 +66,7 @@ def bad_values(path: tuple[str, ...], w: Path) -> dict[str, str]:
         "--executor": "nonsense" if path[0] == "agent" else "../x", "--mqtt": "no-port",
         "--broker": "no-port", "--eval-data": str(w / "notes.npz"), "--log-format": "yaml",
         "--backend": "nowhere", "--ray-address": "127.0.0.1:1", "--runtime": "lambda",
-        "--image": "Fedge Agent!",
+        "--image": "Fedge Agent!", "--blobs": str(w / "a-file"),
         "--app": "no_such_module:app", "--flower-app": str(w / "a-file"),
         "--run-config": "no-equals-sign", "--label": "species",
         "--node-config": "partition-id=3 num-partitions=2", "--prices": str(w / "notes.npz"),
