@@ -45,6 +45,12 @@ def federation(blobs: Path, url: str | None, data: Path | None = None) -> Federa
     )
 
 
+def two_replicas(tmp_path: Path, url: str) -> tuple[Federation, Federation]:
+    """Two federations on one PostgreSQL store and one blob directory, each with a --data of its own."""
+    blobs = tmp_path / "blobs"
+    return federation(blobs, url, tmp_path / "one"), federation(blobs, url, tmp_path / "two")
+
+
 def single_server_models(tmp_path: Path) -> list[str]:
     """Each round's model as one server on SQLite makes it of the same updates."""
     alone = federation(tmp_path / "single", None)
@@ -58,9 +64,7 @@ def single_server_models(tmp_path: Path) -> list[str]:
 def test_two_federations_on_one_store_take_updates_alike_and_close_each_round_once(
     tmp_path: Path, postgres_url: str
 ) -> None:
-    blobs = tmp_path / "blobs"
-    one = federation(blobs, postgres_url, tmp_path / "one")
-    two = federation(blobs, postgres_url, tmp_path / "two")
+    one, two = two_replicas(tmp_path, postgres_url)
     one.tick()
     two.tick()
     assert one.round_info().round == two.round_info().round == 1, "round 1 opened once, seen by both"
@@ -86,16 +90,14 @@ def test_two_federations_on_one_store_take_updates_alike_and_close_each_round_on
 def test_a_second_upload_of_one_client_to_another_replica_is_a_duplicate(
     tmp_path: Path, postgres_url: str
 ) -> None:
-    blobs = tmp_path / "blobs"
-    one = federation(blobs, postgres_url, tmp_path / "one")
-    two = federation(blobs, postgres_url, tmp_path / "two")
+    one, two = two_replicas(tmp_path, postgres_url)
     one.tick()
     submit(one, 1, "alice", update_body(1.0, 10))
     with pytest.raises(Rejected, match="already sent"):
         submit(two, 1, "alice", update_body(2.0, 10))
-    (stored,) = Store(tmp_path / "one", postgres_url, blobs).updates(1)
+    (stored,) = Store(tmp_path / "one", postgres_url, tmp_path / "blobs").updates(1)
     assert stored.sha256 == sha256(update_body(1.0, 10)), "the first upload's file, not overwritten"
-    assert sorted(p.name.split(".")[0] for p in (blobs / "updates" / "1").iterdir()) == ["alice"]
+    assert sorted(p.name.split(".")[0] for p in (tmp_path / "blobs" / "updates" / "1").iterdir()) == ["alice"]
 
 
 def test_a_client_seen_by_one_replica_is_live_on_every_replica(tmp_path: Path, postgres_url: str) -> None:
