@@ -1,5 +1,5 @@
 """Real parts on loopback that the tests (through conftest.py) and bench/ both start: a PostgreSQL cluster
-of its own, and haproxy in TCP mode in front of server replicas."""
+of its own, haproxy in TCP mode in front of server replicas, and a Ray cluster of two nodes."""
 
 from __future__ import annotations
 
@@ -8,13 +8,17 @@ import pwd
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import psutil
+
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
+RAY = Path(sys.executable).parent / "ray"
 
 
 def free_port() -> int:
@@ -96,3 +100,46 @@ class Haproxy:
     def stop(self) -> None:
         self.process.terminate()
         self.process.wait(10)
+
+
+@contextmanager
+def ray_cluster(nodes: int = 2) -> Iterator[str]:
+    """A Ray cluster of ``nodes`` nodes of one CPU each (a head and ``nodes - 1`` more, started as
+    ``ray start --address`` would on other machines), in a temporary directory of its own; yields the head's
+    address. It is stopped by the processes that directory names: ``ray stop`` would stop every Ray on the
+    machine, not just this one."""
+    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # Ray's socket paths must stay short
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    common = ("--num-cpus", "1", "--node-ip-address", "127.0.0.1", "--object-store-memory", str(100 << 20))
+    try:
+        _ray(
+            "start", "--head", "--port", str(port), "--temp-dir", temp, "--include-dashboard=false",
+            "--ray-client-server-port", str(free_port()), "--disable-usage-stats", *common,
+        )  # fmt: skip
+        for _ in range(nodes - 1):
+            _ray("start", "--address", address, *common)
+        yield address
+    finally:
+        mine = [p for p in psutil.process_iter() if _of_cluster(p, temp)]
+        for process in mine:
+            process.kill()
+        psutil.wait_procs(mine, timeout=30)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _ray(*args: str) -> None:
+    done = subprocess.run([str(RAY), *args], capture_output=True, text=True, timeout=120, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"ray {args[0]} failed: {done.stdout}{done.stderr}")
+
+
+def _of_cluster(process: psutil.Process, temp: str) -> bool:
+    """Whether ``process`` is one of this cluster's: it names the cluster's directory, or holds a file in it
+    (Ray's agents rename themselves, ``ray::DashboardAgent``, but keep their logs open there)."""
+    try:
+        return temp in " ".join(process.cmdline()) or any(
+            f.path.startswith(temp) for f in process.open_files()
+        )
+    except psutil.Error:
+        return False

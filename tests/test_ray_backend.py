@@ -5,62 +5,24 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import subprocess
-import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
+import loopback
 import pytest
 from conftest import free_port
 from test_simulate import run_cli
 
-RAY = Path(sys.executable).parent / "ray"
-
-
-def _ray(*args: str) -> None:
-    done = subprocess.run([str(RAY), *args], capture_output=True, text=True, timeout=120, check=False)
-    assert done.returncode == 0, done.stdout + done.stderr
-
 
 @pytest.fixture
 def ray_cluster() -> Iterator[str]:
-    """A head and a second node, each of one CPU, in a temporary directory of their own; stopped by the
-    processes that directory names (``ray stop`` would stop every Ray on the machine, not just these)."""
-    if not RAY.exists():
+    """A head and a second node, each of one CPU (``loopback.ray_cluster``)."""
+    if not loopback.RAY.exists():
         if os.environ.get("CI"):
             pytest.fail("ray is not installed (the bench extra brings it)")
         pytest.skip("ray is not installed (pip install 'fedge[ray]')")
-    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # Ray's socket paths must stay short
-    port = free_port()
-    address = f"127.0.0.1:{port}"
-    common = ("--num-cpus", "1", "--node-ip-address", "127.0.0.1", "--object-store-memory", str(100 << 20))
-    try:
-        _ray(
-            "start", "--head", "--port", str(port), "--temp-dir", temp, "--include-dashboard=false",
-            "--ray-client-server-port", str(free_port()), "--disable-usage-stats", *common,
-        )  # fmt: skip
-        _ray("start", "--address", address, *common)
+    with loopback.ray_cluster() as address:
         yield address
-    finally:
-        mine = [p for p in psutil.process_iter() if _of_cluster(p, temp)]
-        for process in mine:
-            process.kill()
-        psutil.wait_procs(mine, timeout=30)
-        shutil.rmtree(temp, ignore_errors=True)
-
-
-def _of_cluster(process: psutil.Process, temp: str) -> bool:
-    """Whether ``process`` is one of this cluster's: it names the cluster's directory, or holds a file in it
-    (Ray's agents rename themselves, ``ray::DashboardAgent``, but keep their logs open there)."""
-    try:
-        return temp in " ".join(process.cmdline()) or any(
-            f.path.startswith(temp) for f in process.open_files()
-        )
-    except psutil.Error:
-        return False
 
 
 def test_a_federation_runs_on_both_nodes_of_a_ray_cluster(ray_cluster: str, tmp_path: Path) -> None:
@@ -85,7 +47,7 @@ def test_without_ray_the_backend_is_refused_in_one_line(tmp_path: Path) -> None:
 
 
 def test_a_ray_address_nothing_answers_at_is_one_line_not_a_wait(tmp_path: Path) -> None:
-    if not RAY.exists() and not os.environ.get("CI"):
+    if not loopback.RAY.exists() and not os.environ.get("CI"):
         pytest.skip("ray is not installed (pip install 'fedge[ray]')")
     done = run_cli(
         "simulate", "--backend", "ray", "--ray-address", f"127.0.0.1:{free_port()}", "--clients", "2",
