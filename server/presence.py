@@ -38,11 +38,12 @@ class Presence:
         self._entry: dict[str, float] = {}  # each live client's one current entry in _due
         self._arrived: set[str] = set()
         self._left: set[str] = set()
+        self._shared = False  # replicas exchange sightings (PresenceExchange): keep what to publish
         self._fresh: dict[str, float] = {}  # sightings made here since the last exchange with replicas
 
     def seen(self, client: str, at: float) -> None:
         with self._lock:
-            if at > self._fresh.get(client, 0.0):
+            if self._shared and at > self._fresh.get(client, 0.0):
                 self._fresh[client] = at
             self._see(client, at)
 
@@ -51,8 +52,15 @@ class Presence:
         with self._lock:
             self._see(client, at)
 
+    def share(self) -> None:
+        """From now on, keep the sightings made here for ``fresh``: a single server, which shares them with
+        no one, keeps none."""
+        with self._lock:
+            self._shared = True
+
     def fresh(self) -> dict[str, float]:
-        """The sightings made here since the last call: what the next exchange publishes."""
+        """The sightings made here since the last call (or since ``share``): what the next exchange
+        publishes."""
         with self._lock:
             fresh, self._fresh = self._fresh, {}
             return fresh
@@ -125,6 +133,7 @@ class PresenceExchange:
     round clock beside the rounds, and the stamp of the last sighting it heard."""
 
     def __init__(self, presence: Presence, store: Store) -> None:
+        presence.share()
         self._presence = presence
         self._store = store
         self._heard = 0

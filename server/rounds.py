@@ -107,7 +107,6 @@ class Federation:
         self._listeners: list[Callable[[], None]] = []
         self._open: RoundRecord | None = None
         self._sum: aggregation.RunningSum | None = None
-        self._received = 0
         self._skipped = 0
         self._finished = False
         self._said_finished = False  # said by the first tick or report after the last model's evaluation
@@ -197,11 +196,7 @@ class Federation:
         if self._open is None or last is None or last.state != "open" or last.round != self._open.round:
             self._load(None)
         else:
-            for update in self._store.updates(last.round):
-                if update.client not in self._folded:
-                    tensors = decode(update.path.read_bytes())[0]
-                    self._fold(update.client, tensors, update.num_examples, update.staleness)
-            self._skipped = len(self._store.skips(last.round))
+            self._read_stored(last.round)
             self._ask = self._store.last_ask()
             self._read_pending()
         self._followed |= self._view() != before
@@ -411,7 +406,8 @@ class Federation:
             wanted = len(self._open.selected)
             if self.settings.buffer:
                 wanted = min(self.settings.buffer, wanted)
-            action = decide(self._received, wanted, self._quorum(), now, self._open.deadline, self._skipped)
+            received = len(self._folded)
+            action = decide(received, wanted, self._quorum(), now, self._open.deadline, self._skipped)
             if action is Action.WAIT:
                 return False
             self._close(self._open, aggregated=action is Action.AGGREGATE)
@@ -462,8 +458,16 @@ class Federation:
                 tensors = aggregation.rebase(tensors, self._base(staleness), self._model.tensors, discount)
             prepared = self.strategy.prepare(tensors, self._model.tensors)
             aggregation.fold(self._sum, prepared, float(num_examples))
-        self._received += 1
         self._folded.add(client)
+
+    def _read_stored(self, round_: int) -> None:
+        """Fold the open round's stored updates that the sum does not hold yet (all of them after a restart,
+        the other replicas' since the last look when following), and count its skips."""
+        for update in self._store.updates(round_):
+            if update.client not in self._folded:
+                tensors = decode(update.path.read_bytes())[0]
+                self._fold(update.client, tensors, update.num_examples, update.staleness)
+        self._skipped = len(self._store.skips(round_))
 
     def _close(self, record: RoundRecord, aggregated: bool) -> None:
         started = time.perf_counter()
@@ -482,7 +486,7 @@ class Federation:
         self._open = None
         self._sum = None
         self._finished = record.round >= self.settings.rounds
-        counts = (self._received, self._skipped, self._quorum())
+        counts = (len(self._folded), self._skipped, self._quorum())
         self.log.closed(record, counts, self.strategy.name, time.perf_counter() - started, result)
         if result is not None:
             self._ask_evaluation(record.round, result)
@@ -577,7 +581,6 @@ class Federation:
 
     def _begin(self) -> None:
         self._sum = aggregation.start(self._model.tensors) if self.strategy.streaming else None
-        self._received = 0
         self._skipped = 0
         self._folded = set()
 
@@ -609,10 +612,7 @@ class Federation:
         if last is not None and last.state == "open":
             self._open = last
             self._begin()
-            for update in self._store.updates(last.round):
-                tensors = decode(update.path.read_bytes())[0]
-                self._fold(update.client, tensors, update.num_examples, update.staleness)
-            self._skipped = len(self._store.skips(last.round))
+            self._read_stored(last.round)
         self._finished = self._open is None and last is not None and last.round >= self.settings.rounds
         self._ask = self._store.last_ask()
 

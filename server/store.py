@@ -306,7 +306,17 @@ class Store:
     def _execute(self, sql: str, args: Sequence[object] = ()) -> Any:
         if not sql.startswith("SELECT"):
             self.revision += 1
-        return self._db.execute(sql.replace("?", "%s") if self._postgres else sql, args)
+        return self._db.execute(self._dialect(sql), args)
+
+    def _execute_many(self, sql: str, rows: Sequence[Sequence[object]]) -> None:
+        """One statement for many rows: one round trip to PostgreSQL, not one per row."""
+        if not rows:
+            return
+        self.revision += 1
+        self._db.cursor().executemany(self._dialect(sql), rows)
+
+    def _dialect(self, sql: str) -> str:
+        return sql.replace("?", "%s") if self._postgres else sql
 
     def get_meta(self, key: str) -> str | None:
         row = self._execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
@@ -555,14 +565,12 @@ class Store:
             if self._postgres:
                 self._execute("SELECT pg_advisory_xact_lock(?)", (_SIGHTINGS_KEY,))
             (stamp,) = self._execute("SELECT COALESCE(MAX(stamp), 0) FROM sightings").fetchone()
-            for client, at in fresh.items():
-                stamp += 1
-                self._execute(
-                    "INSERT INTO sightings (client, seen_at, stamp) VALUES (?, ?, ?) ON CONFLICT (client)"
-                    " DO UPDATE SET stamp = excluded.stamp, seen_at = CASE WHEN excluded.seen_at >"
-                    " sightings.seen_at THEN excluded.seen_at ELSE sightings.seen_at END",
-                    (client, at, stamp),
-                )
+            self._execute_many(
+                "INSERT INTO sightings (client, seen_at, stamp) VALUES (?, ?, ?) ON CONFLICT (client)"
+                " DO UPDATE SET stamp = excluded.stamp, seen_at = CASE WHEN excluded.seen_at >"
+                " sightings.seen_at THEN excluded.seen_at ELSE sightings.seen_at END",
+                [(client, at, stamp + i) for i, (client, at) in enumerate(fresh.items(), 1)],
+            )
             rows = self._execute(
                 "SELECT client, seen_at, stamp FROM sightings WHERE stamp > ? ORDER BY stamp", (heard,)
             ).fetchall()

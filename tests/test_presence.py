@@ -46,6 +46,19 @@ def test_presence_forgets_the_stopped_and_the_long_gone() -> None:
     assert presence.live(20.0, 60.0) == []  # dropped, not kept to be scanned again
 
 
+def test_a_single_server_keeps_no_sightings_to_publish_until_it_shares_them() -> None:
+    presence = Presence()
+    presence.seen("alice", 10.0)
+    assert presence.fresh() == {}, "no replica to publish to"
+    presence.share()
+    presence.seen("alice", 11.0)
+    presence.seen("bob", 12.0)
+    presence.seen("alice", 10.5)  # an older sighting does not replace the newer one to publish
+    assert presence.fresh() == {"alice": 11.0, "bob": 12.0}
+    assert presence.fresh() == {}, "published once"
+    assert presence.live(20.0, 60.0) == ["alice", "bob"]
+
+
 def status(client: str, state: AgentState = AgentState.IDLE, updated: float = 50.0) -> bytes:
     return (
         AgentStatus(client=client, state=state, transport=Transport.MQTT, updated=updated)
